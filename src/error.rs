@@ -1,0 +1,173 @@
+//! kiln's one public error: a stable code (the cloud API's names), a message that says what failed,
+//! where and what to do, and the I/O error underneath when there is one.
+
+use std::fmt;
+use std::io;
+use std::path::Path;
+
+/// Stable error codes. Their `as_str` spelling is part of kiln's interface: scripts match on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Code {
+    MissingParameter,
+    InvalidParameter,
+    InvalidDeviceMalformed,
+    InvalidDeviceInUse,
+    NoSystemDisk,
+    MultipleSystemDisks,
+    QuotaExceedDataDisk,
+    InvalidSize,
+    InvalidOutputDir,
+    SnapshotNotFound,
+    SnapshotUnsupported,
+    SnapshotCorrupt,
+    InsufficientSpace,
+    IoError,
+    Internal,
+}
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::MissingParameter => "MissingParameter",
+            Code::InvalidParameter => "InvalidParameter",
+            Code::InvalidDeviceMalformed => "InvalidDevice.Malformed",
+            Code::InvalidDeviceInUse => "InvalidDevice.InUse",
+            Code::NoSystemDisk => "OperationDenied.NoSystemDisk",
+            Code::MultipleSystemDisks => "OperationDenied.MultipleSystemDisks",
+            Code::QuotaExceedDataDisk => "QuotaExceed.DataDisk",
+            Code::InvalidSize => "InvalidSize.ValueNotSupported",
+            Code::InvalidOutputDir => "InvalidOutputDir.NotEmpty",
+            Code::SnapshotNotFound => "InvalidSnapshotId.NotFound",
+            Code::SnapshotUnsupported => "InvalidSnapshot.Unsupported",
+            Code::SnapshotCorrupt => "InvalidSnapshot.Corrupt",
+            Code::InsufficientSpace => "InsufficientSpace",
+            Code::IoError => "IoError",
+            Code::Internal => "InternalError",
+        }
+    }
+
+    /// 2 for a request kiln refuses (nothing was written), 1 for a failure while running.
+    pub fn exit_status(self) -> u8 {
+        match self {
+            Code::InsufficientSpace | Code::IoError | Code::Internal => 1,
+            _ => 2,
+        }
+    }
+}
+
+impl fmt::Display for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug)]
+pub struct Error {
+    code: Code,
+    message: String,
+    source: Option<io::Error>,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Error {
+            code,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// An I/O failure on `path` while doing `what` (e.g. "reading at offset 4096").
+    /// ENOSPC and EDQUOT become InsufficientSpace.
+    pub fn io(path: &Path, what: &str, err: io::Error) -> Self {
+        let code = match err.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => Code::InsufficientSpace,
+            _ => Code::IoError,
+        };
+        Error {
+            code,
+            message: format!("{} failed on {}", what, path.display()),
+            source: Some(err),
+        }
+    }
+
+    /// A source file that is not what it claims to be.
+    pub fn corrupt(path: &Path, what: impl fmt::Display) -> Self {
+        Error::new(
+            Code::SnapshotCorrupt,
+            format!(
+                "{}: {}; the image is damaged (check it with `qemu-img check`)",
+                path.display(),
+                what
+            ),
+        )
+    }
+
+    /// A source file using a feature kiln does not read.
+    pub fn unsupported(path: &Path, what: impl fmt::Display) -> Self {
+        Error::new(
+            Code::SnapshotUnsupported,
+            format!("{}: {}", path.display(), what),
+        )
+    }
+
+    pub fn with_source(mut self, err: io::Error) -> Self {
+        self.source = Some(err);
+        self
+    }
+
+    pub fn code(&self) -> Code {
+        self.code
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The message followed by its cause, as printed to users.
+    pub fn full_message(&self) -> String {
+        match &self.source {
+            Some(src) => format!("{}: {}", self.message, src),
+            None => self.message.clone(),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.full_message())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_ref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enospc_is_insufficient_space() {
+        let e = Error::io(
+            Path::new("/x"),
+            "writing",
+            io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+        assert_eq!(e.code(), Code::InsufficientSpace);
+        assert_eq!(e.code().exit_status(), 1);
+        assert!(e.full_message().contains("/x"));
+    }
+
+    #[test]
+    fn request_errors_exit_2() {
+        assert_eq!(Code::InvalidSize.exit_status(), 2);
+        assert_eq!(Code::SnapshotCorrupt.as_str(), "InvalidSnapshot.Corrupt");
+    }
+}

@@ -1,0 +1,221 @@
+//! Disk formats. A source answers one question, "what is at this guest offset, and for how long?",
+//! and reads guest bytes; it knows nothing of images, manifests or copying.
+
+pub mod qcow2;
+pub mod raw;
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Code, Error, Result};
+
+/// Longest backing chain kiln follows (the overlay counts as one).
+pub const MAX_CHAIN_DEPTH: usize = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Format> {
+        match s.to_ascii_lowercase().as_str() {
+            "raw" => Some(Format::Raw),
+            "qcow2" => Some(Format::Qcow2),
+            _ => None,
+        }
+    }
+}
+
+/// What a guest range holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// Allocated somewhere in the chain: must be read (it may still turn out to be zeros).
+    Data,
+    /// Known to read as zeros (a qcow2 zero cluster): nothing to read.
+    Zero,
+    /// Allocated nowhere in the chain (a raw hole, an unallocated qcow2 cluster): reads as zeros.
+    Unallocated,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub start: u64,
+    pub len: u64,
+    pub kind: ExtentKind,
+}
+
+impl Extent {
+    pub fn end(&self) -> u64 {
+        self.start + self.len
+    }
+}
+
+/// A readable guest disk. Implementations are shared by all copy threads, so every method takes `&self`.
+pub trait BlockSource: Send + Sync {
+    /// Guest size in bytes.
+    fn virtual_size(&self) -> u64;
+
+    /// The extent that starts at `offset` (< virtual size): its kind holds for `len` bytes,
+    /// `0 < len <= max_len`, and it never runs past the virtual size.
+    fn extent(&self, offset: u64, max_len: u64) -> Result<Extent>;
+
+    /// Fills `buf` with the guest bytes at `offset`; `offset + buf.len()` must not pass the virtual size.
+    /// Zero and unallocated ranges read as zeros.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// One file read while opening a source (the source itself, then each backing file).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ChainEntry {
+    #[serde(rename = "Path")]
+    pub path: PathBuf,
+    #[serde(rename = "Format")]
+    pub format: Format,
+}
+
+/// Describes an opened source for plans and the manifest.
+#[derive(Debug, Clone)]
+pub struct SourceInfo {
+    pub path: PathBuf,
+    pub format: Format,
+    /// The internal snapshot read (`file.qcow2@NAME`), by the name it has in the file.
+    pub snapshot: Option<String>,
+    pub virtual_size: u64,
+    /// Every file read, overlay first.
+    pub chain: Vec<ChainEntry>,
+}
+
+pub struct Opened {
+    pub source: Box<dyn BlockSource>,
+    pub info: SourceInfo,
+}
+
+/// How to open a source.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// The format, when the user stated it; detected from content otherwise.
+    pub format: Option<Format>,
+    /// An internal snapshot, by name or ID (qcow2 only).
+    pub snapshot: Option<String>,
+}
+
+/// Opens a user-named source read-only. `path` may carry `@SNAP` when `opts.snapshot` is unset and the
+/// file `path` itself does not exist.
+pub fn open(path: &Path, opts: &OpenOptions) -> Result<Opened> {
+    let (path, snapshot) = split_snapshot(path, opts.snapshot.clone());
+    let file = open_read_only(&path)?;
+    let format = match opts.format {
+        Some(f) => f,
+        None => detect(&file, &path)?,
+    };
+    match format {
+        Format::Raw => {
+            if let Some(s) = snapshot {
+                return Err(Error::unsupported(
+                    &path,
+                    format!("a raw file has no internal snapshot '{s}'; only qcow2 files do"),
+                ));
+            }
+            let src = raw::RawSource::new(file, &path)?;
+            let info = SourceInfo {
+                path: path.clone(),
+                format,
+                snapshot: None,
+                virtual_size: src.virtual_size(),
+                chain: vec![ChainEntry { path, format }],
+            };
+            Ok(Opened {
+                source: Box::new(src),
+                info,
+            })
+        }
+        Format::Qcow2 => qcow2::open(file, &path, snapshot.as_deref()),
+    }
+}
+
+/// `disk.qcow2@snap` names the internal snapshot `snap`, unless a file of that whole name exists.
+fn split_snapshot(path: &Path, snapshot: Option<String>) -> (PathBuf, Option<String>) {
+    if snapshot.is_some() || path.exists() {
+        return (path.to_path_buf(), snapshot);
+    }
+    let s = path.to_string_lossy();
+    match s.rfind('@') {
+        Some(i) if i > 0 && i + 1 < s.len() && !s[i + 1..].contains('/') => {
+            (PathBuf::from(&s[..i]), Some(s[i + 1..].to_string()))
+        }
+        _ => (path.to_path_buf(), None),
+    }
+}
+
+/// Opens a file read-only; sources are never opened for writing.
+pub fn open_read_only(path: &Path) -> Result<File> {
+    File::open(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => Error::new(
+            Code::SnapshotNotFound,
+            format!("{}: no such file; check the snapshot path", path.display()),
+        ),
+        _ => Error::io(path, "opening", e),
+    })
+    .and_then(|f| {
+        let meta = f.metadata().map_err(|e| Error::io(path, "reading metadata of", e))?;
+        if meta.is_dir() {
+            return Err(Error::new(
+                Code::SnapshotNotFound,
+                format!("{} is a directory, not a disk file", path.display()),
+            ));
+        }
+        Ok(f)
+    })
+}
+
+/// qcow2 when the file starts with the qcow2 magic, raw otherwise (what qemu-img does for these two).
+pub fn detect(file: &File, path: &Path) -> Result<Format> {
+    let mut magic = [0u8; 4];
+    let n = read_full_at(file, &mut magic, 0).map_err(|e| Error::io(path, "reading the header of", e))?;
+    if n == 4 && magic == qcow2::MAGIC.to_be_bytes() {
+        Ok(Format::Qcow2)
+    } else {
+        Ok(Format::Raw)
+    }
+}
+
+/// Reads until `buf` is full or end of file; returns the bytes read.
+pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_suffix_is_split_only_when_the_file_is_missing() {
+        let (p, s) = split_snapshot(Path::new("/nonexistent/base.qcow2@snap1"), None);
+        assert_eq!(p, Path::new("/nonexistent/base.qcow2"));
+        assert_eq!(s.as_deref(), Some("snap1"));
+        let (p, s) = split_snapshot(Path::new("/nonexistent/a@b/c.qcow2"), None);
+        assert_eq!(p, Path::new("/nonexistent/a@b/c.qcow2"));
+        assert_eq!(s, None);
+    }
+}

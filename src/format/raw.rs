@@ -1,0 +1,131 @@
+//! Raw sources: the guest disk is the file. Holes come from `SEEK_DATA`/`SEEK_HOLE`, so a sparse
+//! file costs what its data costs, not its length.
+
+use std::fs::File;
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use super::{BlockSource, Extent, ExtentKind};
+use crate::error::{Code, Error, Result};
+
+pub struct RawSource {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    /// False when the filesystem does not answer `SEEK_DATA` (then everything is data).
+    seek_data: bool,
+}
+
+impl RawSource {
+    pub fn new(mut file: File, path: &Path) -> Result<Self> {
+        // Seeking to the end also sizes block devices, whose metadata says 0.
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| Error::io(path, "sizing", e))?;
+        let seek_data = size == 0 || lseek(&file, 0, libc::SEEK_DATA).is_ok();
+        Ok(RawSource {
+            file,
+            path: path.to_path_buf(),
+            size,
+            seek_data,
+        })
+    }
+}
+
+fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
+    let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: lseek on a valid, owned file descriptor has no memory-safety requirements; the file
+    // offset it moves is never used by kiln, which reads only with pread.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as u64)
+    }
+}
+
+impl BlockSource for RawSource {
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn extent(&self, offset: u64, max_len: u64) -> Result<Extent> {
+        let limit = self.size.min(offset.saturating_add(max_len));
+        if offset >= limit {
+            return Err(Error::new(
+                Code::Internal,
+                format!("{}: extent asked at {offset} past the end", self.path.display()),
+            ));
+        }
+        if !self.seek_data {
+            return Ok(Extent { start: offset, len: limit - offset, kind: ExtentKind::Data });
+        }
+        let data = match lseek(&self.file, offset, libc::SEEK_DATA) {
+            Ok(d) => d,
+            // ENXIO: no data at or after offset: the rest is a hole.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => self.size,
+            Err(e) => return Err(Error::io(&self.path, &format!("SEEK_DATA at offset {offset}"), e)),
+        };
+        if data > offset {
+            return Ok(Extent {
+                start: offset,
+                len: data.min(limit) - offset,
+                kind: ExtentKind::Unallocated,
+            });
+        }
+        let hole = match lseek(&self.file, offset, libc::SEEK_HOLE) {
+            Ok(h) => h,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => self.size,
+            Err(e) => return Err(Error::io(&self.path, &format!("SEEK_HOLE at offset {offset}"), e)),
+        };
+        let end = hole.min(limit).max(offset + 1).min(limit);
+        Ok(Extent { start: offset, len: end - offset, kind: ExtentKind::Data })
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let n = super::read_full_at(&self.file, buf, offset)
+            .map_err(|e| Error::io(&self.path, &format!("reading {} bytes at offset {offset}", buf.len()), e))?;
+        if n < buf.len() {
+            return Err(Error::new(
+                Code::IoError,
+                format!(
+                    "{}: file ended at offset {} while reading at {offset}; it shrank while being copied",
+                    self.path.display(),
+                    offset + n as u64
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn holes_and_data_alternate() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.raw");
+        let mut f = File::create(&p).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.seek(SeekFrom::Start(4 << 20)).unwrap();
+        f.write_all(&[7u8; 1 << 20]).unwrap();
+        drop(f);
+        let src = RawSource::new(File::open(&p).unwrap(), &p).unwrap();
+        assert_eq!(src.virtual_size(), 8 << 20);
+        let e = src.extent(0, u64::MAX).unwrap();
+        assert_eq!(e.kind, ExtentKind::Unallocated);
+        assert_eq!(e.end(), 4 << 20);
+        let e = src.extent(4 << 20, u64::MAX).unwrap();
+        assert_eq!(e.kind, ExtentKind::Data);
+        assert_eq!(e.end(), 5 << 20);
+        let e = src.extent(5 << 20, 1 << 20).unwrap();
+        assert_eq!(e, Extent { start: 5 << 20, len: 1 << 20, kind: ExtentKind::Unallocated });
+        let mut buf = vec![0u8; 4096];
+        src.read_at((5 << 20) - 2048, &mut buf).unwrap();
+        assert!(buf[..2048].iter().all(|&b| b == 7) && buf[2048..].iter().all(|&b| b == 0));
+    }
+}
