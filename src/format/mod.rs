@@ -161,29 +161,33 @@ fn split_snapshot(path: &Path, snapshot: Option<String>) -> (PathBuf, Option<Str
 
 /// Opens a file read-only; sources are never opened for writing.
 pub fn open_read_only(path: &Path) -> Result<File> {
-    File::open(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => Error::new(
-            Code::SnapshotNotFound,
-            format!("{}: no such file; check the snapshot path", path.display()),
-        ),
-        _ => Error::io(path, "opening", e),
-    })
-    .and_then(|f| {
-        let meta = f.metadata().map_err(|e| Error::io(path, "reading metadata of", e))?;
-        if meta.is_dir() {
-            return Err(Error::new(
+    File::open(path)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => Error::new(
                 Code::SnapshotNotFound,
-                format!("{} is a directory, not a disk file", path.display()),
-            ));
-        }
-        Ok(f)
-    })
+                format!("{}: no such file; check the snapshot path", path.display()),
+            ),
+            _ => Error::io(path, "opening", e),
+        })
+        .and_then(|f| {
+            let meta = f
+                .metadata()
+                .map_err(|e| Error::io(path, "reading metadata of", e))?;
+            if meta.is_dir() {
+                return Err(Error::new(
+                    Code::SnapshotNotFound,
+                    format!("{} is a directory, not a disk file", path.display()),
+                ));
+            }
+            Ok(f)
+        })
 }
 
 /// qcow2 when the file starts with the qcow2 magic, raw otherwise (what qemu-img does for these two).
 pub fn detect(file: &File, path: &Path) -> Result<Format> {
     let mut magic = [0u8; 4];
-    let n = read_full_at(file, &mut magic, 0).map_err(|e| Error::io(path, "reading the header of", e))?;
+    let n = read_full_at(file, &mut magic, 0)
+        .map_err(|e| Error::io(path, "reading the header of", e))?;
     if n == 4 && magic == qcow2::MAGIC.to_be_bytes() {
         Ok(Format::Qcow2)
     } else {

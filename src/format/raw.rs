@@ -55,17 +55,30 @@ impl BlockSource for RawSource {
         if offset >= limit {
             return Err(Error::new(
                 Code::Internal,
-                format!("{}: extent asked at {offset} past the end", self.path.display()),
+                format!(
+                    "{}: extent asked at {offset} past the end",
+                    self.path.display()
+                ),
             ));
         }
         if !self.seek_data {
-            return Ok(Extent { start: offset, len: limit - offset, kind: ExtentKind::Data });
+            return Ok(Extent {
+                start: offset,
+                len: limit - offset,
+                kind: ExtentKind::Data,
+            });
         }
         let data = match lseek(&self.file, offset, libc::SEEK_DATA) {
             Ok(d) => d,
             // ENXIO: no data at or after offset: the rest is a hole.
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => self.size,
-            Err(e) => return Err(Error::io(&self.path, &format!("SEEK_DATA at offset {offset}"), e)),
+            Err(e) => {
+                return Err(Error::io(
+                    &self.path,
+                    &format!("SEEK_DATA at offset {offset}"),
+                    e,
+                ))
+            }
         };
         if data > offset {
             return Ok(Extent {
@@ -77,15 +90,30 @@ impl BlockSource for RawSource {
         let hole = match lseek(&self.file, offset, libc::SEEK_HOLE) {
             Ok(h) => h,
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => self.size,
-            Err(e) => return Err(Error::io(&self.path, &format!("SEEK_HOLE at offset {offset}"), e)),
+            Err(e) => {
+                return Err(Error::io(
+                    &self.path,
+                    &format!("SEEK_HOLE at offset {offset}"),
+                    e,
+                ))
+            }
         };
         let end = hole.min(limit).max(offset + 1).min(limit);
-        Ok(Extent { start: offset, len: end - offset, kind: ExtentKind::Data })
+        Ok(Extent {
+            start: offset,
+            len: end - offset,
+            kind: ExtentKind::Data,
+        })
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let n = super::read_full_at(&self.file, buf, offset)
-            .map_err(|e| Error::io(&self.path, &format!("reading {} bytes at offset {offset}", buf.len()), e))?;
+        let n = super::read_full_at(&self.file, buf, offset).map_err(|e| {
+            Error::io(
+                &self.path,
+                &format!("reading {} bytes at offset {offset}", buf.len()),
+                e,
+            )
+        })?;
         if n < buf.len() {
             return Err(Error::new(
                 Code::IoError,
@@ -123,7 +151,14 @@ mod tests {
         assert_eq!(e.kind, ExtentKind::Data);
         assert_eq!(e.end(), 5 << 20);
         let e = src.extent(5 << 20, 1 << 20).unwrap();
-        assert_eq!(e, Extent { start: 5 << 20, len: 1 << 20, kind: ExtentKind::Unallocated });
+        assert_eq!(
+            e,
+            Extent {
+                start: 5 << 20,
+                len: 1 << 20,
+                kind: ExtentKind::Unallocated
+            }
+        );
         let mut buf = vec![0u8; 4096];
         src.read_at((5 << 20) - 2048, &mut buf).unwrap();
         assert!(buf[..2048].iter().all(|&b| b == 7) && buf[2048..].iter().all(|&b| b == 0));

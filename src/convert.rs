@@ -1,0 +1,107 @@
+//! `kiln convert`: one disk through the same engine as `create`, with qemu-img's option names, so the
+//! two run side by side on the same files. Like qemu-img, an existing destination is replaced; unlike
+//! it, the new file appears only once complete (written beside it, then renamed).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::engine::{self, CopyStats, DiskJob, OutputSpec};
+use crate::error::{Code, Error, Result};
+use crate::format::{self, Format, OpenOptions};
+use crate::progress::{self, ProgressMode};
+
+#[derive(Debug, Clone)]
+pub struct ConvertRequest {
+    pub source: PathBuf,
+    pub source_format: Option<Format>,
+    pub destination: PathBuf,
+    pub output: OutputSpec,
+    pub threads: usize,
+    pub progress: ProgressMode,
+    /// Also compute the output's SHA-256.
+    pub sha256: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConvertOutcome {
+    pub virtual_size: u64,
+    pub stats: CopyStats,
+    pub sha256: Option<String>,
+    pub elapsed: Duration,
+}
+
+pub fn convert(req: &ConvertRequest) -> Result<ConvertOutcome> {
+    let started = Instant::now();
+    let opened = format::open(
+        &req.source,
+        &OpenOptions {
+            format: req.source_format,
+            snapshot: None,
+        },
+    )?;
+    let virtual_size = opened.info.virtual_size;
+    let dst = &req.destination;
+    let name = dst.file_name().ok_or_else(|| {
+        Error::new(
+            Code::InvalidParameter,
+            format!("destination {} has no file name", dst.display()),
+        )
+    })?;
+    if dst.is_dir() {
+        return Err(Error::new(
+            Code::InvalidParameter,
+            format!("destination {} is a directory; name a file", dst.display()),
+        ));
+    }
+    let parent = dst
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let tmp = parent.join(format!(
+        ".{}.kiln-{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let guard = TempFile(Some(tmp.clone()));
+    let job = DiskJob {
+        name: dst.display().to_string(),
+        source: Some(opened.source),
+        virtual_size,
+        out_path: tmp.clone(),
+        hash: req.sha256,
+    };
+    let reporter = progress::reporter(req.progress, &[(job.name.clone(), virtual_size)]);
+    let mut results = engine::copy_disks(vec![job], &req.output, req.threads, reporter.as_ref())?;
+    drop(reporter);
+    let r = results
+        .pop()
+        .ok_or_else(|| Error::new(Code::Internal, "the copy returned no result"))?;
+    std::fs::rename(&tmp, dst)
+        .map_err(|e| Error::io(dst, "renaming the finished file into place", e))?;
+    guard.keep();
+    crate::publish::sync_dir(parent)?;
+    Ok(ConvertOutcome {
+        virtual_size,
+        stats: r.stats,
+        sha256: r.sha256,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Removes a half-written file unless kept.
+struct TempFile(Option<PathBuf>);
+
+impl TempFile {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}

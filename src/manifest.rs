@@ -1,0 +1,203 @@
+//! The image manifest (`manifest.json`, in the API's field names so DescribeImages users recognise
+//! them) and `SHA256SUMS` (exactly what `sha256sum -c` reads). Only serialization lives here; the
+//! publisher writes the files.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::engine::CopyStats;
+use crate::format::ChainEntry;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Tag {
+    #[serde(rename = "Key")]
+    pub key: String,
+    #[serde(rename = "Value")]
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceRecord {
+    /// The file named by the user, made absolute.
+    #[serde(rename = "Path")]
+    pub path: PathBuf,
+    /// The internal snapshot read, if any.
+    #[serde(rename = "SnapshotName")]
+    pub snapshot_name: Option<String>,
+    #[serde(rename = "Format")]
+    pub format: String,
+    #[serde(rename = "VirtualSize")]
+    pub virtual_size: u64,
+    /// Every file read, overlay first.
+    #[serde(rename = "FilesRead")]
+    pub files_read: Vec<ChainEntry>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskRecord {
+    #[serde(rename = "Device")]
+    pub device: String,
+    #[serde(rename = "DiskType")]
+    pub disk_type: String,
+    /// The disk file, relative to the image directory.
+    #[serde(rename = "File")]
+    pub file: String,
+    #[serde(rename = "Format")]
+    pub format: String,
+    #[serde(rename = "VirtualSize")]
+    pub virtual_size: u64,
+    /// GiB, rounded up (the API's Size).
+    #[serde(rename = "Size")]
+    pub size_gib: u64,
+    #[serde(rename = "AllocatedBytes")]
+    pub allocated_bytes: u64,
+    #[serde(rename = "FileSize")]
+    pub file_size: u64,
+    #[serde(rename = "Sha256")]
+    pub sha256: String,
+    /// None for an empty disk.
+    #[serde(rename = "Source")]
+    pub source: Option<SourceRecord>,
+    #[serde(rename = "CopyStats")]
+    pub stats: CopyStats,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Manifest {
+    #[serde(rename = "ImageId")]
+    pub image_id: String,
+    #[serde(rename = "ImageName")]
+    pub image_name: String,
+    #[serde(rename = "Description")]
+    pub description: String,
+    #[serde(rename = "Platform")]
+    pub platform: String,
+    #[serde(rename = "Architecture")]
+    pub architecture: String,
+    #[serde(rename = "BootMode")]
+    pub boot_mode: String,
+    #[serde(rename = "Tags")]
+    pub tags: Vec<Tag>,
+    #[serde(rename = "CreationTime")]
+    pub creation_time: String,
+    #[serde(rename = "Status")]
+    pub status: String,
+    #[serde(rename = "Size")]
+    pub size_gib: u64,
+    #[serde(rename = "KilnVersion")]
+    pub kiln_version: String,
+    #[serde(rename = "DiskDeviceMappings")]
+    pub disks: Vec<DiskRecord>,
+}
+
+impl Manifest {
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+}
+
+/// `SHA256SUMS` text: one `HEX  NAME` line per file, in the order given. Names are kiln's own
+/// (device names and `manifest.json`), so they never need sha256sum's escaping.
+pub fn sha256sums(entries: &[(String, String)]) -> String {
+    entries
+        .iter()
+        .map(|(hash, name)| format!("{hash}  {name}\n"))
+        .collect()
+}
+
+/// `m-` and 20 lowercase letters and digits, from the kernel's random source.
+pub fn new_image_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut bytes = [0u8; 20];
+    let got = std::fs::File::open("/dev/urandom").and_then(|mut f| {
+        use std::io::Read;
+        f.read_exact(&mut bytes)
+    });
+    if got.is_err() {
+        // No /dev/urandom: fall back on time and pid, still unique enough for a local store.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+            ^ (std::process::id() as u128) << 64;
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = (seed >> ((i * 6) % 120)) as u8;
+        }
+    }
+    // 36 symbols: rejection-free mapping; the bias (256 % 36) is irrelevant for an identifier.
+    let s: String = bytes
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect();
+    format!("m-{s}")
+}
+
+/// RFC 3339 UTC time (`2026-11-23T03:15:31Z`) for a Unix timestamp.
+pub fn rfc3339(unix_secs: u64) -> String {
+    let days = (unix_secs / 86_400) as i64;
+    let rem = unix_secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    rfc3339(secs)
+}
+
+/// Days since 1970-01-01 to (year, month, day), Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_403_731), "2026-11-23T03:15:31Z");
+    }
+
+    #[test]
+    fn image_ids_have_the_api_shape() {
+        let id = new_image_id();
+        assert_eq!(id.len(), 22);
+        assert!(id.starts_with("m-"));
+        assert!(id[2..]
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+        assert_ne!(id, new_image_id());
+    }
+
+    #[test]
+    fn sums_use_two_spaces() {
+        let s = sha256sums(&[
+            ("ab".into(), "xvda.qcow2".into()),
+            ("cd".into(), "manifest.json".into()),
+        ]);
+        assert_eq!(s, "ab  xvda.qcow2\ncd  manifest.json\n");
+    }
+}

@@ -1,0 +1,164 @@
+//! Progress reporting. The engine only calls the [`Progress`] trait; what users see (bars on a
+//! terminal, JSON lines, nothing) is chosen here.
+
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Receives progress from the copy threads; must be cheap and never block for long.
+pub trait Progress: Sync {
+    /// `bytes` more of disk `disk`'s virtual size are done (copied or skipped).
+    fn advance(&self, disk: usize, bytes: u64);
+    /// Disk `disk` is written, hashed and flushed.
+    fn disk_done(&self, disk: usize);
+}
+
+/// Reports nothing.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn advance(&self, _: usize, _: u64) {}
+    fn disk_done(&self, _: usize) {}
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressMode {
+    /// Bars when stderr is a terminal, nothing otherwise.
+    Auto,
+    /// JSON lines on stderr.
+    Json,
+    /// Nothing (`--quiet`).
+    Off,
+}
+
+/// The reporter for `mode`, given each disk's name and virtual size.
+pub fn reporter(mode: ProgressMode, disks: &[(String, u64)]) -> Box<dyn Progress> {
+    match mode {
+        ProgressMode::Off => Box::new(NoProgress),
+        ProgressMode::Json => Box::new(JsonProgress::new(disks)),
+        ProgressMode::Auto if std::io::stderr().is_terminal() => Box::new(Bars::new(disks)),
+        ProgressMode::Auto => Box::new(NoProgress),
+    }
+}
+
+/// indicatif bars: one per disk and a total with throughput and ETA.
+pub struct Bars {
+    _multi: MultiProgress,
+    disks: Vec<ProgressBar>,
+    total: ProgressBar,
+}
+
+impl Bars {
+    pub fn new(disks: &[(String, u64)]) -> Self {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(8));
+        let style = ProgressStyle::with_template(
+            "{prefix:>10} [{bar:30}] {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        let bars = disks
+            .iter()
+            .map(|(name, size)| {
+                let b = multi.add(ProgressBar::new(*size));
+                b.set_style(style.clone());
+                b.set_prefix(name.trim_start_matches("/dev/").to_string());
+                b
+            })
+            .collect();
+        let total = multi.add(ProgressBar::new(disks.iter().map(|d| d.1).sum()));
+        total.set_style(style);
+        total.set_prefix("total");
+        Bars {
+            _multi: multi,
+            disks: bars,
+            total,
+        }
+    }
+}
+
+impl Progress for Bars {
+    fn advance(&self, disk: usize, bytes: u64) {
+        if let Some(b) = self.disks.get(disk) {
+            b.inc(bytes);
+        }
+        self.total.inc(bytes);
+    }
+
+    fn disk_done(&self, disk: usize) {
+        if let Some(b) = self.disks.get(disk) {
+            b.finish();
+        }
+        if self.disks.iter().all(|b| b.is_finished()) {
+            self.total.finish();
+        }
+    }
+}
+
+/// JSON lines on stderr: `{"device":..,"done":..,"total":..,"elapsed":..}`, at most ~4 a second per
+/// disk, plus a last line when each disk is finished.
+pub struct JsonProgress {
+    start: Instant,
+    names: Vec<String>,
+    totals: Vec<u64>,
+    done: Vec<AtomicU64>,
+    last: Mutex<Vec<Instant>>,
+}
+
+impl JsonProgress {
+    pub fn new(disks: &[(String, u64)]) -> Self {
+        let start = Instant::now();
+        JsonProgress {
+            start,
+            names: disks.iter().map(|d| d.0.clone()).collect(),
+            totals: disks.iter().map(|d| d.1).collect(),
+            done: disks.iter().map(|_| AtomicU64::new(0)).collect(),
+            last: Mutex::new(vec![start; disks.len()]),
+        }
+    }
+
+    fn emit(&self, disk: usize, finished: bool) {
+        let done = self.done[disk]
+            .load(Ordering::Relaxed)
+            .min(self.totals[disk]);
+        let line = serde_json::json!({
+            "device": self.names[disk],
+            "done": if finished { self.totals[disk] } else { done },
+            "total": self.totals[disk],
+            "elapsed": (self.start.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+            "finished": finished,
+        });
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "{line}");
+    }
+}
+
+impl Progress for JsonProgress {
+    fn advance(&self, disk: usize, bytes: u64) {
+        if disk >= self.done.len() {
+            return;
+        }
+        self.done[disk].fetch_add(bytes, Ordering::Relaxed);
+        let now = Instant::now();
+        let due = {
+            let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            if now.duration_since(last[disk]) >= Duration::from_millis(250) {
+                last[disk] = now;
+                true
+            } else {
+                false
+            }
+        };
+        if due {
+            self.emit(disk, false);
+        }
+    }
+
+    fn disk_done(&self, disk: usize) {
+        if disk < self.done.len() {
+            self.emit(disk, true);
+        }
+    }
+}
