@@ -101,6 +101,9 @@ impl CopyStats {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskResult {
     pub path: PathBuf,
+    /// The output's virtual size: the job's, rounded up to 512 bytes for qcow2 (qemu reads qcow2
+    /// sizes in whole sectors).
+    pub virtual_size: u64,
     /// Lowercase hex SHA-256 of the output file, when the job asked for it.
     pub sha256: Option<String>,
     pub file_size: u64,
@@ -164,7 +167,10 @@ pub fn copy_disks(
         OutputFormat::Qcow2 => 1u64 << spec.cluster_bits,
     };
     let mut disks = Vec::with_capacity(jobs.len());
-    for job in jobs {
+    for mut job in jobs {
+        if spec.format == OutputFormat::Qcow2 {
+            job.virtual_size = job.virtual_size.next_multiple_of(512);
+        }
         let sink = create_sink(&job.out_path, job.virtual_size, spec)?;
         let source_size = job.source.as_ref().map_or(0, |s| s.virtual_size());
         disks.push(DiskState {
@@ -581,6 +587,7 @@ fn finish_disk(sh: &Shared<'_>, d: usize) -> Result<()> {
         .map_err(|e| Error::io(&disk.path, "reading metadata of", e))?;
     *lock(&disk.result) = Some(DiskResult {
         path: disk.path.clone(),
+        virtual_size: disk.virtual_size,
         sha256,
         file_size: meta.len(),
         allocated_bytes: meta.blocks() * 512,
