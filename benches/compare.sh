@@ -8,7 +8,7 @@
 # OUT_DIR (default CORPUS_DIR/out) holds the outputs of one run at a time. RUNS (default 5) timed runs
 # per job, after one warm-up; SLOW_RUNS (default 3) for the compressed-output jobs; ONLY=regex runs
 # only the jobs whose name matches. Tools alternate run by run (kiln, qemu-img, kiln, ...), with the
-# page cache warm (the warm-up reads every source).
+# page cache warm (the warm-up reads every source), and `sync` before each run.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 C=${1:-/tmp/kiln-corpus}
@@ -32,6 +32,7 @@ fi
 time_cmd() {
   local name=$1; shift
   rm -rf "$O"; mkdir -p "$O"
+  sync   # earlier outputs' writeback must not land in this run's time
   local t0 t1
   t0=$(date +%s.%N)
   /usr/bin/time -f '%M' -o "$O.mem" bash -c "$*" >/dev/null 2>"$O.err" || { echo "FAILED: $name: $*" >&2; cat "$O.err" >&2; exit 1; }
