@@ -136,6 +136,10 @@ struct DiskState {
     cursor: Mutex<Cursor>,
     /// Chunks in flight plus one for the dispatcher; whoever brings it to zero finishes the disk.
     outstanding: AtomicU64,
+    /// Workers copying a chunk of this disk now.
+    active: AtomicUsize,
+    /// Every chunk has been handed out.
+    dispatched: AtomicBool,
     /// The sequence number whose turn it is to allocate (qcow2 output).
     turn: Mutex<u64>,
     turn_cv: Condvar,
@@ -148,7 +152,6 @@ struct DiskState {
 struct Shared<'a> {
     disks: Vec<DiskState>,
     block: u64,
-    next_disk: AtomicUsize,
     abort: AtomicBool,
     error: Mutex<Option<Error>>,
     progress: &'a dyn Progress,
@@ -183,6 +186,8 @@ pub fn copy_disks(
             sink: Mutex::new(Some(Arc::new(sink))),
             cursor: Mutex::new(Cursor::default()),
             outstanding: AtomicU64::new(1),
+            active: AtomicUsize::new(0),
+            dispatched: AtomicBool::new(false),
             turn: Mutex::new(0),
             turn_cv: Condvar::new(),
             copied: AtomicU64::new(0),
@@ -194,7 +199,6 @@ pub fn copy_disks(
     let shared = Shared {
         disks,
         block,
-        next_disk: AtomicUsize::new(0),
         abort: AtomicBool::new(false),
         error: Mutex::new(None),
         progress,
@@ -285,21 +289,16 @@ fn worker(sh: &Shared<'_>) {
         compressed: Vec::new(),
     };
     while !sh.abort.load(Ordering::Relaxed) {
-        let d = sh.next_disk.load(Ordering::Acquire);
-        if d >= sh.disks.len() {
+        let Some(d) = pick_disk(sh) else {
             break;
-        }
+        };
         let r = match claim(sh, d) {
             Ok(Some((start, end, seq))) => {
                 let r = copy_chunk(sh, d, start, end, seq, &mut scratch);
+                sh.disks[d].active.fetch_sub(1, Ordering::AcqRel);
                 r.and_then(|()| release(sh, d))
             }
-            Ok(None) => {
-                let _ =
-                    sh.next_disk
-                        .compare_exchange(d, d + 1, Ordering::AcqRel, Ordering::Acquire);
-                Ok(())
-            }
+            Ok(None) => Ok(()),
             Err(e) => Err(e),
         };
         if let Err(e) = r {
@@ -307,6 +306,18 @@ fn worker(sh: &Shared<'_>) {
             break;
         }
     }
+}
+
+/// The disk with the fewest workers on it among those with chunks left to hand out (the first
+/// such on a tie). Spreading workers over disks matters: buffered writes to one file serialise on
+/// its inode lock (a profile showed 18% of CPU spinning there with two workers on one file).
+fn pick_disk(sh: &Shared<'_>) -> Option<usize> {
+    sh.disks
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| !d.dispatched.load(Ordering::Acquire))
+        .min_by_key(|(_, d)| d.active.load(Ordering::Acquire))
+        .map(|(i, _)| i)
 }
 
 fn fail(sh: &Shared<'_>, e: Error) {
@@ -331,6 +342,7 @@ fn claim(sh: &Shared<'_>, d: usize) -> Result<Option<(u64, u64, u64)>> {
     loop {
         if c.pos >= disk.virtual_size {
             c.done = true;
+            disk.dispatched.store(true, Ordering::Release);
             drop(c);
             release(sh, d)?;
             return Ok(None);
@@ -362,6 +374,7 @@ fn claim(sh: &Shared<'_>, d: usize) -> Result<Option<(u64, u64, u64)>> {
         c.seq += 1;
         c.pos = end;
         disk.outstanding.fetch_add(1, Ordering::AcqRel);
+        disk.active.fetch_add(1, Ordering::AcqRel);
         return Ok(Some((start, end, seq)));
     }
 }
