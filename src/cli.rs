@@ -1,12 +1,12 @@
 //! Command-line flags (clap derive) and their conversion into requests. Nothing below this module
 //! knows about clap.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::convert::ConvertRequest;
-use crate::create::CreateRequest;
+use crate::create::{CreateRequest, Destination};
 use crate::engine::{OutputFormat, OutputSpec};
 use crate::error::{Code, Error, Result};
 use crate::format::qcow2::writer::Compression;
@@ -14,6 +14,8 @@ use crate::format::qcow2::{MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 use crate::format::Format;
 use crate::plan::DiskSpec;
 use crate::progress::ProgressMode;
+use crate::request_file::{self, RequestFile};
+use crate::store;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,6 +27,9 @@ pub struct Cli {
     /// Print results, and errors as {"Code","Message"}, as JSON on stdout.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The image store (default: $KILN_STORE, else $XDG_DATA_HOME/kiln, else ~/.local/share/kiln).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub store: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -32,9 +37,90 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create a custom image: one system disk and up to 16 data disks.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Convert one disk, with qemu-img's option names.
     Convert(ConvertArgs),
+    /// List images in the store (DescribeImages; with --family, DescribeImageFromFamily).
+    Describe(DescribeArgs),
+    /// Delete images from the store (DeleteImage).
+    Delete(DeleteArgs),
+    /// Recompute every checksum of an image and compare with SHA256SUMS and the manifest.
+    Verify(VerifyArgs),
+    /// Print shell completions.
+    Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DescribeArgs {
+    /// Image IDs (all images when none is given).
+    #[arg(value_name = "IMAGE_ID")]
+    pub ids: Vec<String>,
+    /// Only images with this name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The newest Available image of this family.
+    #[arg(long)]
+    pub family: Option<String>,
+    /// Only images in this status: Creating, Available or CreateFailed.
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Only images carrying this tag (KEY=VALUE, or KEY for any value; repeatable).
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    #[arg(value_name = "IMAGE_ID", required = true)]
+    pub ids: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// An ImageId in the store, or an image directory.
+    #[arg(value_name = "IMAGE_ID|DIR")]
+    pub target: String,
+    /// No progress bar.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ShellArg {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    #[arg(value_enum)]
+    pub shell: ShellArg,
+}
+
+/// Writes completions for `shell` to `out`.
+pub fn completions(shell: ShellArg, out: &mut dyn std::io::Write) {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    match shell {
+        ShellArg::Bash => {
+            clap_complete::generate(clap_complete::Shell::Bash, &mut cmd, "kiln", out)
+        }
+        ShellArg::Zsh => clap_complete::generate(clap_complete::Shell::Zsh, &mut cmd, "kiln", out),
+        ShellArg::Fish => {
+            clap_complete::generate(clap_complete::Shell::Fish, &mut cmd, "kiln", out)
+        }
+    }
+}
+
+/// `--tag` filters of describe: (key, Some(value)) or (key, None) for any value.
+pub fn tag_filters(tags: &[String]) -> Vec<(String, Option<String>)> {
+    tags.iter()
+        .map(|t| match t.split_once('=') {
+            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+            None => (t.clone(), None),
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -61,21 +147,31 @@ pub enum ProgressArg {
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
-    /// The image name.
+    /// A request file (JSON, or TOML by its .toml extension) with CreateImage's parameter names;
+    /// flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub request: Option<PathBuf>,
+    /// The image name (2 to 128 characters, starting with a letter or a CJK character).
     #[arg(long)]
     pub name: Option<String>,
-    /// A description of the image.
-    #[arg(long, default_value = "")]
-    pub description: String,
-    /// The OS platform recorded in the manifest.
-    #[arg(long, default_value = "Others Linux")]
-    pub platform: String,
-    /// i386, x86_64 or arm64.
-    #[arg(long = "arch", default_value = "x86_64")]
-    pub architecture: String,
-    /// BIOS, UEFI or UEFI-Preferred.
-    #[arg(long, default_value = "BIOS")]
-    pub boot_mode: String,
+    /// The image family (same rules as the name).
+    #[arg(long)]
+    pub family: Option<String>,
+    /// The image version (1 to 40 characters).
+    #[arg(long)]
+    pub image_version: Option<String>,
+    /// A description of the image (2 to 256 characters).
+    #[arg(long)]
+    pub description: Option<String>,
+    /// The OS platform recorded in the manifest [default: Others Linux].
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// i386, x86_64 or arm64 [default: x86_64].
+    #[arg(long = "arch")]
+    pub architecture: Option<String>,
+    /// BIOS, UEFI or UEFI-Preferred [default: BIOS].
+    #[arg(long)]
+    pub boot_mode: Option<String>,
     /// A tag KEY=VALUE (repeatable).
     #[arg(long = "tag", value_name = "KEY=VALUE")]
     pub tags: Vec<String>,
@@ -85,9 +181,15 @@ pub struct CreateArgs {
     /// The system disk's source, when no --disk is given.
     #[arg(long, value_name = "FILE[@SNAP]")]
     pub snapshot: Option<PathBuf>,
-    /// Where the image goes; must not exist or be empty.
+    /// Where the image goes, outside the store; must not exist or be empty.
     #[arg(long, value_name = "DIR")]
     pub output_dir: Option<PathBuf>,
+    /// Idempotency token: the same token and request return the same image (ASCII, up to 64).
+    #[arg(long)]
+    pub client_token: Option<String>,
+    /// Check everything and print the plan; copy and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub out: OutputArgs,
 }
@@ -222,44 +324,63 @@ impl CreateArgs {
         progress_mode(self.out.quiet, self.out.progress)
     }
 
-    pub fn to_request(&self) -> Result<CreateRequest> {
-        let name = self.name.clone().ok_or_else(|| {
+    /// The request: the request file (if any), then the flags over it. `store` is the global
+    /// `--store`, used when there is no `--output-dir`.
+    pub fn to_request(&self, store: Option<&Path>) -> Result<CreateRequest> {
+        let file = match &self.request {
+            Some(p) => request_file::load(p)?,
+            None => RequestFile::default(),
+        };
+        let name = self.name.clone().or(file.image_name).ok_or_else(|| {
             Error::new(
                 Code::MissingParameter,
                 "--name is required: the image needs a name",
             )
         })?;
-        let output_dir = self.output_dir.clone().ok_or_else(|| {
-            Error::new(
-                Code::MissingParameter,
-                "--output-dir is required: where should the image go?",
-            )
-        })?;
-        let mut tags = Vec::new();
-        for t in &self.tags {
-            let (k, v) = t.split_once('=').ok_or_else(|| {
-                Error::new(
-                    Code::InvalidParameter,
-                    format!("--tag '{t}' is not KEY=VALUE"),
-                )
-            })?;
-            tags.push((k.to_string(), v.to_string()));
-        }
-        let disks = self
-            .disks
-            .iter()
-            .map(|d| DiskSpec::parse(d))
-            .collect::<Result<Vec<_>>>()?;
+        let tags = if self.tags.is_empty() {
+            file.tags.unwrap_or_default()
+        } else {
+            let mut tags = Vec::new();
+            for t in &self.tags {
+                let (k, v) = t.split_once('=').ok_or_else(|| {
+                    Error::new(
+                        Code::InvalidParameter,
+                        format!("--tag '{t}' is not KEY=VALUE"),
+                    )
+                })?;
+                tags.push((k.to_string(), v.to_string()));
+            }
+            tags
+        };
+        // Disks on the command line (either form) replace the file's.
+        let (disks, snapshot) = if self.disks.is_empty() && self.snapshot.is_none() {
+            (file.disks.unwrap_or_default(), file.snapshot)
+        } else {
+            let disks = self
+                .disks
+                .iter()
+                .map(|d| DiskSpec::parse(d))
+                .collect::<Result<Vec<_>>>()?;
+            (disks, self.snapshot.clone())
+        };
+        let destination = match &self.output_dir {
+            Some(d) => Destination::Dir(d.clone()),
+            None => Destination::Store(store::locate(store)?),
+        };
         Ok(CreateRequest {
             name,
-            description: self.description.clone(),
-            platform: self.platform.clone(),
-            architecture: self.architecture.clone(),
-            boot_mode: self.boot_mode.clone(),
+            family: self.family.clone().or(file.image_family),
+            image_version: self.image_version.clone().or(file.image_version),
+            description: self.description.clone().or(file.description),
+            platform: self.platform.clone().or(file.platform),
+            architecture: self.architecture.clone().or(file.architecture),
+            boot_mode: self.boot_mode.clone().or(file.boot_mode),
             tags,
             disks,
-            snapshot: self.snapshot.clone(),
-            output_dir,
+            snapshot,
+            destination,
+            client_token: self.client_token.clone().or(file.client_token),
+            dry_run: self.dry_run || file.dry_run.unwrap_or(false),
             output: output_spec(
                 self.out.format,
                 &self.out.cluster_size,

@@ -1,31 +1,58 @@
-//! `kiln create`: request → plan → copy → publish.
+//! `kiln create`: request → validate → plan → (store admission) → copy → publish.
+//!
+//! With `--output-dir` the image goes to that directory (issue 2's behaviour); otherwise into the
+//! image store ([`crate::store`]), where names and client tokens are checked under the store lock
+//! and the image's status record follows the copy. `--dry-run` runs every check up to the copy and
+//! writes nothing.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
+
 use crate::engine::{self, CopyStats, DiskJob, OutputSpec};
 use crate::error::{Code, Error, Result};
-use crate::format::{self, OpenOptions};
+use crate::format::{self, BlockSource, ExtentKind, OpenOptions, Opened};
 use crate::manifest::{self, DiskRecord, Manifest, SourceRecord, Tag};
-use crate::plan::{self, DiskSpec};
-use crate::progress::{self, ProgressMode};
-use crate::publish::Staging;
-use crate::size;
+use crate::plan::{self, DiskLayout, DiskSpec, PlannedDisk};
+use crate::progress::{self, Progress, ProgressMode};
+use crate::publish::{self, Staging};
+use crate::size::{self, MIB};
+use crate::store::{self, Admission, Creating, Record, RecordProgress, Store};
+use crate::validate;
 
-/// A validated `create` request; the CLI builds it, nothing here knows about flags.
+/// Where a create puts its image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// `--output-dir DIR`: must not exist or be empty.
+    Dir(PathBuf),
+    /// The image store at this root.
+    Store(PathBuf),
+}
+
+/// A `create` request; the CLI (or a request file) builds it, nothing here knows about flags.
+/// [`create`] checks every rule before anything is written.
 #[derive(Debug, Clone)]
 pub struct CreateRequest {
     pub name: String,
-    pub description: String,
-    pub platform: String,
-    pub architecture: String,
-    pub boot_mode: String,
+    pub family: Option<String>,
+    pub image_version: Option<String>,
+    pub description: Option<String>,
+    /// None: the API's default (Others Linux, x86_64, BIOS).
+    pub platform: Option<String>,
+    pub architecture: Option<String>,
+    pub boot_mode: Option<String>,
     pub tags: Vec<(String, String)>,
     /// `--disk` entries, in the order given.
     pub disks: Vec<DiskSpec>,
     /// `--snapshot`: the short form, a system disk only.
     pub snapshot: Option<PathBuf>,
-    pub output_dir: PathBuf,
+    pub destination: Destination,
+    /// Idempotency token (store only).
+    pub client_token: Option<String>,
+    /// Check everything, copy nothing, write nothing.
+    pub dry_run: bool,
     pub output: OutputSpec,
     /// Copy threads (at least 1).
     pub threads: usize,
@@ -42,25 +69,224 @@ pub struct CreateOutcome {
     /// Sum of the output disks' virtual sizes.
     pub virtual_bytes: u64,
     pub elapsed: Duration,
+    /// The store's record (store creates only).
+    pub record: Option<Record>,
+}
+
+/// One disk of a dry run's plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedDiskReport {
+    #[serde(rename = "Device")]
+    pub device: String,
+    #[serde(rename = "DiskType")]
+    pub disk_type: String,
+    /// None for an empty disk.
+    #[serde(rename = "Source")]
+    pub source: Option<PathBuf>,
+    #[serde(rename = "SourceFormat")]
+    pub source_format: Option<String>,
+    #[serde(rename = "Format")]
+    pub format: String,
+    #[serde(rename = "VirtualSize")]
+    pub virtual_size: u64,
+    /// Allocated source data: what the copy reads (zeros among it are then not written).
+    #[serde(rename = "BytesToCopy")]
+    pub bytes_to_copy: u64,
+}
+
+/// The free-space check.
+#[derive(Debug, Clone, Serialize)]
+pub struct SpaceCheck {
+    /// The mount point (device, type) the image goes to.
+    #[serde(rename = "Filesystem")]
+    pub filesystem: String,
+    #[serde(rename = "NeedBytes")]
+    pub need: u64,
+    #[serde(rename = "FreeBytes")]
+    pub free: u64,
+}
+
+/// What `--dry-run` found: the real run would start.
+#[derive(Debug, Clone, Serialize)]
+pub struct DryRunReport {
+    #[serde(rename = "ImageName")]
+    pub image_name: String,
+    /// The directory the image would be published to (the store's images directory for a store).
+    #[serde(rename = "Target")]
+    pub target: PathBuf,
+    /// Set when the client token names an existing image that the real run would return.
+    #[serde(rename = "ExistingImageId", skip_serializing_if = "Option::is_none")]
+    pub existing_image_id: Option<String>,
+    #[serde(rename = "Disks")]
+    pub disks: Vec<PlannedDiskReport>,
+    #[serde(rename = "Space")]
+    pub space: SpaceCheck,
+    #[serde(rename = "Warnings")]
+    pub warnings: Vec<String>,
+}
+
+/// How a create ended.
+#[derive(Debug, Clone)]
+pub enum CreateResult {
+    Created(Box<CreateOutcome>),
+    /// The client token and request match an image already in the store: nothing was done.
+    Existing(Box<Record>),
+    DryRun(Box<DryRunReport>),
 }
 
 /// Runs a create; `warn` receives each warning as soon as it is known.
-pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateOutcome> {
+pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateResult> {
     let started = Instant::now();
-    if req.name.trim().is_empty() {
+    let req = &normalise(req)?;
+    let layout = plan::assign_devices(&req.disks, req.snapshot.as_ref())?;
+    for w in &layout.warnings {
+        warn(w);
+    }
+    match &req.destination {
+        Destination::Dir(dir) => {
+            publish::check_target(dir)?;
+            let prepared = prepare(req, &layout)?;
+            let space = check_space(&existing_ancestor(dir), &prepared)?;
+            if req.dry_run {
+                return Ok(CreateResult::DryRun(Box::new(dry_run_report(
+                    req, &layout, dir, None, &prepared, space,
+                ))));
+            }
+            let staging = Staging::new(dir)?;
+            let out = build(
+                req,
+                &layout,
+                prepared,
+                staging,
+                &manifest::new_image_id(),
+                None,
+                started,
+            )?;
+            Ok(CreateResult::Created(Box::new(out)))
+        }
+        Destination::Store(root) => {
+            let store = Store::at(root);
+            let digest = request_digest(req, &layout);
+            let token = req.client_token.as_deref();
+            if req.dry_run {
+                // Read-only: no lock file, no directories; the answer may change before a real run.
+                let existing = match store.admit(&req.name, token, &digest)? {
+                    Admission::Existing(r) => Some(r.image_id.clone()),
+                    Admission::New => None,
+                };
+                let prepared = prepare(req, &layout)?;
+                let space = check_space(&existing_ancestor(&store.images_dir()), &prepared)?;
+                return Ok(CreateResult::DryRun(Box::new(dry_run_report(
+                    req,
+                    &layout,
+                    &store.images_dir(),
+                    existing,
+                    &prepared,
+                    space,
+                ))));
+            }
+            let guard = store.lock()?;
+            if let Admission::Existing(r) = store.admit(&req.name, token, &digest)? {
+                return Ok(CreateResult::Existing(r));
+            }
+            let prepared = prepare(req, &layout)?;
+            check_space(&store.images_dir(), &prepared)?;
+            let image_id = manifest::new_image_id();
+            let creating = store.begin(new_record(req, &image_id, &digest))?;
+            drop(guard);
+            let built = Staging::new(&store.image_dir(&image_id)).and_then(|staging| {
+                build(
+                    req,
+                    &layout,
+                    prepared,
+                    staging,
+                    &image_id,
+                    Some(&creating),
+                    started,
+                )
+            });
+            match built {
+                Ok(mut out) => {
+                    let disks = match serde_json::to_value(&out.manifest.disks) {
+                        Ok(serde_json::Value::Array(a)) => a,
+                        _ => Vec::new(),
+                    };
+                    let rec = creating.finish(|r| {
+                        r.size_gib = out.manifest.size_gib;
+                        r.directory = Some(out.output_dir.clone());
+                        r.disks = disks;
+                    })?;
+                    out.record = Some(rec);
+                    Ok(CreateResult::Created(Box::new(out)))
+                }
+                Err(e) => {
+                    creating.fail(&e);
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+/// Applies CreateImage's parameter rules and the API's defaults.
+fn normalise(req: &CreateRequest) -> Result<CreateRequest> {
+    let mut r = req.clone();
+    if r.name.trim().is_empty() {
         return Err(Error::new(
             Code::MissingParameter,
             "--name is required: the image needs a name",
         ));
     }
-    let layout = plan::assign_devices(&req.disks, req.snapshot.as_ref())?;
-    for w in &layout.warnings {
-        warn(w);
+    validate::image_name(&r.name)?;
+    if let Some(f) = &r.family {
+        validate::image_family(f)?;
     }
+    if let Some(v) = &r.image_version {
+        validate::image_version(v)?;
+    }
+    if let Some(d) = &r.description {
+        validate::description(d)?;
+    }
+    r.platform = Some(
+        validate::platform(r.platform.as_deref().unwrap_or(validate::DEFAULT_PLATFORM))?.into(),
+    );
+    r.architecture = Some(
+        validate::architecture(
+            r.architecture
+                .as_deref()
+                .unwrap_or(validate::DEFAULT_ARCHITECTURE),
+        )?
+        .into(),
+    );
+    r.boot_mode = Some(
+        validate::boot_mode(
+            r.boot_mode
+                .as_deref()
+                .unwrap_or(validate::DEFAULT_BOOT_MODE),
+        )?
+        .into(),
+    );
+    validate::tags(&r.tags)?;
+    if let Some(t) = &r.client_token {
+        validate::client_token(t)?;
+    }
+    Ok(r)
+}
 
-    // Open every source before writing anything, so bad input fails fast with nothing written.
-    let mut jobs = Vec::with_capacity(layout.disks.len());
-    let mut records = Vec::with_capacity(layout.disks.len());
+/// A disk with its source open and its output settled.
+struct PreparedDisk {
+    planned: PlannedDisk,
+    opened: Option<Opened>,
+    virtual_size: u64,
+    file: String,
+    source: Option<SourceRecord>,
+    /// Allocated source bytes (the copy reads these).
+    data_bytes: u64,
+}
+
+/// Opens every source and sizes every disk, before anything is written.
+fn prepare(req: &CreateRequest, layout: &DiskLayout) -> Result<Vec<PreparedDisk>> {
+    let mut out = Vec::with_capacity(layout.disks.len());
     for d in &layout.disks {
         let opened = match &d.snapshot {
             Some(p) => Some(format::open(
@@ -99,30 +325,73 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateO
                 })
                 .collect(),
         });
-        let file = format!("{}.{}", d.short_name(), req.output.format.extension());
-        records.push((d.clone(), file.clone(), virtual_size, source));
-        jobs.push((
-            d.device.clone(),
-            opened.map(|o| o.source),
+        let data_bytes = match &opened {
+            Some(o) => data_bytes(o.source.as_ref())?,
+            None => 0,
+        };
+        out.push(PreparedDisk {
+            planned: d.clone(),
+            opened,
             virtual_size,
-            file,
-        ));
-    }
-
-    let staging = Staging::new(&req.output_dir)?;
-    let disk_names: Vec<(String, u64)> = jobs.iter().map(|j| (j.0.clone(), j.2)).collect();
-    let jobs: Vec<DiskJob> = jobs
-        .into_iter()
-        .map(|(name, source, virtual_size, file)| DiskJob {
-            name,
+            file: format!("{}.{}", d.short_name(), req.output.format.extension()),
             source,
-            virtual_size,
-            out_path: staging.dir().join(file),
-            hash: true,
-        })
+            data_bytes,
+        });
+    }
+    Ok(out)
+}
+
+/// Sum of a source's Data extents.
+fn data_bytes(src: &dyn BlockSource) -> Result<u64> {
+    let size = src.virtual_size();
+    let (mut pos, mut data) = (0u64, 0u64);
+    while pos < size {
+        let e = src.extent(pos, size - pos)?;
+        if e.len == 0 {
+            break;
+        }
+        if e.kind == ExtentKind::Data {
+            data += e.len;
+        }
+        pos = e.end();
+    }
+    Ok(data)
+}
+
+/// Copies, writes the manifest and `SHA256SUMS`, publishes.
+fn build(
+    req: &CreateRequest,
+    layout: &DiskLayout,
+    prepared: Vec<PreparedDisk>,
+    staging: Staging,
+    image_id: &str,
+    creating: Option<&Creating>,
+    started: Instant,
+) -> Result<CreateOutcome> {
+    let disk_names: Vec<(String, u64)> = prepared
+        .iter()
+        .map(|p| (p.planned.device.clone(), p.virtual_size))
         .collect();
+    let mut records = Vec::with_capacity(prepared.len());
+    let mut jobs = Vec::with_capacity(prepared.len());
+    for p in prepared {
+        jobs.push(DiskJob {
+            name: p.planned.device.clone(),
+            source: p.opened.map(|o| o.source),
+            virtual_size: p.virtual_size,
+            out_path: staging.dir().join(&p.file),
+            hash: true,
+        });
+        records.push((p.planned, p.file, p.virtual_size, p.source));
+    }
     let reporter = progress::reporter(req.progress, &disk_names);
-    let results = engine::copy_disks(jobs, &req.output, req.threads, reporter.as_ref())?;
+    let total: u64 = disk_names.iter().map(|d| d.1).sum();
+    let record_progress = creating.map(|c| RecordProgress::new(reporter.as_ref(), c, total));
+    let progress: &dyn Progress = match &record_progress {
+        Some(p) => p,
+        None => reporter.as_ref(),
+    };
+    let results = engine::copy_disks(jobs, &req.output, req.threads, progress)?;
     drop(reporter);
 
     let mut disks = Vec::with_capacity(records.len());
@@ -148,12 +417,14 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateO
     }
     let virtual_bytes = disks.iter().map(|d| d.virtual_size).sum();
     let manifest = Manifest {
-        image_id: manifest::new_image_id(),
+        image_id: image_id.to_string(),
         image_name: req.name.clone(),
-        description: req.description.clone(),
-        platform: req.platform.clone(),
-        architecture: req.architecture.clone(),
-        boot_mode: req.boot_mode.clone(),
+        image_family: req.family.clone(),
+        image_version: req.image_version.clone(),
+        description: req.description.clone().unwrap_or_default(),
+        platform: req.platform.clone().unwrap_or_default(),
+        architecture: req.architecture.clone().unwrap_or_default(),
+        boot_mode: req.boot_mode.clone().unwrap_or_default(),
         tags: req
             .tags
             .iter()
@@ -164,6 +435,7 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateO
             .collect(),
         creation_time: manifest::now_rfc3339(),
         status: "Available".into(),
+        client_token: req.client_token.clone(),
         size_gib: disks.iter().map(|d| d.size_gib).sum(),
         kiln_version: env!("CARGO_PKG_VERSION").into(),
         disks,
@@ -176,11 +448,232 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateO
     Ok(CreateOutcome {
         manifest,
         output_dir,
-        warnings: layout.warnings,
+        warnings: layout.warnings.clone(),
         stats,
         virtual_bytes,
         elapsed: started.elapsed(),
+        record: None,
     })
+}
+
+fn new_record(req: &CreateRequest, image_id: &str, digest: &str) -> Record {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Record {
+        image_id: image_id.to_string(),
+        image_name: req.name.clone(),
+        image_family: req.family.clone(),
+        image_version: req.image_version.clone(),
+        description: req.description.clone().unwrap_or_default(),
+        platform: req.platform.clone().unwrap_or_default(),
+        architecture: req.architecture.clone().unwrap_or_default(),
+        boot_mode: req.boot_mode.clone().unwrap_or_default(),
+        tags: req
+            .tags
+            .iter()
+            .map(|(k, v)| store::RecordTag {
+                key: k.clone(),
+                value: v.clone(),
+            })
+            .collect(),
+        status: store::CREATING.into(),
+        progress: "0%".into(),
+        client_token: req.client_token.clone(),
+        request_digest: digest.to_string(),
+        creation_time: manifest::rfc3339(now.as_secs()),
+        creation_nanos: now.as_nanos(),
+        pid: std::process::id(),
+        size_gib: 0,
+        directory: None,
+        disks: Vec::new(),
+        error_code: None,
+        error_message: None,
+    }
+}
+
+/// SHA-256 over the normalised request: every attribute, the disk layout, the output settings, and
+/// each source by canonical path, size and modification time. Threads and progress do not count.
+pub fn request_digest(req: &CreateRequest, layout: &DiskLayout) -> String {
+    let mut tags = req.tags.clone();
+    tags.sort();
+    let disks: Vec<serde_json::Value> = layout
+        .disks
+        .iter()
+        .map(|d| {
+            serde_json::json!({
+                "Device": d.device,
+                "DiskType": d.disk_type.as_str(),
+                "Size": d.size,
+                "Format": d.format.map(|f| f.as_str()),
+                "Source": d.snapshot.as_deref().map(source_identity),
+            })
+        })
+        .collect();
+    let v = serde_json::json!({
+        "ImageName": req.name,
+        "ImageFamily": req.family,
+        "ImageVersion": req.image_version,
+        "Description": req.description.as_deref().unwrap_or(""),
+        "Platform": req.platform,
+        "Architecture": req.architecture,
+        "BootMode": req.boot_mode,
+        "Tags": tags,
+        "Disks": disks,
+        "OutputFormat": req.output.format.extension(),
+        "ClusterBits": req.output.cluster_bits,
+        "Compression": req.output.compression.map(|c| format!("{c:?}")),
+    });
+    engine::hex(&sha256_of(v.to_string().as_bytes()))
+}
+
+/// A source as (canonical path[@snapshot], size, mtime in ns); the path as given when it cannot
+/// be resolved.
+fn source_identity(p: &Path) -> serde_json::Value {
+    let (file, snap) = if p.exists() {
+        (p.to_path_buf(), None)
+    } else {
+        let s = p.to_string_lossy();
+        match s.rfind('@') {
+            Some(i) if i > 0 => (PathBuf::from(&s[..i]), Some(s[i + 1..].to_string())),
+            _ => (p.to_path_buf(), None),
+        }
+    };
+    let canonical = std::fs::canonicalize(&file).unwrap_or_else(|_| absolute(&file));
+    let meta = std::fs::metadata(&canonical).ok();
+    serde_json::json!({
+        "Path": canonical,
+        "Snapshot": snap,
+        "Size": meta.as_ref().map(|m| m.len()),
+        "MtimeNanos": meta.as_ref().map(|m| m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128),
+    })
+}
+
+/// Estimated bytes the image needs on disk: the data to copy, ~1% of it for metadata, and 1 MiB per
+/// disk (headers, tables, manifest).
+fn estimate(prepared: &[PreparedDisk]) -> u64 {
+    let data: u64 = prepared.iter().map(|p| p.data_bytes).sum();
+    data + data / 100 + MIB * prepared.len() as u64
+}
+
+/// Refuses with InsufficientSpace when `dir`'s filesystem has less free space than the estimate.
+/// In debug builds (the tests' binary) `KILN_TEST_FREE_BYTES` replaces the free space measured;
+/// release builds ignore it.
+fn check_space(dir: &Path, prepared: &[PreparedDisk]) -> Result<SpaceCheck> {
+    let need = estimate(prepared);
+    let hook = if cfg!(debug_assertions) {
+        std::env::var("KILN_TEST_FREE_BYTES").ok()
+    } else {
+        None
+    };
+    let free = match hook.and_then(|v| v.parse().ok()) {
+        Some(v) => v,
+        None => {
+            let st = nix::sys::statvfs::statvfs(dir).map_err(|e| {
+                Error::io(
+                    dir,
+                    "measuring free space (statvfs)",
+                    std::io::Error::from_raw_os_error(e as i32),
+                )
+            })?;
+            (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64)
+        }
+    };
+    let filesystem = filesystem_of(dir);
+    if need > free {
+        return Err(Error::new(
+            Code::InsufficientSpace,
+            format!(
+                "{filesystem}: the image needs about {} ({need} bytes) but only {} ({free} bytes) is free; \
+                 free some space or build elsewhere (--store or --output-dir)",
+                size::human(need),
+                size::human(free)
+            ),
+        ));
+    }
+    Ok(SpaceCheck {
+        filesystem,
+        need,
+        free,
+    })
+}
+
+/// `MOUNTPOINT (DEVICE, TYPE)` of the filesystem holding `dir`, from /proc/self/mounts; the path
+/// itself when that cannot be read.
+fn filesystem_of(dir: &Path) -> String {
+    let canonical = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return canonical.display().to_string();
+    };
+    let unescape = |s: &str| {
+        s.replace("\\040", " ")
+            .replace("\\011", "\t")
+            .replace("\\012", "\n")
+            .replace("\\134", "\\")
+    };
+    let mut best: Option<(PathBuf, String, String)> = None;
+    for line in mounts.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        if f.len() < 3 {
+            continue;
+        }
+        let mp = PathBuf::from(unescape(f[1]));
+        if canonical.starts_with(&mp)
+            && best
+                .as_ref()
+                .is_none_or(|b| mp.as_os_str().len() >= b.0.as_os_str().len())
+        {
+            best = Some((mp, unescape(f[0]), f[2].to_string()));
+        }
+    }
+    match best {
+        Some((mp, dev, ty)) => format!("{} ({dev}, {ty})", mp.display()),
+        None => canonical.display().to_string(),
+    }
+}
+
+/// The nearest existing directory at or above `p` (where a not-yet-created directory would live).
+fn existing_ancestor(p: &Path) -> PathBuf {
+    let abs = absolute(p);
+    let mut cur: &Path = &abs;
+    loop {
+        if cur.is_dir() {
+            return cur.to_path_buf();
+        }
+        match cur.parent() {
+            Some(q) => cur = q,
+            None => return PathBuf::from("/"),
+        }
+    }
+}
+
+fn dry_run_report(
+    req: &CreateRequest,
+    layout: &DiskLayout,
+    target: &Path,
+    existing_image_id: Option<String>,
+    prepared: &[PreparedDisk],
+    space: SpaceCheck,
+) -> DryRunReport {
+    DryRunReport {
+        image_name: req.name.clone(),
+        target: absolute(target),
+        existing_image_id,
+        disks: prepared
+            .iter()
+            .map(|p| PlannedDiskReport {
+                device: p.planned.device.clone(),
+                disk_type: p.planned.disk_type.as_str().into(),
+                source: p.source.as_ref().map(|s| s.path.clone()),
+                source_format: p.source.as_ref().map(|s| s.format.clone()),
+                format: req.output.format.extension().into(),
+                virtual_size: p.virtual_size,
+                bytes_to_copy: p.data_bytes,
+            })
+            .collect(),
+        space,
+        warnings: layout.warnings.clone(),
+    }
 }
 
 fn sha256_of(bytes: &[u8]) -> Vec<u8> {

@@ -23,6 +23,27 @@ pub enum Code {
     InsufficientSpace,
     IoError,
     Internal,
+    InvalidImageNameMalformed,
+    InvalidImageNameDuplicated,
+    InvalidImageFamilyMalformed,
+    InvalidImageVersionMalformed,
+    InvalidDescriptionMalformed,
+    InvalidPlatformMalformed,
+    InvalidArchitectureMalformed,
+    InvalidBootModeMalformed,
+    QuotaExceedTags,
+    InvalidTagKeyMalformed,
+    InvalidTagValueMalformed,
+    DuplicateTagKey,
+    InvalidClientTokenMalformed,
+    IdempotenceParamNotMatch,
+    /// `--dry-run`: the request would have started. Exit 0.
+    DryRunOperation,
+    InvalidImageIdNotFound,
+    /// The image is in a state that does not allow the operation (e.g. deleting one still Creating).
+    IncorrectImageStatus,
+    /// `kiln verify` found a file whose checksum differs.
+    ChecksumMismatch,
 }
 
 impl Code {
@@ -43,13 +64,33 @@ impl Code {
             Code::InsufficientSpace => "InsufficientSpace",
             Code::IoError => "IoError",
             Code::Internal => "InternalError",
+            Code::InvalidImageNameMalformed => "InvalidImageName.Malformed",
+            Code::InvalidImageNameDuplicated => "InvalidImageName.Duplicated",
+            Code::InvalidImageFamilyMalformed => "InvalidImageFamily.Malformed",
+            Code::InvalidImageVersionMalformed => "InvalidImageVersion.Malformed",
+            Code::InvalidDescriptionMalformed => "InvalidDescription.Malformed",
+            Code::InvalidPlatformMalformed => "InvalidPlatform.Malformed",
+            Code::InvalidArchitectureMalformed => "InvalidArchitecture.Malformed",
+            Code::InvalidBootModeMalformed => "InvalidBootMode.Malformed",
+            Code::QuotaExceedTags => "QuotaExceed.Tags",
+            Code::InvalidTagKeyMalformed => "InvalidTagKey.Malformed",
+            Code::InvalidTagValueMalformed => "InvalidTagValue.Malformed",
+            Code::DuplicateTagKey => "Duplicate.TagKey",
+            Code::InvalidClientTokenMalformed => "InvalidClientToken.Malformed",
+            Code::IdempotenceParamNotMatch => "IdempotenceParamNotMatch",
+            Code::DryRunOperation => "DryRunOperation",
+            Code::InvalidImageIdNotFound => "InvalidImageId.NotFound",
+            Code::IncorrectImageStatus => "IncorrectImageStatus",
+            Code::ChecksumMismatch => "InvalidImage.ChecksumMismatch",
         }
     }
 
-    /// 2 for a request kiln refuses (nothing was written), 1 for a failure while running.
+    /// 2 for a request kiln refuses (nothing was written), 1 for a failure while running (or a
+    /// failed `verify`), 0 for DryRunOperation (the request would have started).
     pub fn exit_status(self) -> u8 {
         match self {
-            Code::InsufficientSpace | Code::IoError | Code::Internal => 1,
+            Code::DryRunOperation => 0,
+            Code::InsufficientSpace | Code::IoError | Code::Internal | Code::ChecksumMismatch => 1,
             _ => 2,
         }
     }

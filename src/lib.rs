@@ -14,4 +14,8 @@ pub mod manifest;
 pub mod plan;
 pub mod progress;
 pub mod publish;
+pub mod request_file;
 pub mod size;
+pub mod store;
+pub mod validate;
+pub mod verify;

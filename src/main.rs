@@ -1,13 +1,15 @@
-//! The `kiln` binary: parse flags, run, print the result or the error. Exit 0 on success, 2 for a
-//! request kiln refuses, 1 for a failure while running.
+//! The `kiln` binary: parse flags, run, print the result or the error. Exit 0 on success (and for
+//! DryRunOperation), 2 for a request kiln refuses, 1 for a failure while running.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
 use kiln::cli::{Cli, Command};
-use kiln::error::Error;
+use kiln::create::{CreateResult, DryRunReport};
+use kiln::error::{Code, Error};
 use kiln::size::human;
+use kiln::store::{self, Record, Store};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -29,23 +31,43 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Create(args) => {
-            let req = args.to_request()?;
+            let req = args.to_request(cli.store.as_deref())?;
             let quiet = args.out.quiet;
-            let out = kiln::create::create(&req, &mut |w| eprintln!("kiln: warning: {w}"))?;
-            if cli.json {
-                print_stdout(&String::from_utf8_lossy(&out.manifest.to_json()));
-            } else {
-                print_stdout(&format!("{}\n", out.manifest.image_id));
-            }
-            if !quiet {
-                eprintln!(
-                    "kiln: created {} ({}) in {}: {} disk(s)",
-                    out.manifest.image_name,
-                    out.manifest.image_id,
-                    out.output_dir.display(),
-                    out.manifest.disks.len()
-                );
-                eprintln!("{}", summary(&out.stats, out.virtual_bytes, out.elapsed));
+            match kiln::create::create(&req, &mut |w| eprintln!("kiln: warning: {w}"))? {
+                CreateResult::Created(out) => {
+                    if cli.json {
+                        match &out.record {
+                            Some(r) => print_json(r),
+                            None => print_stdout(&String::from_utf8_lossy(&out.manifest.to_json())),
+                        }
+                    } else {
+                        print_stdout(&format!("{}\n", out.manifest.image_id));
+                    }
+                    if !quiet {
+                        eprintln!(
+                            "kiln: created {} ({}) in {}: {} disk(s)",
+                            out.manifest.image_name,
+                            out.manifest.image_id,
+                            out.output_dir.display(),
+                            out.manifest.disks.len()
+                        );
+                        eprintln!("{}", summary(&out.stats, out.virtual_bytes, out.elapsed));
+                    }
+                }
+                CreateResult::Existing(r) => {
+                    if cli.json {
+                        print_json(&*r);
+                    } else {
+                        print_stdout(&format!("{}\n", r.image_id));
+                    }
+                    if !quiet {
+                        eprintln!(
+                            "kiln: client token already used for {} ({}, {}) with the same request; nothing copied",
+                            r.image_id, r.image_name, r.status
+                        );
+                    }
+                }
+                CreateResult::DryRun(report) => print_dry_run(&report, cli.json),
             }
             Ok(())
         }
@@ -66,7 +88,205 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
+        Command::Describe(args) => {
+            let store = Store::at(store::locate(cli.store.as_deref())?);
+            if let Some(s) = &args.status {
+                if !store::STATUSES.contains(&s.as_str()) {
+                    return Err(Error::new(
+                        Code::InvalidParameter,
+                        format!(
+                            "--status '{s}' is not one of: {}",
+                            store::STATUSES.join(", ")
+                        ),
+                    ));
+                }
+            }
+            let filters = kiln::cli::tag_filters(&args.tags);
+            let mut images: Vec<Record> = store
+                .list()?
+                .into_iter()
+                .filter(|r| args.ids.is_empty() || args.ids.contains(&r.image_id))
+                .filter(|r| args.name.as_ref().is_none_or(|n| &r.image_name == n))
+                .filter(|r| args.status.as_ref().is_none_or(|s| &r.status == s))
+                .filter(|r| {
+                    filters.iter().all(|(k, v)| {
+                        r.tags
+                            .iter()
+                            .any(|t| &t.key == k && v.as_ref().is_none_or(|v| &t.value == v))
+                    })
+                })
+                .collect();
+            if let Some(f) = &args.family {
+                // DescribeImageFromFamily: the newest Available image of the family.
+                images = images
+                    .into_iter()
+                    .rfind(|r| r.image_family.as_ref() == Some(f) && r.status == store::AVAILABLE)
+                    .into_iter()
+                    .collect();
+            }
+            images.reverse(); // newest first
+            if cli.json {
+                print_json(&images);
+            } else {
+                print_table(&images);
+            }
+            Ok(())
+        }
+        Command::Delete(args) => {
+            let store = Store::at(store::locate(cli.store.as_deref())?);
+            for id in &args.ids {
+                if !store::is_image_id(id) {
+                    return Err(store::not_found(id));
+                }
+            }
+            let deleted = store.delete(&args.ids)?;
+            if cli.json {
+                let ids: Vec<&str> = deleted.iter().map(|r| r.image_id.as_str()).collect();
+                print_json(&serde_json::json!({ "Deleted": ids }));
+            } else {
+                for r in &deleted {
+                    print_stdout(&format!("{}\n", r.image_id));
+                }
+            }
+            Ok(())
+        }
+        Command::Verify(args) => {
+            let target = std::path::Path::new(&args.target);
+            let dir = if target.is_dir() {
+                target.to_path_buf()
+            } else if store::is_image_id(&args.target) {
+                let store = Store::at(store::locate(cli.store.as_deref())?);
+                let r = store
+                    .get(&args.target)?
+                    .ok_or_else(|| store::not_found(&args.target))?;
+                if r.status != store::AVAILABLE {
+                    return Err(Error::new(
+                        Code::IncorrectImageStatus,
+                        format!(
+                            "{} is {}; only Available images can be verified",
+                            r.image_id, r.status
+                        ),
+                    ));
+                }
+                store.image_dir(&r.image_id)
+            } else {
+                return Err(Error::new(
+                    Code::InvalidImageIdNotFound,
+                    format!(
+                        "{}: neither an image directory nor an ImageId (m-...)",
+                        args.target
+                    ),
+                ));
+            };
+            let mode = if args.quiet || cli.json {
+                kiln::progress::ProgressMode::Off
+            } else {
+                kiln::progress::ProgressMode::Auto
+            };
+            let report = kiln::verify::verify_dir(&dir, mode)?;
+            if let Some(e) = report.to_error() {
+                if !cli.json {
+                    for f in report.files.iter().filter(|f| !f.ok) {
+                        eprintln!(
+                            "kiln: {}: {}",
+                            f.file,
+                            f.problem.as_deref().unwrap_or("differs")
+                        );
+                    }
+                }
+                return Err(e);
+            }
+            if cli.json {
+                print_json(&report);
+            } else {
+                for f in &report.files {
+                    print_stdout(&format!("{}: OK\n", f.file));
+                }
+            }
+            Ok(())
+        }
+        Command::Completions(args) => {
+            let mut out = Vec::new();
+            kiln::cli::completions(args.shell, &mut out);
+            print_stdout(&String::from_utf8_lossy(&out));
+            Ok(())
+        }
     }
+}
+
+fn print_dry_run(r: &DryRunReport, json: bool) {
+    let code = Code::DryRunOperation;
+    let message = match &r.existing_image_id {
+        Some(id) => format!(
+            "the request is valid; the client token names {id}, which a real run would return; nothing was written (--dry-run)"
+        ),
+        None => "the request is valid and the create would start; nothing was written (--dry-run)".to_string(),
+    };
+    if json {
+        let v = serde_json::json!({"Code": code.as_str(), "Message": message, "Plan": r});
+        print_stdout(&format!("{v}\n"));
+        return;
+    }
+    let mut s = format!(
+        "{:<10} {:<7} {:<7} {:>12} {:>12}  SOURCE\n",
+        "DEVICE", "TYPE", "FORMAT", "VIRTUAL", "TO COPY"
+    );
+    for d in &r.disks {
+        let source = match (&d.source, &d.source_format) {
+            (Some(p), Some(f)) => format!("{} ({f})", p.display()),
+            _ => "(empty disk)".into(),
+        };
+        s.push_str(&format!(
+            "{:<10} {:<7} {:<7} {:>12} {:>12}  {source}\n",
+            d.device,
+            d.disk_type,
+            d.format,
+            human(d.virtual_size),
+            human(d.bytes_to_copy)
+        ));
+    }
+    s.push_str(&format!(
+        "target {} on {}: needs about {}, {} free\n{}: {}\n",
+        r.target.display(),
+        r.space.filesystem,
+        human(r.space.need),
+        human(r.space.free),
+        code.as_str(),
+        message
+    ));
+    print_stdout(&s);
+}
+
+fn print_table(images: &[Record]) {
+    if images.is_empty() {
+        if std::io::stdout().is_terminal() {
+            eprintln!("kiln: no images");
+        }
+        return;
+    }
+    let mut s = format!(
+        "{:<22}  {:<24}  {:<12}  {:>8}  {:>6}  {:<20}  FAMILY\n",
+        "IMAGE ID", "NAME", "STATUS", "PROGRESS", "SIZE", "CREATED"
+    );
+    for r in images {
+        s.push_str(&format!(
+            "{:<22}  {:<24}  {:<12}  {:>8}  {:>5}G  {:<20}  {}\n",
+            r.image_id,
+            r.image_name,
+            r.status,
+            r.progress,
+            r.size_gib,
+            r.creation_time,
+            r.image_family.as_deref().unwrap_or("-")
+        ));
+    }
+    print_stdout(&s);
+}
+
+fn print_json<T: serde::Serialize + ?Sized>(v: &T) {
+    let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
+    s.push('\n');
+    print_stdout(&s);
 }
 
 /// The end-of-run numbers users benchmark with.

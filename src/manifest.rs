@@ -69,6 +69,10 @@ pub struct Manifest {
     pub image_id: String,
     #[serde(rename = "ImageName")]
     pub image_name: String,
+    #[serde(rename = "ImageFamily")]
+    pub image_family: Option<String>,
+    #[serde(rename = "ImageVersion")]
+    pub image_version: Option<String>,
     #[serde(rename = "Description")]
     pub description: String,
     #[serde(rename = "Platform")]
@@ -83,6 +87,9 @@ pub struct Manifest {
     pub creation_time: String,
     #[serde(rename = "Status")]
     pub status: String,
+    /// The idempotency token the image was created with, if any.
+    #[serde(rename = "ClientToken")]
+    pub client_token: Option<String>,
     #[serde(rename = "Size")]
     pub size_gib: u64,
     #[serde(rename = "KilnVersion")]

@@ -8,7 +8,13 @@ fn source(d: &std::path::Path) {
     let p = d.join("src.raw");
     sparse_raw(&p, 24 << 20);
     write_at(&p, 0, &vec![0x10u8; 1 << 20]);
-    write_at(&p, 5 << 20, &(0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect::<Vec<_>>());
+    write_at(
+        &p,
+        5 << 20,
+        &(0..3_000_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect::<Vec<_>>(),
+    );
     write_at(&p, 12 << 20, &vec![0u8; 1 << 20]);
     write_at(&p, (24 << 20) - 512, &[0xeeu8; 512]);
 }
@@ -21,7 +27,13 @@ fn raw_and_qcow2_both_ways() {
     kiln_in(d, &["convert", "-O", "qcow2", "src.raw", "a.qcow2"]).ok();
     assert_clean(d, "a.qcow2");
     assert_same(d, "src.raw", "a.qcow2");
-    kiln_in(d, &["convert", "-f", "qcow2", "-O", "raw", "-j", "2", "a.qcow2", "b.raw"]).ok();
+    kiln_in(
+        d,
+        &[
+            "convert", "-f", "qcow2", "-O", "raw", "-j", "2", "a.qcow2", "b.raw",
+        ],
+    )
+    .ok();
     assert_same(d, "src.raw", "b.raw");
     assert_eq!(std::fs::metadata(d.join("b.raw")).unwrap().len(), 24 << 20);
     assert!(allocated(&d.join("b.raw")) < 6 << 20);
@@ -30,8 +42,15 @@ fn raw_and_qcow2_both_ways() {
     // An existing destination is replaced, as with qemu-img.
     kiln_in(d, &["convert", "-O", "raw", "src.raw", "b.raw"]).ok();
     assert_same(d, "src.raw", "b.raw");
-    let r = kiln_in(d, &["convert", "--sha256", "-O", "qcow2", "src.raw", "s.qcow2"]).ok();
-    assert_eq!(r.stdout.split_whitespace().next().unwrap(), sha256_file(&d.join("s.qcow2")));
+    let r = kiln_in(
+        d,
+        &["convert", "--sha256", "-O", "qcow2", "src.raw", "s.qcow2"],
+    )
+    .ok();
+    assert_eq!(
+        r.stdout.split_whitespace().next().unwrap(),
+        sha256_file(&d.join("s.qcow2"))
+    );
 }
 
 #[test]
@@ -47,12 +66,29 @@ fn compressed_output_zlib_and_zstd() {
         kiln_in(d, &a).ok();
         assert_clean(d, &out);
         assert_same(d, "src.raw", &out);
-        assert_eq!(info(d, &out)["format-specific"]["data"]["compression-type"], ct);
+        assert_eq!(
+            info(d, &out)["format-specific"]["data"]["compression-type"],
+            ct
+        );
         let map = qemu_img(d, &["map", "--output=json", &out]);
         assert!(map.contains("\"compressed\": true"), "{map}");
     }
     // create --compress too.
-    kiln_in(d, &["create", "--name", "c", "--snapshot", "src.raw", "--compress", "zstd", "--output-dir", "img"]).ok();
+    kiln_in(
+        d,
+        &[
+            "create",
+            "--name",
+            "img-c",
+            "--snapshot",
+            "src.raw",
+            "--compress",
+            "zstd",
+            "--output-dir",
+            "img",
+        ],
+    )
+    .ok();
     assert_clean(d, "img/xvda.qcow2");
     assert_same(d, "src.raw", "img/xvda.qcow2");
     assert_sums(&d.join("img"));
@@ -63,7 +99,10 @@ fn bad_arguments_are_refused() {
     let t = tmp();
     let d = t.path();
     source(d);
-    let r = kiln_in(d, &["--json", "convert", "-O", "raw", "-c", "src.raw", "x.raw"]);
+    let r = kiln_in(
+        d,
+        &["--json", "convert", "-O", "raw", "-c", "src.raw", "x.raw"],
+    );
     assert_eq!(r.status, 2);
     assert_eq!(r.code(), "InvalidParameter");
     let r = kiln_in(d, &["--json", "convert", "missing.raw", "x.raw"]);

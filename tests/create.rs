@@ -13,7 +13,12 @@ fn make_base(dir: &Path, name: &str) {
     qemu_io(
         dir,
         name,
-        &["write -P 0xab 0 1M", "write -P 0x01 5M 64k", "write -z 6M 1M", "write -P 0xcd 63M 1M"],
+        &[
+            "write -P 0xab 0 1M",
+            "write -P 0x01 5M 64k",
+            "write -z 6M 1M",
+            "write -P 0xcd 63M 1M",
+        ],
     );
 }
 
@@ -58,7 +63,16 @@ fn the_issue_example_builds_an_image_qemu_and_sha256sum_accept() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     names.sort();
-    assert_eq!(names, ["SHA256SUMS", "manifest.json", "xvda.qcow2", "xvdb.qcow2", "xvdc.qcow2"]);
+    assert_eq!(
+        names,
+        [
+            "SHA256SUMS",
+            "manifest.json",
+            "xvda.qcow2",
+            "xvdb.qcow2",
+            "xvdc.qcow2"
+        ]
+    );
     for f in ["xvda.qcow2", "xvdb.qcow2", "xvdc.qcow2"] {
         assert_clean(&image, f);
         assert_eq!(info(&image, f)["format"], "qcow2");
@@ -106,8 +120,19 @@ fn raw_output_is_sparse_and_identical() {
     kiln_in(
         d,
         &[
-            "create", "--name", "raw-img", "--format", "raw", "--snapshot", "ignored.qcow2", "--disk",
-            "snapshot=base.qcow2,type=system", "--disk", "snapshot=data.raw,size=1G", "--output-dir", "out",
+            "create",
+            "--name",
+            "raw-img",
+            "--format",
+            "raw",
+            "--snapshot",
+            "ignored.qcow2",
+            "--disk",
+            "snapshot=base.qcow2,type=system",
+            "--disk",
+            "snapshot=data.raw,size=1G",
+            "--output-dir",
+            "out",
         ],
     )
     .ok();
@@ -116,8 +141,16 @@ fn raw_output_is_sparse_and_identical() {
     assert_same(d, "data.raw", "out/xvdb.raw");
     assert_eq!(fs::metadata(o.join("xvdb.raw")).unwrap().len(), 1 << 30);
     // Only non-zero 4 KiB blocks are written: 3 MiB of data in a 64 MiB disk, ~300 KiB in 1 GiB.
-    assert!(allocated(&o.join("xvda.raw")) <= 3 << 20, "{}", allocated(&o.join("xvda.raw")));
-    assert!(allocated(&o.join("xvdb.raw")) <= 400 << 10, "{}", allocated(&o.join("xvdb.raw")));
+    assert!(
+        allocated(&o.join("xvda.raw")) <= 3 << 20,
+        "{}",
+        allocated(&o.join("xvda.raw"))
+    );
+    assert!(
+        allocated(&o.join("xvdb.raw")) <= 400 << 10,
+        "{}",
+        allocated(&o.join("xvdb.raw"))
+    );
     assert_eq!(info(&o, "xvda.raw")["format"], "raw");
     assert_sums(&o);
 }
@@ -128,17 +161,43 @@ fn snapshot_alone_is_the_short_form_and_disk_mappings_win_with_a_warning() {
     let d = t.path();
     make_base(d, "base.qcow2");
     make_raw(d, "data.raw");
-    kiln_in(d, &["create", "--snapshot", "base.qcow2", "--name", "golden", "--output-dir", "short"]).ok();
+    kiln_in(
+        d,
+        &[
+            "create",
+            "--snapshot",
+            "base.qcow2",
+            "--name",
+            "golden",
+            "--output-dir",
+            "short",
+        ],
+    )
+    .ok();
     assert_same(d, "base.qcow2", "short/xvda.qcow2");
     let m = manifest(&d.join("short"));
     assert_eq!(m["DiskDeviceMappings"].as_array().unwrap().len(), 1);
 
     let r = kiln_in(
         d,
-        &["create", "--snapshot", "base.qcow2", "--disk", "snapshot=data.raw,type=system", "--name", "g2", "--output-dir", "both"],
+        &[
+            "create",
+            "--snapshot",
+            "base.qcow2",
+            "--disk",
+            "snapshot=data.raw,type=system",
+            "--name",
+            "g2",
+            "--output-dir",
+            "both",
+        ],
     )
     .ok();
-    assert!(r.stderr.contains("warning") && r.stderr.contains("base.qcow2"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("warning") && r.stderr.contains("base.qcow2"),
+        "{}",
+        r.stderr
+    );
     assert_same(d, "data.raw", "both/xvda.qcow2");
 }
 
@@ -151,8 +210,15 @@ fn a_grown_disk_has_the_asked_size_and_reads_zeros_past_its_source() {
     kiln_in(
         d,
         &[
-            "create", "--name", "grow", "--disk", "snapshot=data.raw,type=system,size=100M", "--disk",
-            "snapshot=odd.raw,size=1M", "--output-dir", "out",
+            "create",
+            "--name",
+            "grow",
+            "--disk",
+            "snapshot=data.raw,type=system,size=100M",
+            "--disk",
+            "snapshot=odd.raw,size=1M",
+            "--output-dir",
+            "out",
         ],
     )
     .ok();
@@ -171,7 +237,23 @@ fn cluster_size_and_threads_are_honoured() {
     make_base(d, "base.qcow2");
     for (cs, j) in [("512", "1"), ("4K", "3"), ("2M", "8")] {
         let o = format!("out-{cs}");
-        kiln_in(d, &["create", "--snapshot", "base.qcow2", "--name", "c", "--cluster-size", cs, "-j", j, "--output-dir", &o]).ok();
+        kiln_in(
+            d,
+            &[
+                "create",
+                "--snapshot",
+                "base.qcow2",
+                "--name",
+                "img-c",
+                "--cluster-size",
+                cs,
+                "-j",
+                j,
+                "--output-dir",
+                &o,
+            ],
+        )
+        .ok();
         let f = format!("{o}/xvda.qcow2");
         assert_clean(d, &f);
         assert_same(d, "base.qcow2", &f);
@@ -193,12 +275,28 @@ fn the_same_input_gives_the_same_bytes_whatever_the_thread_count() {
     for j in ["1", "4"] {
         kiln_in(
             d,
-            &["create", "--name", "det", "-j", j, "--disk", "snapshot=base.qcow2,type=system", "--disk", "snapshot=data.raw", "--output-dir", &format!("o{j}")],
+            &[
+                "create",
+                "--name",
+                "det",
+                "-j",
+                j,
+                "--disk",
+                "snapshot=base.qcow2,type=system",
+                "--disk",
+                "snapshot=data.raw",
+                "--output-dir",
+                &format!("o{j}"),
+            ],
         )
         .ok();
     }
     for f in ["xvda.qcow2", "xvdb.qcow2"] {
-        assert_eq!(sha256_file(&d.join("o1").join(f)), sha256_file(&d.join("o4").join(f)), "{f}");
+        assert_eq!(
+            sha256_file(&d.join("o1").join(f)),
+            sha256_file(&d.join("o4").join(f)),
+            "{f}"
+        );
     }
 }
 
@@ -207,7 +305,21 @@ fn progress_json_reports_each_disk() {
     let t = tmp();
     let d = t.path();
     make_base(d, "base.qcow2");
-    let r = kiln_in(d, &["create", "--snapshot", "base.qcow2", "--name", "p", "--progress", "json", "--output-dir", "out"]).ok();
+    let r = kiln_in(
+        d,
+        &[
+            "create",
+            "--snapshot",
+            "base.qcow2",
+            "--name",
+            "img-p",
+            "--progress",
+            "json",
+            "--output-dir",
+            "out",
+        ],
+    )
+    .ok();
     let lines: Vec<serde_json::Value> = r
         .stderr
         .lines()
@@ -219,8 +331,25 @@ fn progress_json_reports_each_disk() {
     assert_eq!(last["done"], 64u64 << 20);
     assert_eq!(last["total"], 64u64 << 20);
     assert!(last["elapsed"].as_f64().is_some());
-    assert!(r.stderr.contains("copied") && r.stderr.contains("holes skipped"), "{}", r.stderr);
-    let q = kiln_in(d, &["create", "--snapshot", "base.qcow2", "--name", "p", "--quiet", "--output-dir", "q"]).ok();
+    assert!(
+        r.stderr.contains("copied") && r.stderr.contains("holes skipped"),
+        "{}",
+        r.stderr
+    );
+    let q = kiln_in(
+        d,
+        &[
+            "create",
+            "--snapshot",
+            "base.qcow2",
+            "--name",
+            "img-p",
+            "--quiet",
+            "--output-dir",
+            "q",
+        ],
+    )
+    .ok();
     assert_eq!(q.stderr, "");
 }
 
@@ -229,15 +358,74 @@ fn sources_are_never_changed() {
     let t = tmp();
     let d = t.path();
     make_base(d, "base.qcow2");
-    qemu_img(d, &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
     qemu_io(d, "top.qcow2", &["write -P 0x77 2M 1M"]);
     qemu_img(d, &["snapshot", "-c", "s1", "base.qcow2"]);
     make_raw(d, "data.raw");
     let files = ["base.qcow2", "top.qcow2", "data.raw"];
-    let before: Vec<_> = files.iter().map(|f| (sha256_file(&d.join(f)), fs::metadata(d.join(f)).unwrap().modified().unwrap())).collect();
-    kiln_in(d, &["create", "--name", "a", "--disk", "snapshot=top.qcow2,type=system", "--disk", "snapshot=data.raw", "--disk", "snapshot=base.qcow2@s1", "--output-dir", "o1"]).ok();
-    kiln_in(d, &["create", "--name", "b", "--format", "raw", "--snapshot", "base.qcow2", "--output-dir", "o2"]).ok();
-    let after: Vec<_> = files.iter().map(|f| (sha256_file(&d.join(f)), fs::metadata(d.join(f)).unwrap().modified().unwrap())).collect();
+    let before: Vec<_> = files
+        .iter()
+        .map(|f| {
+            (
+                sha256_file(&d.join(f)),
+                fs::metadata(d.join(f)).unwrap().modified().unwrap(),
+            )
+        })
+        .collect();
+    kiln_in(
+        d,
+        &[
+            "create",
+            "--name",
+            "img-a",
+            "--disk",
+            "snapshot=top.qcow2,type=system",
+            "--disk",
+            "snapshot=data.raw",
+            "--disk",
+            "snapshot=base.qcow2@s1",
+            "--output-dir",
+            "o1",
+        ],
+    )
+    .ok();
+    kiln_in(
+        d,
+        &[
+            "create",
+            "--name",
+            "img-b",
+            "--format",
+            "raw",
+            "--snapshot",
+            "base.qcow2",
+            "--output-dir",
+            "o2",
+        ],
+    )
+    .ok();
+    let after: Vec<_> = files
+        .iter()
+        .map(|f| {
+            (
+                sha256_file(&d.join(f)),
+                fs::metadata(d.join(f)).unwrap().modified().unwrap(),
+            )
+        })
+        .collect();
     assert_eq!(before, after);
     let m = manifest(&d.join("o1"));
     let chain = &m["DiskDeviceMappings"][0]["Source"]["FilesRead"];
@@ -260,31 +448,84 @@ fn bad_requests_have_stable_codes_and_write_nothing() {
         h
     })
     .unwrap();
-    let mut seventeen = vec!["--disk".to_string(), "snapshot=base.qcow2,type=system".to_string()];
+    let mut seventeen = vec![
+        "--disk".to_string(),
+        "snapshot=base.qcow2,type=system".to_string(),
+    ];
     for _ in 0..17 {
         seventeen.push("--disk".into());
         seventeen.push("size=1M".into());
     }
     let cases: Vec<(&str, Vec<String>)> = vec![
         ("MissingParameter", vec![]),
-        ("MissingParameter", vec!["--disk".into(), "size=1G,type=system".into()]),
-        ("InvalidDevice.Malformed", vec!["--disk".into(), "snapshot=base.qcow2,device=/dev/sda".into()]),
+        (
+            "MissingParameter",
+            vec!["--disk".into(), "size=1G,type=system".into()],
+        ),
+        (
+            "InvalidDevice.Malformed",
+            vec![
+                "--disk".into(),
+                "snapshot=base.qcow2,device=/dev/sda".into(),
+            ],
+        ),
         (
             "InvalidDevice.InUse",
-            vec!["--snapshot".into(), "base.qcow2".into(), "--disk".into(), "snapshot=base.qcow2,type=system".into(), "--disk".into(), "device=xvdb".into(), "--disk".into(), "device=/dev/xvdb".into()],
+            vec![
+                "--snapshot".into(),
+                "base.qcow2".into(),
+                "--disk".into(),
+                "snapshot=base.qcow2,type=system".into(),
+                "--disk".into(),
+                "device=xvdb".into(),
+                "--disk".into(),
+                "device=/dev/xvdb".into(),
+            ],
         ),
-        ("OperationDenied.NoSystemDisk", vec!["--disk".into(), "snapshot=base.qcow2,device=xvdb".into()]),
+        (
+            "OperationDenied.NoSystemDisk",
+            vec!["--disk".into(), "snapshot=base.qcow2,device=xvdb".into()],
+        ),
         (
             "OperationDenied.MultipleSystemDisks",
-            vec!["--disk".into(), "snapshot=base.qcow2,type=system".into(), "--disk".into(), "snapshot=data.raw,device=/dev/xvda".into()],
+            vec![
+                "--disk".into(),
+                "snapshot=base.qcow2,type=system".into(),
+                "--disk".into(),
+                "snapshot=data.raw,device=/dev/xvda".into(),
+            ],
         ),
         ("QuotaExceed.DataDisk", seventeen),
-        ("InvalidSize.ValueNotSupported", vec!["--disk".into(), "snapshot=base.qcow2,type=system,size=10M".into()]),
-        ("InvalidSize.ValueNotSupported", vec!["--disk".into(), "snapshot=base.qcow2,type=system,size=12Q".into()]),
-        ("InvalidSnapshotId.NotFound", vec!["--snapshot".into(), "missing.qcow2".into()]),
-        ("InvalidSnapshotId.NotFound", vec!["--snapshot".into(), "base.qcow2@nosuchsnap".into()]),
-        ("InvalidSnapshot.Unsupported", vec!["--snapshot".into(), "data.raw@snap".into()]),
-        ("InvalidSnapshot.Unsupported", vec!["--snapshot".into(), "garbage.qcow2".into()]),
+        (
+            "InvalidSize.ValueNotSupported",
+            vec![
+                "--disk".into(),
+                "snapshot=base.qcow2,type=system,size=10M".into(),
+            ],
+        ),
+        (
+            "InvalidSize.ValueNotSupported",
+            vec![
+                "--disk".into(),
+                "snapshot=base.qcow2,type=system,size=12Q".into(),
+            ],
+        ),
+        (
+            "InvalidSnapshotId.NotFound",
+            vec!["--snapshot".into(), "missing.qcow2".into()],
+        ),
+        (
+            "InvalidSnapshotId.NotFound",
+            vec!["--snapshot".into(), "base.qcow2@nosuchsnap".into()],
+        ),
+        (
+            "InvalidSnapshot.Unsupported",
+            vec!["--snapshot".into(), "data.raw@snap".into()],
+        ),
+        (
+            "InvalidSnapshot.Unsupported",
+            vec!["--snapshot".into(), "garbage.qcow2".into()],
+        ),
     ];
     for (want, args) in cases {
         let mut a: Vec<&str> = vec!["--json", "create", "--name", "bad", "--output-dir", "out"];
@@ -294,12 +535,30 @@ fn bad_requests_have_stable_codes_and_write_nothing() {
         assert_eq!(r.code(), want, "{a:?}: {}", r.stdout);
         assert!(!d.join("out").exists(), "{want}: output left behind");
     }
-    let names: Vec<_> = fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let names: Vec<_> = fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     assert!(names.iter().all(|n| !n.starts_with(".kiln")), "{names:?}");
     // Without --json: a readable message on stderr, same exit status.
-    let r = kiln_in(d, &["create", "--name", "x", "--snapshot", "missing.qcow2", "--output-dir", "out"]);
+    let r = kiln_in(
+        d,
+        &[
+            "create",
+            "--name",
+            "img-x",
+            "--snapshot",
+            "missing.qcow2",
+            "--output-dir",
+            "out",
+        ],
+    );
     assert_eq!(r.status, 2);
-    assert!(r.stderr.contains("InvalidSnapshotId.NotFound") && r.stderr.contains("missing.qcow2"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("InvalidSnapshotId.NotFound") && r.stderr.contains("missing.qcow2"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -309,12 +568,36 @@ fn a_non_empty_output_dir_is_refused_and_an_empty_one_is_used() {
     make_base(d, "base.qcow2");
     fs::create_dir(d.join("full")).unwrap();
     fs::write(d.join("full/keep.txt"), b"mine").unwrap();
-    let r = kiln_in(d, &["--json", "create", "--snapshot", "base.qcow2", "--name", "n", "--output-dir", "full"]);
+    let r = kiln_in(
+        d,
+        &[
+            "--json",
+            "create",
+            "--snapshot",
+            "base.qcow2",
+            "--name",
+            "img-n",
+            "--output-dir",
+            "full",
+        ],
+    );
     assert_eq!(r.status, 2);
     assert_eq!(r.code(), "InvalidOutputDir.NotEmpty");
     assert_eq!(fs::read(d.join("full/keep.txt")).unwrap(), b"mine");
     fs::create_dir(d.join("empty")).unwrap();
-    kiln_in(d, &["create", "--snapshot", "base.qcow2", "--name", "n", "--output-dir", "empty"]).ok();
+    kiln_in(
+        d,
+        &[
+            "create",
+            "--snapshot",
+            "base.qcow2",
+            "--name",
+            "img-n",
+            "--output-dir",
+            "empty",
+        ],
+    )
+    .ok();
     assert_sums(&d.join("empty"));
 }
 
@@ -330,11 +613,30 @@ fn a_failure_while_copying_leaves_nothing_that_looks_finished() {
     let l1 = be(40) as usize;
     let l2 = (be(l1) & 0x00ff_ffff_ffff_fe00) as usize;
     // Guest cluster 16 (1 MiB in, unallocated) now points far past the end of the file.
-    write_at(&p, (l2 + 16 * 8) as u64, &(0x8000_0000_0000_0000u64 | (1u64 << 40)).to_be_bytes());
-    let r = kiln_in(d, &["--json", "create", "--snapshot", "bad.qcow2", "--name", "n", "--output-dir", "out"]);
+    write_at(
+        &p,
+        (l2 + 16 * 8) as u64,
+        &(0x8000_0000_0000_0000u64 | (1u64 << 40)).to_be_bytes(),
+    );
+    let r = kiln_in(
+        d,
+        &[
+            "--json",
+            "create",
+            "--snapshot",
+            "bad.qcow2",
+            "--name",
+            "img-n",
+            "--output-dir",
+            "out",
+        ],
+    );
     assert_ne!(r.status, 0);
     assert_eq!(r.code(), "InvalidSnapshot.Corrupt", "{}", r.stdout);
     assert!(!d.join("out").exists());
-    let names: Vec<_> = fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let names: Vec<_> = fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     assert_eq!(names, ["bad.qcow2"]);
 }

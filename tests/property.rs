@@ -14,7 +14,11 @@ enum Seg {
 }
 
 fn seg() -> impl Strategy<Value = (Seg, u64)> {
-    let kind = prop_oneof![any::<u8>().prop_map(|b| Seg::Data(b | 1)), Just(Seg::Zeros), Just(Seg::Hole)];
+    let kind = prop_oneof![
+        any::<u8>().prop_map(|b| Seg::Data(b | 1)),
+        Just(Seg::Zeros),
+        Just(Seg::Hole)
+    ];
     // Lengths in 512-byte sectors, so extents start and end off cluster and 4 KiB boundaries.
     (kind, 1u64..400)
 }
@@ -43,7 +47,7 @@ proptest! {
         qemu_img(d, &["convert", "-S", "0", "-f", "raw", "-O", "qcow2", "-o", &format!("cluster_size={cluster}"), "src.raw", "src.qcow2"]);
         for fmt in ["qcow2", "raw"] {
             let o = format!("out-{fmt}");
-            kiln_in(d, &["create", "--name", "p", "--format", fmt, "--cluster-size", cluster, "-j", "3",
+            kiln_in(d, &["create", "--name", "img-p", "--format", fmt, "--cluster-size", cluster, "-j", "3",
                 "--disk", "snapshot=src.raw,type=system", "--disk", "snapshot=src.qcow2", "--output-dir", &o]).ok();
             assert_same(d, "src.raw", &format!("{o}/xvda.{fmt}"));
             assert_same(d, "src.raw", &format!("{o}/xvdb.{fmt}"));

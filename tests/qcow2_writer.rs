@@ -14,8 +14,22 @@ use kiln::format::qcow2::writer::{Compression, Qcow2Writer, WriterOptions};
 fn build(d: &Path, size: u64, cb: u32, comp: Option<Compression>, clusters: &[(u64, u8)]) {
     let cs = 1u64 << cb;
     let q = d.join("w.qcow2");
-    let f = File::options().read(true).write(true).create_new(true).open(&q).unwrap();
-    let w = Qcow2Writer::create(f, &q, size, &WriterOptions { cluster_bits: cb, compression: comp }).unwrap();
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&q)
+        .unwrap();
+    let w = Qcow2Writer::create(
+        f,
+        &q,
+        size,
+        &WriterOptions {
+            cluster_bits: cb,
+            compression: comp,
+        },
+    )
+    .unwrap();
     let reference = File::create(d.join("ref.raw")).unwrap();
     reference.set_len(size).unwrap();
     let mut out = Vec::new();
@@ -23,7 +37,15 @@ fn build(d: &Path, size: u64, cb: u32, comp: Option<Compression>, clusters: &[(u
         let at = c * cs;
         let len = cs.min(size - at) as usize;
         // Half-compressible content: a ramp seeded by the fill byte.
-        let data: Vec<u8> = (0..len).map(|i| if b % 2 == 0 { b } else { (i as u8).wrapping_mul(b) ^ (i >> 9) as u8 }).collect();
+        let data: Vec<u8> = (0..len)
+            .map(|i| {
+                if b % 2 == 0 {
+                    b
+                } else {
+                    (i as u8).wrapping_mul(b) ^ (i >> 9) as u8
+                }
+            })
+            .collect();
         reference.write_all_at(&data, at).unwrap();
         if comp.is_some() && w.compress_cluster(&data, &mut out).unwrap() {
             let host = w.allocate_compressed(at, out.len()).unwrap();
@@ -73,8 +95,22 @@ fn a_terabyte_disk_with_a_little_data_stays_small() {
     let t = tmp();
     let clusters: Vec<(u64, u8)> = (0..64u64).map(|i| (i * 262_144 + 3, 9)).collect();
     let q = t.path().join("w.qcow2");
-    let f = File::options().read(true).write(true).create_new(true).open(&q).unwrap();
-    let w = Qcow2Writer::create(f, &q, 1 << 40, &WriterOptions { cluster_bits: 16, compression: None }).unwrap();
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&q)
+        .unwrap();
+    let w = Qcow2Writer::create(
+        f,
+        &q,
+        1 << 40,
+        &WriterOptions {
+            cluster_bits: 16,
+            compression: None,
+        },
+    )
+    .unwrap();
     for &(c, b) in &clusters {
         let h = w.allocate(c * 65536, 65536).unwrap();
         w.write_at(h, &[b; 65536]).unwrap();
@@ -92,11 +128,16 @@ fn a_terabyte_disk_with_a_little_data_stays_small() {
 fn compressed_zlib_and_zstd_mixed_with_plain_clusters() {
     for (c, name) in [(Compression::Zlib, "zlib"), (Compression::Zstd, "zstd")] {
         let t = tmp();
-        let clusters: Vec<(u64, u8)> = (0..40u64).map(|i| (i * 3 % 97, (i * 37 % 251) as u8)).collect();
+        let clusters: Vec<(u64, u8)> = (0..40u64)
+            .map(|i| (i * 3 % 97, (i * 37 % 251) as u8))
+            .collect();
         let mut seen = std::collections::HashSet::new();
         let clusters: Vec<_> = clusters.into_iter().filter(|c| seen.insert(c.0)).collect();
         build(t.path(), 97 * 4096 + 512, 12, Some(c), &clusters);
-        assert_eq!(info(t.path(), "w.qcow2")["format-specific"]["data"]["compression-type"], name);
+        assert_eq!(
+            info(t.path(), "w.qcow2")["format-specific"]["data"]["compression-type"],
+            name
+        );
     }
 }
 
@@ -105,8 +146,22 @@ fn many_threads_write_one_image() {
     let t = tmp();
     let d = t.path();
     let q = d.join("w.qcow2");
-    let f = File::options().read(true).write(true).create_new(true).open(&q).unwrap();
-    let w = Qcow2Writer::create(f, &q, 64 << 20, &WriterOptions { cluster_bits: 16, compression: Some(Compression::Zlib) }).unwrap();
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&q)
+        .unwrap();
+    let w = Qcow2Writer::create(
+        f,
+        &q,
+        64 << 20,
+        &WriterOptions {
+            cluster_bits: 16,
+            compression: Some(Compression::Zlib),
+        },
+    )
+    .unwrap();
     let reference = File::create(d.join("ref.raw")).unwrap();
     reference.set_len(64 << 20).unwrap();
     std::thread::scope(|s| {

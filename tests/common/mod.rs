@@ -24,7 +24,11 @@ impl Run {
 
     /// Panics with the output unless the command exited 0.
     pub fn ok(self) -> Run {
-        assert_eq!(self.status, 0, "stdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_eq!(
+            self.status, 0,
+            "stdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         self
     }
 
@@ -70,19 +74,31 @@ pub fn qemu_io(dir: &Path, file: &str, cmds: &[&str]) {
     }
     args.push(file);
     let r = tool_in(dir, "qemu-io", &args).ok();
-    assert!(!r.stdout.contains("error") && !r.stdout.contains("failed"), "qemu-io: {}", r.stdout);
+    assert!(
+        !r.stdout.contains("error") && !r.stdout.contains("failed"),
+        "qemu-io: {}",
+        r.stdout
+    );
 }
 
 /// `qemu-img compare A B` exits 0 (identical; a larger B must read zeros past A's end).
 pub fn assert_same(dir: &Path, a: &str, b: &str) {
     let r = tool_in(dir, "qemu-img", &["compare", a, b]);
-    assert_eq!(r.status, 0, "qemu-img compare {a} {b}: {}{}", r.stdout, r.stderr);
+    assert_eq!(
+        r.status, 0,
+        "qemu-img compare {a} {b}: {}{}",
+        r.stdout, r.stderr
+    );
 }
 
 /// `qemu-img check` reports a clean image (no errors, leaks or corruptions).
 pub fn assert_clean(dir: &Path, file: &str) {
     let r = tool_in(dir, "qemu-img", &["check", "--output=json", file]);
-    assert_eq!(r.status, 0, "qemu-img check {file}: {}{}", r.stdout, r.stderr);
+    assert_eq!(
+        r.status, 0,
+        "qemu-img check {file}: {}{}",
+        r.stdout, r.stderr
+    );
     let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("check json");
     for k in ["check-errors", "leaks", "corruptions"] {
         assert_eq!(v[k].as_u64().unwrap_or(0), 0, "{file}: {k} in {v}");
@@ -94,7 +110,9 @@ pub fn info(dir: &Path, file: &str) -> serde_json::Value {
 }
 
 pub fn virtual_size(dir: &Path, file: &str) -> u64 {
-    info(dir, file)["virtual-size"].as_u64().expect("virtual-size")
+    info(dir, file)["virtual-size"]
+        .as_u64()
+        .expect("virtual-size")
 }
 
 /// `sha256sum -c SHA256SUMS` passes in `image_dir`.
@@ -104,7 +122,8 @@ pub fn assert_sums(image_dir: &Path) {
 }
 
 pub fn manifest(image_dir: &Path) -> serde_json::Value {
-    serde_json::from_slice(&fs::read(image_dir.join("manifest.json")).expect("manifest")).expect("manifest json")
+    serde_json::from_slice(&fs::read(image_dir.join("manifest.json")).expect("manifest"))
+        .expect("manifest json")
 }
 
 pub fn allocated(path: &Path) -> u64 {
@@ -112,14 +131,28 @@ pub fn allocated(path: &Path) -> u64 {
 }
 
 pub fn sha256_file(path: &Path) -> String {
-    let r = tool_in(Path::new("."), "sha256sum", &[path.to_str().expect("utf-8 path")]).ok();
-    r.stdout.split_whitespace().next().unwrap_or_default().to_string()
+    let r = tool_in(
+        Path::new("."),
+        "sha256sum",
+        &[path.to_str().expect("utf-8 path")],
+    )
+    .ok();
+    r.stdout
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Writes `bytes` at `offset` of a (possibly new) file without truncating it.
 pub fn write_at(path: &Path, offset: u64, bytes: &[u8]) {
     use std::os::unix::fs::FileExt;
-    let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).expect("open");
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .expect("open");
     f.write_all_at(bytes, offset).expect("write");
 }
 
@@ -130,7 +163,10 @@ pub fn sparse_raw(path: &Path, size: u64) {
 }
 
 pub fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("kiln-test-").tempdir().expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("kiln-test-")
+        .tempdir()
+        .expect("tempdir")
 }
 
 pub fn path_str(p: &Path) -> String {

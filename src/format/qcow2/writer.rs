@@ -142,10 +142,10 @@ impl Qcow2Writer {
     fn check_guest(&self, guest_offset: u64, len: u64) -> Result<()> {
         let cs = self.cluster_size();
         let end = guest_offset.checked_add(len);
-        let ok = guest_offset % cs == 0
+        let ok = guest_offset.is_multiple_of(cs)
             && len > 0
             && end
-                .is_some_and(|e| e <= self.virtual_size && (e % cs == 0 || e == self.virtual_size));
+                .is_some_and(|e| e <= self.virtual_size && (e.is_multiple_of(cs) || e == self.virtual_size));
         if ok {
             Ok(())
         } else {
@@ -300,7 +300,7 @@ impl Qcow2Writer {
         if new_end > a.next {
             a.next = new_end;
         }
-        a.compressed_at = if end % cs == 0 { None } else { Some(end) };
+        a.compressed_at = if end.is_multiple_of(cs) { None } else { Some(end) };
         self.add_refs(&mut a, first, last_cluster - first + 1)?;
         let x = 62 - (self.cluster_bits - 8);
         let extra_sectors = (end - 1) / 512 - start / 512;

@@ -1,0 +1,336 @@
+//! `kiln create --request image.json|image.toml`: a CreateImage request as a file, with the API's
+//! parameter names, so a golden-image build can live in git. Flags given on the command line
+//! override the file. Relative snapshot paths are resolved against the file's directory.
+//!
+//! ```json
+//! {"ImageName": "golden-web", "ImageFamily": "web", "Platform": "Ubuntu",
+//!  "DiskDeviceMapping": [{"SnapshotId": "base.qcow2", "DiskType": "system"},
+//!                        {"SnapshotId": "data.raw", "Device": "/dev/xvdb", "Size": 40},
+//!                        {"Device": "/dev/xvdc", "Size": "10G"}],
+//!  "Tag": [{"Key": "team", "Value": "web"}], "ClientToken": "golden-web-2024-06"}
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::error::{Code, Error, Result};
+use crate::format::Format;
+use crate::plan::{normalize_device, DiskSpec, DiskType};
+use crate::size;
+
+/// Top-level keys a request file may hold.
+pub const KEYS: &[&str] = &[
+    "ImageName",
+    "ImageFamily",
+    "ImageVersion",
+    "Description",
+    "Platform",
+    "Architecture",
+    "BootMode",
+    "SnapshotId",
+    "InstanceId",
+    "DiskDeviceMapping",
+    "Tag",
+    "ClientToken",
+    "DryRun",
+];
+/// Keys of a DiskDeviceMapping entry (`Format` is kiln's: the source's format, detected otherwise).
+pub const DISK_KEYS: &[&str] = &["SnapshotId", "Device", "Size", "DiskType", "Format"];
+pub const TAG_KEYS: &[&str] = &["Key", "Value"];
+
+/// What a request file says; None for each key it does not have.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestFile {
+    pub image_name: Option<String>,
+    pub image_family: Option<String>,
+    pub image_version: Option<String>,
+    pub description: Option<String>,
+    pub platform: Option<String>,
+    pub architecture: Option<String>,
+    pub boot_mode: Option<String>,
+    /// The short form: the system disk's snapshot.
+    pub snapshot: Option<PathBuf>,
+    pub disks: Option<Vec<DiskSpec>>,
+    pub tags: Option<Vec<(String, String)>>,
+    pub client_token: Option<String>,
+    pub dry_run: Option<bool>,
+}
+
+/// Reads `path` (JSON, or TOML when it ends in `.toml`).
+pub fn load(path: &Path) -> Result<RequestFile> {
+    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::new(
+            Code::InvalidParameter,
+            format!("--request {}: no such file", path.display()),
+        ),
+        _ => Error::io(path, "reading the request file", e),
+    })?;
+    let is_toml = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("toml"));
+    let value = if is_toml {
+        let t: toml::Table =
+            toml::from_str(&text).map_err(|e| bad(path, format!("not valid TOML: {e}")))?;
+        serde_json::to_value(t).map_err(|e| bad(path, format!("cannot read its TOML: {e}")))?
+    } else {
+        serde_json::from_str(&text).map_err(|e| bad(path, format!("not valid JSON: {e}")))?
+    };
+    let base = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    parse(&value, path, base)
+}
+
+fn bad(path: &Path, why: impl std::fmt::Display) -> Error {
+    Error::new(
+        Code::InvalidParameter,
+        format!("request file {}: {why}", path.display()),
+    )
+}
+
+/// Interprets a parsed request; `base` resolves relative snapshot paths.
+pub fn parse(v: &Value, path: &Path, base: &Path) -> Result<RequestFile> {
+    let obj = v.as_object().ok_or_else(|| {
+        bad(
+            path,
+            "the top level must be an object of CreateImage parameters",
+        )
+    })?;
+    check_keys(obj, KEYS, "", path)?;
+    let mut r = RequestFile {
+        image_name: string(obj, "ImageName", path)?,
+        image_family: string(obj, "ImageFamily", path)?,
+        image_version: string(obj, "ImageVersion", path)?,
+        description: string(obj, "Description", path)?,
+        platform: string(obj, "Platform", path)?,
+        architecture: string(obj, "Architecture", path)?,
+        boot_mode: string(obj, "BootMode", path)?,
+        snapshot: string(obj, "SnapshotId", path)?.map(|s| resolve(base, &s)),
+        client_token: string(obj, "ClientToken", path)?,
+        ..RequestFile::default()
+    };
+    if obj.contains_key("InstanceId") {
+        return Err(bad(
+            path,
+            "InstanceId is not supported yet: kiln builds images from disk files; use SnapshotId or DiskDeviceMapping",
+        ));
+    }
+    r.dry_run = match obj.get("DryRun") {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(_) => return Err(bad(path, "DryRun must be true or false")),
+    };
+    if let Some(list) = obj.get("DiskDeviceMapping") {
+        let items = list.as_array().ok_or_else(|| {
+            bad(
+                path,
+                "DiskDeviceMapping must be a list of {SnapshotId, Device, Size, DiskType}",
+            )
+        })?;
+        let mut disks = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let where_ = format!("DiskDeviceMapping[{}].", i + 1);
+            let o = item
+                .as_object()
+                .ok_or_else(|| bad(path, format!("{where_} must be an object")))?;
+            check_keys(o, DISK_KEYS, &where_, path)?;
+            let at = |k: &str| format!("{where_}{k}");
+            let mut d = DiskSpec {
+                snapshot: string(o, "SnapshotId", path)?.map(|s| resolve(base, &s)),
+                ..DiskSpec::default()
+            };
+            if let Some(dev) = string(o, "Device", path)? {
+                d.device = Some(normalize_device(&dev)?);
+            }
+            d.size = match o.get("Size") {
+                None | Some(Value::Null) => None,
+                Some(Value::Number(n)) => match n.as_u64() {
+                    Some(g) => Some(size::parse_size(&g.to_string())?),
+                    None => {
+                        return Err(Error::new(
+                            Code::InvalidSize,
+                            format!("request file {}: {} = {n}: give whole GiB or a string such as \"512M\"", path.display(), at("Size")),
+                        ))
+                    }
+                },
+                Some(Value::String(s)) => Some(size::parse_size(s)?),
+                Some(_) => return Err(bad(path, format!("{} must be a number of GiB or a string such as \"40G\"", at("Size")))),
+            };
+            if let Some(t) = string(o, "DiskType", path)? {
+                d.disk_type = Some(match t.to_ascii_lowercase().as_str() {
+                    "system" => DiskType::System,
+                    "data" => DiskType::Data,
+                    _ => {
+                        return Err(bad(
+                            path,
+                            format!("{} '{t}' is neither 'system' nor 'data'", at("DiskType")),
+                        ))
+                    }
+                });
+            }
+            if let Some(f) = string(o, "Format", path)? {
+                d.format = Some(Format::parse(&f).ok_or_else(|| {
+                    bad(
+                        path,
+                        format!("{} '{f}' is neither 'raw' nor 'qcow2'", at("Format")),
+                    )
+                })?);
+            }
+            disks.push(d);
+        }
+        r.disks = Some(disks);
+    }
+    if let Some(list) = obj.get("Tag") {
+        let items = list
+            .as_array()
+            .ok_or_else(|| bad(path, "Tag must be a list of {Key, Value}"))?;
+        let mut tags = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let where_ = format!("Tag[{}].", i + 1);
+            let o = item
+                .as_object()
+                .ok_or_else(|| bad(path, format!("{where_} must be an object")))?;
+            check_keys(o, TAG_KEYS, &where_, path)?;
+            let key = string(o, "Key", path)?.ok_or_else(|| {
+                Error::new(
+                    Code::MissingParameter,
+                    format!("request file {}: {where_}Key is missing", path.display()),
+                )
+            })?;
+            let value = string(o, "Value", path)?.unwrap_or_default();
+            tags.push((key, value));
+        }
+        r.tags = Some(tags);
+    }
+    Ok(r)
+}
+
+fn resolve(base: &Path, s: &str) -> PathBuf {
+    let p = PathBuf::from(s);
+    if p.is_absolute() {
+        p
+    } else {
+        base.join(p)
+    }
+}
+
+/// A string value (numbers are accepted for ImageVersion-like fields and turned into text).
+fn string(o: &Map<String, Value>, key: &str, path: &Path) -> Result<Option<String>> {
+    match o.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(_) => Err(bad(path, format!("{key} must be a string"))),
+    }
+}
+
+/// Refuses any key not in `known`, naming the nearest known one.
+fn check_keys(o: &Map<String, Value>, known: &[&str], prefix: &str, path: &Path) -> Result<()> {
+    for k in o.keys() {
+        if !known.contains(&k.as_str()) {
+            let hint = nearest(k, known)
+                .map(|n| format!("; did you mean '{prefix}{n}'?"))
+                .unwrap_or_default();
+            return Err(bad(
+                path,
+                format!(
+                    "unknown key '{prefix}{k}'{hint} (known: {})",
+                    known.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The known key closest to `k` (case-insensitive edit distance), if reasonably close.
+pub fn nearest<'a>(k: &str, known: &[&'a str]) -> Option<&'a str> {
+    let k = k.to_lowercase();
+    known
+        .iter()
+        .map(|c| (edit_distance(&k, &c.to_lowercase()), *c))
+        .min()
+        .filter(|(d, c)| *d <= (c.len() / 2).max(2))
+        .map(|(_, c)| c)
+}
+
+/// Levenshtein distance over characters.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(v: Value) -> Result<RequestFile> {
+        parse(&v, Path::new("r.json"), Path::new("/base"))
+    }
+
+    #[test]
+    fn reads_every_key() {
+        let r = p(serde_json::json!({
+            "ImageName": "web", "ImageFamily": "fam", "ImageVersion": 3, "Description": "dd",
+            "Platform": "Ubuntu", "Architecture": "arm64", "BootMode": "UEFI", "ClientToken": "t",
+            "DryRun": true, "SnapshotId": "s.raw",
+            "DiskDeviceMapping": [{"SnapshotId": "a.raw", "DiskType": "system"},
+                                  {"Device": "xvdc", "Size": 2}, {"Size": "512M", "Format": "raw"}],
+            "Tag": [{"Key": "k", "Value": "v"}, {"Key": "e"}]
+        }))
+        .unwrap();
+        assert_eq!(r.image_version.as_deref(), Some("3"));
+        assert_eq!(r.snapshot, Some(PathBuf::from("/base/s.raw")));
+        let d = r.disks.unwrap();
+        assert_eq!(d[0].snapshot, Some(PathBuf::from("/base/a.raw")));
+        assert_eq!(d[0].disk_type, Some(DiskType::System));
+        assert_eq!(d[1].device.as_deref(), Some("/dev/xvdc"));
+        assert_eq!(d[1].size, Some(2 << 30));
+        assert_eq!(d[2].size, Some(512 << 20));
+        assert_eq!(
+            r.tags.unwrap(),
+            [("k".into(), "v".into()), ("e".into(), String::new())]
+        );
+        assert_eq!(r.dry_run, Some(true));
+    }
+
+    #[test]
+    fn unknown_keys_name_the_nearest() {
+        let e = p(serde_json::json!({"ImageNmae": "x"})).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidParameter);
+        assert!(
+            e.message().contains("'ImageNmae'") && e.message().contains("'ImageName'"),
+            "{e}"
+        );
+        let e = p(serde_json::json!({"DiskDeviceMapping": [{"Snapshot": "a"}]})).unwrap_err();
+        assert!(e.message().contains("SnapshotId"), "{e}");
+        let e = p(serde_json::json!({"Tag": [{"key": "a"}]})).unwrap_err();
+        assert!(e.message().contains("'Tag[1].Key'"), "{e}");
+    }
+
+    #[test]
+    fn instance_id_is_refused_clearly() {
+        let e = p(serde_json::json!({"InstanceId": "i-1"})).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidParameter);
+        assert!(e.message().contains("not supported yet"));
+    }
+
+    #[test]
+    fn edit_distances() {
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(nearest("platfrom", KEYS), Some("Platform"));
+        assert_eq!(nearest("zzzzzzzzzzzzzzzzzzzz", KEYS), None);
+    }
+}

@@ -1,0 +1,687 @@
+//! The image store: where `kiln create` puts images when no `--output-dir` is given, and what
+//! `describe`, `delete` and `verify` read.
+//!
+//! Layout of a store `STORE` (`--store`, `$KILN_STORE`, `$XDG_DATA_HOME/kiln` or
+//! `~/.local/share/kiln`):
+//!
+//! ```text
+//! STORE/.lock                    store-wide lock: held (flock) around "check name and token, write
+//!                                the Creating record", and around delete, so two creates never both
+//!                                pass the uniqueness checks
+//! STORE/records/<ImageId>.json   the status record (ImageId, ImageName, Status, Progress, ClientToken,
+//!                                RequestDigest, ...), replaced atomically (write a temporary file,
+//!                                rename)
+//! STORE/locks/<ImageId>.lock     held (flock) by the creating process for its whole life
+//! STORE/images/<ImageId>/        the published image (manifest.json, SHA256SUMS, disks), renamed into
+//!                                place from a hidden STORE/images/.kiln-<ImageId>-*.tmp staging dir
+//! ```
+//!
+//! Status is derived, not trusted: a record saying `Creating` whose lock file can be locked belongs
+//! to a creator that died (error, crash, kill -9, power loss), so it reads as `CreateFailed`. An
+//! image is `Available` only once its directory was renamed into place and its record rewritten.
+//! Reading the store (describe, dry runs) never writes to it.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Code, Error, Result};
+use crate::manifest::Tag;
+
+pub const CREATING: &str = "Creating";
+pub const AVAILABLE: &str = "Available";
+pub const CREATE_FAILED: &str = "CreateFailed";
+pub const STATUSES: &[&str] = &[CREATING, AVAILABLE, CREATE_FAILED];
+
+/// A tag as stored in records (the manifest's `Tag` is serialize-only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordTag {
+    #[serde(rename = "Key")]
+    pub key: String,
+    #[serde(rename = "Value")]
+    pub value: String,
+}
+
+impl From<&Tag> for RecordTag {
+    fn from(t: &Tag) -> Self {
+        RecordTag {
+            key: t.key.clone(),
+            value: t.value.clone(),
+        }
+    }
+}
+
+/// One image's status record, in the API's field names (what `describe --json` prints).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    #[serde(rename = "ImageId")]
+    pub image_id: String,
+    #[serde(rename = "ImageName")]
+    pub image_name: String,
+    #[serde(rename = "ImageFamily", default)]
+    pub image_family: Option<String>,
+    #[serde(rename = "ImageVersion", default)]
+    pub image_version: Option<String>,
+    #[serde(rename = "Description", default)]
+    pub description: String,
+    #[serde(rename = "Platform", default)]
+    pub platform: String,
+    #[serde(rename = "Architecture", default)]
+    pub architecture: String,
+    #[serde(rename = "BootMode", default)]
+    pub boot_mode: String,
+    #[serde(rename = "Tags", default)]
+    pub tags: Vec<RecordTag>,
+    #[serde(rename = "Status")]
+    pub status: String,
+    /// `"0%"` to `"100%"`, as the API spells it.
+    #[serde(rename = "Progress")]
+    pub progress: String,
+    #[serde(rename = "ClientToken", default)]
+    pub client_token: Option<String>,
+    /// SHA-256 of the normalised request, for idempotency.
+    #[serde(rename = "RequestDigest")]
+    pub request_digest: String,
+    #[serde(rename = "CreationTime")]
+    pub creation_time: String,
+    /// Nanoseconds since the epoch at creation, to order images created in the same second.
+    #[serde(rename = "CreationTimeNanos", default)]
+    pub creation_nanos: u128,
+    /// The creating process.
+    #[serde(rename = "Pid", default)]
+    pub pid: u32,
+    /// Sum of the disks' sizes in GiB (known once Available).
+    #[serde(rename = "Size", default)]
+    pub size_gib: u64,
+    /// The image directory, once Available.
+    #[serde(rename = "Directory", default)]
+    pub directory: Option<PathBuf>,
+    /// The manifest's disks, once Available.
+    #[serde(rename = "DiskDeviceMappings", default)]
+    pub disks: Vec<serde_json::Value>,
+    /// Why a create failed, when kiln saw it fail (a killed create has none).
+    #[serde(rename = "ErrorCode", default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    #[serde(
+        rename = "ErrorMessage",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub error_message: Option<String>,
+}
+
+/// The store directory: `flag`, else `$KILN_STORE`, else `$XDG_DATA_HOME/kiln`, else
+/// `~/.local/share/kiln`.
+pub fn locate(flag: Option<&Path>) -> Result<PathBuf> {
+    locate_relative(flag).map(|p| std::path::absolute(&p).unwrap_or(p))
+}
+
+fn locate_relative(flag: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = flag {
+        return Ok(p.to_path_buf());
+    }
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(p) = env("KILN_STORE") {
+        return Ok(PathBuf::from(p));
+    }
+    if let Some(p) = env("XDG_DATA_HOME") {
+        return Ok(PathBuf::from(p).join("kiln"));
+    }
+    if let Some(h) = env("HOME") {
+        return Ok(PathBuf::from(h).join(".local/share/kiln"));
+    }
+    Err(Error::new(
+        Code::MissingParameter,
+        "no image store: give --store DIR or set KILN_STORE (HOME is not set either)",
+    ))
+}
+
+/// True for `m-` followed by 20 lowercase letters and digits.
+pub fn is_image_id(s: &str) -> bool {
+    s.len() == 22
+        && s.starts_with("m-")
+        && s[2..]
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// The store-wide lock, released on drop.
+pub struct StoreLock {
+    _lock: Option<Flock<File>>,
+}
+
+/// What the store says about a create request's token and name.
+#[derive(Debug)]
+pub enum Admission {
+    /// Go ahead.
+    New,
+    /// The same token and the same request: this image, nothing to do.
+    Existing(Box<Record>),
+}
+
+impl Store {
+    pub fn at(root: impl Into<PathBuf>) -> Store {
+        Store { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    pub fn image_dir(&self, id: &str) -> PathBuf {
+        self.images_dir().join(id)
+    }
+
+    fn records_dir(&self) -> PathBuf {
+        self.root.join("records")
+    }
+
+    fn record_path(&self, id: &str) -> PathBuf {
+        self.records_dir().join(format!("{id}.json"))
+    }
+
+    fn locks_dir(&self) -> PathBuf {
+        self.root.join("locks")
+    }
+
+    fn lock_path(&self, id: &str) -> PathBuf {
+        self.locks_dir().join(format!("{id}.lock"))
+    }
+
+    /// Creates the store's directories (only writers call this).
+    pub fn ensure(&self) -> Result<()> {
+        for d in [self.images_dir(), self.records_dir(), self.locks_dir()] {
+            fs::create_dir_all(&d).map_err(|e| Error::io(&d, "creating the store directory", e))?;
+        }
+        Ok(())
+    }
+
+    /// Takes the store-wide lock, waiting for other kiln processes. Creates the lock file.
+    pub fn lock(&self) -> Result<StoreLock> {
+        self.ensure()?;
+        let path = self.root.join(".lock");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o644)
+            .open(&path)
+            .map_err(|e| Error::io(&path, "opening the store lock", e))?;
+        let l = Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| {
+            Error::io(
+                &path,
+                "locking the store",
+                io::Error::from_raw_os_error(e as i32),
+            )
+        })?;
+        Ok(StoreLock { _lock: Some(l) })
+    }
+
+    /// Every record, with its status as it really is (a dead creator's Creating reads CreateFailed),
+    /// oldest first. A store that does not exist is empty.
+    pub fn list(&self) -> Result<Vec<Record>> {
+        let dir = self.records_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(&dir, "listing the store", e)),
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let e = e.map_err(|e| Error::io(&dir, "listing the store", e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(".json") else {
+                continue;
+            };
+            if !is_image_id(id) {
+                continue;
+            }
+            if let Some(r) = self.get(id)? {
+                out.push(r);
+            }
+        }
+        out.sort_by(|a, b| (a.creation_nanos, &a.image_id).cmp(&(b.creation_nanos, &b.image_id)));
+        Ok(out)
+    }
+
+    /// One record with its real status; None when there is no such image.
+    pub fn get(&self, id: &str) -> Result<Option<Record>> {
+        let Some(mut r) = self.read_record(id)? else {
+            return Ok(None);
+        };
+        if r.status == CREATING && !self.creator_alive(id)? {
+            // The lock is free: either the creator died, or it just finished. Read again.
+            match self.read_record(id)? {
+                Some(again) if again.status != CREATING => r = again,
+                Some(_) => r.status = CREATE_FAILED.into(),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(r))
+    }
+
+    fn read_record(&self, id: &str) -> Result<Option<Record>> {
+        let path = self.record_path(id);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&path, "reading the image record", e)),
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            Error::new(
+                Code::IoError,
+                format!(
+                    "{}: not a kiln image record ({e}); delete the file to drop the image",
+                    path.display()
+                ),
+            )
+        })
+    }
+
+    /// Whether a process holds the image's creation lock (read-only probe: never creates files).
+    fn creator_alive(&self, id: &str) -> Result<bool> {
+        let path = self.lock_path(id);
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::io(&path, "opening the image lock", e)),
+        };
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(_released_on_drop) => Ok(false),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(true),
+            Err((_, e)) => Err(Error::io(
+                &path,
+                "probing the image lock",
+                io::Error::from_raw_os_error(e as i32),
+            )),
+        }
+    }
+
+    /// The idempotency and uniqueness rules, read-only (callers hold the store lock to act on the
+    /// answer): the same token and digest → Existing; the same token, another digest →
+    /// IdempotenceParamNotMatch; a name used by an image that is not CreateFailed → Duplicated.
+    /// A token whose image is CreateFailed may be used again.
+    pub fn admit(&self, name: &str, token: Option<&str>, digest: &str) -> Result<Admission> {
+        let records = self.list()?;
+        if let Some(t) = token {
+            if let Some(r) = records
+                .iter()
+                .rev()
+                .find(|r| r.client_token.as_deref() == Some(t) && r.status != CREATE_FAILED)
+            {
+                if r.request_digest == digest {
+                    return Ok(Admission::Existing(Box::new(r.clone())));
+                }
+                return Err(Error::new(
+                    Code::IdempotenceParamNotMatch,
+                    format!(
+                        "client token '{t}' was used for image {} with different parameters; \
+                         use a new token, or repeat the original request exactly",
+                        r.image_id
+                    ),
+                ));
+            }
+        }
+        if let Some(r) = records
+            .iter()
+            .find(|r| r.image_name == name && r.status != CREATE_FAILED)
+        {
+            return Err(Error::new(
+                Code::InvalidImageNameDuplicated,
+                format!(
+                    "an image named '{name}' already exists ({}, {}); pick another name or `kiln delete {}`",
+                    r.image_id, r.status, r.image_id
+                ),
+            ));
+        }
+        Ok(Admission::New)
+    }
+
+    /// Starts a create: takes the image's lock (held until the returned handle drops) and writes its
+    /// Creating record. Call under the store lock, after [`Store::admit`].
+    pub fn begin(&self, record: Record) -> Result<Creating> {
+        let lock_path = self.lock_path(&record.image_id);
+        let f = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o644)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, "creating the image lock", e))?;
+        let lock = Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+            Error::io(
+                &lock_path,
+                "locking the image",
+                io::Error::from_raw_os_error(e as i32),
+            )
+        })?;
+        let c = Creating {
+            store: self.clone(),
+            record: Mutex::new(record),
+            _lock: lock,
+        };
+        c.write(true)?;
+        Ok(c)
+    }
+
+    /// Writes `r` as the record, atomically (temporary file + rename).
+    fn write_record(&self, r: &Record, durable: bool) -> Result<()> {
+        let path = self.record_path(&r.image_id);
+        let tmp = self
+            .records_dir()
+            .join(format!(".{}.{}.tmp", r.image_id, std::process::id()));
+        let mut bytes = serde_json::to_vec_pretty(r)
+            .map_err(|e| Error::new(Code::Internal, format!("serialising a record: {e}")))?;
+        bytes.push(b'\n');
+        let write = || -> io::Result<()> {
+            let mut f = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o644)
+                .open(&tmp)?;
+            f.write_all(&bytes)?;
+            if durable {
+                f.sync_all()?;
+            }
+            fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            Error::io(&path, "writing the image record", e)
+        })?;
+        if durable {
+            crate::publish::sync_dir(&self.records_dir())?;
+        }
+        Ok(())
+    }
+
+    /// Removes images: refuses an unknown id (InvalidImageId.NotFound) and one whose create is still
+    /// running (IncorrectImageStatus). Every id is checked before anything is removed.
+    pub fn delete(&self, ids: &[String]) -> Result<Vec<Record>> {
+        let _guard = self.lock()?;
+        let mut records = Vec::with_capacity(ids.len());
+        for id in ids {
+            let r = self.get(id)?.ok_or_else(|| not_found(id))?;
+            if r.status == CREATING {
+                return Err(Error::new(
+                    Code::IncorrectImageStatus,
+                    format!("{id} is still being created (pid {}); wait for it to finish, or stop that kiln first", r.pid),
+                ));
+            }
+            records.push(r);
+        }
+        for r in &records {
+            self.remove(&r.image_id)?;
+        }
+        Ok(records)
+    }
+
+    fn remove(&self, id: &str) -> Result<()> {
+        // Move the image out of sight first, then drop the record, then the bytes.
+        let dir = self.image_dir(id);
+        let trash = self
+            .images_dir()
+            .join(format!(".kiln-{id}-deleting-{}.tmp", std::process::id()));
+        match fs::rename(&dir, &trash) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&dir, "moving the image away to delete it", e)),
+        }
+        let rec = self.record_path(id);
+        match fs::remove_file(&rec) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&rec, "removing the image record", e)),
+        }
+        // The trash and any staging directory a dead create left behind.
+        let prefix = format!(".kiln-{id}-");
+        if let Ok(entries) = fs::read_dir(self.images_dir()) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let p = e.path();
+                    fs::remove_dir_all(&p).map_err(|e| Error::io(&p, "removing", e))?;
+                }
+            }
+        }
+        let lock = self.lock_path(id);
+        let _ = fs::remove_file(lock);
+        Ok(())
+    }
+}
+
+pub fn not_found(id: &str) -> Error {
+    Error::new(
+        Code::InvalidImageIdNotFound,
+        format!("no image {id} in the store; `kiln describe` lists them"),
+    )
+}
+
+/// A create in progress: holds the image's lock, owns its record.
+pub struct Creating {
+    store: Store,
+    record: Mutex<Record>,
+    _lock: Flock<File>,
+}
+
+impl Creating {
+    pub fn image_id(&self) -> String {
+        self.lock_record().image_id.clone()
+    }
+
+    fn lock_record(&self) -> std::sync::MutexGuard<'_, Record> {
+        self.record.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self, durable: bool) -> Result<()> {
+        let r = self.lock_record().clone();
+        self.store.write_record(&r, durable)
+    }
+
+    /// Records progress (0 to 99: 100% is for Available). Best effort: an error is ignored, the
+    /// copy matters more than the number.
+    pub fn set_progress(&self, percent: u64) {
+        {
+            let mut r = self.lock_record();
+            let p = format!("{}%", percent.min(99));
+            if r.progress == p {
+                return;
+            }
+            r.progress = p;
+        }
+        let _ = self.write(false);
+    }
+
+    /// The image is published: Available, 100%.
+    pub fn finish(self, update: impl FnOnce(&mut Record)) -> Result<Record> {
+        {
+            let mut r = self.lock_record();
+            update(&mut r);
+            r.status = AVAILABLE.into();
+            r.progress = "100%".into();
+        }
+        self.write(true)?;
+        Ok(self.lock_record().clone())
+    }
+
+    /// The create failed: CreateFailed, with the error.
+    pub fn fail(self, err: &Error) {
+        {
+            let mut r = self.lock_record();
+            r.status = CREATE_FAILED.into();
+            r.error_code = Some(err.code().as_str().into());
+            r.error_message = Some(err.full_message());
+        }
+        let _ = self.write(true);
+    }
+}
+
+/// A Progress that forwards to `inner` and keeps the record's Progress up to date, at most twice a
+/// second.
+pub struct RecordProgress<'a> {
+    inner: &'a dyn crate::progress::Progress,
+    creating: &'a Creating,
+    total: u64,
+    done: std::sync::atomic::AtomicU64,
+    last: Mutex<std::time::Instant>,
+}
+
+impl<'a> RecordProgress<'a> {
+    pub fn new(
+        inner: &'a dyn crate::progress::Progress,
+        creating: &'a Creating,
+        total: u64,
+    ) -> Self {
+        RecordProgress {
+            inner,
+            creating,
+            total: total.max(1),
+            done: std::sync::atomic::AtomicU64::new(0),
+            last: Mutex::new(std::time::Instant::now()),
+        }
+    }
+}
+
+impl crate::progress::Progress for RecordProgress<'_> {
+    fn advance(&self, disk: usize, bytes: u64) {
+        self.inner.advance(disk, bytes);
+        let done = self
+            .done
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed)
+            + bytes;
+        // try_lock: a copy thread never waits on another's record write.
+        let due = match self.last.try_lock() {
+            Ok(mut last) if last.elapsed() >= std::time::Duration::from_millis(500) => {
+                *last = std::time::Instant::now();
+                true
+            }
+            _ => false,
+        };
+        if due {
+            let pct = (u128::from(done) * 100 / u128::from(self.total)) as u64;
+            self.creating.set_progress(pct);
+        }
+    }
+
+    fn disk_done(&self, disk: usize) {
+        self.inner.disk_done(disk);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, name: &str, token: Option<&str>) -> Record {
+        Record {
+            image_id: id.into(),
+            image_name: name.into(),
+            image_family: None,
+            image_version: None,
+            description: String::new(),
+            platform: "Others Linux".into(),
+            architecture: "x86_64".into(),
+            boot_mode: "BIOS".into(),
+            tags: vec![],
+            status: CREATING.into(),
+            progress: "0%".into(),
+            client_token: token.map(Into::into),
+            request_digest: "d1".into(),
+            creation_time: crate::manifest::now_rfc3339(),
+            creation_nanos: 1,
+            pid: std::process::id(),
+            size_gib: 0,
+            directory: None,
+            disks: vec![],
+            error_code: None,
+            error_message: None,
+        }
+    }
+
+    #[test]
+    fn ids_have_the_api_shape() {
+        assert!(is_image_id("m-abcdefghij0123456789"));
+        assert!(!is_image_id("m-abcdefghij012345678"));
+        assert!(!is_image_id("m-ABCDEFGHIJ0123456789"));
+        assert!(!is_image_id("x-abcdefghij0123456789"));
+    }
+
+    #[test]
+    fn a_dropped_creator_reads_as_create_failed_and_frees_its_name_and_token() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::at(d.path());
+        let g = s.lock().unwrap();
+        let id = "m-aaaaaaaaaaaaaaaaaaaa";
+        let c = s.begin(record(id, "web", Some("t1"))).unwrap();
+        drop(g);
+        assert_eq!(s.get(id).unwrap().unwrap().status, CREATING);
+        assert_eq!(
+            s.admit("web", None, "x").unwrap_err().code(),
+            Code::InvalidImageNameDuplicated
+        );
+        assert!(matches!(
+            s.admit("other", Some("t1"), "d1").unwrap(),
+            Admission::Existing(_)
+        ));
+        assert_eq!(
+            s.admit("other", Some("t1"), "d2").unwrap_err().code(),
+            Code::IdempotenceParamNotMatch
+        );
+        assert_eq!(
+            s.delete(&[id.to_string()]).unwrap_err().code(),
+            Code::IncorrectImageStatus
+        );
+        drop(c);
+        assert_eq!(s.get(id).unwrap().unwrap().status, CREATE_FAILED);
+        assert!(matches!(
+            s.admit("web", Some("t1"), "d2").unwrap(),
+            Admission::New
+        ));
+    }
+
+    #[test]
+    fn finished_images_are_available_and_deletable() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::at(d.path());
+        let id = "m-bbbbbbbbbbbbbbbbbbbb";
+        s.ensure().unwrap();
+        let c = s.begin(record(id, "web", None)).unwrap();
+        c.set_progress(42);
+        assert_eq!(s.get(id).unwrap().unwrap().progress, "42%");
+        fs::create_dir_all(s.image_dir(id)).unwrap();
+        let r = c.finish(|r| r.size_gib = 3).unwrap();
+        assert_eq!((r.status.as_str(), r.size_gib), (AVAILABLE, 3));
+        assert_eq!(s.get(id).unwrap().unwrap().status, AVAILABLE);
+        assert_eq!(
+            s.delete(&["m-cccccccccccccccccccc".into()])
+                .unwrap_err()
+                .code(),
+            Code::InvalidImageIdNotFound
+        );
+        s.delete(&[id.to_string()]).unwrap();
+        assert!(s.get(id).unwrap().is_none());
+        assert!(!s.image_dir(id).exists());
+        assert!(s.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_missing_store_is_empty_and_not_created() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::at(d.path().join("nope"));
+        assert!(s.list().unwrap().is_empty());
+        assert!(!d.path().join("nope").exists());
+    }
+}

@@ -1,0 +1,168 @@
+//! `kiln verify IMAGE_ID|DIR`: recompute every file's SHA-256 (in parallel, one file per rayon
+//! task) and compare with `SHA256SUMS` and with the manifest's per-disk `Sha256`.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::engine;
+use crate::error::{Code, Error, Result};
+use crate::progress::{self, ProgressMode};
+
+/// One file's check.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileCheck {
+    #[serde(rename = "File")]
+    pub file: String,
+    /// From SHA256SUMS.
+    #[serde(rename = "Expected")]
+    pub expected: Option<String>,
+    /// From the manifest (disks only).
+    #[serde(rename = "ManifestSha256")]
+    pub manifest: Option<String>,
+    /// None when the file could not be read.
+    #[serde(rename = "Actual")]
+    pub actual: Option<String>,
+    #[serde(rename = "Ok")]
+    pub ok: bool,
+    #[serde(rename = "Problem", skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    #[serde(rename = "Directory")]
+    pub directory: PathBuf,
+    #[serde(rename = "Files")]
+    pub files: Vec<FileCheck>,
+    #[serde(rename = "Ok")]
+    pub ok: bool,
+}
+
+impl VerifyReport {
+    /// ChecksumMismatch naming each file that differs, when any does.
+    pub fn to_error(&self) -> Option<Error> {
+        let bad: Vec<String> = self
+            .files
+            .iter()
+            .filter(|f| !f.ok)
+            .map(|f| format!("{} ({})", f.file, f.problem.as_deref().unwrap_or("differs")))
+            .collect();
+        (!bad.is_empty()).then(|| {
+            Error::new(
+                Code::ChecksumMismatch,
+                format!(
+                    "{}: {} file(s) fail verification: {}",
+                    self.directory.display(),
+                    bad.len(),
+                    bad.join("; ")
+                ),
+            )
+        })
+    }
+}
+
+/// Verifies the image directory `dir`.
+pub fn verify_dir(dir: &Path, mode: ProgressMode) -> Result<VerifyReport> {
+    let sums_path = dir.join("SHA256SUMS");
+    let sums_text = std::fs::read_to_string(&sums_path)
+        .map_err(|e| Error::io(&sums_path, "reading the checksum list", e))?;
+    let mut expected: BTreeMap<String, String> = BTreeMap::new();
+    let mut order = Vec::new();
+    for (i, line) in sums_text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let (hash, name) = line.split_once("  ").ok_or_else(|| {
+            Error::new(
+                Code::ChecksumMismatch,
+                format!("{} line {}: not 'HEX  NAME'", sums_path.display(), i + 1),
+            )
+        })?;
+        if !order.contains(&name.to_string()) {
+            order.push(name.to_string());
+        }
+        expected.insert(name.to_string(), hash.to_ascii_lowercase());
+    }
+    let manifest_path = dir.join("manifest.json");
+    let manifest: serde_json::Value = std::fs::read(&manifest_path)
+        .map_err(|e| Error::io(&manifest_path, "reading", e))
+        .and_then(|b| {
+            serde_json::from_slice(&b).map_err(|e| {
+                Error::new(
+                    Code::ChecksumMismatch,
+                    format!("{}: not valid JSON ({e})", manifest_path.display()),
+                )
+            })
+        })?;
+    let mut from_manifest: BTreeMap<String, String> = BTreeMap::new();
+    if let Some(disks) = manifest["DiskDeviceMappings"].as_array() {
+        for d in disks {
+            if let (Some(f), Some(h)) = (d["File"].as_str(), d["Sha256"].as_str()) {
+                from_manifest.insert(f.to_string(), h.to_ascii_lowercase());
+                if !order.contains(&f.to_string()) {
+                    order.push(f.to_string());
+                }
+            }
+        }
+    }
+    let sizes: Vec<(String, u64)> = order
+        .iter()
+        .map(|n| {
+            let len = std::fs::metadata(dir.join(n)).map(|m| m.len()).unwrap_or(0);
+            (n.clone(), len)
+        })
+        .collect();
+    let reporter = progress::reporter(mode, &sizes);
+    let files: Vec<FileCheck> = order
+        .par_iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let path = dir.join(name);
+            let actual = if name.contains('/') || name.starts_with("..") {
+                Err(format!("{name}: a name outside the image directory"))
+            } else {
+                File::open(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|f| engine::hash_file(&f, &path, true).map_err(|e| e.full_message()))
+            };
+            reporter.advance(i, sizes[i].1);
+            reporter.disk_done(i);
+            let exp = expected.get(name).cloned();
+            let man = from_manifest.get(name).cloned();
+            let (actual, problem) = match actual {
+                Ok(h) => {
+                    let problem = if exp.is_none() {
+                        Some("not listed in SHA256SUMS".to_string())
+                    } else if exp.as_deref() != Some(h.as_str()) {
+                        Some("checksum differs from SHA256SUMS".to_string())
+                    } else if man.as_deref().is_some_and(|m| m != h) {
+                        Some("checksum differs from manifest.json".to_string())
+                    } else {
+                        None
+                    };
+                    (Some(h), problem)
+                }
+                Err(e) => (None, Some(format!("cannot be read: {e}"))),
+            };
+            FileCheck {
+                file: name.clone(),
+                expected: exp,
+                manifest: man,
+                actual,
+                ok: problem.is_none(),
+                problem,
+            }
+        })
+        .collect();
+    drop(reporter);
+    let ok = files.iter().all(|f| f.ok);
+    Ok(VerifyReport {
+        directory: std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()),
+        files,
+        ok,
+    })
+}
