@@ -82,7 +82,7 @@ pub fn convert(req: &ConvertRequest) -> Result<ConvertOutcome> {
     guard.keep();
     crate::publish::sync_dir(parent)?;
     Ok(ConvertOutcome {
-        virtual_size,
+        virtual_size: r.virtual_size,
         stats: r.stats,
         sha256: r.sha256,
         elapsed: started.elapsed(),

@@ -397,7 +397,9 @@ fn build(
     let mut disks = Vec::with_capacity(records.len());
     let mut stats = CopyStats::default();
     let mut sums = Vec::new();
-    for ((d, file, virtual_size, source), r) in records.into_iter().zip(results) {
+    for ((d, file, _, source), r) in records.into_iter().zip(results) {
+        // The engine's size: qcow2 output is rounded up to whole 512-byte sectors.
+        let virtual_size = r.virtual_size;
         stats.add(&r.stats);
         let sha256 = r.sha256.clone().unwrap_or_default();
         sums.push((sha256.clone(), file.clone()));
