@@ -610,7 +610,11 @@ fn finish_disk(sh: &Shared<'_>, d: usize) -> Result<()> {
             zeros: disk.zeros.load(Ordering::Relaxed),
         },
     });
-    sh.progress.disk_done(d);
+    let stats = lock(&disk.result)
+        .as_ref()
+        .map(|r| r.stats)
+        .unwrap_or_default();
+    sh.progress.disk_done(d, &stats);
     Ok(())
 }
 

@@ -8,12 +8,14 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::engine::CopyStats;
+
 /// Receives progress from the copy threads; must be cheap and never block for long.
 pub trait Progress: Sync {
     /// `bytes` more of disk `disk`'s virtual size are done (copied or skipped).
     fn advance(&self, disk: usize, bytes: u64);
-    /// Disk `disk` is written, hashed and flushed.
-    fn disk_done(&self, disk: usize);
+    /// Disk `disk` is written, hashed and flushed; `stats` says what its copy did.
+    fn disk_done(&self, disk: usize, stats: &CopyStats);
 }
 
 /// Reports nothing.
@@ -21,7 +23,7 @@ pub struct NoProgress;
 
 impl Progress for NoProgress {
     fn advance(&self, _: usize, _: u64) {}
-    fn disk_done(&self, _: usize) {}
+    fn disk_done(&self, _: usize, _: &CopyStats) {}
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +89,7 @@ impl Progress for Bars {
         self.total.inc(bytes);
     }
 
-    fn disk_done(&self, disk: usize) {
+    fn disk_done(&self, disk: usize, _: &CopyStats) {
         if let Some(b) = self.disks.get(disk) {
             b.finish();
         }
@@ -119,17 +121,33 @@ impl JsonProgress {
         }
     }
 
-    fn emit(&self, disk: usize, finished: bool) {
+    /// One line; the last one of a disk (`finished`) carries its copy statistics and throughput.
+    fn emit(&self, disk: usize, finished: Option<&CopyStats>) {
         let done = self.done[disk]
             .load(Ordering::Relaxed)
             .min(self.totals[disk]);
-        let line = serde_json::json!({
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let mut line = serde_json::json!({
             "device": self.names[disk],
-            "done": if finished { self.totals[disk] } else { done },
+            "done": if finished.is_some() { self.totals[disk] } else { done },
             "total": self.totals[disk],
-            "elapsed": (self.start.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
-            "finished": finished,
+            "elapsed": (elapsed * 1000.0).round() / 1000.0,
+            "finished": finished.is_some(),
         });
+        if let (Some(s), Some(obj)) = (finished, line.as_object_mut()) {
+            let secs = elapsed.max(1e-6);
+            obj.insert("bytes_copied".into(), s.copied.into());
+            obj.insert("holes_skipped".into(), s.holes.into());
+            obj.insert("zeros_detected".into(), s.zeros.into());
+            obj.insert(
+                "data_bytes_per_sec".into(),
+                ((s.copied as f64 / secs) as u64).into(),
+            );
+            obj.insert(
+                "virtual_bytes_per_sec".into(),
+                ((self.totals[disk] as f64 / secs) as u64).into(),
+            );
+        }
         let mut err = std::io::stderr().lock();
         let _ = writeln!(err, "{line}");
     }
@@ -152,13 +170,13 @@ impl Progress for JsonProgress {
             }
         };
         if due {
-            self.emit(disk, false);
+            self.emit(disk, None);
         }
     }
 
-    fn disk_done(&self, disk: usize) {
+    fn disk_done(&self, disk: usize, stats: &CopyStats) {
         if disk < self.done.len() {
-            self.emit(disk, true);
+            self.emit(disk, Some(stats));
         }
     }
 }

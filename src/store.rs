@@ -576,8 +576,8 @@ impl crate::progress::Progress for RecordProgress<'_> {
         }
     }
 
-    fn disk_done(&self, disk: usize) {
-        self.inner.disk_done(disk);
+    fn disk_done(&self, disk: usize, stats: &crate::engine::CopyStats) {
+        self.inner.disk_done(disk, stats);
     }
 }
 

@@ -130,7 +130,7 @@ pub fn verify_dir(dir: &Path, mode: ProgressMode) -> Result<VerifyReport> {
                     .and_then(|f| engine::hash_file(&f, &path, true).map_err(|e| e.full_message()))
             };
             reporter.advance(i, sizes[i].1);
-            reporter.disk_done(i);
+            reporter.disk_done(i, &crate::engine::CopyStats::default());
             let exp = expected.get(name).cloned();
             let man = from_manifest.get(name).cloned();
             let (actual, problem) = match actual {
