@@ -301,13 +301,14 @@ fn the_edges_that_pass() {
 }
 
 #[test]
-fn output_dir_exports_keep_any_name_but_check_the_other_rules() {
+fn output_dir_exports_follow_the_same_rules() {
     let t = tmp();
     let d = t.path();
     small(d);
-    kiln_in(
+    let r = kiln_in(
         d,
         &[
+            "--json",
             "create",
             "--name",
             "n",
@@ -318,15 +319,19 @@ fn output_dir_exports_keep_any_name_but_check_the_other_rules() {
             "--output-dir",
             "o1",
         ],
-    )
-    .ok();
+    );
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (2, "InvalidImageName.Malformed")
+    );
+    assert!(!d.join("o1").exists());
     let r = kiln_in(
         d,
         &[
             "--json",
             "create",
             "--name",
-            "n",
+            "ok-name",
             "--snapshot",
             "small.raw",
             "--format",
