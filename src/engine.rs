@@ -136,6 +136,11 @@ struct DiskState {
     cursor: Mutex<Cursor>,
     /// Chunks in flight plus one for the dispatcher; whoever brings it to zero finishes the disk.
     outstanding: AtomicU64,
+    /// Held around writes to the output file. The kernel serialises buffered writes to one file on
+    /// its inode lock anyway, and spins there while waiting (16-18% of CPU in a profile with two
+    /// workers on one file); a mutex here sleeps instead and leaves the CPU to reading, zero
+    /// detection, compression and hashing.
+    write_lock: Mutex<()>,
     /// Workers copying a chunk of this disk now.
     active: AtomicUsize,
     /// Every chunk has been handed out.
@@ -186,6 +191,7 @@ pub fn copy_disks(
             sink: Mutex::new(Some(Arc::new(sink))),
             cursor: Mutex::new(Cursor::default()),
             outstanding: AtomicU64::new(1),
+            write_lock: Mutex::new(()),
             active: AtomicUsize::new(0),
             dispatched: AtomicBool::new(false),
             turn: Mutex::new(0),
@@ -464,6 +470,7 @@ fn copy_chunk(
     let sink = sink_of(disk)?;
     match &*sink {
         Sink::Raw(file) => {
+            let _w = lock(&disk.write_lock);
             for &(off, l) in &runs {
                 let at = start + off as u64;
                 file.write_all_at(&buf[off..off + l], at).map_err(|e| {
@@ -482,6 +489,7 @@ fn copy_chunk(
                     }
                     Ok(())
                 })?;
+                let _w = lock(&disk.write_lock);
                 for (&(off, l), host) in runs.iter().zip(hosts) {
                     w.write_at(host, &buf[off..off + l])?;
                 }
@@ -539,6 +547,7 @@ fn write_compressed(
         }
         Ok(())
     })?;
+    let _w = lock(&disk.write_lock);
     for (&(o, cl, c), host) in clusters.iter().zip(hosts) {
         match c {
             Some(i) => w.write_at(host, &pool[i])?,
