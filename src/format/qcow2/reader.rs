@@ -1,39 +1,37 @@
-//! The qcow2 reader: read-only, every value from the file bounded before it is used.
+//! The qcow2 reader: versions 2 and 3, cluster sizes 512 B to 2 MiB, every refcount width, both
+//! zero-cluster forms, zlib and zstd compressed clusters, extended L2 entries (subclusters), backing
+//! chains (qcow2 or raw, flattened) and internal snapshots.
 //!
-//! A guest offset is classified unit by unit (a cluster, or a subcluster with extended L2) as data
-//! at a host offset, compressed, zero, or unallocated; unallocated units read through the backing
-//! file, if any. `extent` merges runs of one kind so the copier sees few, long extents.
+//! Everything in the file is untrusted: every size and count is bounded before it is used to
+//! allocate or loop, every offset is checked against the file, and arithmetic is checked. A damaged
+//! image gives `InvalidSnapshot.Corrupt` naming what is wrong (and the guest offset, for mapping
+//! errors); a feature kiln does not read gives `InvalidSnapshot.Unsupported`. Never garbage.
+//!
+//! Reads use `pread` only, so one [`Qcow2Source`] serves every copy thread; L2 tables are cached in a
+//! bounded map keyed by their host offset.
 
-use std::collections::{HashMap, HashSet};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-use super::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
-use super::{OFLAG_COMPRESSED, OFLAG_ZERO};
-use crate::error::{Code, Error, Result};
-use crate::format::raw::RawSource;
-use crate::format::{
-    detect, open_read_only, read_full_at, BlockSource, ChainEntry, Extent, ExtentKind, Format,
-    Opened, SourceInfo, MAX_CHAIN_DEPTH,
+use super::{
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, OFLAG_COMPRESSED,
+    OFLAG_ZERO,
 };
-
-/// Largest L1 table read (qemu's QCOW_MAX_L1_SIZE, 32 MiB).
-const MAX_L1_ENTRIES: u64 = (32 << 20) / 8;
-/// Most internal snapshots (qemu's QCOW_MAX_SNAPSHOTS).
-const MAX_SNAPSHOTS: u64 = 65536;
-/// Largest snapshot extra data (qemu's QCOW_MAX_SNAPSHOT_EXTRA_DATA).
-const MAX_SNAPSHOT_EXTRA: u64 = 1024;
-/// Longest backing file name (as qemu).
-const MAX_BACKING_NAME: u64 = 1023;
-/// Largest virtual size accepted (2^61: far beyond any real disk, far from overflow).
-const MAX_VIRTUAL_SIZE: u64 = 1 << 61;
-/// L2 tables cached per image before the cache is emptied.
-const L2_CACHE_BYTES: usize = 64 << 20;
+use crate::error::{Code, Error, Result};
+use crate::format::{
+    self, raw::RawSource, BlockSource, ChainEntry, Extent, ExtentKind, Format, Opened, SourceInfo,
+    MAX_CHAIN_DEPTH,
+};
 
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+const EXT_BITMAPS: u32 = 0x2385_2875;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
 
 const INCOMPAT_DIRTY: u64 = 1 << 0;
@@ -41,275 +39,429 @@ const INCOMPAT_CORRUPT: u64 = 1 << 1;
 const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 const INCOMPAT_EXTL2: u64 = 1 << 4;
+const INCOMPAT_KNOWN: u64 =
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Length of a version 2 header, and the least a version 3 header may declare.
+const V2_HEADER_LEN: usize = 72;
+const V3_HEADER_MIN: u32 = 104;
+/// At most 32 MiB of L1 entries.
+const MAX_L1_ENTRIES: u64 = 4 << 20;
+const MAX_SNAPSHOTS: u32 = 65536;
+const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
+const MAX_BACKING_NAME: u32 = 1023;
+const MAX_VIRTUAL_SIZE: u64 = 1 << 63;
+/// Bytes of L2 tables cached per image before the cache is emptied.
+const L2_CACHE_BYTES: u64 = 64 << 20;
+/// Fixed part of a snapshot table entry.
+const SNAPSHOT_FIXED: usize = 40;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Compression {
+    Zlib,
+    Zstd,
+}
+
+/// What the header says (after validation).
+#[derive(Debug)]
 struct Header {
     version: u32,
     cluster_bits: u32,
     size: u64,
-    l1_size: u64,
-    l1_offset: u64,
-    nb_snapshots: u64,
+    l1_size: u32,
+    l1_table_offset: u64,
+    nb_snapshots: u32,
     snapshots_offset: u64,
-    zstd: bool,
+    compression: Compression,
     extended_l2: bool,
-    backing: Option<String>,
+    backing: Option<Vec<u8>>,
     backing_format: Option<String>,
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+fn be16(b: &[u8], off: usize) -> Option<u16> {
+    let s = b.get(off..off.checked_add(2)?)?;
+    Some(u16::from_be_bytes(s.try_into().ok()?))
 }
 
-fn be64(b: &[u8], at: usize) -> u64 {
-    (u64::from(be32(b, at)) << 32) | u64::from(be32(b, at + 4))
+fn be32(b: &[u8], off: usize) -> Option<u32> {
+    let s = b.get(off..off.checked_add(4)?)?;
+    Some(u32::from_be_bytes(s.try_into().ok()?))
 }
 
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
+fn be64(b: &[u8], off: usize) -> Option<u64> {
+    let s = b.get(off..off.checked_add(8)?)?;
+    Some(u64::from_be_bytes(s.try_into().ok()?))
 }
 
-/// Parses and checks the header (and its extensions) from the first cluster's bytes.
-fn parse_header(first: &[u8], path: &Path, file_len: u64) -> Result<Header> {
-    let corrupt = |w: String| Error::corrupt(path, w);
-    if first.len() < 72 || be32(first, 0) != MAGIC {
-        return Err(corrupt("no qcow2 magic at offset 0".into()));
+fn align8(n: usize) -> Option<usize> {
+    n.checked_add(7).map(|v| v & !7)
+}
+
+/// Entries per L2 table, as a power of two.
+fn l2_bits(cluster_bits: u32, extended_l2: bool) -> u32 {
+    cluster_bits - if extended_l2 { 4 } else { 3 }
+}
+
+/// Parses and validates the header from the start of the file (`first`: the first cluster, or the
+/// whole file when shorter). `file_size` bounds every offset.
+fn parse_header(first: &[u8], file_size: u64, path: &Path) -> Result<Header> {
+    let short = || Error::corrupt(path, "the file is too short for a qcow2 header");
+    if first.len() < V2_HEADER_LEN {
+        return Err(short());
     }
-    let version = be32(first, 4);
+    let f32 = |off: usize| be32(first, off).ok_or_else(short);
+    let f64 = |off: usize| be64(first, off).ok_or_else(short);
+    if f32(0)? != MAGIC {
+        return Err(Error::corrupt(path, "not a qcow2 file (bad magic)"));
+    }
+    let version = f32(4)?;
     if version != 2 && version != 3 {
         return Err(Error::unsupported(
             path,
-            format!("qcow2 version {version} is not supported (only 2 and 3)"),
+            format!("qcow2 version {version} is not supported (kiln reads versions 2 and 3)"),
         ));
     }
-    let cluster_bits = be32(first, 20);
+    let cluster_bits = f32(20)?;
     if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
-        return Err(corrupt(format!(
-            "header field cluster_bits is {cluster_bits}, outside 9..21"
-        )));
+        return Err(Error::unsupported(
+            path,
+            format!(
+                "cluster_bits {cluster_bits} is not supported (qcow2 allows {MIN_CLUSTER_BITS} to {MAX_CLUSTER_BITS}: 512 B to 2 MiB clusters)"
+            ),
+        ));
     }
     let cs = 1u64 << cluster_bits;
-    let size = be64(first, 24);
-    if size > MAX_VIRTUAL_SIZE {
-        return Err(corrupt(format!(
-            "header field size ({size}) is beyond any disk"
-        )));
-    }
-    if be32(first, 32) != 0 {
+    let crypt_method = f32(32)?;
+    if crypt_method != 0 {
         return Err(Error::unsupported(
             path,
-            "encrypted qcow2 images are not supported (crypt_method is set); decrypt it first with `qemu-img convert --object secret,... --image-opts`",
+            format!(
+                "encrypted images are not supported (encryption method {crypt_method}); decrypt it first, e.g. with `qemu-img convert --object secret,... --image-opts ... -O qcow2`"
+            ),
         ));
     }
-    let l1_size = u64::from(be32(first, 36));
-    let l1_offset = be64(first, 40);
-    let nb_snapshots = u64::from(be32(first, 60));
-    let snapshots_offset = be64(first, 64);
-    let (mut incompat, header_length, mut compression) = (0u64, 72u64, 0u8);
-    let mut header_length = header_length;
-    if version == 3 {
-        if first.len() < 104 {
-            return Err(corrupt("the v3 header is cut short".into()));
+
+    let (incompatible, refcount_order, header_length) = if version == 3 {
+        if first.len() < V3_HEADER_MIN as usize {
+            return Err(short());
         }
-        incompat = be64(first, 72);
-        let refcount_order = be32(first, 96);
-        if refcount_order > 6 {
-            return Err(corrupt(format!(
-                "header field refcount_order is {refcount_order}, above 6"
-            )));
-        }
-        header_length = u64::from(be32(first, 100));
-        if header_length < 104 || header_length > cs.min(first.len() as u64) {
-            return Err(corrupt(format!(
-                "header field header_length is {header_length}"
-            )));
-        }
-        if header_length > 104 {
-            compression = first[104];
-        }
-    }
-    if incompat & INCOMPAT_CORRUPT != 0 {
-        return Err(corrupt(
-            "the image is marked corrupt (incompatible feature bit 1)".into(),
-        ));
-    }
-    if incompat & INCOMPAT_DATA_FILE != 0 {
-        return Err(Error::unsupported(
-            path,
-            "qcow2 images with an external data file are not supported",
-        ));
-    }
-    let known = INCOMPAT_DIRTY
-        | INCOMPAT_CORRUPT
-        | INCOMPAT_DATA_FILE
-        | INCOMPAT_COMPRESSION
-        | INCOMPAT_EXTL2;
-    if incompat & !known != 0 {
-        let bit = (incompat & !known).trailing_zeros();
-        return Err(Error::unsupported(
-            path,
-            format!("unknown incompatible qcow2 feature bit {bit}"),
-        ));
-    }
-    let zstd = match (incompat & INCOMPAT_COMPRESSION != 0, compression) {
-        (false, 0) => false,
-        (true, 1) => true,
-        (true, 0) => false,
-        (_, t) => {
-            return Err(Error::unsupported(
+        let hl = f32(100)?;
+        if hl < V3_HEADER_MIN {
+            return Err(Error::corrupt(
                 path,
-                format!("compression type {t} is not zlib (0) or zstd (1)"),
-            ))
+                format!(
+                    "header_length {hl} is below the {V3_HEADER_MIN} bytes of a version 3 header"
+                ),
+            ));
         }
-    };
-    let extended_l2 = incompat & INCOMPAT_EXTL2 != 0;
-    if extended_l2 && cluster_bits < 14 {
-        return Err(corrupt(format!(
-            "extended L2 needs clusters of 16 KiB or more, not {cs}"
-        )));
-    }
-    // L1 table: bounded, large enough for the disk, inside the file.
-    let per_l2 = cs / if extended_l2 { 16 } else { 8 };
-    let needed = size.div_ceil(cs * per_l2);
-    if l1_size > MAX_L1_ENTRIES || l1_size < needed {
-        return Err(corrupt(format!("header field l1_size ({l1_size}) does not fit a {size}-byte disk (needs {needed}, at most {MAX_L1_ENTRIES})")));
-    }
-    if l1_size > 0
-        && (!l1_offset.is_multiple_of(cs)
-            || l1_offset < cs
-            || l1_offset.saturating_add(l1_size * 8) > file_len)
-    {
-        return Err(corrupt(format!(
-            "header field l1_table_offset ({l1_offset}) is unaligned or outside the file"
-        )));
-    }
-    if nb_snapshots > MAX_SNAPSHOTS {
-        return Err(corrupt(format!(
-            "header field nb_snapshots ({nb_snapshots}) is above {MAX_SNAPSHOTS}"
-        )));
-    }
-    if nb_snapshots > 0 && (!snapshots_offset.is_multiple_of(8) || snapshots_offset >= file_len) {
-        return Err(corrupt(format!(
-            "header field snapshots_offset ({snapshots_offset}) is unaligned or outside the file"
-        )));
-    }
-    // Backing file name.
-    let bf_offset = be64(first, 8);
-    let bf_size = u64::from(be32(first, 16));
-    let backing = if bf_offset == 0 {
-        None
-    } else {
-        if bf_size > MAX_BACKING_NAME
-            || bf_offset.saturating_add(bf_size) > cs.min(first.len() as u64)
-        {
-            return Err(corrupt(format!("the backing file name ({bf_size} bytes at {bf_offset}) is too long or outside the first cluster")));
+        if u64::from(hl) > cs {
+            return Err(Error::corrupt(
+                path,
+                format!("header_length {hl} is larger than the {cs}-byte cluster"),
+            ));
         }
-        let raw = &first[bf_offset as usize..(bf_offset + bf_size) as usize];
-        Some(
-            String::from_utf8(raw.to_vec())
-                .map_err(|_| corrupt("the backing file name is not UTF-8".into()))?,
-        )
-    };
-    // Header extensions, within the first cluster (and before the backing name when it is there).
-    let ext_end = if bf_offset != 0 {
-        bf_offset.min(cs)
+        (f64(72)?, f32(96)?, hl as usize)
     } else {
-        cs
+        (0, 4, V2_HEADER_LEN)
+    };
+    if refcount_order > 6 {
+        return Err(Error::corrupt(
+            path,
+            format!("refcount_order {refcount_order} is out of range (0 to 6)"),
+        ));
     }
-    .min(first.len() as u64);
-    let mut at = header_length;
+
+    // Backing file name: inside the first cluster, at most 1023 bytes.
+    let backing_file_offset = f64(8)?;
+    let backing_file_size = f32(16)?;
+    let mut backing = None;
+    if backing_file_offset != 0 {
+        if backing_file_size > MAX_BACKING_NAME {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "the backing file name is {backing_file_size} bytes long (at most {MAX_BACKING_NAME})"
+                ),
+            ));
+        }
+        let end = backing_file_offset
+            .checked_add(u64::from(backing_file_size))
+            .filter(|&e| e <= cs && e <= first.len() as u64)
+            .ok_or_else(|| {
+                Error::corrupt(
+                    path,
+                    format!(
+                        "the backing file name at byte {backing_file_offset} lies outside the header cluster"
+                    ),
+                )
+            })?;
+        if backing_file_size > 0 {
+            backing = Some(first[backing_file_offset as usize..end as usize].to_vec());
+        }
+    }
+
+    // Header extensions: after the header, before the backing file name, inside the first cluster.
+    let mut ext_end = (cs as usize).min(first.len());
+    if backing_file_offset != 0 && (backing_file_offset as usize) < ext_end {
+        ext_end = backing_file_offset as usize;
+    }
     let mut backing_format = None;
-    while at + 8 <= ext_end {
-        let t = be32(first, at as usize);
-        let len = u64::from(be32(first, at as usize + 4));
-        if t == EXT_END {
+    let mut feature_names: Vec<(u8, u8, String)> = Vec::new();
+    let mut pos = header_length;
+    while pos.checked_add(8).is_some_and(|e| e <= ext_end) {
+        let (Some(ty), Some(len)) = (be32(first, pos), be32(first, pos + 4)) else {
+            break;
+        };
+        if ty == EXT_END {
             break;
         }
-        let data = at + 8;
-        if data + len > ext_end {
-            return Err(corrupt(format!(
-                "header extension {t:#x} at {at} runs past the first cluster"
-            )));
-        }
-        match t {
+        let data_start = pos + 8;
+        let data_end = data_start
+            .checked_add(len as usize)
+            .filter(|&e| e <= ext_end)
+            .ok_or_else(|| {
+                Error::corrupt(
+                    path,
+                    format!("header extension 0x{ty:08x} at byte {pos} ({len} bytes) runs past the header area"),
+                )
+            })?;
+        let data = &first[data_start..data_end];
+        match ty {
             EXT_BACKING_FORMAT => {
-                let raw = &first[data as usize..(data + len) as usize];
-                backing_format = Some(String::from_utf8_lossy(raw).into_owned());
+                if len > MAX_BACKING_NAME {
+                    return Err(Error::corrupt(
+                        path,
+                        format!("the backing format name is {len} bytes long"),
+                    ));
+                }
+                let s = String::from_utf8_lossy(data);
+                backing_format = Some(s.trim_end_matches('\0').to_string());
+            }
+            EXT_FEATURE_TABLE => {
+                for e in data.chunks_exact(48) {
+                    let name = &e[2..];
+                    let n = name.iter().position(|&c| c == 0).unwrap_or(name.len());
+                    feature_names.push((e[0], e[1], String::from_utf8_lossy(&name[..n]).into()));
+                }
             }
             EXT_DATA_FILE => {
                 return Err(Error::unsupported(
                     path,
-                    "qcow2 images with an external data file are not supported",
+                    "images with an external data file are not supported",
                 ));
             }
+            EXT_BITMAPS => {}
             _ => {}
         }
-        at = data + len.next_multiple_of(8);
+        pos = match align8(len as usize).and_then(|l| data_start.checked_add(l)) {
+            Some(p) => p,
+            None => break,
+        };
     }
+
+    if incompatible & INCOMPAT_CORRUPT != 0 {
+        return Err(Error::corrupt(
+            path,
+            "the image is marked corrupt (incompatible feature bit 1)",
+        ));
+    }
+    if incompatible & INCOMPAT_DATA_FILE != 0 {
+        return Err(Error::unsupported(
+            path,
+            "images with an external data file (incompatible feature bit 2) are not supported",
+        ));
+    }
+    let unknown = incompatible & !INCOMPAT_KNOWN;
+    if unknown != 0 {
+        let bit = unknown.trailing_zeros();
+        let name = feature_names
+            .iter()
+            .find(|(t, b, _)| *t == 0 && u32::from(*b) == bit)
+            .map(|(_, _, n)| format!(" ({n})"))
+            .unwrap_or_default();
+        return Err(Error::unsupported(
+            path,
+            format!(
+                "unknown incompatible feature bit {bit}{name} is set; kiln cannot read this image"
+            ),
+        ));
+    }
+    let ctype = if header_length > V3_HEADER_MIN as usize {
+        *first.get(104).ok_or_else(short)?
+    } else {
+        0
+    };
+    let compression = match ctype {
+        0 => Compression::Zlib,
+        1 => Compression::Zstd,
+        t => {
+            return Err(Error::unsupported(
+                path,
+                format!("compression type {t} is not supported (kiln reads zlib and zstd)"),
+            ))
+        }
+    };
+    if (ctype != 0) != (incompatible & INCOMPAT_COMPRESSION != 0) {
+        return Err(Error::corrupt(
+            path,
+            format!("compression type {ctype} disagrees with incompatible feature bit 3"),
+        ));
+    }
+    let extended_l2 = incompatible & INCOMPAT_EXTL2 != 0;
+
+    let size = f64(24)?;
+    if size > MAX_VIRTUAL_SIZE {
+        return Err(Error::corrupt(
+            path,
+            format!("virtual size {size} is larger than 2^63"),
+        ));
+    }
+    let l1_size = f32(36)?;
+    let l1_table_offset = f64(40)?;
+    check_l1(
+        path,
+        "the L1 table",
+        l1_size,
+        l1_table_offset,
+        size,
+        cluster_bits,
+        extended_l2,
+        file_size,
+    )?;
+
+    let nb_snapshots = f32(60)?;
+    let snapshots_offset = f64(64)?;
+    if nb_snapshots > MAX_SNAPSHOTS {
+        return Err(Error::corrupt(
+            path,
+            format!("{nb_snapshots} internal snapshots (at most {MAX_SNAPSHOTS})"),
+        ));
+    }
+    if nb_snapshots > 0 && (!snapshots_offset.is_multiple_of(cs) || snapshots_offset >= file_size) {
+        return Err(Error::corrupt(
+            path,
+            format!("the snapshot table offset {snapshots_offset} is unaligned or past the end of the file"),
+        ));
+    }
+
     Ok(Header {
         version,
         cluster_bits,
         size,
         l1_size,
-        l1_offset,
+        l1_table_offset,
         nb_snapshots,
         snapshots_offset,
-        zstd,
+        compression,
         extended_l2,
         backing,
         backing_format,
     })
 }
 
-/// One internal snapshot's table entry.
+/// Checks that an L1 table covers `size`, is not too large, and lies aligned inside the file.
+#[allow(clippy::too_many_arguments)]
+fn check_l1(
+    path: &Path,
+    what: &str,
+    l1_size: u32,
+    l1_offset: u64,
+    size: u64,
+    cluster_bits: u32,
+    extended_l2: bool,
+    file_size: u64,
+) -> Result<()> {
+    let cs = 1u64 << cluster_bits;
+    let n = u64::from(l1_size);
+    if n > MAX_L1_ENTRIES {
+        return Err(Error::corrupt(
+            path,
+            format!("{what} has {n} entries (at most {MAX_L1_ENTRIES})"),
+        ));
+    }
+    let shift = cluster_bits + l2_bits(cluster_bits, extended_l2);
+    let needed = (size >> shift) + u64::from(size & ((1u64 << shift) - 1) != 0);
+    if n < needed {
+        return Err(Error::corrupt(
+            path,
+            format!("{what} has {n} entries but the virtual size {size} needs {needed}"),
+        ));
+    }
+    if n > 0 {
+        let end = l1_offset.checked_add(n * 8);
+        if l1_offset == 0 || !l1_offset.is_multiple_of(cs) || end.is_none_or(|e| e > file_size) {
+            return Err(Error::corrupt(
+                path,
+                format!("{what} at offset {l1_offset} ({n} entries) is unaligned, in the header cluster or past the end of the file"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn file_size(file: &File, path: &Path) -> Result<u64> {
+    file.metadata()
+        .map(|m| m.len())
+        .map_err(|e| Error::io(path, "reading metadata of", e))
+}
+
+/// Reads exactly `len` bytes at `offset`; a short read means the file is truncated.
+fn read_exact(file: &File, path: &Path, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let n = format::read_full_at(file, &mut buf, offset)
+        .map_err(|e| Error::io(path, &format!("reading {what}"), e))?;
+    if n < len {
+        return Err(Error::corrupt(
+            path,
+            format!("{what} at offset {offset} runs past the end of the file"),
+        ));
+    }
+    Ok(buf)
+}
+
+/// One internal snapshot, as the table describes it.
 #[derive(Debug, Clone)]
 struct Snapshot {
     id: String,
     name: String,
     l1_offset: u64,
-    l1_size: u64,
+    l1_size: u32,
     disk_size: Option<u64>,
 }
 
-fn read_snapshots(file: &File, path: &Path, h: &Header, file_len: u64) -> Result<Vec<Snapshot>> {
-    let mut out = Vec::new();
-    let mut at = h.snapshots_offset;
+fn read_snapshots(file: &File, path: &Path, h: &Header) -> Result<Vec<Snapshot>> {
+    let mut out = Vec::with_capacity(h.nb_snapshots.min(1024) as usize);
+    let mut pos = h.snapshots_offset;
+    let mut total: u64 = 0;
     for i in 0..h.nb_snapshots {
-        let mut fixed = [0u8; 40];
-        let n = read_full_at(file, &mut fixed, at)
-            .map_err(|e| Error::io(path, "reading the snapshot table", e))?;
-        if n < 40 {
+        let fixed = read_exact(file, path, pos, SNAPSHOT_FIXED, "a snapshot table entry")?;
+        let bad = || Error::corrupt(path, format!("snapshot table entry {i} is truncated"));
+        let l1_offset = be64(&fixed, 0).ok_or_else(bad)?;
+        let l1_size = be32(&fixed, 8).ok_or_else(bad)?;
+        let id_size = be16(&fixed, 12).ok_or_else(bad)? as usize;
+        let name_size = be16(&fixed, 14).ok_or_else(bad)? as usize;
+        let extra_size = be32(&fixed, 36).ok_or_else(bad)? as u64;
+        let var = extra_size + id_size as u64 + name_size as u64;
+        let entry = (SNAPSHOT_FIXED as u64 + var + 7) & !7;
+        total += entry;
+        if total > MAX_SNAPSHOT_TABLE {
             return Err(Error::corrupt(
                 path,
-                format!("snapshot table entry {i} runs past the end of the file"),
+                format!("the snapshot table is larger than {MAX_SNAPSHOT_TABLE} bytes"),
             ));
         }
-        let extra = u64::from(be32(&fixed, 36));
-        let id_len = u64::from(be16(&fixed, 12));
-        let name_len = u64::from(be16(&fixed, 14));
-        if extra > MAX_SNAPSHOT_EXTRA {
-            return Err(Error::corrupt(
-                path,
-                format!("snapshot {i}: extra data of {extra} bytes"),
-            ));
-        }
-        let var = extra + id_len + name_len;
-        let mut rest = vec![0u8; var as usize];
-        let n = read_full_at(file, &mut rest, at + 40)
-            .map_err(|e| Error::io(path, "reading the snapshot table", e))?;
-        if (n as u64) < var {
-            return Err(Error::corrupt(
-                path,
-                format!("snapshot table entry {i} runs past the end of the file"),
-            ));
-        }
-        let disk_size = (extra >= 16).then(|| be64(&rest, 8));
-        let id =
-            String::from_utf8_lossy(&rest[extra as usize..(extra + id_len) as usize]).into_owned();
-        let name =
-            String::from_utf8_lossy(&rest[(extra + id_len) as usize..var as usize]).into_owned();
-        let l1_offset = be64(&fixed, 0);
-        let l1_size = u64::from(be32(&fixed, 8));
+        let data = read_exact(
+            file,
+            path,
+            pos.checked_add(SNAPSHOT_FIXED as u64).ok_or_else(bad)?,
+            var as usize,
+            "a snapshot table entry",
+        )?;
+        let extra = extra_size as usize;
+        let disk_size = if extra >= 16 { be64(&data, 8) } else { None };
+        let id = String::from_utf8_lossy(&data[extra..extra + id_size]).into_owned();
+        let name = String::from_utf8_lossy(&data[extra + id_size..extra + id_size + name_size])
+            .into_owned();
         out.push(Snapshot {
             id,
             name,
@@ -317,405 +469,644 @@ fn read_snapshots(file: &File, path: &Path, h: &Header, file_len: u64) -> Result
             l1_size,
             disk_size,
         });
-        // Entries are 8-byte aligned; the last one's padding may be missing at the end of the file.
-        at = (at + 40 + var).next_multiple_of(8);
-        if at > file_len.next_multiple_of(8) {
-            return Err(Error::corrupt(
-                path,
-                "the snapshot table runs past the end of the file",
-            ));
-        }
+        pos = pos.checked_add(entry).ok_or_else(bad)?;
     }
     Ok(out)
 }
 
-/// What one unit (cluster, or subcluster with extended L2) holds in this layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Unit {
-    Unallocated,
-    Zero,
-    Data(u64),
-    Compressed(u64),
-}
-
-pub struct Qcow2Source {
-    file: File,
-    path: PathBuf,
-    cluster_bits: u32,
-    /// log2 of the unit: the cluster, or the subcluster with extended L2.
-    unit_bits: u32,
-    extended_l2: bool,
-    zstd: bool,
-    size: u64,
-    file_len: u64,
-    l1: Vec<u64>,
-    backing: Option<Box<dyn BlockSource>>,
-    backing_size: u64,
-    cache: RwLock<HashMap<u64, Arc<[u64]>>>,
-    cached: AtomicUsize,
+/// Records a file of the chain: refuses loops and chains deeper than [`MAX_CHAIN_DEPTH`].
+fn note_file(
+    path: &Path,
+    format: Format,
+    chain: &mut Vec<ChainEntry>,
+    seen: &mut Vec<PathBuf>,
+) -> Result<()> {
+    let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    if seen.contains(&canon) {
+        return Err(Error::corrupt(
+            path,
+            format!(
+                "backing chain loop: {} is reached again through its own backing chain",
+                canon.display()
+            ),
+        ));
+    }
+    if chain.len() >= MAX_CHAIN_DEPTH {
+        return Err(Error::unsupported(
+            path,
+            format!(
+                "the backing chain is deeper than {MAX_CHAIN_DEPTH} files (this file would be number {}); flatten it first with `qemu-img convert`",
+                chain.len() + 1
+            ),
+        ));
+    }
+    seen.push(canon);
+    chain.push(ChainEntry {
+        path: path.to_path_buf(),
+        format,
+    });
+    Ok(())
 }
 
 /// Opens a qcow2 source (and its backing chain) read-only; `snapshot` names an internal snapshot
 /// by name or ID.
 pub fn open(file: File, path: &Path, snapshot: Option<&str>) -> Result<Opened> {
-    let mut seen = HashSet::new();
-    let (src, chain, name) = open_layer(file, path, snapshot, 1, &mut seen)?;
+    let mut chain = Vec::new();
+    let mut seen = Vec::new();
+    let (src, snap) = open_layer(file, path, snapshot, &mut chain, &mut seen)?;
     let info = SourceInfo {
         path: path.to_path_buf(),
         format: Format::Qcow2,
-        snapshot: name,
-        virtual_size: src.virtual_size(),
+        snapshot: snap,
+        virtual_size: src.virtual_size,
         chain,
     };
-    Ok(Opened { source: src, info })
+    Ok(Opened {
+        source: Box::new(src),
+        info,
+    })
 }
-
-type Layer = (Box<dyn BlockSource>, Vec<ChainEntry>, Option<String>);
 
 fn open_layer(
     file: File,
     path: &Path,
     snapshot: Option<&str>,
-    depth: usize,
-    seen: &mut HashSet<PathBuf>,
-) -> Result<Layer> {
-    let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    if !seen.insert(canon) {
-        return Err(Error::corrupt(
-            path,
-            "the backing chain loops back to this file",
-        ));
-    }
-    let file_len = file
-        .metadata()
-        .map_err(|e| Error::io(path, "reading metadata of", e))?
-        .len();
-    let mut first = vec![0u8; (1usize << MAX_CLUSTER_BITS).min(file_len as usize).max(72)];
-    let n = read_full_at(&file, &mut first, 0)
+    chain: &mut Vec<ChainEntry>,
+    seen: &mut Vec<PathBuf>,
+) -> Result<(Qcow2Source, Option<String>)> {
+    note_file(path, Format::Qcow2, chain, seen)?;
+    let fsize = file_size(&file, path)?;
+    // The header fixes the cluster size; then the whole first cluster holds extensions and names.
+    let mut first = vec![0u8; 512.min(fsize) as usize];
+    let n = format::read_full_at(&file, &mut first, 0)
         .map_err(|e| Error::io(path, "reading the header of", e))?;
     first.truncate(n);
-    let h = parse_header(&first, path, file_len)?;
-    let cs = 1u64 << h.cluster_bits;
-    first.truncate(cs.min(n as u64) as usize);
-
-    let (mut l1_offset, mut l1_size, mut size, mut snap_name) =
-        (h.l1_offset, h.l1_size, h.size, None);
-    if let Some(want) = snapshot {
-        let snaps = read_snapshots(&file, path, &h, file_len)?;
-        let s = snaps
-            .iter()
-            .find(|s| s.name == want)
-            .or_else(|| snaps.iter().find(|s| s.id == want))
-            .ok_or_else(|| {
-                let list: Vec<String> = snaps
-                    .iter()
-                    .map(|s| format!("{} (ID {})", s.name, s.id))
-                    .collect();
-                Error::new(
-                    Code::SnapshotNotFound,
-                    format!(
-                        "{}: no internal snapshot named or numbered '{want}'; it has {}",
-                        path.display(),
-                        if list.is_empty() {
-                            "none".to_string()
-                        } else {
-                            list.join(", ")
-                        }
-                    ),
-                )
-            })?;
-        size = s.disk_size.unwrap_or(h.size);
-        let per_l2 = cs / if h.extended_l2 { 16 } else { 8 };
-        if size > MAX_VIRTUAL_SIZE
-            || s.l1_size > MAX_L1_ENTRIES
-            || s.l1_size < size.div_ceil(cs * per_l2)
+    if let Some(cb) = be32(&first, 20) {
+        if (MIN_CLUSTER_BITS + 1..=MAX_CLUSTER_BITS).contains(&cb) && be32(&first, 0) == Some(MAGIC)
         {
-            return Err(Error::corrupt(
-                path,
-                format!(
-                    "snapshot '{}': L1 size {} does not fit its {size}-byte disk",
-                    s.name, s.l1_size
-                ),
-            ));
+            let len = (1u64 << cb).min(fsize) as usize;
+            first = vec![0u8; len];
+            let n = format::read_full_at(&file, &mut first, 0)
+                .map_err(|e| Error::io(path, "reading the header of", e))?;
+            first.truncate(n);
         }
-        if s.l1_size > 0
-            && (!s.l1_offset.is_multiple_of(cs)
-                || s.l1_offset < cs
-                || s.l1_offset.saturating_add(s.l1_size * 8) > file_len)
-        {
-            return Err(Error::corrupt(
-                path,
-                format!(
-                    "snapshot '{}': L1 table offset {} is unaligned or outside the file",
-                    s.name, s.l1_offset
-                ),
-            ));
-        }
-        l1_offset = s.l1_offset;
-        l1_size = s.l1_size;
-        snap_name = Some(s.name.clone());
     }
-    let mut raw_l1 = vec![0u8; (l1_size * 8) as usize];
-    read_full_at(&file, &mut raw_l1, l1_offset)
-        .map_err(|e| Error::io(path, "reading the L1 table of", e))?;
-    let l1: Vec<u64> = raw_l1.chunks_exact(8).map(|c| be64(c, 0)).collect();
+    let h = parse_header(&first, fsize, path)?;
+    drop(first);
 
-    let mut chain = vec![ChainEntry {
-        path: path.to_path_buf(),
-        format: Format::Qcow2,
-    }];
-    let (backing, backing_size) = match &h.backing {
-        None => (None, 0),
-        Some(name) => {
-            if depth >= MAX_CHAIN_DEPTH {
-                return Err(Error::unsupported(
-                    path,
-                    format!("the backing chain is deeper than {MAX_CHAIN_DEPTH} files"),
-                ));
-            }
-            if name.contains("://") || name.starts_with("nbd:") || name.starts_with("json:") {
-                return Err(Error::unsupported(
-                    path,
-                    format!("backing file '{name}' is a protocol name, not a local file"),
-                ));
-            }
-            let bpath = match Path::new(name) {
-                p if p.is_absolute() => p.to_path_buf(),
-                p => path.parent().unwrap_or(Path::new(".")).join(p),
-            };
-            let bfile = open_read_only(&bpath).map_err(|e| {
-                if e.code() == Code::SnapshotNotFound {
+    let (l1_offset, l1_size, virtual_size, snap_name) = match snapshot {
+        None => (h.l1_table_offset, h.l1_size, h.size, None),
+        Some(want) => {
+            let snaps = read_snapshots(&file, path, &h)?;
+            let s = snaps
+                .iter()
+                .find(|s| s.name == want)
+                .or_else(|| snaps.iter().find(|s| s.id == want))
+                .ok_or_else(|| {
+                    let list = if snaps.is_empty() {
+                        "it has none".to_string()
+                    } else {
+                        let l: Vec<String> = snaps
+                            .iter()
+                            .map(|s| format!("'{}' (ID {})", s.name, s.id))
+                            .collect();
+                        format!("available: {}", l.join(", "))
+                    };
                     Error::new(
                         Code::SnapshotNotFound,
                         format!(
-                            "{}: its backing file {} does not exist",
-                            path.display(),
-                            bpath.display()
+                            "{}: no internal snapshot named or numbered '{want}'; {list}",
+                            path.display()
                         ),
                     )
-                } else {
-                    e
-                }
-            })?;
-            let bformat = match h.backing_format.as_deref().and_then(Format::parse) {
-                Some(f) => f,
-                None => detect(&bfile, &bpath)?,
-            };
-            let (src, sub): (Box<dyn BlockSource>, Vec<ChainEntry>) = match bformat {
-                Format::Raw => {
-                    let canon = std::fs::canonicalize(&bpath).unwrap_or_else(|_| bpath.clone());
-                    if !seen.insert(canon) {
-                        return Err(Error::corrupt(
-                            &bpath,
-                            "the backing chain loops back to this file",
-                        ));
-                    }
-                    (
-                        Box::new(RawSource::new(bfile, &bpath)?),
-                        vec![ChainEntry {
-                            path: bpath.clone(),
-                            format: Format::Raw,
-                        }],
-                    )
-                }
-                Format::Qcow2 => {
-                    let (s, c, _) = open_layer(bfile, &bpath, None, depth + 1, seen)?;
-                    (s, c)
-                }
-            };
-            chain.extend(sub);
-            let bs = src.virtual_size();
-            (Some(src), bs)
+                })?;
+            let size = s.disk_size.unwrap_or(h.size);
+            if size > MAX_VIRTUAL_SIZE {
+                return Err(Error::corrupt(
+                    path,
+                    format!(
+                        "snapshot '{}' has virtual size {size}, larger than 2^63",
+                        s.name
+                    ),
+                ));
+            }
+            check_l1(
+                path,
+                &format!("the L1 table of snapshot '{}'", s.name),
+                s.l1_size,
+                s.l1_offset,
+                size,
+                h.cluster_bits,
+                h.extended_l2,
+                fsize,
+            )?;
+            (s.l1_offset, s.l1_size, size, Some(s.name.clone()))
         }
     };
-    let unit_bits = if h.extended_l2 {
-        h.cluster_bits - 5
+    let raw_l1 = read_exact(&file, path, l1_offset, l1_size as usize * 8, "the L1 table")?;
+    let l1: Vec<u64> = raw_l1
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect();
+    drop(raw_l1);
+
+    let backing = match &h.backing {
+        None => None,
+        Some(name) => Some(open_backing(
+            path,
+            name,
+            h.backing_format.as_deref(),
+            chain,
+            seen,
+        )?),
+    };
+
+    Ok((
+        Qcow2Source {
+            file,
+            path: path.to_path_buf(),
+            file_size: fsize,
+            cluster_bits: h.cluster_bits,
+            extended_l2: h.extended_l2,
+            zero_flag: h.version >= 3 && !h.extended_l2,
+            compression: h.compression,
+            virtual_size,
+            l1,
+            backing,
+            l2_cache: RwLock::new(HashMap::new()),
+        },
+        snap_name,
+    ))
+}
+
+fn open_backing(
+    overlay: &Path,
+    name: &[u8],
+    backing_format: Option<&str>,
+    chain: &mut Vec<ChainEntry>,
+    seen: &mut Vec<PathBuf>,
+) -> Result<Box<dyn BlockSource>> {
+    let shown = String::from_utf8_lossy(name).into_owned();
+    if shown.contains("://") || shown.starts_with("nbd:") || shown.starts_with("json:") {
+        return Err(Error::unsupported(
+            overlay,
+            format!(
+                "backing file '{shown}' is not a local file; kiln reads local backing files only"
+            ),
+        ));
+    }
+    if chain.len() >= MAX_CHAIN_DEPTH {
+        return Err(Error::unsupported(
+            overlay,
+            format!(
+                "the backing chain is deeper than {MAX_CHAIN_DEPTH} files (backing file '{shown}' would be number {}); flatten it first with `qemu-img convert`",
+                chain.len() + 1
+            ),
+        ));
+    }
+    let rel = Path::new(OsStr::from_bytes(name));
+    let bpath = if rel.is_absolute() {
+        rel.to_path_buf()
     } else {
-        h.cluster_bits
+        overlay.parent().unwrap_or(Path::new("")).join(rel)
     };
-    let src = Qcow2Source {
-        file,
-        path: path.to_path_buf(),
-        cluster_bits: h.cluster_bits,
-        unit_bits,
-        extended_l2: h.extended_l2,
-        zstd: h.zstd,
-        size,
-        file_len,
-        l1,
-        backing,
-        backing_size,
-        cache: RwLock::new(HashMap::new()),
-        cached: AtomicUsize::new(0),
+    let file = format::open_read_only(&bpath).map_err(|e| {
+        if e.code() == Code::SnapshotNotFound {
+            Error::new(
+                Code::SnapshotNotFound,
+                format!(
+                    "{}: its backing file '{shown}' ({}) cannot be opened: {}",
+                    overlay.display(),
+                    bpath.display(),
+                    e.message()
+                ),
+            )
+        } else {
+            e
+        }
+    })?;
+    let fmt = match backing_format {
+        Some(f) => Format::parse(f).ok_or_else(|| {
+            Error::unsupported(
+                overlay,
+                format!("backing file format '{f}' is not supported (kiln reads raw and qcow2)"),
+            )
+        })?,
+        None => format::detect(&file, &bpath)?,
     };
-    Ok((Box::new(src), chain, snap_name))
+    match fmt {
+        Format::Raw => {
+            note_file(&bpath, Format::Raw, chain, seen)?;
+            Ok(Box::new(RawSource::new(file, &bpath)?))
+        }
+        Format::Qcow2 => {
+            let (src, _) = open_layer(file, &bpath, None, chain, seen)?;
+            Ok(Box::new(src))
+        }
+    }
+}
+
+/// A run of guest bytes with one mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seg {
+    /// Stored at this host offset (for the run's first byte); contiguous in the file.
+    Host(u64),
+    /// One compressed cluster (its L2 entry).
+    Compressed(u64),
+    /// Reads as zeros.
+    Zero,
+    /// Not allocated in this file: read through the backing file.
+    Unalloc,
+}
+
+impl Seg {
+    fn class(self) -> u8 {
+        match self {
+            Seg::Host(_) | Seg::Compressed(_) => 0,
+            Seg::Zero => 1,
+            Seg::Unalloc => 2,
+        }
+    }
+}
+
+/// Grows the run started at `start` by `seg` found at `at`, if they go together: same class when
+/// classifying extents; contiguous host bytes, zeros or unallocated when reading.
+fn merge(first: &mut Option<Seg>, seg: Seg, start: u64, at: u64, extent_mode: bool) -> bool {
+    match *first {
+        None => {
+            *first = Some(seg);
+            true
+        }
+        Some(f) if extent_mode => f.class() == seg.class(),
+        Some(Seg::Host(h0)) => match seg {
+            Seg::Host(h) => h0.checked_add(at - start) == Some(h),
+            _ => false,
+        },
+        Some(Seg::Zero) => seg == Seg::Zero,
+        Some(Seg::Unalloc) => seg == Seg::Unalloc,
+        Some(Seg::Compressed(_)) => false,
+    }
+}
+
+thread_local! {
+    static ZSTD: RefCell<Option<zstd::stream::raw::Decoder<'static>>> = const { RefCell::new(None) };
+}
+
+/// An opened qcow2 file (one layer of a chain; its backing file below it).
+pub struct Qcow2Source {
+    file: File,
+    path: PathBuf,
+    file_size: u64,
+    cluster_bits: u32,
+    extended_l2: bool,
+    /// Version 3 without extended L2: bit 0 of an L2 entry means "reads as zeros".
+    zero_flag: bool,
+    compression: Compression,
+    virtual_size: u64,
+    /// The L1 table read (the active one, or the selected snapshot's).
+    l1: Vec<u64>,
+    backing: Option<Box<dyn BlockSource>>,
+    l2_cache: RwLock<HashMap<u64, Arc<[u64]>>>,
 }
 
 impl Qcow2Source {
-    fn cs(&self) -> u64 {
-        1 << self.cluster_bits
+    fn cluster_size(&self) -> u64 {
+        1u64 << self.cluster_bits
     }
 
-    /// Guest units one L2 table covers.
-    fn l2_span_units(&self) -> u64 {
-        let entries = self.cs() / if self.extended_l2 { 16 } else { 8 };
-        entries << (self.cluster_bits - self.unit_bits)
+    fn corrupt_at(&self, guest: u64, what: impl std::fmt::Display) -> Error {
+        Error::corrupt(&self.path, format!("guest offset {guest}: {what}"))
     }
 
-    fn l2_table(&self, l2_offset: u64, guest: u64) -> Result<Arc<[u64]>> {
-        if let Some(t) = self
-            .cache
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&l2_offset)
+    /// The L2 table at host offset `off` (as u64 entries; pairs for extended L2).
+    fn l2_table(&self, off: u64, guest: u64) -> Result<Arc<[u64]>> {
         {
-            return Ok(t.clone());
+            let cache = self.l2_cache.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(t) = cache.get(&off) {
+                return Ok(t.clone());
+            }
         }
-        let cs = self.cs();
-        if !l2_offset.is_multiple_of(cs)
-            || l2_offset < cs
-            || l2_offset.saturating_add(cs) > self.file_len
-        {
-            return Err(Error::corrupt(&self.path, format!("the L1 entry for guest offset {guest} points to {l2_offset}, unaligned or outside the file")));
+        let cs = self.cluster_size();
+        if !off.is_multiple_of(cs) || off.checked_add(cs).is_none_or(|e| e > self.file_size) {
+            return Err(self.corrupt_at(
+                guest,
+                format!("its L2 table offset {off} is unaligned or past the end of the file"),
+            ));
         }
-        let mut raw = vec![0u8; cs as usize];
-        read_full_at(&self.file, &mut raw, l2_offset).map_err(|e| {
+        let mut buf = vec![0u8; cs as usize];
+        let n = format::read_full_at(&self.file, &mut buf, off)
+            .map_err(|e| Error::io(&self.path, &format!("reading the L2 table at {off}"), e))?;
+        if n < buf.len() {
+            return Err(self.corrupt_at(
+                guest,
+                format!("its L2 table at {off} runs past the end of the file"),
+            ));
+        }
+        let table: Arc<[u64]> = buf
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        let mut cache = self.l2_cache.write().unwrap_or_else(|e| e.into_inner());
+        let max = (L2_CACHE_BYTES / cs).max(1) as usize;
+        if cache.len() >= max {
+            cache.clear();
+        }
+        cache.insert(off, table.clone());
+        Ok(table)
+    }
+
+    fn check_host(&self, host: u64, guest: u64) -> Result<()> {
+        if !host.is_multiple_of(self.cluster_size()) {
+            return Err(self.corrupt_at(
+                guest,
+                format!("its L2 entry has the unaligned host offset {host}"),
+            ));
+        }
+        if host >= self.file_size {
+            return Err(self.corrupt_at(
+                guest,
+                format!(
+                    "its L2 entry points at host offset {host}, past the end of the file ({} bytes)",
+                    self.file_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Host offset and stored length of a compressed cluster.
+    fn compressed_loc(&self, entry: u64, guest: u64) -> Result<(u64, u64)> {
+        let x = 62 - (self.cluster_bits - 8);
+        let off = entry & ((1u64 << x) - 1);
+        let sectors = (entry >> x) & ((1u64 << (self.cluster_bits - 8)) - 1);
+        let len = (sectors + 1) * 512 - (off & 511);
+        if off < self.cluster_size() {
+            return Err(self.corrupt_at(
+                guest,
+                format!("its compressed cluster at host offset {off} lies in the header cluster"),
+            ));
+        }
+        if off >= self.file_size {
+            return Err(self.corrupt_at(
+                guest,
+                format!("its compressed cluster at host offset {off} is past the end of the file"),
+            ));
+        }
+        Ok((off, len))
+    }
+
+    /// The longest run from `pos` (before `limit`) with one mapping in this file. In extent mode,
+    /// runs of one class merge (all data, all zero, all unallocated); when reading, only
+    /// host-contiguous data, zeros or unallocated ranges merge, and a compressed cluster stands alone.
+    fn walk(&self, pos: u64, limit: u64, extent_mode: bool) -> Result<(Seg, u64)> {
+        let cb = self.cluster_bits;
+        let cs = self.cluster_size();
+        let l2b = l2_bits(cb, self.extended_l2);
+        let l1_shift = cb + l2b;
+        let n_l2 = 1usize << l2b;
+        let mut first: Option<Seg> = None;
+        let mut cur = pos;
+        'outer: while cur < limit {
+            let l1_idx = cur >> l1_shift;
+            let l1e = usize::try_from(l1_idx)
+                .ok()
+                .and_then(|i| self.l1.get(i))
+                .copied()
+                .ok_or_else(|| self.corrupt_at(cur, "no L1 entry covers it"))?;
+            let l2_off = l1e & L1E_OFFSET_MASK;
+            if l2_off == 0 {
+                if !merge(&mut first, Seg::Unalloc, pos, cur, extent_mode) {
+                    break;
+                }
+                cur = ((l1_idx + 1) << l1_shift).min(limit);
+                continue;
+            }
+            let l2 = self.l2_table(l2_off, cur)?;
+            let mut idx = ((cur >> cb) as usize) & (n_l2 - 1);
+            while cur < limit && idx < n_l2 {
+                let cstart = cur & !(cs - 1);
+                let cend = cstart.saturating_add(cs).min(limit);
+                let (entry, bitmap) = if self.extended_l2 {
+                    (l2[2 * idx], l2[2 * idx + 1])
+                } else {
+                    (l2[idx], 0)
+                };
+                if entry & OFLAG_COMPRESSED != 0 {
+                    self.compressed_loc(entry, cur)?;
+                    if !merge(&mut first, Seg::Compressed(entry), pos, cur, extent_mode) {
+                        break 'outer;
+                    }
+                    cur = cend;
+                    idx += 1;
+                    continue;
+                }
+                let host = entry & L2E_OFFSET_MASK;
+                if !self.extended_l2 {
+                    let seg = if self.zero_flag && entry & OFLAG_ZERO != 0 {
+                        Seg::Zero
+                    } else if host == 0 {
+                        Seg::Unalloc
+                    } else {
+                        self.check_host(host, cur)?;
+                        Seg::Host(host + (cur - cstart))
+                    };
+                    if !merge(&mut first, seg, pos, cur, extent_mode) {
+                        break 'outer;
+                    }
+                    cur = cend;
+                    idx += 1;
+                    continue;
+                }
+                // Extended L2: 32 subclusters, allocation bits 0-31, zero bits 32-63.
+                let sc_bits = cb - 5;
+                while cur < cend {
+                    let sc = (cur - cstart) >> sc_bits;
+                    let alloc = (bitmap >> sc) & 1 != 0;
+                    let zero = (bitmap >> (32 + sc)) & 1 != 0;
+                    let seg = match (alloc, zero) {
+                        (true, true) => {
+                            return Err(self.corrupt_at(
+                                cur,
+                                "its subcluster is marked both allocated and zero",
+                            ))
+                        }
+                        (false, true) => Seg::Zero,
+                        (true, false) => {
+                            if host == 0 {
+                                return Err(self.corrupt_at(
+                                    cur,
+                                    "its subcluster is allocated but the cluster has no host offset",
+                                ));
+                            }
+                            self.check_host(host, cur)?;
+                            Seg::Host(host + (cur - cstart))
+                        }
+                        (false, false) => Seg::Unalloc,
+                    };
+                    if !merge(&mut first, seg, pos, cur, extent_mode) {
+                        break 'outer;
+                    }
+                    cur = (cstart + ((sc + 1) << sc_bits)).min(cend);
+                }
+                idx += 1;
+            }
+        }
+        match first {
+            Some(s) if cur > pos => Ok((s, cur)),
+            _ => Err(Error::new(
+                Code::Internal,
+                format!("{}: empty mapping run at {pos}", self.path.display()),
+            )),
+        }
+    }
+
+    /// One extent from `pos`: this file's run, resolved through the backing file where unallocated.
+    fn extent_once(&self, pos: u64, limit: u64) -> Result<Extent> {
+        let (seg, end) = self.walk(pos, limit, true)?;
+        let kind = match seg {
+            Seg::Host(_) | Seg::Compressed(_) => ExtentKind::Data,
+            Seg::Zero => ExtentKind::Zero,
+            Seg::Unalloc => match &self.backing {
+                None => ExtentKind::Unallocated,
+                Some(b) => {
+                    let bsize = b.virtual_size();
+                    if pos >= bsize {
+                        ExtentKind::Zero
+                    } else {
+                        let e = b.extent(pos, end.min(bsize) - pos)?;
+                        return Ok(Extent {
+                            start: pos,
+                            len: e.len.min(end - pos),
+                            kind: e.kind,
+                        });
+                    }
+                }
+            },
+        };
+        Ok(Extent {
+            start: pos,
+            len: end - pos,
+            kind,
+        })
+    }
+
+    fn read_host(&self, host: u64, out: &mut [u8], guest: u64) -> Result<()> {
+        let n = format::read_full_at(&self.file, out, host).map_err(|e| {
             Error::io(
                 &self.path,
-                &format!("reading the L2 table at {l2_offset}"),
+                &format!("reading {} bytes at host offset {host}", out.len()),
                 e,
             )
         })?;
-        let t: Arc<[u64]> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
-        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
-        if self.cached.fetch_add(cs as usize, Ordering::Relaxed) > L2_CACHE_BYTES {
-            cache.clear();
-            self.cached.store(cs as usize, Ordering::Relaxed);
+        if n == 0 && !out.is_empty() {
+            return Err(self.corrupt_at(
+                guest,
+                format!("its data at host offset {host} is past the end of the file"),
+            ));
         }
-        cache.insert(l2_offset, t.clone());
-        Ok(t)
+        // A last cluster cut short by the end of the file reads as zeros past it, as in qemu.
+        out[n..].fill(0);
+        Ok(())
     }
 
-    /// The unit holding guest offset `pos` and how many following units (in the same L2 table) the
-    /// answer is known to hold for when the L1 entry is empty.
-    fn unit(&self, pos: u64) -> Result<(Unit, u64)> {
-        let ui = pos >> self.unit_bits;
-        let span = self.l2_span_units();
-        let l1i = (ui / span) as usize;
-        let l1e = self.l1.get(l1i).copied().unwrap_or(0);
-        let l2_offset = l1e & L1E_OFFSET_MASK;
-        if l2_offset == 0 {
-            return Ok((Unit::Unallocated, span - ui % span));
-        }
-        let t = self.l2_table(l2_offset, pos)?;
-        let in_table = ui % span;
-        let per_cluster_units = 1u64 << (self.cluster_bits - self.unit_bits);
-        let ci = (in_table / per_cluster_units) as usize;
-        let cs = self.cs();
-        let (entry, bitmap) = if self.extended_l2 {
-            (t[2 * ci], t[2 * ci + 1])
-        } else {
-            (t[ci], 0)
-        };
-        if entry & OFLAG_COMPRESSED != 0 {
-            return Ok((Unit::Compressed(entry & !OFLAG_COMPRESSED), 1));
-        }
-        let host = entry & L2E_OFFSET_MASK;
-        let check = |h: u64| -> Result<u64> {
-            if h < cs || h >= self.file_len || !h.is_multiple_of(cs) && !self.extended_l2 {
-                Err(Error::corrupt(&self.path, format!("the L2 entry for guest offset {pos} points to host offset {h}, outside the file's data")))
-            } else {
-                Ok(h)
-            }
-        };
-        if self.extended_l2 {
-            let sub = in_table % per_cluster_units;
-            let u = if bitmap >> (32 + sub) & 1 == 1 {
-                Unit::Zero
-            } else if bitmap >> sub & 1 == 1 {
-                Unit::Data(check(host)? + (sub << self.unit_bits))
-            } else {
-                Unit::Unallocated
-            };
-            return Ok((u, 1));
-        }
-        let u = if entry & OFLAG_ZERO != 0 {
-            Unit::Zero
-        } else if host != 0 {
-            Unit::Data(check(host)?)
-        } else {
-            Unit::Unallocated
-        };
-        Ok((u, 1))
-    }
-
-    /// Kind of `[pos, limit)` for an unallocated unit: through the backing file, if any.
-    fn below(&self, pos: u64, limit: u64) -> Result<(ExtentKind, u64)> {
+    fn read_backing(&self, pos: u64, out: &mut [u8]) -> Result<()> {
         match &self.backing {
-            Some(b) if pos < self.backing_size => {
-                let e = b.extent(pos, limit.min(self.backing_size) - pos)?;
-                Ok((e.kind, e.end()))
-            }
-            // Past a shorter backing file: zeros (qemu reads them as such).
-            Some(_) => Ok((ExtentKind::Zero, limit)),
-            None => Ok((ExtentKind::Unallocated, limit)),
-        }
-    }
-
-    fn decompress(&self, desc: u64, pos: u64, out: &mut [u8]) -> Result<()> {
-        let cb = self.cluster_bits;
-        let x = 62 - (cb - 8);
-        let coff = desc & ((1u64 << x) - 1);
-        let sectors = ((desc >> x) & ((1u64 << (cb - 8)) - 1)) + 1;
-        let csize = (sectors * 512 - (coff & 511)).min(self.file_len.saturating_sub(coff));
-        if coff < self.cs() || coff >= self.file_len || csize == 0 {
-            return Err(Error::corrupt(&self.path, format!("the compressed cluster for guest offset {pos} points to {coff}, outside the file")));
-        }
-        let mut input = vec![0u8; csize as usize];
-        let n = read_full_at(&self.file, &mut input, coff)
-            .map_err(|e| Error::io(&self.path, &format!("reading compressed data at {coff}"), e))?;
-        input.truncate(n);
-        let bad = |why: String| {
-            Error::corrupt(
-                &self.path,
-                format!("the compressed cluster for guest offset {pos} does not decompress: {why}"),
-            )
-        };
-        if self.zstd {
-            let frame = zstd::zstd_safe::find_frame_compressed_size(&input)
-                .map_err(|c| bad(zstd::zstd_safe::get_error_name(c).to_string()))?;
-            let mut d = zstd::bulk::Decompressor::new().map_err(|e| bad(e.to_string()))?;
-            let got = d
-                .decompress_to_buffer(&input[..frame.min(input.len())], out)
-                .map_err(|e| bad(e.to_string()))?;
-            if got != out.len() {
-                return Err(bad(format!("{got} bytes instead of {}", out.len())));
-            }
-        } else {
-            let mut z = flate2::Decompress::new(false);
-            let st = z
-                .decompress(&input, out, flate2::FlushDecompress::Finish)
-                .map_err(|e| bad(e.to_string()))?;
-            if z.total_out() != out.len() as u64 {
-                return Err(bad(format!(
-                    "{} bytes instead of {} ({st:?})",
-                    z.total_out(),
-                    out.len()
-                )));
+            None => out.fill(0),
+            Some(b) => {
+                let bsize = b.virtual_size();
+                let n = if pos >= bsize {
+                    0
+                } else {
+                    (bsize - pos).min(out.len() as u64) as usize
+                };
+                if n > 0 {
+                    b.read_at(pos, &mut out[..n])?;
+                }
+                out[n..].fill(0);
             }
         }
         Ok(())
+    }
+
+    /// Decompresses the cluster of `entry` (guest cluster at `guest`) into `out` (one cluster).
+    fn decompress(&self, entry: u64, guest: u64, out: &mut [u8]) -> Result<()> {
+        let (off, len) = self.compressed_loc(entry, guest)?;
+        let avail = len.min(self.file_size - off) as usize;
+        let mut input = vec![0u8; avail];
+        let n = format::read_full_at(&self.file, &mut input, off).map_err(|e| {
+            Error::io(
+                &self.path,
+                &format!("reading the compressed cluster at {off}"),
+                e,
+            )
+        })?;
+        input.truncate(n);
+        let cap = out.len();
+        let fail = |why: String| {
+            self.corrupt_at(
+                guest,
+                format!(
+                    "its compressed cluster (host offset {off}, {len} bytes) does not decompress to one {cap}-byte cluster: {why}"
+                ),
+            )
+        };
+        match self.compression {
+            Compression::Zlib => {
+                let mut d = flate2::Decompress::new(false);
+                match d.decompress(&input, out, flate2::FlushDecompress::Finish) {
+                    Ok(_) if d.total_out() == out.len() as u64 => Ok(()),
+                    Ok(_) => Err(fail(format!(
+                        "deflate data ended after {} bytes",
+                        d.total_out()
+                    ))),
+                    Err(e) => Err(fail(format!("deflate error: {e}"))),
+                }
+            }
+            Compression::Zstd => ZSTD.with(|cell| {
+                use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+                let mut slot = cell.borrow_mut();
+                if slot.is_none() {
+                    *slot = Some(Decoder::new().map_err(|e| fail(format!("zstd: {e}")))?);
+                }
+                let Some(dec) = slot.as_mut() else {
+                    return Err(fail("zstd decoder unavailable".into()));
+                };
+                dec.reinit().map_err(|e| fail(format!("zstd: {e}")))?;
+                let mut inb = InBuffer::around(&input);
+                let mut outb = OutBuffer::around(&mut *out);
+                let mut hint = 1usize;
+                while outb.pos() < cap {
+                    let (li, lo) = (inb.pos(), outb.pos());
+                    hint = match dec.run(&mut inb, &mut outb) {
+                        Ok(h) => h,
+                        Err(e) => {
+                            // The decoder may hold a half-decoded frame: start afresh next time.
+                            *slot = None;
+                            return Err(fail(format!("zstd error: {e}")));
+                        }
+                    };
+                    if inb.pos() <= li && outb.pos() <= lo {
+                        let got = outb.pos();
+                        return Err(fail(format!("zstd data ended after {got} bytes")));
+                    }
+                }
+                if hint > 0 {
+                    return Err(fail("the zstd frame is longer than one cluster".into()));
+                }
+                Ok(())
+            }),
+        }
     }
 }
 
 impl BlockSource for Qcow2Source {
     fn virtual_size(&self) -> u64 {
-        self.size
+        self.virtual_size
     }
 
     fn extent(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        let end = self.size.min(offset.saturating_add(max_len));
-        if offset >= end {
+        let limit = self.virtual_size.min(offset.saturating_add(max_len));
+        if offset >= limit {
             return Err(Error::new(
                 Code::Internal,
                 format!(
@@ -724,102 +1115,54 @@ impl BlockSource for Qcow2Source {
                 ),
             ));
         }
-        let mut pos = offset;
-        let mut kind = None;
-        while pos < end {
-            let unit = 1u64 << self.unit_bits;
-            let (u, units) = self.unit(pos)?;
-            let unit_end = ((pos >> self.unit_bits) + units)
-                .saturating_mul(unit)
-                .min(end);
-            let (k, k_end) = match u {
-                Unit::Data(_) | Unit::Compressed(_) => (ExtentKind::Data, unit_end),
-                Unit::Zero => (ExtentKind::Zero, unit_end),
-                Unit::Unallocated => self.below(pos, unit_end)?,
-            };
-            match kind {
-                None => kind = Some(k),
-                Some(prev) if prev != k => break,
-                _ => {}
-            }
-            pos = k_end;
-            if k_end < unit_end {
+        let first = self.extent_once(offset, limit)?;
+        let mut end = first.end();
+        while end < limit {
+            let next = self.extent_once(end, limit)?;
+            if next.kind != first.kind {
                 break;
             }
+            end = next.end();
         }
-        let kind = kind.unwrap_or(ExtentKind::Unallocated);
         Ok(Extent {
             start: offset,
-            len: pos.min(end) - offset,
-            kind,
+            len: end - offset,
+            kind: first.kind,
         })
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let end = offset
             .checked_add(buf.len() as u64)
-            .filter(|&e| e <= self.size)
+            .filter(|&e| e <= self.virtual_size)
             .ok_or_else(|| {
                 Error::new(
                     Code::Internal,
-                    format!("{}: read at {offset} past the end", self.path.display()),
+                    format!(
+                        "{}: read of {} bytes at {offset} passes the virtual size {}",
+                        self.path.display(),
+                        buf.len(),
+                        self.virtual_size
+                    ),
                 )
             })?;
-        let unit = 1u64 << self.unit_bits;
+        let cs = self.cluster_size();
+        let mut cluster: Vec<u8> = Vec::new();
         let mut pos = offset;
-        let mut cluster_buf: Vec<u8> = Vec::new();
         while pos < end {
-            let (u, units) = self.unit(pos)?;
-            let mut seg_end = ((pos >> self.unit_bits) + units)
-                .saturating_mul(unit)
-                .min(end);
-            let at = (pos - offset) as usize;
-            match u {
-                Unit::Data(host) => {
-                    // Coalesce following units that are contiguous on the host.
-                    let mut host_end = host + (seg_end - (pos & !(unit - 1)));
-                    while seg_end < end {
-                        match self.unit(seg_end)? {
-                            (Unit::Data(h), _) if h == host_end => {
-                                let next = (seg_end + unit).min(end);
-                                host_end += next - seg_end;
-                                seg_end = next;
-                            }
-                            _ => break,
-                        }
-                    }
-                    let from = host + (pos & (unit - 1));
-                    let dst = &mut buf[at..(seg_end - offset) as usize];
-                    let n = read_full_at(&self.file, dst, from).map_err(|e| {
-                        Error::io(
-                            &self.path,
-                            &format!("reading {} bytes at host offset {from}", dst.len()),
-                            e,
-                        )
-                    })?;
-                    // qemu reads a cluster cut short by the end of the file as zeros.
-                    dst[n..].fill(0);
+            let (seg, seg_end) = self.walk(pos, end, false)?;
+            let out = &mut buf[(pos - offset) as usize..(seg_end - offset) as usize];
+            match seg {
+                Seg::Host(h) => self.read_host(h, out, pos)?,
+                Seg::Compressed(e) => {
+                    cluster.resize(cs as usize, 0);
+                    let cstart = pos & !(cs - 1);
+                    self.decompress(e, cstart, &mut cluster)?;
+                    let at = (pos - cstart) as usize;
+                    out.copy_from_slice(&cluster[at..at + out.len()]);
                 }
-                Unit::Compressed(desc) => {
-                    cluster_buf.resize(self.cs() as usize, 0);
-                    self.decompress(desc, pos, &mut cluster_buf)?;
-                    let in_c = (pos & (self.cs() - 1)) as usize;
-                    seg_end = (pos - in_c as u64 + self.cs()).min(end);
-                    let len = (seg_end - pos) as usize;
-                    buf[at..at + len].copy_from_slice(&cluster_buf[in_c..in_c + len]);
-                }
-                Unit::Zero => buf[at..(seg_end - offset) as usize].fill(0),
-                Unit::Unallocated => {
-                    let dst = &mut buf[at..(seg_end - offset) as usize];
-                    match &self.backing {
-                        Some(b) if pos < self.backing_size => {
-                            let split = (seg_end.min(self.backing_size) - pos) as usize;
-                            b.read_at(pos, &mut dst[..split])?;
-                            dst[split..].fill(0);
-                        }
-                        _ => dst.fill(0),
-                    }
-                }
+                Seg::Zero => out.fill(0),
+                Seg::Unalloc => self.read_backing(pos, out)?,
             }
             pos = seg_end;
         }
@@ -830,115 +1173,388 @@ impl BlockSource for Qcow2Source {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
-    /// A minimal valid v3 header: 64 KiB clusters, 1 GiB, L1 of 2 entries at cluster 3.
-    fn header() -> Vec<u8> {
-        let mut h = vec![0u8; 65536];
-        h[0..4].copy_from_slice(&MAGIC.to_be_bytes());
-        h[4..8].copy_from_slice(&3u32.to_be_bytes());
-        h[20..24].copy_from_slice(&16u32.to_be_bytes());
-        h[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
-        h[36..40].copy_from_slice(&2u32.to_be_bytes());
-        h[40..48].copy_from_slice(&(3u64 << 16).to_be_bytes());
-        h[96..100].copy_from_slice(&4u32.to_be_bytes());
-        h[100..104].copy_from_slice(&112u32.to_be_bytes());
-        h
+    const CB: u32 = 16;
+    const CS: usize = 1 << CB;
+
+    fn put32(b: &mut [u8], off: usize, v: u32) {
+        b[off..off + 4].copy_from_slice(&v.to_be_bytes());
     }
 
-    fn parse(h: &[u8]) -> Result<Header> {
-        parse_header(h, Path::new("t.qcow2"), 1 << 20)
+    fn put64(b: &mut [u8], off: usize, v: u64) {
+        b[off..off + 8].copy_from_slice(&v.to_be_bytes());
     }
 
-    fn code(h: &[u8]) -> Code {
-        parse(h).unwrap_err().code()
+    /// A valid empty 1 MiB image: header cluster, L1 cluster (one entry), a spare cluster for an
+    /// L2 table and three for data.
+    fn base(version: u32) -> Vec<u8> {
+        let mut b = vec![0u8; 6 * CS];
+        put32(&mut b, 0, MAGIC);
+        put32(&mut b, 4, version);
+        put32(&mut b, 20, CB);
+        put64(&mut b, 24, 1 << 20);
+        put32(&mut b, 36, 1);
+        put64(&mut b, 40, CS as u64);
+        put64(&mut b, 48, 5 * CS as u64);
+        put32(&mut b, 56, 1);
+        if version == 3 {
+            put32(&mut b, 96, 4);
+            put32(&mut b, 100, 112);
+        }
+        b
     }
 
-    #[test]
-    fn a_valid_header_parses() {
-        let h = parse(&header()).unwrap();
-        assert_eq!(
-            (h.version, h.cluster_bits, h.size, h.l1_size),
-            (3, 16, 1 << 30, 2)
-        );
-        assert!(!h.zstd && !h.extended_l2 && h.backing.is_none());
+    fn open_bytes(bytes: &[u8]) -> Result<Opened> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.qcow2");
+        std::fs::File::create(&p).unwrap().write_all(bytes).unwrap();
+        let f = File::open(&p).unwrap();
+        open(f, &p, None)
     }
 
-    #[test]
-    fn each_bad_field_is_named() {
-        let set = |at: usize, bytes: &[u8]| {
-            let mut h = header();
-            h[at..at + bytes.len()].copy_from_slice(bytes);
-            h
-        };
-        assert_eq!(code(&set(0, b"QFI\0")), Code::SnapshotCorrupt);
-        assert_eq!(
-            code(&set(4, &1u32.to_be_bytes())),
-            Code::SnapshotUnsupported
-        );
-        assert_eq!(
-            code(&set(4, &4u32.to_be_bytes())),
-            Code::SnapshotUnsupported
-        );
-        assert_eq!(code(&set(20, &8u32.to_be_bytes())), Code::SnapshotCorrupt);
-        assert_eq!(code(&set(20, &22u32.to_be_bytes())), Code::SnapshotCorrupt);
-        assert_eq!(
-            code(&set(32, &1u32.to_be_bytes())),
-            Code::SnapshotUnsupported
-        );
-        assert_eq!(
-            code(&set(36, &u32::MAX.to_be_bytes())),
-            Code::SnapshotCorrupt
-        );
-        assert_eq!(code(&set(36, &1u32.to_be_bytes())), Code::SnapshotCorrupt);
-        assert_eq!(code(&set(40, &100u64.to_be_bytes())), Code::SnapshotCorrupt);
-        assert_eq!(
-            code(&set(40, &(1u64 << 40).to_be_bytes())),
-            Code::SnapshotCorrupt
-        );
-        assert_eq!(
-            code(&set(72, &(1u64 << 1).to_be_bytes())),
-            Code::SnapshotCorrupt
-        );
-        assert_eq!(
-            code(&set(72, &(1u64 << 2).to_be_bytes())),
-            Code::SnapshotUnsupported
-        );
-        assert_eq!(
-            code(&set(72, &(1u64 << 9).to_be_bytes())),
-            Code::SnapshotUnsupported
-        );
-        assert_eq!(code(&set(96, &7u32.to_be_bytes())), Code::SnapshotCorrupt);
-        assert_eq!(code(&set(100, &50u32.to_be_bytes())), Code::SnapshotCorrupt);
-        assert_eq!(code(&set(104, &[2])), Code::SnapshotUnsupported);
-        assert_eq!(
-            code(&set(60, &100_000u32.to_be_bytes())),
-            Code::SnapshotCorrupt
-        );
-        // A backing name of 2000 bytes.
-        let mut h = set(8, &512u64.to_be_bytes());
-        h[16..20].copy_from_slice(&2000u32.to_be_bytes());
-        assert!(parse(&h)
-            .unwrap_err()
-            .message()
-            .contains("backing file name"));
-        assert!(parse(&set(24, &u64::MAX.to_be_bytes()))
-            .unwrap_err()
-            .message()
-            .contains("size"));
+    fn err(bytes: &[u8]) -> Error {
+        match open_bytes(bytes) {
+            Ok(_) => panic!("opened"),
+            Err(e) => e,
+        }
+    }
+
+    fn read_all(o: &Opened) -> Result<Vec<u8>> {
+        let mut v = vec![0u8; o.source.virtual_size() as usize];
+        o.source.read_at(0, &mut v)?;
+        Ok(v)
     }
 
     #[test]
-    fn extensions_give_the_backing_format_and_refuse_data_files() {
-        let mut h = header();
-        h[112..116].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
-        h[116..120].copy_from_slice(&3u32.to_be_bytes());
-        h[120..123].copy_from_slice(b"raw");
-        assert_eq!(parse(&h).unwrap().backing_format.as_deref(), Some("raw"));
-        h[112..116].copy_from_slice(&EXT_DATA_FILE.to_be_bytes());
-        assert_eq!(code(&h), Code::SnapshotUnsupported);
-        // An extension that claims to run past the cluster.
-        h[112..116].copy_from_slice(&0x1234u32.to_be_bytes());
-        h[116..120].copy_from_slice(&70_000u32.to_be_bytes());
-        assert_eq!(code(&h), Code::SnapshotCorrupt);
+    fn empty_v2_and_v3_images_read_zeros() {
+        for v in [2, 3] {
+            let o = open_bytes(&base(v)).unwrap();
+            assert_eq!(o.info.virtual_size, 1 << 20);
+            assert_eq!(o.info.format, Format::Qcow2);
+            assert_eq!(o.info.chain.len(), 1);
+            let e = o.source.extent(0, u64::MAX).unwrap();
+            assert_eq!(e.kind, ExtentKind::Unallocated);
+            assert_eq!(e.len, 1 << 20);
+            assert!(read_all(&o).unwrap().iter().all(|&b| b == 0));
+        }
+    }
+
+    #[test]
+    fn bad_magic_is_corrupt() {
+        let mut b = base(3);
+        b[0] = b'X';
+        assert_eq!(err(&b).code(), Code::SnapshotCorrupt);
+    }
+
+    #[test]
+    fn versions_1_and_4_are_unsupported() {
+        for v in [1, 4] {
+            let mut b = base(3);
+            put32(&mut b, 4, v);
+            let e = err(&b);
+            assert_eq!(e.code(), Code::SnapshotUnsupported, "{e}");
+            assert!(e.message().contains(&format!("version {v}")));
+        }
+    }
+
+    #[test]
+    fn cluster_bits_8_and_22_are_unsupported() {
+        for cb in [8, 22] {
+            let mut b = base(3);
+            put32(&mut b, 20, cb);
+            let e = err(&b);
+            assert_eq!(e.code(), Code::SnapshotUnsupported, "{e}");
+        }
+    }
+
+    #[test]
+    fn huge_or_short_l1_is_corrupt() {
+        let mut b = base(3);
+        put32(&mut b, 36, u32::MAX);
+        assert_eq!(err(&b).code(), Code::SnapshotCorrupt);
+        let mut b = base(3);
+        put32(&mut b, 36, 0);
+        assert_eq!(err(&b).code(), Code::SnapshotCorrupt);
+        // L1 past the end of the file.
+        let mut b = base(3);
+        put32(&mut b, 36, 100_000);
+        put64(&mut b, 24, 1 << 40);
+        assert_eq!(err(&b).code(), Code::SnapshotCorrupt);
+        // Unaligned L1.
+        let mut b = base(3);
+        put64(&mut b, 40, CS as u64 + 8);
+        assert_eq!(err(&b).code(), Code::SnapshotCorrupt);
+        // Too large a virtual size for any L1.
+        let mut b = base(3);
+        put64(&mut b, 24, u64::MAX);
+        assert_eq!(err(&b).code(), Code::SnapshotCorrupt);
+    }
+
+    #[test]
+    fn incompatible_bits() {
+        let mut b = base(3);
+        put64(&mut b, 72, 1 << 5);
+        let e = err(&b);
+        assert_eq!(e.code(), Code::SnapshotUnsupported);
+        assert!(e.message().contains("bit 5"), "{e}");
+        let mut b = base(3);
+        put64(&mut b, 72, INCOMPAT_CORRUPT);
+        assert_eq!(err(&b).code(), Code::SnapshotCorrupt);
+        let mut b = base(3);
+        put64(&mut b, 72, INCOMPAT_DATA_FILE);
+        assert_eq!(err(&b).code(), Code::SnapshotUnsupported);
+        let mut b = base(3);
+        put64(&mut b, 72, INCOMPAT_DIRTY);
+        assert!(open_bytes(&b).is_ok());
+    }
+
+    #[test]
+    fn encryption_is_unsupported() {
+        for m in [1, 2] {
+            let mut b = base(3);
+            put32(&mut b, 32, m);
+            let e = err(&b);
+            assert_eq!(e.code(), Code::SnapshotUnsupported);
+            assert!(e.message().contains("encrypted"), "{e}");
+        }
+    }
+
+    #[test]
+    fn compression_type_is_checked() {
+        let mut b = base(3);
+        put64(&mut b, 72, INCOMPAT_COMPRESSION);
+        b[104] = 2;
+        assert_eq!(err(&b).code(), Code::SnapshotUnsupported);
+        // zstd without the feature bit.
+        let mut b = base(3);
+        b[104] = 1;
+        assert_eq!(err(&b).code(), Code::SnapshotCorrupt);
+        let mut b = base(3);
+        put64(&mut b, 72, INCOMPAT_COMPRESSION);
+        b[104] = 1;
+        assert!(open_bytes(&b).is_ok());
+    }
+
+    #[test]
+    fn header_length_and_refcount_order_are_checked() {
+        let mut b = base(3);
+        put32(&mut b, 100, 100);
+        assert_eq!(err(&b).code(), Code::SnapshotCorrupt);
+        let mut b = base(3);
+        put32(&mut b, 100, CS as u32 + 8);
+        assert_eq!(err(&b).code(), Code::SnapshotCorrupt);
+        let mut b = base(3);
+        put32(&mut b, 96, 7);
+        assert_eq!(err(&b).code(), Code::SnapshotCorrupt);
+        let mut b = base(3);
+        put32(&mut b, 96, 0);
+        assert!(open_bytes(&b).is_ok());
+    }
+
+    #[test]
+    fn snapshot_count_is_bounded() {
+        let mut b = base(3);
+        put32(&mut b, 60, MAX_SNAPSHOTS + 1);
+        put64(&mut b, 64, 4 * CS as u64);
+        assert_eq!(err(&b).code(), Code::SnapshotCorrupt);
+    }
+
+    #[test]
+    fn header_extensions() {
+        // An external data file extension.
+        let mut b = base(3);
+        put32(&mut b, 112, EXT_DATA_FILE);
+        put32(&mut b, 116, 4);
+        b[120..124].copy_from_slice(b"data");
+        assert_eq!(err(&b).code(), Code::SnapshotUnsupported);
+        // An unknown extension is skipped; one running past the cluster is corrupt.
+        let mut b = base(3);
+        put32(&mut b, 112, 0x1234_5678);
+        put32(&mut b, 116, 5);
+        assert!(open_bytes(&b).is_ok());
+        put32(&mut b, 116, CS as u32);
+        assert_eq!(err(&b).code(), Code::SnapshotCorrupt);
+        // Unknown incompatible bit named through the feature table.
+        let mut b = base(3);
+        put64(&mut b, 72, 1 << 9);
+        put32(&mut b, 112, EXT_FEATURE_TABLE);
+        put32(&mut b, 116, 48);
+        b[120] = 0;
+        b[121] = 9;
+        b[122..129].copy_from_slice(b"frobbed");
+        let e = err(&b);
+        assert!(e.message().contains("bit 9 (frobbed)"), "{e}");
+    }
+
+    #[test]
+    fn backing_names_are_checked() {
+        let mut b = base(3);
+        put64(&mut b, 8, 1024);
+        put32(&mut b, 16, 2000);
+        assert_eq!(err(&b).code(), Code::SnapshotCorrupt);
+        let mut b = base(3);
+        put64(&mut b, 8, CS as u64 - 4);
+        put32(&mut b, 16, 10);
+        assert_eq!(err(&b).code(), Code::SnapshotCorrupt);
+        for name in ["nbd:localhost:10809", "http://x/y.qcow2", "json:{}"] {
+            let mut b = base(3);
+            put64(&mut b, 8, 1024);
+            put32(&mut b, 16, name.len() as u32);
+            b[1024..1024 + name.len()].copy_from_slice(name.as_bytes());
+            assert_eq!(err(&b).code(), Code::SnapshotUnsupported, "{name}");
+        }
+        let mut b = base(3);
+        put64(&mut b, 8, 1024);
+        put32(&mut b, 16, 11);
+        b[1024..1035].copy_from_slice(b"missing.raw");
+        let e = err(&b);
+        assert_eq!(e.code(), Code::SnapshotNotFound);
+        assert!(e.message().contains("t.qcow2"), "{e}");
+    }
+
+    /// An image whose first guest cluster maps through an L2 table at cluster 2.
+    fn with_l2(version: u32, l2e0: u64) -> Vec<u8> {
+        let mut b = base(version);
+        put64(&mut b, CS, 2 * CS as u64);
+        put64(&mut b, 2 * CS, l2e0);
+        b
+    }
+
+    #[test]
+    fn data_zero_and_bad_l2_entries() {
+        let mut b = with_l2(3, 3 * CS as u64);
+        b[3 * CS..4 * CS].fill(0xab);
+        let o = open_bytes(&b).unwrap();
+        let e = o.source.extent(0, u64::MAX).unwrap();
+        assert_eq!((e.kind, e.len), (ExtentKind::Data, CS as u64));
+        let v = read_all(&o).unwrap();
+        assert!(v[..CS].iter().all(|&x| x == 0xab) && v[CS..].iter().all(|&x| x == 0));
+
+        // v3 zero flag (with a preallocated cluster) reads zeros; in v2 bit 0 means nothing.
+        let mut b = with_l2(3, (3 * CS as u64) | OFLAG_ZERO);
+        b[3 * CS..4 * CS].fill(0xab);
+        let o = open_bytes(&b).unwrap();
+        assert_eq!(o.source.extent(0, 1 << 20).unwrap().kind, ExtentKind::Zero);
+        assert!(read_all(&o).unwrap().iter().all(|&x| x == 0));
+        let mut b = with_l2(2, (3 * CS as u64) | OFLAG_ZERO);
+        b[3 * CS..4 * CS].fill(0xab);
+        let o = open_bytes(&b).unwrap();
+        assert_eq!(o.source.extent(0, 1 << 20).unwrap().kind, ExtentKind::Data);
+        assert_eq!(read_all(&o).unwrap()[0], 0xab);
+
+        // Past the end of the file, or unaligned.
+        for bad in [100 * CS as u64, 3 * CS as u64 + 512] {
+            let o = open_bytes(&with_l2(3, bad)).unwrap();
+            let e = o.source.extent(0, 4096).unwrap_err();
+            assert_eq!(e.code(), Code::SnapshotCorrupt);
+            assert!(e.message().contains("guest offset 0"), "{e}");
+            assert_eq!(read_all(&o).unwrap_err().code(), Code::SnapshotCorrupt);
+        }
+        // An L2 table in the wrong place.
+        let mut b = base(3);
+        put64(&mut b, CS, 100 * CS as u64);
+        let o = open_bytes(&b).unwrap();
+        assert_eq!(read_all(&o).unwrap_err().code(), Code::SnapshotCorrupt);
+    }
+
+    fn compressed_entry(off: u64, len: usize) -> u64 {
+        let x = 62 - (CB - 8);
+        let sectors = ((off + len as u64 - 1) >> 9) - (off >> 9);
+        OFLAG_COMPRESSED | (sectors << x) | off
+    }
+
+    #[test]
+    fn compressed_clusters() {
+        let plain: Vec<u8> = (0..CS).map(|i| (i / 100) as u8).collect();
+        let mut c = flate2::Compress::new(flate2::Compression::default(), false);
+        let mut z = vec![0u8; 2 * CS];
+        c.compress(&plain, &mut z, flate2::FlushCompress::Finish)
+            .unwrap();
+        let zlen = c.total_out() as usize;
+        let off = 3 * CS as u64 + 1000;
+        let mut b = with_l2(3, compressed_entry(off, zlen));
+        b[off as usize..off as usize + zlen].copy_from_slice(&z[..zlen]);
+        let o = open_bytes(&b).unwrap();
+        assert_eq!(o.source.extent(0, 1 << 20).unwrap().kind, ExtentKind::Data);
+        let v = read_all(&o).unwrap();
+        assert_eq!(&v[..CS], &plain[..]);
+        let mut part = vec![0u8; 3000];
+        o.source.read_at(100, &mut part).unwrap();
+        assert_eq!(&part[..], &plain[100..3100]);
+
+        // Garbage instead: corrupt, never garbage data.
+        b[off as usize..off as usize + zlen].fill(0xff);
+        let o = open_bytes(&b).unwrap();
+        let e = read_all(&o).unwrap_err();
+        assert_eq!(e.code(), Code::SnapshotCorrupt);
+        assert!(e.message().contains("guest offset 0"), "{e}");
+
+        // Truncated stream (half the data): corrupt.
+        let mut b = with_l2(3, compressed_entry(off, zlen / 2));
+        b[off as usize..off as usize + zlen / 2].copy_from_slice(&z[..zlen / 2]);
+        let o = open_bytes(&b).unwrap();
+        assert_eq!(read_all(&o).unwrap_err().code(), Code::SnapshotCorrupt);
+
+        // In the header cluster.
+        let o = open_bytes(&with_l2(3, compressed_entry(100, 100))).unwrap();
+        assert_eq!(
+            o.source.extent(0, 4096).unwrap_err().code(),
+            Code::SnapshotCorrupt
+        );
+    }
+
+    #[test]
+    fn zstd_clusters() {
+        let plain: Vec<u8> = (0..CS).map(|i| (i / 7) as u8).collect();
+        let z = zstd::bulk::compress(&plain, 3).unwrap();
+        let off = 3 * CS as u64 + 512;
+        let mut b = with_l2(3, compressed_entry(off, z.len()));
+        put64(&mut b, 72, INCOMPAT_COMPRESSION);
+        b[104] = 1;
+        b[off as usize..off as usize + z.len()].copy_from_slice(&z);
+        // Trailing bytes after the frame are ignored.
+        b[off as usize + z.len()] = 0x55;
+        let o = open_bytes(&b).unwrap();
+        assert_eq!(&read_all(&o).unwrap()[..CS], &plain[..]);
+        b[off as usize + 4..off as usize + z.len()].fill(0x33);
+        let o = open_bytes(&b).unwrap();
+        assert_eq!(read_all(&o).unwrap_err().code(), Code::SnapshotCorrupt);
+        // A second read on the same thread still works after an error.
+        b[off as usize..off as usize + z.len()].copy_from_slice(&z);
+        let o = open_bytes(&b).unwrap();
+        assert_eq!(&read_all(&o).unwrap()[..CS], &plain[..]);
+    }
+
+    #[test]
+    fn extended_l2_subclusters() {
+        let mut b = base(3);
+        put64(&mut b, 72, INCOMPAT_EXTL2);
+        put64(&mut b, CS, 2 * CS as u64);
+        // Cluster 0: subcluster 0 allocated, 1 zero, 2 unallocated, 3..31 allocated.
+        let alloc: u64 = 0xffff_fff9;
+        let zero: u64 = 0b10;
+        put64(&mut b, 2 * CS, 3 * CS as u64);
+        put64(&mut b, 2 * CS + 8, alloc | (zero << 32));
+        b[3 * CS..4 * CS].fill(7);
+        let o = open_bytes(&b).unwrap();
+        let sc = (CS / 32) as u64;
+        let e = o.source.extent(0, u64::MAX).unwrap();
+        assert_eq!((e.kind, e.len), (ExtentKind::Data, sc));
+        let e = o.source.extent(sc, u64::MAX).unwrap();
+        assert_eq!((e.kind, e.len), (ExtentKind::Zero, sc));
+        let e = o.source.extent(2 * sc, u64::MAX).unwrap();
+        assert_eq!((e.kind, e.len), (ExtentKind::Unallocated, sc));
+        let e = o.source.extent(3 * sc, u64::MAX).unwrap();
+        assert_eq!((e.kind, e.len), (ExtentKind::Data, 29 * sc));
+        let v = read_all(&o).unwrap();
+        let s = sc as usize;
+        assert!(v[..s].iter().all(|&x| x == 7));
+        assert!(v[s..3 * s].iter().all(|&x| x == 0));
+        assert!(v[3 * s..CS].iter().all(|&x| x == 7));
+        // Allocated and zero at once: corrupt.
+        put64(&mut b, 2 * CS + 8, 1 | (1 << 32));
+        let o = open_bytes(&b).unwrap();
+        assert_eq!(read_all(&o).unwrap_err().code(), Code::SnapshotCorrupt);
     }
 }
