@@ -44,6 +44,16 @@ pub enum Code {
     IncorrectImageStatus,
     /// `kiln verify` found a file whose checksum differs.
     ChecksumMismatch,
+    /// A disk of the instance is open for writing (the instance looks running).
+    IncorrectInstanceStatus,
+    /// A snapshot file is open for writing by another process.
+    SnapshotNotReady,
+    /// The instance's domain XML cannot be read (not XML, not a domain, a disk without a source).
+    InvalidInstanceMalformed,
+    /// The instance has a disk kiln cannot read (a network disk, a driver type other than raw/qcow2).
+    InstanceDiskUnsupported,
+    /// The domain XML's `<backingStore>` disagrees with the backing chain the file names.
+    InstanceBackingMismatch,
 }
 
 impl Code {
@@ -82,6 +92,11 @@ impl Code {
             Code::InvalidImageIdNotFound => "InvalidImageId.NotFound",
             Code::IncorrectImageStatus => "IncorrectImageStatus",
             Code::ChecksumMismatch => "InvalidImage.ChecksumMismatch",
+            Code::IncorrectInstanceStatus => "IncorrectInstanceStatus",
+            Code::SnapshotNotReady => "InvalidSnapshotId.NotReady",
+            Code::InvalidInstanceMalformed => "InvalidInstance.Malformed",
+            Code::InstanceDiskUnsupported => "InvalidInstance.DiskUnsupported",
+            Code::InstanceBackingMismatch => "InvalidInstance.BackingChainMismatch",
         }
     }
 

@@ -23,7 +23,12 @@ impl RawSource {
         let size = file
             .seek(SeekFrom::End(0))
             .map_err(|e| Error::io(path, "sizing", e))?;
-        let seek_data = size == 0 || lseek(&file, 0, libc::SEEK_DATA).is_ok();
+        // ENXIO at offset 0 means "no data at all": SEEK_DATA works, the file is one hole.
+        let seek_data = size == 0
+            || match lseek(&file, 0, libc::SEEK_DATA) {
+                Ok(_) => true,
+                Err(e) => e.raw_os_error() == Some(libc::ENXIO),
+            };
         Ok(RawSource {
             file,
             path: path.to_path_buf(),
@@ -162,5 +167,22 @@ mod tests {
         let mut buf = vec![0u8; 4096];
         src.read_at((5 << 20) - 2048, &mut buf).unwrap();
         assert!(buf[..2048].iter().all(|&b| b == 7) && buf[2048..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_file_without_data_is_one_hole() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("empty.raw");
+        File::create(&p).unwrap().set_len(1 << 30).unwrap();
+        let src = RawSource::new(File::open(&p).unwrap(), &p).unwrap();
+        let e = src.extent(0, u64::MAX).unwrap();
+        assert_eq!(
+            e,
+            Extent {
+                start: 0,
+                len: 1 << 30,
+                kind: ExtentKind::Unallocated
+            }
+        );
     }
 }

@@ -144,8 +144,9 @@ impl Qcow2Writer {
         let end = guest_offset.checked_add(len);
         let ok = guest_offset.is_multiple_of(cs)
             && len > 0
-            && end
-                .is_some_and(|e| e <= self.virtual_size && (e.is_multiple_of(cs) || e == self.virtual_size));
+            && end.is_some_and(|e| {
+                e <= self.virtual_size && (e.is_multiple_of(cs) || e == self.virtual_size)
+            });
         if ok {
             Ok(())
         } else {
@@ -300,7 +301,11 @@ impl Qcow2Writer {
         if new_end > a.next {
             a.next = new_end;
         }
-        a.compressed_at = if end.is_multiple_of(cs) { None } else { Some(end) };
+        a.compressed_at = if end.is_multiple_of(cs) {
+            None
+        } else {
+            Some(end)
+        };
         self.add_refs(&mut a, first, last_cluster - first + 1)?;
         let x = 62 - (self.cluster_bits - 8);
         let extra_sectors = (end - 1) / 512 - start / 512;

@@ -1,0 +1,676 @@
+//! `kiln inspect`: what kiln sees in a source file, in `qemu-img info` / `qemu-img map` terms and
+//! with their JSON field names: format, sizes, cluster size, backing chain, internal snapshots,
+//! whether a process holds it open for writing, and the allocation map.
+//!
+//! The guest view (sizes, chain, map) comes from [`crate::format::open`], the reader kiln copies
+//! with, so the map shows exactly what a copy would read. The qcow2 header fields the reader does not
+//! publish (cluster size, the snapshot table) are parsed here, minimally and bounded.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::format::{self, BlockSource, ExtentKind, Format, OpenOptions, Opened};
+use crate::qemu_lock::{self, Holder};
+use crate::size::human;
+
+/// QEMU's limits on the snapshot table (`QCOW_MAX_SNAPSHOTS`, `QCOW_MAX_SNAPSHOT_EXTRA_DATA`,
+/// `QCOW_MAX_SNAPSHOTS_SIZE`).
+const MAX_SNAPSHOTS: u32 = 65536;
+const MAX_SNAPSHOT_EXTRA: u32 = 1024;
+const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
+/// Largest extent asked of a source at once while mapping.
+const MAP_STEP: u64 = 1 << 40;
+
+/// One run of `qemu-img map --output=json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MapEntry {
+    pub start: u64,
+    pub length: u64,
+    /// Which chain element holds the range (0: the file itself). Only given when it is exact: for a
+    /// file without backing file. With a backing chain kiln's reader answers for the whole chain.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub depth: Option<u32>,
+    /// Allocated somewhere (qemu-img: "present"); a raw file is present everywhere.
+    pub present: bool,
+    /// Reads as zeros without reading (a hole, a zero cluster, nothing allocated).
+    pub zero: bool,
+    /// Holds data that must be read.
+    pub data: bool,
+}
+
+/// An internal qcow2 snapshot, as `qemu-img info --output=json` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    #[serde(rename = "vm-state-size")]
+    pub vm_state_size: u64,
+    #[serde(rename = "date-sec")]
+    pub date_sec: u32,
+    #[serde(rename = "date-nsec")]
+    pub date_nsec: u32,
+    #[serde(rename = "vm-clock-sec")]
+    pub vm_clock_sec: u64,
+    #[serde(rename = "vm-clock-nsec")]
+    pub vm_clock_nsec: u32,
+}
+
+/// A backing file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChainFile {
+    pub filename: PathBuf,
+    pub format: Format,
+    #[serde(rename = "actual-size")]
+    pub actual_size: u64,
+    #[serde(rename = "cluster-size", skip_serializing_if = "Option::is_none")]
+    pub cluster_size: Option<u64>,
+    /// A process holding it open for writing (QEMU's write lock), if any.
+    #[serde(rename = "writer", skip_serializing_if = "Option::is_none")]
+    pub writer: Option<Holder>,
+}
+
+/// What `kiln inspect` prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InspectReport {
+    pub filename: PathBuf,
+    pub format: Format,
+    /// The internal snapshot read (`FILE@SNAP`), by its name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    #[serde(rename = "virtual-size")]
+    pub virtual_size: u64,
+    /// Bytes the file occupies on disk (`st_blocks * 512`).
+    #[serde(rename = "actual-size")]
+    pub actual_size: u64,
+    #[serde(rename = "cluster-size", skip_serializing_if = "Option::is_none")]
+    pub cluster_size: Option<u64>,
+    /// The backing file, resolved (qemu-img's `full-backing-filename`).
+    #[serde(
+        rename = "full-backing-filename",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backing_filename: Option<PathBuf>,
+    #[serde(
+        rename = "backing-filename-format",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backing_filename_format: Option<Format>,
+    /// Every backing file, nearest first.
+    #[serde(rename = "backing-chain", skip_serializing_if = "Vec::is_empty")]
+    pub backing_chain: Vec<ChainFile>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotInfo>,
+    /// A process holding the file open for writing (QEMU's write lock), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub writer: Option<Holder>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub map: Option<Vec<MapEntry>>,
+}
+
+/// What to inspect.
+#[derive(Debug, Clone, Default)]
+pub struct InspectOptions {
+    /// The format, when stated; detected otherwise.
+    pub format: Option<Format>,
+    /// Also compute the allocation map.
+    pub map: bool,
+}
+
+/// Inspects `path` (`FILE` or `FILE@SNAP`), without the map.
+pub fn inspect(path: &Path) -> Result<InspectReport> {
+    inspect_with(path, &InspectOptions::default())
+}
+
+pub fn inspect_with(path: &Path, opts: &InspectOptions) -> Result<InspectReport> {
+    let opened = format::open(
+        path,
+        &OpenOptions {
+            format: opts.format,
+            snapshot: None,
+        },
+    )?;
+    let info = &opened.info;
+    let top = file_facts(&info.path, info.format)?;
+    let snapshots = match info.format {
+        Format::Qcow2 => read_snapshot_table(&info.path)?,
+        Format::Raw => Vec::new(),
+    };
+    let mut backing_chain = Vec::new();
+    for c in info.chain.iter().skip(1) {
+        let f = file_facts(&c.path, c.format)?;
+        backing_chain.push(ChainFile {
+            filename: c.path.clone(),
+            format: c.format,
+            actual_size: f.actual_size,
+            cluster_size: f.cluster_size,
+            writer: f.writer,
+        });
+    }
+    let map = if opts.map {
+        Some(map_opened(&opened)?)
+    } else {
+        None
+    };
+    Ok(InspectReport {
+        filename: info.path.clone(),
+        format: info.format,
+        snapshot: info.snapshot.clone(),
+        virtual_size: info.virtual_size,
+        actual_size: top.actual_size,
+        cluster_size: top.cluster_size,
+        backing_filename: info.chain.get(1).map(|c| c.path.clone()),
+        backing_filename_format: info.chain.get(1).map(|c| c.format),
+        backing_chain,
+        snapshots,
+        writer: top.writer,
+        map,
+    })
+}
+
+struct FileFacts {
+    actual_size: u64,
+    cluster_size: Option<u64>,
+    writer: Option<Holder>,
+}
+
+fn file_facts(path: &Path, format: Format) -> Result<FileFacts> {
+    let file = format::open_read_only(path)?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(path, "reading metadata of", e))?;
+    let cluster_size = match format {
+        Format::Qcow2 => {
+            let h = read_exact(&file, path, 20, 4, "the qcow2 header")?;
+            let bits = be32(&h);
+            if !(9..=21).contains(&bits) {
+                return Err(Error::corrupt(
+                    path,
+                    format!("cluster_bits {bits} is outside 9..21"),
+                ));
+            }
+            Some(1u64 << bits)
+        }
+        Format::Raw => None,
+    };
+    Ok(FileFacts {
+        actual_size: meta.blocks().saturating_mul(512),
+        cluster_size,
+        writer: qemu_lock::writer_holding(&file, path)?,
+    })
+}
+
+fn read_exact(file: &File, path: &Path, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let n = format::read_full_at(file, &mut buf, offset)
+        .map_err(|e| Error::io(path, &format!("reading {what} at offset {offset} of"), e))?;
+    if n < len {
+        return Err(Error::corrupt(
+            path,
+            format!("{what} at offset {offset} runs past the end of the file"),
+        ));
+    }
+    Ok(buf)
+}
+
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+}
+
+/// The qcow2 snapshot table: `nb_snapshots` (header bytes 60..64) entries at `snapshots_offset`
+/// (64..72), each a 40-byte fixed part, extra data, the ID and the name, padded to 8 bytes.
+pub fn read_snapshot_table(path: &Path) -> Result<Vec<SnapshotInfo>> {
+    let file = format::open_read_only(path)?;
+    let h = read_exact(&file, path, 0, 72, "the qcow2 header")?;
+    let count = be32(&h[60..64]);
+    let mut offset = be64(&h[64..72]);
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    if count > MAX_SNAPSHOTS {
+        return Err(Error::corrupt(
+            path,
+            format!("{count} internal snapshots (QEMU allows at most {MAX_SNAPSHOTS})"),
+        ));
+    }
+    if !offset.is_multiple_of(8) {
+        return Err(Error::corrupt(
+            path,
+            format!("snapshot table offset {offset} is not 8-byte aligned"),
+        ));
+    }
+    let start = offset;
+    let mut out = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let fixed = read_exact(&file, path, offset, 40, "a snapshot table entry")?;
+        let id_len = u64::from(be16(&fixed[12..14]));
+        let name_len = u64::from(be16(&fixed[14..16]));
+        let extra_len = be32(&fixed[36..40]);
+        if extra_len > MAX_SNAPSHOT_EXTRA {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "snapshot {} has {extra_len} bytes of extra data (at most {MAX_SNAPSHOT_EXTRA})",
+                    i + 1
+                ),
+            ));
+        }
+        let var_len = u64::from(extra_len) + id_len + name_len;
+        let entry_len = (40 + var_len).next_multiple_of(8);
+        let end = offset
+            .checked_add(entry_len)
+            .filter(|e| e - start <= MAX_SNAPSHOT_TABLE)
+            .ok_or_else(|| {
+                Error::corrupt(
+                    path,
+                    format!("the snapshot table is larger than {MAX_SNAPSHOT_TABLE} bytes"),
+                )
+            })?;
+        // var_len is at most 1024 + 2 * 65535, so the cast is exact.
+        let var = read_exact(
+            &file,
+            path,
+            offset + 40,
+            var_len as usize,
+            "a snapshot table entry",
+        )?;
+        let extra = &var[..extra_len as usize];
+        let id = &var[extra_len as usize..extra_len as usize + id_len as usize];
+        let name = &var[extra_len as usize + id_len as usize..];
+        let vm_state_size = if extra.len() >= 8 {
+            be64(&extra[0..8])
+        } else {
+            u64::from(be32(&fixed[32..36]))
+        };
+        let vm_clock = be64(&fixed[24..32]);
+        out.push(SnapshotInfo {
+            id: String::from_utf8_lossy(id).into_owned(),
+            name: String::from_utf8_lossy(name).into_owned(),
+            vm_state_size,
+            date_sec: be32(&fixed[16..20]),
+            date_nsec: be32(&fixed[20..24]),
+            vm_clock_sec: vm_clock / 1_000_000_000,
+            vm_clock_nsec: (vm_clock % 1_000_000_000) as u32,
+        });
+        offset = end;
+    }
+    Ok(out)
+}
+
+/// The allocation map of any source, merged into runs: `Data` is data, `Zero` and `Unallocated` read
+/// as zeros; `present` is false for unallocated ranges; `depth` is not known here.
+pub fn map(source: &dyn BlockSource) -> Result<Vec<MapEntry>> {
+    map_inner(source, None, 0)
+}
+
+/// The map of an opened source, as `qemu-img map` gives it: `depth` for a file without backing, and
+/// `present` for the holes of a raw file (QEMU counts a raw file as present everywhere).
+pub fn map_opened(opened: &Opened) -> Result<Vec<MapEntry>> {
+    let info = &opened.info;
+    let depth = (info.chain.len() == 1).then_some(0);
+    // QEMU counts every byte of a raw file as present: that of the bottom of the chain, up to its size.
+    let present_below = match info.chain.last() {
+        Some(c) if c.format == Format::Raw && info.chain.len() == 1 => info.virtual_size,
+        Some(c) if c.format == Format::Raw => {
+            std::fs::metadata(&c.path).map(|m| m.len()).unwrap_or(0)
+        }
+        _ => 0,
+    };
+    map_inner(opened.source.as_ref(), depth, present_below)
+}
+
+fn map_inner(
+    source: &dyn BlockSource,
+    depth: Option<u32>,
+    present_below: u64,
+) -> Result<Vec<MapEntry>> {
+    let size = source.virtual_size();
+    let mut out: Vec<MapEntry> = Vec::new();
+    let mut offset = 0;
+    while offset < size {
+        let e = source.extent(offset, (size - offset).min(MAP_STEP))?;
+        if e.len == 0 || e.start != offset {
+            return Err(Error::new(
+                crate::error::Code::Internal,
+                format!("the reader returned an empty or misplaced extent at offset {offset}"),
+            ));
+        }
+        let len = e.len.min(size - offset);
+        // A run that crosses the end of a raw backing file splits there.
+        let pieces: &[(u64, u64)] = &if e.kind == ExtentKind::Unallocated
+            && offset < present_below
+            && offset + len > present_below
+        {
+            vec![
+                (offset, present_below - offset),
+                (present_below, offset + len - present_below),
+            ]
+        } else {
+            vec![(offset, len)]
+        };
+        for &(start, length) in pieces {
+            let (data, zero, present) = match e.kind {
+                ExtentKind::Data => (true, false, true),
+                ExtentKind::Zero => (false, true, true),
+                ExtentKind::Unallocated => (false, true, start < present_below),
+            };
+            let entry = MapEntry {
+                start,
+                length,
+                depth,
+                present,
+                zero,
+                data,
+            };
+            match out.last_mut() {
+                Some(l)
+                    if l.start + l.length == start
+                        && (l.depth, l.present, l.zero, l.data) == (depth, present, zero, data) =>
+                {
+                    l.length += length
+                }
+                _ => out.push(entry),
+            }
+        }
+        offset += len;
+    }
+    Ok(out)
+}
+
+/// The report as text, in the spirit of `qemu-img info` (and `qemu-img map` with the map).
+pub fn render_text(r: &InspectReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "image: {}", r.filename.display());
+    if let Some(snap) = &r.snapshot {
+        let _ = writeln!(s, "snapshot: {snap}");
+    }
+    let _ = writeln!(s, "file format: {}", r.format.as_str());
+    let _ = writeln!(
+        s,
+        "virtual size: {} ({} bytes)",
+        human(r.virtual_size),
+        r.virtual_size
+    );
+    let _ = writeln!(s, "disk size: {}", human(r.actual_size));
+    if let Some(c) = r.cluster_size {
+        let _ = writeln!(s, "cluster_size: {c}");
+    }
+    match &r.writer {
+        Some(h) => {
+            let _ = writeln!(s, "open for writing: yes, by {h}");
+        }
+        None => {
+            let _ = writeln!(s, "open for writing: no");
+        }
+    }
+    if !r.backing_chain.is_empty() {
+        let _ = writeln!(s, "backing chain:");
+        for (i, c) in r.backing_chain.iter().enumerate() {
+            let _ = write!(
+                s,
+                "  {}: {} ({}, {} on disk",
+                i + 1,
+                c.filename.display(),
+                c.format.as_str(),
+                human(c.actual_size)
+            );
+            if let Some(h) = &c.writer {
+                let _ = write!(s, ", open for writing by {h}");
+            }
+            let _ = writeln!(s, ")");
+        }
+    }
+    if !r.snapshots.is_empty() {
+        let _ = writeln!(s, "Snapshot list:");
+        let _ = writeln!(
+            s,
+            "{:<6} {:<20} {:>10} {:>20} {:>16}",
+            "ID", "TAG", "VM SIZE", "DATE (UTC)", "VM CLOCK"
+        );
+        for snap in &r.snapshots {
+            let _ = writeln!(
+                s,
+                "{:<6} {:<20} {:>10} {:>20} {:>16}",
+                snap.id,
+                snap.name,
+                human(snap.vm_state_size),
+                utc_date(snap.date_sec),
+                format!(
+                    "{:02}:{:02}:{:02}.{:03}",
+                    snap.vm_clock_sec / 3600,
+                    snap.vm_clock_sec / 60 % 60,
+                    snap.vm_clock_sec % 60,
+                    snap.vm_clock_nsec / 1_000_000
+                )
+            );
+        }
+    }
+    if let Some(map) = &r.map {
+        let _ = writeln!(s, "map:");
+        let _ = writeln!(
+            s,
+            "{:>18} {:>18}  {:<5} {:<5} present",
+            "start", "length", "data", "zero"
+        );
+        for m in map {
+            let _ = writeln!(
+                s,
+                "{:>#18x} {:>#18x}  {:<5} {:<5} {}",
+                m.start, m.length, m.data, m.zero, m.present
+            );
+        }
+    }
+    s
+}
+
+/// `2023-11-14 22:13:20` for seconds since the epoch (civil-from-days, proleptic Gregorian).
+fn utc_date(secs: u32) -> String {
+    let days = i64::from(secs / 86_400);
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::Extent;
+    use std::fs;
+
+    struct Fake(Vec<(u64, ExtentKind)>, u64);
+
+    impl BlockSource for Fake {
+        fn virtual_size(&self) -> u64 {
+            self.1
+        }
+        fn extent(&self, offset: u64, max_len: u64) -> Result<Extent> {
+            let i = self.0.iter().rposition(|(s, _)| *s <= offset).unwrap();
+            let end = self.0.get(i + 1).map_or(self.1, |n| n.0);
+            Ok(Extent {
+                start: offset,
+                len: (end - offset).min(max_len),
+                kind: self.0[i].1,
+            })
+        }
+        fn read_at(&self, _: u64, _: &mut [u8]) -> Result<()> {
+            unreachable!()
+        }
+    }
+
+    #[test]
+    fn dates_render_in_utc() {
+        assert_eq!(utc_date(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_date(1_700_000_000), "2023-11-14 22:13:20");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00:00");
+    }
+
+    #[test]
+    fn map_classifies_like_qemu_img_and_merges_runs() {
+        use ExtentKind::*;
+        let src = Fake(
+            vec![
+                (0, Data),
+                (10, Data),
+                (20, Zero),
+                (30, Unallocated),
+                (40, Data),
+            ],
+            50,
+        );
+        let m = map(&src).unwrap();
+        let got: Vec<_> = m
+            .iter()
+            .map(|e| (e.start, e.length, e.data, e.zero, e.present))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0, 20, true, false, true),
+                (20, 10, false, true, true),
+                (30, 10, false, true, false),
+                (40, 10, true, false, true)
+            ]
+        );
+        // A raw bottom makes holes present up to its end.
+        let m = map_inner(&src, None, 35).unwrap();
+        let got: Vec<_> = m.iter().map(|e| (e.start, e.length, e.present)).collect();
+        assert_eq!(
+            got,
+            [
+                (0, 20, true),
+                (20, 15, true),
+                (35, 5, false),
+                (40, 10, true)
+            ]
+        );
+        let json = serde_json::to_string(&m[0]).unwrap();
+        assert_eq!(
+            json,
+            r#"{"start":0,"length":20,"present":true,"zero":false,"data":true}"#
+        );
+    }
+
+    /// A qcow2 v3 header with two snapshots written by hand: byte-by-byte, as the spec lays them out.
+    #[test]
+    fn snapshot_table_is_parsed_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.qcow2");
+        let mut img = vec![0u8; 1024];
+        img[0..4].copy_from_slice(&0x5146_49fbu32.to_be_bytes());
+        img[4..8].copy_from_slice(&3u32.to_be_bytes());
+        img[20..24].copy_from_slice(&16u32.to_be_bytes()); // cluster_bits
+        img[60..64].copy_from_slice(&2u32.to_be_bytes()); // nb_snapshots
+        img[64..72].copy_from_slice(&512u64.to_be_bytes()); // snapshots_offset
+        let mut entry = |at: usize, id: &str, name: &str, extra: &[u8], date: u32| -> usize {
+            img[at + 12..at + 14].copy_from_slice(&(id.len() as u16).to_be_bytes());
+            img[at + 14..at + 16].copy_from_slice(&(name.len() as u16).to_be_bytes());
+            img[at + 16..at + 20].copy_from_slice(&date.to_be_bytes());
+            img[at + 24..at + 32].copy_from_slice(&3_500_000_000u64.to_be_bytes());
+            img[at + 32..at + 36].copy_from_slice(&77u32.to_be_bytes());
+            img[at + 36..at + 40].copy_from_slice(&(extra.len() as u32).to_be_bytes());
+            let mut o = at + 40;
+            for part in [extra, id.as_bytes(), name.as_bytes()] {
+                img[o..o + part.len()].copy_from_slice(part);
+                o += part.len();
+            }
+            (o - at).next_multiple_of(8) + at
+        };
+        let next = entry(512, "1", "clean", &[], 1_700_000_000);
+        let mut extra = [0u8; 16];
+        extra[0..8].copy_from_slice(&(5u64 << 32).to_be_bytes()); // vm_state_size_large
+        let end = entry(next, "2", "with-ram", &extra, 1_700_000_100);
+        img.truncate(end);
+        fs::write(&p, &img).unwrap();
+        let s = read_snapshot_table(&p).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(
+            (s[0].id.as_str(), s[0].name.as_str(), s[0].vm_state_size),
+            ("1", "clean", 77)
+        );
+        assert_eq!((s[0].vm_clock_sec, s[0].vm_clock_nsec), (3, 500_000_000));
+        assert_eq!(
+            (s[1].name.as_str(), s[1].vm_state_size, s[1].date_sec),
+            ("with-ram", 5 << 32, 1_700_000_100)
+        );
+
+        // Too many snapshots, an entry past the end, oversized extra data: corrupt, not a panic.
+        let mut bad = img.clone();
+        bad[60..64].copy_from_slice(&(MAX_SNAPSHOTS + 1).to_be_bytes());
+        fs::write(&p, &bad).unwrap();
+        assert_eq!(
+            read_snapshot_table(&p).unwrap_err().code(),
+            crate::error::Code::SnapshotCorrupt
+        );
+        let mut bad = img.clone();
+        bad[60..64].copy_from_slice(&3u32.to_be_bytes());
+        fs::write(&p, &bad).unwrap();
+        assert_eq!(
+            read_snapshot_table(&p).unwrap_err().code(),
+            crate::error::Code::SnapshotCorrupt
+        );
+        let mut bad = img.clone();
+        bad[512 + 36..512 + 40].copy_from_slice(&u32::MAX.to_be_bytes());
+        fs::write(&p, &bad).unwrap();
+        assert_eq!(
+            read_snapshot_table(&p).unwrap_err().code(),
+            crate::error::Code::SnapshotCorrupt
+        );
+    }
+
+    #[test]
+    fn a_sparse_raw_file_inspects() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.raw");
+        let f = File::create(&p).unwrap();
+        f.set_len(1 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[1u8; 4096], 65536).unwrap();
+        let r = inspect_with(
+            &p,
+            &InspectOptions {
+                format: None,
+                map: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(r.format, Format::Raw);
+        assert_eq!(r.virtual_size, 1 << 20);
+        assert_eq!(r.cluster_size, None);
+        assert!(r.writer.is_none());
+        let map = r.map.as_ref().unwrap();
+        assert!(map.iter().all(|m| m.present && m.depth == Some(0)));
+        assert!(map
+            .iter()
+            .any(|m| m.data && m.start <= 65536 && 65536 < m.start + m.length));
+        let text = render_text(&r);
+        assert!(
+            text.contains("file format: raw") && text.contains("map:"),
+            "{text}"
+        );
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["virtual-size"], 1 << 20);
+        assert!(v.get("snapshots").is_none());
+    }
+}

@@ -1,0 +1,165 @@
+//! QEMU's image locks, for real: `qemu-io` holding an image open for writing is found (with its pid),
+//! and kiln's `SourceLock` makes `qemu-io` fail to open the image for writing until it is dropped.
+
+mod common;
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{qemu_img, tmp};
+use kiln::error::Code;
+use kiln::qemu_lock::{self, SourceLock};
+
+/// `qemu-io -f qcow2 FILE` reading commands from a pipe: it holds the image open for writing (and
+/// QEMU's write lock) until its stdin closes.
+fn hold_for_writing(dir: &Path, file: &str) -> Child {
+    Command::new("qemu-io")
+        .args(["-f", "qcow2", file])
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn qemu-io")
+}
+
+fn wait_for(mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < Duration::from_secs(10), "timed out");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_qemu_writer_is_found_and_named_until_it_exits() {
+    let t = tmp();
+    let dir = t.path();
+    qemu_img(dir, &["create", "-q", "-f", "qcow2", "vm.qcow2", "16M"]);
+    let path = dir.join("vm.qcow2");
+    let probe = File::open(&path).unwrap();
+    assert_eq!(qemu_lock::writer_holding(&probe, &path).unwrap(), None);
+
+    let mut child = hold_for_writing(dir, "vm.qcow2");
+    wait_for(|| qemu_lock::writer_holding(&probe, &path).unwrap().is_some());
+    let h = qemu_lock::writer_holding(&probe, &path).unwrap().unwrap();
+    assert_eq!(h.pid, Some(child.id()), "{h:?}");
+    assert!(h.command.as_deref().unwrap().contains("qemu-io"), "{h:?}");
+
+    let e =
+        qemu_lock::check_not_written(&[&path], Code::IncorrectInstanceStatus, false).unwrap_err();
+    assert_eq!(e.code(), Code::IncorrectInstanceStatus);
+    assert!(
+        e.message().contains(&child.id().to_string()) && e.message().contains("qemu-io"),
+        "{e}"
+    );
+    let e = qemu_lock::check_not_written(&[&path], Code::SnapshotNotReady, false).unwrap_err();
+    assert_eq!(e.code().as_str(), "InvalidSnapshotId.NotReady");
+    let warnings =
+        qemu_lock::check_not_written(&[&path], Code::IncorrectInstanceStatus, true).unwrap();
+    assert_eq!(warnings.len(), 1);
+    assert!(warnings[0].contains("inconsistent"));
+
+    drop(child.stdin.take()); // qemu-io exits at end of input
+    child.wait().unwrap();
+    assert_eq!(qemu_lock::writer_holding(&probe, &path).unwrap(), None);
+    assert!(
+        qemu_lock::check_not_written(&[&path], Code::IncorrectInstanceStatus, false)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn a_read_only_qemu_user_is_not_a_writer() {
+    let t = tmp();
+    let dir = t.path();
+    qemu_img(dir, &["create", "-q", "-f", "qcow2", "ro.qcow2", "16M"]);
+    let path = dir.join("ro.qcow2");
+    let mut child = Command::new("qemu-io")
+        .args(["-r", "-f", "qcow2", "ro.qcow2"])
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let probe = File::open(&path).unwrap();
+    assert_eq!(qemu_lock::writer_holding(&probe, &path).unwrap(), None);
+    drop(child.stdin.take());
+    child.wait().unwrap();
+}
+
+fn qemu_io_write(dir: &Path, file: &str) -> (bool, String) {
+    let o = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 7 0 512", file])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success() && !text.contains("Failed"), text)
+}
+
+#[test]
+fn source_lock_keeps_qemu_from_writing_until_dropped() {
+    let t = tmp();
+    let dir = t.path();
+    qemu_img(dir, &["create", "-q", "-f", "qcow2", "src.qcow2", "16M"]);
+    let path = dir.join("src.qcow2");
+
+    let lock = SourceLock::acquire(&path).unwrap();
+    let (ok, text) = qemu_io_write(dir, "src.qcow2");
+    assert!(!ok, "qemu-io wrote while kiln held the source: {text}");
+    assert!(text.contains("lock"), "{text}");
+    // Read-only users are still welcome.
+    let r = Command::new("qemu-img")
+        .args(["info", "src.qcow2"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    // kiln's own locks do not look like a writer.
+    assert_eq!(qemu_lock::writer_holding(lock.file(), &path).unwrap(), None);
+
+    drop(lock);
+    let (ok, text) = qemu_io_write(dir, "src.qcow2");
+    assert!(
+        ok,
+        "qemu-io could not write after the lock was dropped: {text}"
+    );
+}
+
+#[test]
+fn source_lock_on_a_chain_covers_the_backing_file() {
+    let t = tmp();
+    let dir = t.path();
+    qemu_img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
+    qemu_img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    let o = kiln::format::open(&dir.join("top.qcow2"), &Default::default()).unwrap();
+    let locks = qemu_lock::lock_chain(&o.info.chain).unwrap();
+    assert_eq!(locks.len(), 2);
+    let (ok, text) = qemu_io_write(dir, "base.qcow2");
+    assert!(!ok, "{text}");
+    drop(locks);
+    let (ok, text) = qemu_io_write(dir, "base.qcow2");
+    assert!(ok, "{text}");
+}
