@@ -46,8 +46,41 @@ pub enum Command {
     Delete(DeleteArgs),
     /// Recompute every checksum of an image and compare with SHA256SUMS and the manifest.
     Verify(VerifyArgs),
+    /// Show a disk's format, sizes, backing chain, snapshots, writer and allocation map.
+    Inspect(InspectArgs),
     /// Print shell completions.
     Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The disk file, `FILE@SNAP` for an internal snapshot.
+    #[arg(value_name = "FILE[@SNAP]")]
+    pub file: PathBuf,
+    /// Also print the allocation map (like `qemu-img map`).
+    #[arg(long)]
+    pub map: bool,
+    /// The format (detected when not given).
+    #[arg(short = 'f', long = "format", value_name = "raw|qcow2")]
+    pub format: Option<String>,
+}
+
+impl InspectArgs {
+    pub fn options(&self) -> Result<crate::inspect::InspectOptions> {
+        let format = match &self.format {
+            None => None,
+            Some(f) => Some(Format::parse(f).ok_or_else(|| {
+                Error::new(
+                    Code::InvalidParameter,
+                    format!("--format {f}: kiln reads raw and qcow2"),
+                )
+            })?),
+        };
+        Ok(crate::inspect::InspectOptions {
+            format,
+            map: self.map,
+        })
+    }
 }
 
 #[derive(Debug, Args)]

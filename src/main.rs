@@ -205,6 +205,16 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
+        Command::Inspect(args) => {
+            let report = kiln::inspect::inspect_with(&args.file, &args.options()?)?;
+            if cli.json {
+                let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+                print_stdout(&format!("{text}\n"));
+            } else {
+                print_stdout(&kiln::inspect::render_text(&report));
+            }
+            Ok(())
+        }
         Command::Completions(args) => {
             let mut out = Vec::new();
             kiln::cli::completions(args.shell, &mut out);

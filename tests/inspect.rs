@@ -294,3 +294,26 @@ fn qcow2_internal_snapshots_are_listed_like_qemu_img() {
         "{text}"
     );
 }
+
+/// `kiln inspect --map --json`, the real binary, agrees with `qemu-img map` on the sample disks.
+#[test]
+fn the_cli_map_agrees_with_qemu_img_map() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
+    for file in ["system.qcow2", "data.raw"] {
+        let out = common::kiln_in(&dir, &["--json", "inspect", "--map", file]).ok();
+        let v: Value = serde_json::from_str(&out.stdout).unwrap();
+        assert_eq!(v["filename"], file);
+        let kiln = runs(&v["map"]);
+        let qemu: Value =
+            serde_json::from_str(&qemu_img(&dir, &["map", "--output=json", file])).unwrap();
+        let qemu = runs(&qemu);
+        let mut points: Vec<u64> = kiln.iter().chain(&qemu).map(|r| r.0).collect();
+        points.sort_unstable();
+        points.dedup();
+        for p in points {
+            assert_eq!(class_at(&kiln, p), class_at(&qemu, p), "{file} at {p}");
+        }
+        let text = common::kiln_in(&dir, &["inspect", file]).ok();
+        assert!(text.stdout.contains("virtual size"), "{}", text.stdout);
+    }
+}
