@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::convert::ConvertRequest;
-use crate::create::{CreateRequest, Destination};
+use crate::create::{CreateRequest, Destination, InstanceSource};
 use crate::engine::{OutputFormat, OutputSpec};
 use crate::error::{Code, Error, Result};
 use crate::format::qcow2::writer::Compression;
 use crate::format::qcow2::{MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 use crate::format::Format;
+use crate::instance;
 use crate::plan::DiskSpec;
 use crate::progress::ProgressMode;
 use crate::request_file::{self, RequestFile};
@@ -214,6 +215,16 @@ pub struct CreateArgs {
     /// The system disk's source, when no --disk is given.
     #[arg(long, value_name = "FILE[@SNAP]")]
     pub snapshot: Option<PathBuf>,
+    /// A libvirt domain XML (`virsh dumpxml`), or `-` for stdin: the image takes the instance's
+    /// disks; `--disk device=vdX,...` entries then grow or add disks.
+    #[arg(long, value_name = "FILE|-")]
+    pub instance: Option<PathBuf>,
+    /// With --instance: leave out the disk with this target (repeatable), e.g. `vdc`.
+    #[arg(long, value_name = "TARGET")]
+    pub exclude: Vec<String>,
+    /// Copy sources that a process has open for writing (the copy may be inconsistent).
+    #[arg(long)]
+    pub allow_running: bool,
     /// Where the image goes, outside the store; must not exist or be empty.
     #[arg(long, value_name = "DIR")]
     pub output_dir: Option<PathBuf>,
@@ -385,8 +396,20 @@ impl CreateArgs {
             }
             tags
         };
+        let mut notes = Vec::new();
+        let mut instance = None;
+        // --instance wins over --disk mappings, which then adjust it, and over --snapshot.
+        let (disks, snapshot) = if let Some(xml_path) = &self.instance {
+            let (inst, specs) = self.instance_disks(xml_path, &mut notes)?;
+            instance = Some(inst);
+            (specs, None)
+        } else if !self.exclude.is_empty() {
+            return Err(Error::new(
+                Code::InvalidParameter,
+                "--exclude needs --instance",
+            ));
         // Disks on the command line (either form) replace the file's.
-        let (disks, snapshot) = if self.disks.is_empty() && self.snapshot.is_none() {
+        } else if self.disks.is_empty() && self.snapshot.is_none() {
             (file.disks.unwrap_or_default(), file.snapshot)
         } else {
             let disks = self
@@ -421,7 +444,74 @@ impl CreateArgs {
             )?,
             threads: threads(self.out.threads)?,
             progress: self.progress_mode(),
+            instance,
+            allow_running: self.allow_running,
+            notes,
         })
+    }
+
+    /// Reads the domain XML and turns its disks, adjusted by `--exclude` and `--disk`, into specs.
+    fn instance_disks(
+        &self,
+        xml_path: &Path,
+        notes: &mut Vec<String>,
+    ) -> Result<(InstanceSource, Vec<DiskSpec>)> {
+        let (xml, dir) = if xml_path == Path::new("-") {
+            let mut text = String::new();
+            std::io::Read::read_to_string(
+                &mut std::io::Read::take(std::io::stdin(), instance::MAX_XML_LEN as u64 + 1),
+                &mut text,
+            )
+            .map_err(|e| Error::io(xml_path, "reading the instance XML from", e))?;
+            (text, std::env::current_dir().unwrap_or_default())
+        } else {
+            let meta =
+                std::fs::metadata(xml_path).map_err(|e| Error::io(xml_path, "reading", e))?;
+            if meta.len() > instance::MAX_XML_LEN as u64 {
+                return Err(Error::new(
+                    Code::InvalidInstanceMalformed,
+                    format!("{}: larger than a domain XML can be", xml_path.display()),
+                ));
+            }
+            let text =
+                std::fs::read_to_string(xml_path).map_err(|e| Error::io(xml_path, "reading", e))?;
+            let dir = xml_path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            (text, dir.to_path_buf())
+        };
+        let inst = instance::parse_domain(&xml, &dir)?;
+        let adj = instance::Adjustments {
+            exclude: self.exclude.clone(),
+            entries: self
+                .disks
+                .iter()
+                .map(|d| instance::Adjustment::parse(d))
+                .collect::<Result<_>>()?,
+        };
+        if let Some(s) = &self.snapshot {
+            notes.push(format!(
+                "--snapshot {} was ignored: --instance takes priority",
+                s.display()
+            ));
+        }
+        let (mapped, skipped) = instance::to_disk_specs(&inst, &adj)?;
+        notes.extend(skipped);
+        let targets = mapped
+            .iter()
+            .filter_map(|m| Some((m.spec.device.clone()?, m.original_target.clone()?)))
+            .collect();
+        let specs = mapped.into_iter().map(|m| m.spec).collect();
+        Ok((
+            InstanceSource {
+                name: inst.name.clone(),
+                uuid: inst.uuid.clone(),
+                targets,
+                disks: inst.disks,
+            },
+            specs,
+        ))
     }
 }
 

@@ -21,6 +21,7 @@ use crate::publish::{self, Staging};
 use crate::size::{self, MIB};
 use crate::store::{self, Admission, Creating, Record, RecordProgress, Store};
 use crate::validate;
+use crate::{instance, qemu_lock};
 
 /// Where a create puts its image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +58,23 @@ pub struct CreateRequest {
     /// Copy threads (at least 1).
     pub threads: usize,
     pub progress: ProgressMode,
+    /// `--instance`: the libvirt domain the disks came from (its disks are in `disks` already).
+    pub instance: Option<InstanceSource>,
+    /// `--allow-running`: copy sources open for writing, with a warning.
+    pub allow_running: bool,
+    /// Notes to show the user (skipped CD-ROMs, ignored flags).
+    pub notes: Vec<String>,
+}
+
+/// The instance an image is made from.
+#[derive(Debug, Clone)]
+pub struct InstanceSource {
+    pub name: String,
+    pub uuid: Option<String>,
+    /// Each image device with the instance target it came from.
+    pub targets: Vec<(String, String)>,
+    /// The domain's disks, for checking `<backingStore>` against what kiln reads.
+    pub disks: Vec<crate::instance::InstanceDisk>,
 }
 
 /// What a finished create reports.
@@ -139,13 +157,13 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateR
     let started = Instant::now();
     let req = &normalise(req)?;
     let layout = plan::assign_devices(&req.disks, req.snapshot.as_ref())?;
-    for w in &layout.warnings {
+    for w in req.notes.iter().chain(&layout.warnings) {
         warn(w);
     }
     match &req.destination {
         Destination::Dir(dir) => {
             publish::check_target(dir)?;
-            let prepared = prepare(req, &layout)?;
+            let prepared = prepare(req, &layout, warn)?;
             let space = check_space(&existing_ancestor(dir), &prepared)?;
             if req.dry_run {
                 return Ok(CreateResult::DryRun(Box::new(dry_run_report(
@@ -174,7 +192,7 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateR
                     Admission::Existing(r) => Some(r.image_id.clone()),
                     Admission::New => None,
                 };
-                let prepared = prepare(req, &layout)?;
+                let prepared = prepare(req, &layout, warn)?;
                 let space = check_space(&existing_ancestor(&store.images_dir()), &prepared)?;
                 return Ok(CreateResult::DryRun(Box::new(dry_run_report(
                     req,
@@ -189,7 +207,7 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateR
             if let Admission::Existing(r) = store.admit(&req.name, token, &digest)? {
                 return Ok(CreateResult::Existing(r));
             }
-            let prepared = prepare(req, &layout)?;
+            let prepared = prepare(req, &layout, warn)?;
             check_space(&store.images_dir(), &prepared)?;
             let image_id = manifest::new_image_id();
             let creating = store.begin(new_record(req, &image_id, &digest))?;
@@ -282,11 +300,24 @@ struct PreparedDisk {
     source: Option<SourceRecord>,
     /// Allocated source bytes (the copy reads these).
     data_bytes: u64,
+    /// QEMU-compatible locks on every file read, held until the copy is done.
+    _locks: Vec<qemu_lock::SourceLock>,
 }
 
-/// Opens every source and sizes every disk, before anything is written.
-fn prepare(req: &CreateRequest, layout: &DiskLayout) -> Result<Vec<PreparedDisk>> {
+/// Opens every source and sizes every disk, before anything is written. Every file read is locked
+/// the way QEMU locks images (so a VM cannot start writing it during the copy), then checked for a
+/// writer: one is refused unless `--allow-running`.
+fn prepare(
+    req: &CreateRequest,
+    layout: &DiskLayout,
+    warn: &mut dyn FnMut(&str),
+) -> Result<Vec<PreparedDisk>> {
     let mut out = Vec::with_capacity(layout.disks.len());
+    let busy_code = if req.instance.is_some() {
+        Code::IncorrectInstanceStatus
+    } else {
+        Code::SnapshotNotReady
+    };
     for d in &layout.disks {
         let opened = match &d.snapshot {
             Some(p) => Some(format::open(
@@ -298,6 +329,28 @@ fn prepare(req: &CreateRequest, layout: &DiskLayout) -> Result<Vec<PreparedDisk>
             )?),
             None => None,
         };
+        let mut locks = Vec::new();
+        if let Some(o) = &opened {
+            locks = qemu_lock::lock_chain(&o.info.chain)?;
+            let paths: Vec<&Path> = o.info.chain.iter().map(|c| c.path.as_path()).collect();
+            for w in qemu_lock::check_not_written(&paths, busy_code, req.allow_running)? {
+                warn(&w);
+            }
+            if let Some(inst) = &req.instance {
+                let target = inst
+                    .targets
+                    .iter()
+                    .find(|t| t.0 == d.device)
+                    .map(|t| t.1.as_str());
+                if let Some(disk) = inst
+                    .disks
+                    .iter()
+                    .find(|x| Some(x.target_dev.as_str()) == target)
+                {
+                    instance::check_backing(disk, &o.info.chain)?;
+                }
+            }
+        }
         let src_size = opened.as_ref().map(|o| o.info.virtual_size);
         if src_size == Some(0) {
             return Err(Error::new(
@@ -336,6 +389,7 @@ fn prepare(req: &CreateRequest, layout: &DiskLayout) -> Result<Vec<PreparedDisk>
             file: format!("{}.{}", d.short_name(), req.output.format.extension()),
             source,
             data_bytes,
+            _locks: locks,
         });
     }
     Ok(out)
@@ -374,6 +428,7 @@ fn build(
         .collect();
     let mut records = Vec::with_capacity(prepared.len());
     let mut jobs = Vec::with_capacity(prepared.len());
+    let mut locks = Vec::new();
     for p in prepared {
         jobs.push(DiskJob {
             name: p.planned.device.clone(),
@@ -383,6 +438,7 @@ fn build(
             hash: true,
         });
         records.push((p.planned, p.file, p.virtual_size, p.source));
+        locks.extend(p._locks);
     }
     let reporter = progress::reporter(req.progress, &disk_names);
     let total: u64 = disk_names.iter().map(|d| d.1).sum();
@@ -393,6 +449,7 @@ fn build(
     };
     let results = engine::copy_disks(jobs, &req.output, req.threads, progress)?;
     drop(reporter);
+    drop(locks);
 
     let mut disks = Vec::with_capacity(records.len());
     let mut stats = CopyStats::default();
@@ -413,6 +470,11 @@ fn build(
             allocated_bytes: r.allocated_bytes,
             file_size: r.file_size,
             sha256,
+            original_target: req
+                .instance
+                .as_ref()
+                .and_then(|i| i.targets.iter().find(|t| t.0 == d.device))
+                .map(|t| t.1.clone()),
             source,
             stats: r.stats,
         });
@@ -440,6 +502,10 @@ fn build(
         client_token: req.client_token.clone(),
         size_gib: disks.iter().map(|d| d.size_gib).sum(),
         kiln_version: env!("CARGO_PKG_VERSION").into(),
+        instance: req.instance.as_ref().map(|i| manifest::InstanceRecord {
+            name: i.name.clone(),
+            uuid: i.uuid.clone(),
+        }),
         disks,
     };
     let json = manifest.to_json();

@@ -35,9 +35,20 @@ pub struct SourceRecord {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct InstanceRecord {
+    #[serde(rename = "Name")]
+    pub name: String,
+    #[serde(rename = "Uuid")]
+    pub uuid: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct DiskRecord {
     #[serde(rename = "Device")]
     pub device: String,
+    /// The instance's target name for this disk (`vda`), with `--instance`.
+    #[serde(rename = "OriginalTarget", skip_serializing_if = "Option::is_none")]
+    pub original_target: Option<String>,
     #[serde(rename = "DiskType")]
     pub disk_type: String,
     /// The disk file, relative to the image directory.
@@ -94,6 +105,9 @@ pub struct Manifest {
     pub size_gib: u64,
     #[serde(rename = "KilnVersion")]
     pub kiln_version: String,
+    /// The libvirt domain the image was made from, with `--instance`.
+    #[serde(rename = "Instance", skip_serializing_if = "Option::is_none")]
+    pub instance: Option<InstanceRecord>,
     #[serde(rename = "DiskDeviceMappings")]
     pub disks: Vec<DiskRecord>,
 }

@@ -364,3 +364,110 @@ fn os_boot_hd_boots_the_first_disk() {
         .collect();
     assert_eq!(t, ["vdb", "vdc", "vdd"]);
 }
+
+/// `kiln create --instance` through the real binary: the boot disk (second in the XML) becomes
+/// /dev/xvda, the CD-ROM is skipped, and exclude, grow and add adjust the instance.
+#[test]
+fn create_from_an_instance_with_exclude_grow_and_add() {
+    let t = tmp();
+    let d = t.path();
+    common::qemu_img(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "32M"]);
+    common::qemu_io(d, "base.qcow2", &["write -P 0x21 0 4M"]);
+    common::qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "root.qcow2",
+        ],
+    );
+    common::qemu_io(d, "root.qcow2", &["write -P 0x22 1M 1M"]);
+    common::sparse_raw(&d.join("data.raw"), 8 << 20);
+    common::write_at(&d.join("data.raw"), 4096, b"data disk");
+    common::sparse_raw(&d.join("logs.raw"), 4 << 20);
+    let src = |f: &str| format!("<source file='{}'/>", d.join(f).display());
+    let disks = [
+        disk_xml("file", "disk", "raw", &src("data.raw"), "vda", ""),
+        disk_xml(
+            "file",
+            "disk",
+            "qcow2",
+            &src("root.qcow2"),
+            "vdb",
+            "<boot order='1'/>",
+        ),
+        disk_xml("file", "disk", "raw", &src("logs.raw"), "vdc", ""),
+        disk_xml("file", "cdrom", "raw", "", "sda", ""),
+    ]
+    .concat();
+    let xml = virsh_roundtrip(d, &domain("web1", "", &disks), "web1");
+    fs::write(d.join("web1.xml"), &xml).unwrap();
+    let r = common::kiln_in(
+        d,
+        &[
+            "create",
+            "--name",
+            "from-vm",
+            "--instance",
+            "web1.xml",
+            "--exclude",
+            "vdc",
+            "--disk",
+            "device=vda,size=32M",
+            "--disk",
+            "device=vdx,size=16M",
+            "--output-dir",
+            "out",
+        ],
+    )
+    .ok();
+    assert!(
+        r.stderr.contains("sda"),
+        "the CD-ROM is noted: {}",
+        r.stderr
+    );
+    let o = d.join("out");
+    common::assert_same(d, "root.qcow2", "out/xvda.qcow2");
+    common::assert_same(d, "data.raw", "out/xvdb.qcow2");
+    assert_eq!(common::virtual_size(&o, "xvdb.qcow2"), 32 << 20);
+    assert_eq!(common::virtual_size(&o, "xvdc.qcow2"), 16 << 20);
+    assert!(!o.join("xvdd.qcow2").exists());
+    let m = common::manifest(&o);
+    assert_eq!(m["Instance"]["Name"], "web1");
+    assert_eq!(m["DiskDeviceMappings"][0]["OriginalTarget"], "vdb");
+    assert_eq!(m["DiskDeviceMappings"][1]["OriginalTarget"], "vda");
+    assert!(m["DiskDeviceMappings"][2]["OriginalTarget"].is_null());
+    assert_eq!(
+        m["DiskDeviceMappings"][0]["Source"]["FilesRead"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    // Shrinking an instance disk is refused.
+    let r = common::kiln_in(
+        d,
+        &[
+            "--json",
+            "create",
+            "--name",
+            "from-vm",
+            "--instance",
+            "web1.xml",
+            "--disk",
+            "device=vda,size=1M",
+            "--output-dir",
+            "o2",
+        ],
+    );
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (2, "InvalidSize.ValueNotSupported")
+    );
+}

@@ -163,3 +163,73 @@ fn source_lock_on_a_chain_covers_the_backing_file() {
     let (ok, text) = qemu_io_write(dir, "base.qcow2");
     assert!(ok, "{text}");
 }
+
+/// `kiln create` on a disk a QEMU process has open for writing: refused, naming the process;
+/// `--allow-running` copies it with a warning; once the holder exits, create succeeds.
+#[test]
+fn create_refuses_a_disk_open_for_writing() {
+    let t = tmp();
+    let d = t.path();
+    common::qemu_img(d, &["create", "-q", "-f", "qcow2", "vm.qcow2", "8M"]);
+    common::qemu_io(d, "vm.qcow2", &["write -P 0x5 0 1M"]);
+    let mut child = hold_for_writing(d, "vm.qcow2");
+    let pid = child.id().to_string();
+    let path = d.join("vm.qcow2");
+    wait_for(|| {
+        qemu_lock::writer_holding(&File::open(&path).unwrap(), &path)
+            .unwrap()
+            .is_some()
+    });
+    let r = common::kiln_in(
+        d,
+        &[
+            "--json",
+            "create",
+            "--name",
+            "busy",
+            "--snapshot",
+            "vm.qcow2",
+            "--output-dir",
+            "o1",
+        ],
+    );
+    assert_eq!(r.status, 2, "{}", r.stdout);
+    assert_eq!(r.code(), "InvalidSnapshotId.NotReady");
+    assert!(
+        r.stdout.contains(&pid) && r.stdout.contains("--allow-running"),
+        "{}",
+        r.stdout
+    );
+    assert!(!d.join("o1").exists());
+    let ok = common::kiln_in(
+        d,
+        &[
+            "create",
+            "--name",
+            "busy",
+            "--snapshot",
+            "vm.qcow2",
+            "--allow-running",
+            "--output-dir",
+            "o2",
+        ],
+    )
+    .ok();
+    assert!(ok.stderr.contains("inconsistent"), "{}", ok.stderr);
+    drop(child.stdin.take());
+    child.wait().unwrap();
+    common::kiln_in(
+        d,
+        &[
+            "create",
+            "--name",
+            "busy",
+            "--snapshot",
+            "vm.qcow2",
+            "--output-dir",
+            "o3",
+        ],
+    )
+    .ok();
+    common::assert_same(d, "vm.qcow2", "o3/xvda.qcow2");
+}
