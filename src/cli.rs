@@ -225,6 +225,9 @@ pub struct CreateArgs {
     /// Copy sources that a process has open for writing (the copy may be inconsistent).
     #[arg(long)]
     pub allow_running: bool,
+    /// An image of data disks only (no system disk): `--disk` entries become /dev/xvdb, ...
+    #[arg(long)]
+    pub data_image: bool,
     /// Where the image goes, outside the store; must not exist or be empty.
     #[arg(long, value_name = "DIR")]
     pub output_dir: Option<PathBuf>,
@@ -447,6 +450,7 @@ impl CreateArgs {
             instance,
             allow_running: self.allow_running,
             notes,
+            data_image: self.data_image,
         })
     }
 

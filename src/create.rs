@@ -64,6 +64,8 @@ pub struct CreateRequest {
     pub allow_running: bool,
     /// Notes to show the user (skipped CD-ROMs, ignored flags).
     pub notes: Vec<String>,
+    /// `--data-image`: an image of data disks only.
+    pub data_image: bool,
 }
 
 /// The instance an image is made from.
@@ -156,7 +158,17 @@ pub enum CreateResult {
 pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateResult> {
     let started = Instant::now();
     let req = &normalise(req)?;
-    let layout = plan::assign_devices(&req.disks, req.snapshot.as_ref())?;
+    let layout = if req.data_image {
+        if req.snapshot.is_some() || req.instance.is_some() {
+            return Err(Error::new(
+                Code::InvalidParameter,
+                "--data-image takes --disk entries only (no --snapshot or --instance)",
+            ));
+        }
+        plan::assign_data_devices(&req.disks)?
+    } else {
+        plan::assign_devices(&req.disks, req.snapshot.as_ref())?
+    };
     for w in req.notes.iter().chain(&layout.warnings) {
         warn(w);
     }
@@ -502,6 +514,7 @@ fn build(
         client_token: req.client_token.clone(),
         size_gib: disks.iter().map(|d| d.size_gib).sum(),
         kiln_version: env!("CARGO_PKG_VERSION").into(),
+        image_type: image_type(req).into(),
         instance: req.instance.as_ref().map(|i| manifest::InstanceRecord {
             name: i.name.clone(),
             uuid: i.uuid.clone(),
@@ -524,12 +537,22 @@ fn build(
     })
 }
 
+/// The manifest's ImageType: a system image, or data disks only.
+fn image_type(req: &CreateRequest) -> &'static str {
+    if req.data_image {
+        "DataDisk"
+    } else {
+        "System"
+    }
+}
+
 fn new_record(req: &CreateRequest, image_id: &str, digest: &str) -> Record {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     Record {
         image_id: image_id.to_string(),
+        image_type: image_type(req).into(),
         image_name: req.name.clone(),
         image_family: req.family.clone(),
         image_version: req.image_version.clone(),

@@ -275,14 +275,15 @@ fn print_table(images: &[Record]) {
         return;
     }
     let mut s = format!(
-        "{:<22}  {:<24}  {:<12}  {:>8}  {:>6}  {:<20}  FAMILY\n",
-        "IMAGE ID", "NAME", "STATUS", "PROGRESS", "SIZE", "CREATED"
+        "{:<22}  {:<24}  {:<8}  {:<12}  {:>8}  {:>6}  {:<20}  FAMILY\n",
+        "IMAGE ID", "NAME", "TYPE", "STATUS", "PROGRESS", "SIZE", "CREATED"
     );
     for r in images {
         s.push_str(&format!(
-            "{:<22}  {:<24}  {:<12}  {:>8}  {:>5}G  {:<20}  {}\n",
+            "{:<22}  {:<24}  {:<8}  {:<12}  {:>8}  {:>5}G  {:<20}  {}\n",
             r.image_id,
             r.image_name,
+            r.image_type,
             r.status,
             r.progress,
             r.size_gib,

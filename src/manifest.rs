@@ -80,6 +80,9 @@ pub struct Manifest {
     pub image_id: String,
     #[serde(rename = "ImageName")]
     pub image_name: String,
+    /// "System", or "DataDisk" for a data-disk image (`--data-image`).
+    #[serde(rename = "ImageType")]
+    pub image_type: String,
     #[serde(rename = "ImageFamily")]
     pub image_family: Option<String>,
     #[serde(rename = "ImageVersion")]

@@ -260,6 +260,74 @@ pub fn assign_devices(disks: &[DiskSpec], snapshot: Option<&PathBuf>) -> Result<
     })
 }
 
+/// A data-disk image (Huawei's data_images): only data disks, on /dev/xvdb../dev/xvdz in the order
+/// given unless `device=` says otherwise; no system disk.
+pub fn assign_data_devices(disks: &[DiskSpec]) -> Result<DiskLayout> {
+    if disks.is_empty() {
+        return Err(Error::new(
+            Code::MissingParameter,
+            "a data-disk image needs at least one --disk snapshot=FILE",
+        ));
+    }
+    if let Some(s) = disks.iter().find(|s| {
+        s.disk_type == Some(DiskType::System) || s.device.as_deref() == Some(SYSTEM_DEVICE)
+    }) {
+        return Err(Error::new(
+            Code::InvalidParameter,
+            format!(
+                "--data-image makes an image of data disks only; drop type=system / device={SYSTEM_DEVICE} from the entry for {}",
+                s.snapshot.as_deref().map_or("an empty disk".into(), |p| p.display().to_string())
+            ),
+        ));
+    }
+    if disks.len() > MAX_DATA_DISKS {
+        return Err(Error::new(
+            Code::QuotaExceedDataDisk,
+            format!(
+                "{} data disks given; an image holds at most {MAX_DATA_DISKS}",
+                disks.len()
+            ),
+        ));
+    }
+    let mut used: Vec<String> = Vec::new();
+    for d in disks.iter().filter_map(|s| s.device.clone()) {
+        if used.contains(&d) {
+            return Err(Error::new(
+                Code::InvalidDeviceInUse,
+                format!("device {d} is given to two disks; each device may appear once"),
+            ));
+        }
+        used.push(d);
+    }
+    let mut free = (b'b'..=b'z')
+        .map(|c| format!("/dev/xvd{}", c as char))
+        .filter(|d| !used.contains(d));
+    let mut out = Vec::with_capacity(disks.len());
+    for s in disks {
+        let device = match &s.device {
+            Some(d) => d.clone(),
+            None => free.next().ok_or_else(|| {
+                Error::new(
+                    Code::QuotaExceedDataDisk,
+                    "no free data-disk device left (/dev/xvdb to /dev/xvdz)",
+                )
+            })?,
+        };
+        out.push(PlannedDisk {
+            device,
+            disk_type: DiskType::Data,
+            snapshot: s.snapshot.clone(),
+            format: s.format,
+            size: s.size,
+        });
+    }
+    out.sort_by(|a, b| a.device.cmp(&b.device));
+    Ok(DiskLayout {
+        disks: out,
+        warnings: Vec::new(),
+    })
+}
+
 /// The output disk's virtual size: the source's, or `requested` when that is larger. A disk only grows.
 pub fn resolve_size(device: &str, requested: Option<u64>, source_size: Option<u64>) -> Result<u64> {
     match (requested, source_size) {
@@ -420,6 +488,50 @@ mod tests {
         assert!(assign_devices(&many, None).is_ok());
         many.push(spec("size=1G"));
         assert_eq!(code(assign_devices(&many, None)), Code::QuotaExceedDataDisk);
+    }
+
+    #[test]
+    fn data_images_have_no_system_disk() {
+        let l = assign_data_devices(&[
+            spec("snapshot=v"),
+            spec("size=1G,device=xvdc"),
+            spec("size=2G"),
+        ])
+        .unwrap();
+        let got: Vec<_> = l
+            .disks
+            .iter()
+            .map(|d| (d.device.as_str(), d.disk_type))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("/dev/xvdb", DiskType::Data),
+                ("/dev/xvdc", DiskType::Data),
+                ("/dev/xvdd", DiskType::Data)
+            ]
+        );
+        assert_eq!(
+            assign_data_devices(&[]).unwrap_err().code(),
+            Code::MissingParameter
+        );
+        assert_eq!(
+            assign_data_devices(&[spec("snapshot=v,type=system")])
+                .unwrap_err()
+                .code(),
+            Code::InvalidParameter
+        );
+        assert_eq!(
+            assign_data_devices(&[spec("snapshot=v,device=xvda")])
+                .unwrap_err()
+                .code(),
+            Code::InvalidParameter
+        );
+        let many: Vec<_> = (0..17).map(|_| spec("size=1G")).collect();
+        assert_eq!(
+            assign_data_devices(&many).unwrap_err().code(),
+            Code::QuotaExceedDataDisk
+        );
     }
 
     #[test]

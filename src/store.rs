@@ -56,6 +56,10 @@ impl From<&Tag> for RecordTag {
     }
 }
 
+fn system_image_type() -> String {
+    "System".into()
+}
+
 /// One image's status record, in the API's field names (what `describe --json` prints).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
@@ -63,6 +67,9 @@ pub struct Record {
     pub image_id: String,
     #[serde(rename = "ImageName")]
     pub image_name: String,
+    /// "System", or "DataDisk" for a data-disk image.
+    #[serde(rename = "ImageType", default = "system_image_type")]
+    pub image_type: String,
     #[serde(rename = "ImageFamily", default)]
     pub image_family: Option<String>,
     #[serde(rename = "ImageVersion", default)]
@@ -588,6 +595,7 @@ mod tests {
     fn record(id: &str, name: &str, token: Option<&str>) -> Record {
         Record {
             image_id: id.into(),
+            image_type: "System".into(),
             image_name: name.into(),
             image_family: None,
             image_version: None,

@@ -645,3 +645,77 @@ fn a_failure_while_copying_leaves_nothing_that_looks_finished() {
         .collect();
     assert_eq!(names, ["bad.qcow2"]);
 }
+
+/// `--data-image`: data disks only, from /dev/xvdb; the manifest and `describe` say so.
+#[test]
+fn a_data_disk_image_has_no_system_disk() {
+    let t = tmp();
+    let d = t.path();
+    make_raw(d, "vol.raw");
+    kiln_in(
+        d,
+        &[
+            "create",
+            "--data-image",
+            "--name",
+            "vol-img",
+            "--disk",
+            "snapshot=vol.raw",
+            "--disk",
+            "size=1G",
+            "--output-dir",
+            "out",
+        ],
+    )
+    .ok();
+    let m = manifest(&out(d));
+    assert_eq!(m["ImageType"], "DataDisk");
+    let disks = m["DiskDeviceMappings"].as_array().unwrap();
+    assert_eq!(disks[0]["Device"], "/dev/xvdb");
+    assert_eq!(disks[0]["DiskType"], "data");
+    assert_eq!(disks[1]["Device"], "/dev/xvdc");
+    assert_same(d, "vol.raw", "out/xvdb.qcow2");
+    assert!(!out(d).join("xvda.qcow2").exists());
+    let r = kiln_in(
+        d,
+        &[
+            "--json",
+            "create",
+            "--data-image",
+            "--name",
+            "vol-img",
+            "--disk",
+            "snapshot=vol.raw,type=system",
+            "--output-dir",
+            "o2",
+        ],
+    );
+    assert_eq!((r.status, r.code().as_str()), (2, "InvalidParameter"));
+    // In the store, describe shows the type.
+    let store = path_str(&d.join("store"));
+    kiln_in(
+        d,
+        &[
+            "--store",
+            &store,
+            "create",
+            "--data-image",
+            "--name",
+            "vol-img",
+            "--disk",
+            "snapshot=vol.raw",
+        ],
+    )
+    .ok();
+    let v: serde_json::Value = serde_json::from_str(
+        &kiln_in(d, &["--store", &store, "--json", "describe"])
+            .ok()
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(v[0]["ImageType"], "DataDisk");
+    assert!(kiln_in(d, &["--store", &store, "describe"])
+        .ok()
+        .stdout
+        .contains("DataDisk"));
+}
