@@ -313,7 +313,7 @@ struct PreparedDisk {
     /// Allocated source bytes (the copy reads these).
     data_bytes: u64,
     /// QEMU-compatible locks on every file read, held until the copy is done.
-    _locks: Vec<qemu_lock::SourceLock>,
+    locks: Vec<qemu_lock::SourceLock>,
 }
 
 /// Opens every source and sizes every disk, before anything is written. Every file read is locked
@@ -401,7 +401,7 @@ fn prepare(
             file: format!("{}.{}", d.short_name(), req.output.format.extension()),
             source,
             data_bytes,
-            _locks: locks,
+            locks,
         });
     }
     Ok(out)
@@ -450,7 +450,7 @@ fn build(
             hash: true,
         });
         records.push((p.planned, p.file, p.virtual_size, p.source));
-        locks.extend(p._locks);
+        locks.extend(p.locks);
     }
     let reporter = progress::reporter(req.progress, &disk_names);
     let total: u64 = disk_names.iter().map(|d| d.1).sum();
