@@ -39,7 +39,14 @@ const MAX_L1_BYTES: u64 = 32 << 20;
 const MAX_VIRTUAL_SIZE: u64 = 1 << 56;
 /// refcount_order 4: 16-bit refcounts.
 const REFCOUNT_ORDER: u32 = 4;
+/// Header bytes qemu writes for version 3 (up to and including the compression type, padded to 8).
 const HEADER_LENGTH: u32 = 112;
+/// Largest refcount table qemu opens (QCOW_MAX_REFTABLE_SIZE, 8 MiB).
+const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+/// Host offsets must fit the 56-bit offset field of L1/L2 entries.
+const MAX_HOST_OFFSET: u64 = 1 << 56;
+/// Compressed-cluster descriptors count 512-byte sectors.
+const SECTOR: u64 = 512;
 /// qemu compresses with zlib level Z_DEFAULT_COMPRESSION and a 4 KiB window (-12): a larger
 /// window would produce streams qemu's 4 KiB-window inflate cannot read.
 const ZLIB_WINDOW_BITS: u8 = 12;
@@ -91,6 +98,16 @@ impl Qcow2Writer {
                 Code::InvalidSize,
                 format!(
                     "{}: virtual size {virtual_size} is not between 1 byte and 2^56 bytes",
+                    path.display()
+                ),
+            ));
+        }
+        // qemu reads a qcow2 disk's size in whole 512-byte sectors and would drop a partial one.
+        if !virtual_size.is_multiple_of(SECTOR) {
+            return Err(Error::new(
+                Code::InvalidSize,
+                format!(
+                    "{}: virtual size {virtual_size} is not a multiple of 512 bytes; round it up",
                     path.display()
                 ),
             ));
@@ -160,6 +177,44 @@ impl Qcow2Writer {
         }
     }
 
+    /// `host + len`, refused when it passes what an L2 entry can address.
+    fn host_end(&self, host: u64, len: u64) -> Result<u64> {
+        host.checked_add(len)
+            .filter(|&e| e <= MAX_HOST_OFFSET)
+            .ok_or_else(|| {
+                Error::new(
+                    Code::Internal,
+                    format!(
+                        "{}: the image would grow past 2^56 bytes at offset {host}",
+                        self.path.display()
+                    ),
+                )
+            })
+    }
+
+    /// Fails when guest cluster `guest_cluster` already has data.
+    fn check_free(&self, a: &Alloc, guest_cluster: u64) -> Result<()> {
+        let per_l2 = self.cluster_size() / 8;
+        let taken =
+            a.l2.get(&(guest_cluster / per_l2))
+                .is_some_and(|t| t[(guest_cluster % per_l2) as usize] != 0);
+        if taken {
+            return Err(self.twice(guest_cluster));
+        }
+        Ok(())
+    }
+
+    fn twice(&self, guest_cluster: u64) -> Error {
+        Error::new(
+            Code::Internal,
+            format!(
+                "{}: guest offset {} was allocated twice",
+                self.path.display(),
+                guest_cluster << self.cluster_bits
+            ),
+        )
+    }
+
     /// Points guest cluster `guest_cluster` at `entry`; each guest cluster is set once.
     fn set_l2(&self, a: &mut Alloc, guest_cluster: u64, entry: u64) -> Result<()> {
         let per_l2 = self.cluster_size() / 8;
@@ -168,14 +223,7 @@ impl Qcow2Writer {
                 .or_insert_with(|| vec![0u64; per_l2 as usize].into_boxed_slice());
         let slot = &mut table[(guest_cluster % per_l2) as usize];
         if *slot != 0 {
-            return Err(Error::new(
-                Code::Internal,
-                format!(
-                    "{}: guest offset {} was written twice",
-                    self.path.display(),
-                    guest_cluster << self.cluster_bits
-                ),
-            ));
+            return Err(self.twice(guest_cluster));
         }
         *slot = entry;
         Ok(())
@@ -205,16 +253,18 @@ impl Qcow2Writer {
         self.check_guest(guest_offset, len)?;
         let cs = self.cluster_size();
         let n = len.div_ceil(cs);
+        let first = guest_offset >> self.cluster_bits;
         let mut a = self.lock();
         let host = a.next;
+        let end = self.host_end(host, n * cs)?;
+        // Check every slot before changing any, so a refused call leaves the tables as they were.
         for i in 0..n {
-            self.set_l2(
-                &mut a,
-                (guest_offset >> self.cluster_bits) + i,
-                (host + i * cs) | OFLAG_COPIED,
-            )?;
+            self.check_free(&a, first + i)?;
         }
-        a.next = host + n * cs;
+        for i in 0..n {
+            self.set_l2(&mut a, first + i, (host + i * cs) | OFLAG_COPIED)?;
+        }
+        a.next = end;
         self.add_refs(&mut a, host / cs, n)?;
         Ok(host)
     }
@@ -276,7 +326,8 @@ impl Qcow2Writer {
         let last = guest_offset
             .checked_add(cs)
             .map_or(self.virtual_size, |e| e.min(self.virtual_size));
-        self.check_guest(guest_offset, last - guest_offset)?;
+        // Past the end: a zero length, which check_guest refuses.
+        self.check_guest(guest_offset, last.saturating_sub(guest_offset))?;
         let len = len as u64;
         if len == 0 || len > cs {
             return Err(Error::new(
@@ -284,7 +335,9 @@ impl Qcow2Writer {
                 format!("compressed cluster of {len} bytes"),
             ));
         }
+        let guest_cluster = guest_offset >> self.cluster_bits;
         let mut a = self.lock();
+        self.check_free(&a, guest_cluster)?;
         let start = match a.compressed_at {
             Some(at)
                 if at + len <= at.next_multiple_of(cs) || at.next_multiple_of(cs) == a.next =>
@@ -293,11 +346,21 @@ impl Qcow2Writer {
             }
             _ => a.next,
         };
+        let x = 62 - (self.cluster_bits - 8);
         let end = start + len;
         let first = start / cs;
         let last_cluster = (end - 1) / cs;
         // New clusters this range takes from the free area.
-        let new_end = (last_cluster + 1) * cs;
+        let new_end = self.host_end(last_cluster * cs, cs)?;
+        if new_end > 1 << x {
+            return Err(Error::new(
+                Code::Internal,
+                format!(
+                    "{}: compressed data at offset {start} is past what a descriptor can address",
+                    self.path.display()
+                ),
+            ));
+        }
         if new_end > a.next {
             a.next = new_end;
         }
@@ -307,10 +370,11 @@ impl Qcow2Writer {
             Some(end)
         };
         self.add_refs(&mut a, first, last_cluster - first + 1)?;
-        let x = 62 - (self.cluster_bits - 8);
-        let extra_sectors = (end - 1) / 512 - start / 512;
-        let entry = OFLAG_COMPRESSED | (extra_sectors << x) | start;
-        self.set_l2(&mut a, guest_offset >> self.cluster_bits, entry)?;
+        self.set_l2(
+            &mut a,
+            guest_cluster,
+            compressed_entry(self.cluster_bits, start, len),
+        )?;
         Ok(start)
     }
 
@@ -335,6 +399,16 @@ impl Qcow2Writer {
         let (refblock_start, n_refblocks, reftable_start, n_reftable) =
             refcount_layout(cs, l2_start + n_l2);
         let total = reftable_start + n_reftable;
+        if n_reftable * cs > MAX_REFTABLE_BYTES {
+            return Err(Error::new(
+                Code::InvalidParameter,
+                format!(
+                    "{}: {} bytes of image need a refcount table over 8 MiB, which qemu does not open; use a larger --cluster-size",
+                    self.path.display(),
+                    total * cs
+                ),
+            ));
+        }
         let io = |what: &str, at: u64, e| {
             Error::io(&self.path, &format!("writing {what} at offset {at}"), e)
         };
@@ -429,6 +503,15 @@ impl Qcow2Writer {
         // Bytes 112..120: the end-of-extensions marker (type 0, length 0).
         h
     }
+}
+
+/// The L2 descriptor of `len` compressed bytes at host byte `start`: the offset in bits 0..x-1 and,
+/// from bit x = 62 - (cluster_bits - 8), the number of 512-byte sectors the data reaches into past
+/// the one holding `start`.
+fn compressed_entry(cluster_bits: u32, start: u64, len: u64) -> u64 {
+    let x = 62 - (cluster_bits - 8);
+    let extra_sectors = (start + len - 1) / SECTOR - start / SECTOR;
+    OFLAG_COMPRESSED | (extra_sectors << x) | start
 }
 
 /// Places refcount blocks and the refcount table after `used` clusters so that they also count
@@ -536,6 +619,180 @@ mod tests {
         // 512-byte clusters: 256 per block, 64 block pointers per table cluster.
         let (_, nb, _, nt) = refcount_layout(512, 100_000);
         assert!(nb * 256 >= 100_000 + nb + nt && nt * 64 >= nb);
+    }
+
+    #[test]
+    fn refcount_layout_is_the_smallest_fixpoint() {
+        for cb in [9u32, 12, 16, 21] {
+            let cs = 1u64 << cb;
+            let per_block = cs / 2;
+            for used in (1..3 * per_block + 5).step_by((per_block / 7).max(1) as usize) {
+                let (rb, nb, rt, nt) = refcount_layout(cs, used);
+                assert_eq!((rb, rt), (used, used + nb), "cb {cb} used {used}");
+                // The blocks cover everything, themselves and the table included...
+                assert!(nb * per_block >= used + nb + nt, "cb {cb} used {used}");
+                // ...the table points at every block...
+                assert!(nt * cs / 8 >= nb, "cb {cb} used {used}");
+                // ...and neither is larger than needed.
+                assert!((nb - 1) * per_block < used + nb + nt, "cb {cb} used {used}");
+                assert!((nt - 1) * cs / 8 < nb, "cb {cb} used {used}");
+            }
+        }
+    }
+
+    #[test]
+    fn l1_size_covers_the_disk_with_one_entry_per_l2_table() {
+        let d = tempfile::tempdir().unwrap();
+        // (virtual size, cluster bits, L1 entries, L1 clusters)
+        let cases = [
+            (512, 16, 1, 1),
+            (512 << 20, 16, 1, 1),
+            ((512 << 20) + 512, 16, 2, 1),
+            (1 << 40, 16, 2048, 1),
+            (1 << 50, 16, 2 << 20, 256),
+            // 512-byte clusters: an L2 table maps 32 KiB, an L1 cluster 64 entries.
+            (32 << 10, 9, 1, 1),
+            ((32 << 10) * 64 + 512, 9, 65, 2),
+            // 2 MiB clusters: an L2 table maps 512 GiB.
+            (1 << 56, 21, 1 << 17, 1),
+        ];
+        for (i, (size, cb, l1, l1c)) in cases.into_iter().enumerate() {
+            let w = writer(&d.path().join(i.to_string()).tap_mkdir(), size, cb, None);
+            assert_eq!(
+                (w.l1_size, w.l1_clusters),
+                (l1, l1c),
+                "{size} bytes, cb {cb}"
+            );
+            assert_eq!(w.data_start, 1 + l1c);
+        }
+    }
+
+    #[test]
+    fn bad_arguments_are_refused_with_clear_codes() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x");
+        let try_create = |size: u64, cb: u32| {
+            let f = File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&p)
+                .unwrap();
+            let opts = WriterOptions {
+                cluster_bits: cb,
+                compression: None,
+            };
+            Qcow2Writer::create(f, &p, size, &opts).map(|_| ())
+        };
+        assert_eq!(
+            try_create(1 << 20, 8).unwrap_err().code(),
+            Code::InvalidParameter
+        );
+        assert_eq!(
+            try_create(1 << 20, 22).unwrap_err().code(),
+            Code::InvalidParameter
+        );
+        assert_eq!(try_create(0, 16).unwrap_err().code(), Code::InvalidSize);
+        assert_eq!(
+            try_create((1 << 56) + 512, 21).unwrap_err().code(),
+            Code::InvalidSize
+        );
+        let odd = try_create(1000, 16).unwrap_err();
+        assert_eq!(odd.code(), Code::InvalidSize);
+        assert!(odd.message().contains("512"), "{}", odd.message());
+        // 2^56 bytes in 64 KiB clusters needs a 64 MiB L1 table.
+        let big = try_create(1 << 56, 16).unwrap_err();
+        assert_eq!(big.code(), Code::InvalidParameter);
+        assert!(big.message().contains("cluster-size"), "{}", big.message());
+        try_create(1 << 56, 21).unwrap();
+        try_create(512, 9).unwrap();
+    }
+
+    #[test]
+    fn compressed_entry_encodes_offset_and_extra_sectors() {
+        // 64 KiB clusters: x = 54, 8 bits of sector count.
+        assert_eq!(
+            compressed_entry(16, 0x30000, 100),
+            OFLAG_COMPRESSED | 0x30000
+        );
+        assert_eq!(
+            compressed_entry(16, 0x30000, 512),
+            OFLAG_COMPRESSED | 0x30000
+        );
+        assert_eq!(
+            compressed_entry(16, 0x30000, 513),
+            OFLAG_COMPRESSED | (1 << 54) | 0x30000
+        );
+        // Starting at byte 500 of a sector, 13 bytes reach into the next one.
+        assert_eq!(
+            compressed_entry(16, 0x301f4, 13),
+            OFLAG_COMPRESSED | (1 << 54) | 0x301f4
+        );
+        // The largest case: a whole cluster less one byte starting one byte before a sector end
+        // spans cs/512 extra sectors, which must still fit the field (cluster_bits - 8 bits).
+        for cb in 9..=21u32 {
+            let cs = 1u64 << cb;
+            let x = 62 - (cb - 8);
+            let start = 5 * cs + 511;
+            let e = compressed_entry(cb, start, cs - 1);
+            assert_eq!(e & ((1 << x) - 1), start, "cb {cb}");
+            let sectors = (e & !OFLAG_COMPRESSED) >> x;
+            assert_eq!(sectors, cs / 512, "cb {cb}");
+            assert!(sectors < 1 << (cb - 8), "cb {cb}");
+        }
+        // 512-byte clusters: x = 61, one bit of count.
+        assert_eq!(
+            compressed_entry(9, 1024 + 10, 510),
+            OFLAG_COMPRESSED | (1 << 61) | 1034
+        );
+    }
+
+    #[test]
+    fn zlib_header_has_no_compression_feature_and_ends_with_the_marker() {
+        let d = tempfile::tempdir().unwrap();
+        let w = writer(d.path(), 1 << 30, 12, Some(Compression::Zlib));
+        let h = w.header(7 * 4096, 2);
+        assert_eq!(h.len(), 120);
+        // No backing file, no snapshots, no encryption.
+        assert!(h[8..20].iter().all(|&b| b == 0));
+        assert_eq!(u64::from_be_bytes(h[48..56].try_into().unwrap()), 7 * 4096);
+        assert_eq!(u32::from_be_bytes(h[56..60].try_into().unwrap()), 2);
+        assert!(h[60..72].iter().all(|&b| b == 0));
+        // Incompatible, compatible and autoclear features all clear.
+        assert!(h[72..96].iter().all(|&b| b == 0));
+        assert_eq!(u32::from_be_bytes(h[100..104].try_into().unwrap()), 112);
+        // Compression type zlib, padding, then the end-of-extensions marker.
+        assert!(h[104..120].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_refused_allocation_changes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let w = writer(d.path(), (1 << 20) + 512, 16, Some(Compression::Zstd));
+        let base = w.data_start * 65536;
+        assert_eq!(w.allocate(65536, 65536).unwrap(), base);
+        // Overlapping an allocated cluster: nothing is reserved, not even the free first cluster.
+        assert_eq!(w.allocate(0, 2 * 65536).unwrap_err().code(), Code::Internal);
+        assert_eq!(
+            w.allocate_compressed(65536, 100).unwrap_err().code(),
+            Code::Internal
+        );
+        {
+            let a = w.lock();
+            assert_eq!(a.next, base + 65536);
+            assert_eq!(a.refs, [1]);
+            assert_eq!(a.l2[&0][0], 0);
+        }
+        // Past the end, or an unaligned start: refused, no panic.
+        assert!(w.allocate_compressed(2 << 20, 100).is_err());
+        assert!(w.allocate_compressed(100, 100).is_err());
+        assert!(w.allocate_compressed(0, 0).is_err());
+        assert!(w.allocate_compressed(0, 65537).is_err());
+        // The short last cluster (512 bytes) takes a whole one, or a compressed slice.
+        assert_eq!(w.allocate(1 << 20, 512).unwrap(), base + 65536);
+        assert!(w.allocate(1 << 20, 65536).is_err());
+        assert_eq!(w.allocate_compressed(0, 40).unwrap(), base + 2 * 65536);
     }
 
     #[test]
