@@ -9,6 +9,7 @@ use crate::convert::ConvertRequest;
 use crate::create::{CreateRequest, Destination, InstanceSource};
 use crate::engine::{OutputFormat, OutputSpec};
 use crate::error::{Code, Error, Result};
+use crate::format::gate::BackingGate;
 use crate::format::qcow2::writer::Compression;
 use crate::format::qcow2::{MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 use crate::format::Format;
@@ -64,6 +65,10 @@ pub struct InspectArgs {
     /// The format (detected when not given).
     #[arg(short = 'f', long = "format", value_name = "raw|qcow2")]
     pub format: Option<String>,
+    /// Also follow qcow2 backing files under DIR (repeatable); by default only those inside each
+    /// overlay's own directory tree are followed.
+    #[arg(long = "backing-dir", value_name = "DIR")]
+    pub backing_dirs: Vec<PathBuf>,
 }
 
 impl InspectArgs {
@@ -80,6 +85,7 @@ impl InspectArgs {
         Ok(crate::inspect::InspectOptions {
             format,
             map: self.map,
+            gate: BackingGate::new(self.backing_dirs.clone()),
         })
     }
 }
@@ -225,6 +231,10 @@ pub struct CreateArgs {
     /// Copy sources that a process has open for writing (the copy may be inconsistent).
     #[arg(long)]
     pub allow_running: bool,
+    /// Also follow qcow2 backing files under DIR (repeatable); by default only those inside each
+    /// overlay's own directory tree are followed.
+    #[arg(long = "backing-dir", value_name = "DIR")]
+    pub backing_dirs: Vec<PathBuf>,
     /// An image of data disks only (no system disk): `--disk` entries become /dev/xvdb, ...
     #[arg(long)]
     pub data_image: bool,
@@ -286,6 +296,10 @@ pub struct ConvertArgs {
     /// Print the output's SHA-256.
     #[arg(long)]
     pub sha256: bool,
+    /// Also follow qcow2 backing files under DIR (repeatable); by default only those inside each
+    /// overlay's own directory tree are followed.
+    #[arg(long = "backing-dir", value_name = "DIR")]
+    pub backing_dirs: Vec<PathBuf>,
     /// [zlib|zstd] SRC[@SNAP] DST
     #[arg(num_args = 2..=3, value_name = "ARGS", required = true)]
     pub args: Vec<String>,
@@ -449,6 +463,7 @@ impl CreateArgs {
             progress: self.progress_mode(),
             instance,
             allow_running: self.allow_running,
+            gate: BackingGate::new(self.backing_dirs.clone()),
             notes,
             data_image: self.data_image,
         })
@@ -571,6 +586,7 @@ impl ConvertArgs {
                 ProgressMode::Off
             },
             sha256: self.sha256,
+            gate: BackingGate::new(self.backing_dirs.clone()),
         })
     }
 }

@@ -20,6 +20,8 @@ pub struct ConvertRequest {
     pub progress: ProgressMode,
     /// Also compute the output's SHA-256.
     pub sha256: bool,
+    /// Which qcow2 backing files may be followed (`--backing-dir`).
+    pub gate: crate::format::gate::BackingGate,
 }
 
 #[derive(Debug, Clone)]
@@ -37,9 +39,12 @@ pub fn convert(req: &ConvertRequest) -> Result<ConvertOutcome> {
         &OpenOptions {
             format: req.source_format,
             snapshot: None,
+            gate: req.gate.clone(),
         },
     )?;
     let virtual_size = opened.info.virtual_size;
+    let mut stamps = format::SourceStamps::default();
+    stamps.add(&opened.info.chain)?;
     let dst = &req.destination;
     let name = dst.file_name().ok_or_else(|| {
         Error::new(
@@ -72,7 +77,9 @@ pub fn convert(req: &ConvertRequest) -> Result<ConvertOutcome> {
         hash: req.sha256,
     };
     let reporter = progress::reporter(req.progress, &[(job.name.clone(), virtual_size)]);
-    let mut results = engine::copy_disks(vec![job], &req.output, req.threads, reporter.as_ref())?;
+    let results = engine::copy_disks(vec![job], &req.output, req.threads, reporter.as_ref());
+    stamps.check()?;
+    let mut results = results?;
     drop(reporter);
     let r = results
         .pop()

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::engine::{self, CopyStats, DiskJob, OutputSpec};
 use crate::error::{Code, Error, Result};
+use crate::format::gate::BackingGate;
 use crate::format::{self, BlockSource, ExtentKind, OpenOptions, Opened};
 use crate::manifest::{self, DiskRecord, Manifest, SourceRecord, Tag};
 use crate::plan::{self, DiskLayout, DiskSpec, PlannedDisk};
@@ -20,6 +21,7 @@ use crate::progress::{self, Progress, ProgressMode};
 use crate::publish::{self, Staging};
 use crate::size::{self, MIB};
 use crate::store::{self, Admission, Creating, Record, RecordProgress, Store};
+use crate::testhook;
 use crate::validate;
 use crate::{instance, qemu_lock};
 
@@ -62,6 +64,8 @@ pub struct CreateRequest {
     pub instance: Option<InstanceSource>,
     /// `--allow-running`: copy sources open for writing, with a warning.
     pub allow_running: bool,
+    /// Which qcow2 backing files may be followed (`--backing-dir`).
+    pub gate: BackingGate,
     /// Notes to show the user (skipped CD-ROMs, ignored flags).
     pub notes: Vec<String>,
     /// `--data-image`: an image of data disks only.
@@ -176,6 +180,7 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateR
         Destination::Dir(dir) => {
             publish::check_target(dir)?;
             let prepared = prepare(req, &layout, warn)?;
+            testhook::checkpoint("prepared");
             let space = check_space(&existing_ancestor(dir), &prepared)?;
             if req.dry_run {
                 return Ok(CreateResult::DryRun(Box::new(dry_run_report(
@@ -220,6 +225,7 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateR
                 return Ok(CreateResult::Existing(r));
             }
             let prepared = prepare(req, &layout, warn)?;
+            testhook::checkpoint("prepared");
             check_space(&store.images_dir(), &prepared)?;
             let image_id = manifest::new_image_id();
             let creating = store.begin(new_record(req, &image_id, &digest))?;
@@ -247,6 +253,7 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateR
                         r.disks = disks;
                     })?;
                     out.record = Some(rec);
+                    testhook::checkpoint("available");
                     Ok(CreateResult::Created(Box::new(out)))
                 }
                 Err(e) => {
@@ -314,6 +321,8 @@ struct PreparedDisk {
     data_bytes: u64,
     /// QEMU-compatible locks on every file read, held until the copy is done.
     locks: Vec<qemu_lock::SourceLock>,
+    /// Every file read, as it was when opened: checked again once the copy is done.
+    stamps: format::SourceStamps,
 }
 
 /// Opens every source and sizes every disk, before anything is written. Every file read is locked
@@ -337,12 +346,15 @@ fn prepare(
                 &OpenOptions {
                     format: d.format,
                     snapshot: None,
+                    gate: req.gate.clone(),
                 },
             )?),
             None => None,
         };
         let mut locks = Vec::new();
+        let mut stamps = format::SourceStamps::default();
         if let Some(o) = &opened {
+            stamps.add(&o.info.chain)?;
             locks = qemu_lock::lock_chain(&o.info.chain)?;
             let paths: Vec<&Path> = o.info.chain.iter().map(|c| c.path.as_path()).collect();
             for w in qemu_lock::check_not_written(&paths, busy_code, req.allow_running)? {
@@ -402,6 +414,7 @@ fn prepare(
             source,
             data_bytes,
             locks,
+            stamps,
         });
     }
     Ok(out)
@@ -434,6 +447,7 @@ fn build(
     creating: Option<&Creating>,
     started: Instant,
 ) -> Result<CreateOutcome> {
+    testhook::checkpoint("staging");
     let disk_names: Vec<(String, u64)> = prepared
         .iter()
         .map(|p| (p.planned.device.clone(), p.virtual_size))
@@ -441,7 +455,9 @@ fn build(
     let mut records = Vec::with_capacity(prepared.len());
     let mut jobs = Vec::with_capacity(prepared.len());
     let mut locks = Vec::new();
+    let mut stamps = format::SourceStamps::default();
     for p in prepared {
+        stamps.extend(p.stamps);
         jobs.push(DiskJob {
             name: p.planned.device.clone(),
             source: p.opened.map(|o| o.source),
@@ -459,7 +475,11 @@ fn build(
         Some(p) => p,
         None => reporter.as_ref(),
     };
-    let results = engine::copy_disks(jobs, &req.output, req.threads, progress)?;
+    let results = engine::copy_disks(jobs, &req.output, req.threads, progress);
+    // A source that changed under the copy explains any error the copy met (a truncated qcow2
+    // looks corrupt), and makes a copy that seemed to succeed worthless.
+    stamps.check()?;
+    let results = results?;
     drop(reporter);
     drop(locks);
 
@@ -523,9 +543,12 @@ fn build(
     };
     let json = manifest.to_json();
     staging.write_file("manifest.json", &json)?;
+    testhook::checkpoint("manifest");
     sums.push((engine::hex(&sha256_of(&json)), "manifest.json".into()));
     staging.write_file("SHA256SUMS", manifest::sha256sums(&sums).as_bytes())?;
+    testhook::checkpoint("sums");
     let output_dir = staging.commit()?;
+    testhook::checkpoint("renamed");
     Ok(CreateOutcome {
         manifest,
         output_dir,

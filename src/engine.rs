@@ -301,6 +301,7 @@ fn worker(sh: &Shared<'_>) {
         let r = match claim(sh, d) {
             Ok(Some((start, end, seq))) => {
                 let r = copy_chunk(sh, d, start, end, seq, &mut scratch);
+                crate::testhook::checkpoint("chunk");
                 sh.disks[d].active.fetch_sub(1, Ordering::AcqRel);
                 r.and_then(|()| release(sh, d))
             }
@@ -593,6 +594,7 @@ fn finish_disk(sh: &Shared<'_>, d: usize) -> Result<()> {
             format!("{}: output still in use at finish", disk.name),
         )
     })?;
+    crate::testhook::checkpoint("disk-copied");
     let (file, sparse) = match sink {
         Sink::Raw(f) => (f, true),
         Sink::Qcow2(w) => (w.finish()?, false),
@@ -604,6 +606,7 @@ fn finish_disk(sh: &Shared<'_>, d: usize) -> Result<()> {
     };
     file.sync_all()
         .map_err(|e| Error::io(&disk.path, "flushing (fsync)", e))?;
+    crate::testhook::checkpoint("disk-done");
     let meta = file
         .metadata()
         .map_err(|e| Error::io(&disk.path, "reading metadata of", e))?;
@@ -682,6 +685,7 @@ pub fn hash_file(file: &File, path: &Path, sparse: bool) -> Result<String> {
         }
         h.update(&buf[..n]);
         pos += n as u64;
+        crate::testhook::checkpoint("hashing");
     }
     Ok(hex(&h.finalize()))
 }

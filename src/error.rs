@@ -54,6 +54,11 @@ pub enum Code {
     InstanceDiskUnsupported,
     /// The domain XML's `<backingStore>` disagrees with the backing chain the file names.
     InstanceBackingMismatch,
+    /// A qcow2 names a backing file kiln may not follow (outside the overlay's directory and every
+    /// `--backing-dir`, not a regular file, or a protocol such as `nbd:`).
+    BackingDenied,
+    /// A source changed (shrank, grew or was rewritten) while it was being copied.
+    SourceChanged,
 }
 
 impl Code {
@@ -97,6 +102,8 @@ impl Code {
             Code::InvalidInstanceMalformed => "InvalidInstance.Malformed",
             Code::InstanceDiskUnsupported => "InvalidInstance.DiskUnsupported",
             Code::InstanceBackingMismatch => "InvalidInstance.BackingChainMismatch",
+            Code::BackingDenied => "InvalidSnapshot.BackingDenied",
+            Code::SourceChanged => "InvalidSnapshot.Changed",
         }
     }
 
@@ -105,7 +112,11 @@ impl Code {
     pub fn exit_status(self) -> u8 {
         match self {
             Code::DryRunOperation => 0,
-            Code::InsufficientSpace | Code::IoError | Code::Internal | Code::ChecksumMismatch => 1,
+            Code::InsufficientSpace
+            | Code::IoError
+            | Code::Internal
+            | Code::ChecksumMismatch
+            | Code::SourceChanged => 1,
             _ => 2,
         }
     }

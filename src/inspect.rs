@@ -119,6 +119,8 @@ pub struct InspectOptions {
     pub format: Option<Format>,
     /// Also compute the allocation map.
     pub map: bool,
+    /// Which qcow2 backing files may be followed (`--backing-dir`).
+    pub gate: crate::format::gate::BackingGate,
 }
 
 /// Inspects `path` (`FILE` or `FILE@SNAP`), without the map.
@@ -132,6 +134,7 @@ pub fn inspect_with(path: &Path, opts: &InspectOptions) -> Result<InspectReport>
         &OpenOptions {
             format: opts.format,
             snapshot: None,
+            gate: opts.gate.clone(),
         },
     )?;
     let info = &opened.info;
@@ -650,8 +653,8 @@ mod tests {
         let r = inspect_with(
             &p,
             &InspectOptions {
-                format: None,
                 map: true,
+                ..Default::default()
             },
         )
         .unwrap();

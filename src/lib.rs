@@ -20,5 +20,6 @@ pub mod qemu_lock;
 pub mod request_file;
 pub mod size;
 pub mod store;
+pub mod testhook;
 pub mod validate;
 pub mod verify;

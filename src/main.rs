@@ -12,6 +12,12 @@ use kiln::size::human;
 use kiln::store::{self, Record, Store};
 
 fn main() -> ExitCode {
+    // A write past RLIMIT_FSIZE must fail with EFBIG (reported with the file and offset, partial
+    // output removed), not kill the process with SIGXFSZ and leave a half-built image behind.
+    // SAFETY: installing SIG_IGN runs no handler code, and happens before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = Cli::parse();
     let json = cli.json;
     match run(cli) {

@@ -7,14 +7,18 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::{Flock, FlockArg};
+
 use crate::error::{Code, Error, Result};
 
-/// A staging directory; removed on drop unless committed.
+/// A staging directory; removed on drop unless committed. Its creator holds an flock on it, so a
+/// later create can tell a dead creator's leftovers from a live one's work.
 #[derive(Debug)]
 pub struct Staging {
     dir: PathBuf,
     target: PathBuf,
     committed: bool,
+    _lock: Flock<File>,
 }
 
 impl Staging {
@@ -28,12 +32,28 @@ impl Staging {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "image".into());
         let tag = &crate::manifest::new_image_id()[2..10];
+        sweep_stale(&parent);
         let dir = parent.join(format!(".kiln-{base}-{}-{tag}.tmp", std::process::id()));
         fs::create_dir(&dir).map_err(|e| Error::io(&dir, "creating the staging directory", e))?;
+        let lock = File::open(&dir)
+            .map_err(|e| Error::io(&dir, "opening the staging directory", e))
+            .and_then(|f| {
+                Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+                    Error::io(&dir, "locking the staging directory", io::Error::from(e))
+                })
+            });
+        let lock = match lock {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
         Ok(Staging {
             dir,
             target: target.to_path_buf(),
             committed: false,
+            _lock: lock,
         })
     }
 
@@ -85,6 +105,53 @@ impl Drop for Staging {
         if !self.committed {
             let _ = fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// Removes staging directories in `parent` left by creates that died (killed, crashed, power loss):
+/// those whose creating process is gone and whose flock is free. Best effort: a leftover that
+/// cannot be removed stays hidden, and never looks like a finished image.
+fn sweep_stale(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(pid) = staging_pid(name) else {
+            continue;
+        };
+        if pid == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        let path = e.path();
+        // Only a real directory, never through a symlink.
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let Ok(f) = File::open(&path) else { continue };
+        if let Ok(held) = Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            let _ = fs::remove_dir_all(&path);
+            drop(held);
+        }
+    }
+}
+
+/// The pid in a staging directory's name, `.kiln-<base>-<pid>-<tag>.tmp`.
+fn staging_pid(name: &str) -> Option<u32> {
+    let inner = name.strip_prefix(".kiln-")?.strip_suffix(".tmp")?;
+    let mut parts = inner.rsplitn(3, '-');
+    let _tag = parts.next()?;
+    parts.next()?.parse().ok()
+}
+
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) => true,
+        Err(e) => e != nix::errno::Errno::ESRCH,
     }
 }
 
@@ -144,6 +211,24 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leftovers_of_dead_creators_are_swept_live_ones_kept() {
+        let d = tempfile::tempdir().unwrap();
+        // A pid that cannot be alive (above pid_max's largest value).
+        let dead = d.path().join(".kiln-img-4194305-abcd1234.tmp");
+        fs::create_dir(&dead).unwrap();
+        fs::write(dead.join("xvda.qcow2"), b"half").unwrap();
+        let live = Staging::new(&d.path().join("one")).unwrap();
+        assert!(!dead.exists(), "a dead creator's staging dir is removed");
+        // A second create beside a live one leaves the live one's directory alone.
+        let other = Staging::new(&d.path().join("two")).unwrap();
+        assert!(live.dir().exists());
+        drop(other);
+        drop(live);
+        assert_eq!(staging_pid(".kiln-a-b-77-x.tmp"), Some(77));
+        assert_eq!(staging_pid(".kiln-a.tmp"), None);
+    }
 
     #[test]
     fn a_dropped_staging_leaves_nothing() {

@@ -43,8 +43,8 @@ fn compare_map(dir: &Path, file: &str) -> Vec<(u64, u64, bool, bool)> {
     let report = inspect::inspect_with(
         &dir.join(file),
         &InspectOptions {
-            format: None,
             map: true,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -288,8 +288,8 @@ fn qcow2_internal_snapshots_are_listed_like_qemu_img() {
     let snap = inspect::inspect_with(
         &d.join("s.qcow2@first"),
         &InspectOptions {
-            format: None,
             map: true,
+            ..Default::default()
         },
     )
     .unwrap();

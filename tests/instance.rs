@@ -189,6 +189,7 @@ fn dumped_xml_maps_boot_disk_data_disk_and_skips_the_cdrom() {
             &OpenOptions {
                 format: d.format,
                 snapshot: None,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -220,6 +221,7 @@ fn stale_backing_store_is_explained() {
         &OpenOptions {
             format: boot.format,
             snapshot: None,
+            ..Default::default()
         },
     )
     .unwrap();

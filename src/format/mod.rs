@@ -1,6 +1,7 @@
 //! Disk formats. A source answers one question, "what is at this guest offset, and for how long?",
 //! and reads guest bytes; it knows nothing of images, manifests or copying.
 
+pub mod gate;
 pub mod qcow2;
 pub mod raw;
 
@@ -109,6 +110,8 @@ pub struct OpenOptions {
     pub format: Option<Format>,
     /// An internal snapshot, by name or ID (qcow2 only).
     pub snapshot: Option<String>,
+    /// Which backing files may be followed.
+    pub gate: gate::BackingGate,
 }
 
 /// Opens a user-named source read-only. `path` may carry `@SNAP` when `opts.snapshot` is unset and the
@@ -141,7 +144,7 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Opened> {
                 info,
             })
         }
-        Format::Qcow2 => qcow2::open(file, &path, snapshot.as_deref()),
+        Format::Qcow2 => qcow2::open(file, &path, snapshot.as_deref(), &opts.gate),
     }
 }
 
@@ -181,6 +184,75 @@ pub fn open_read_only(path: &Path) -> Result<File> {
             }
             Ok(f)
         })
+}
+
+/// What a source file looked like when it was opened, to tell afterwards whether it changed while
+/// it was copied (shrunk, grown, rewritten, replaced): the copy is then refused, not published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// Stamps of every file of some chains, taken before a copy.
+#[derive(Debug, Clone, Default)]
+pub struct SourceStamps(Vec<(PathBuf, Stamp)>);
+
+impl SourceStamps {
+    /// Stamps each file of `chain`.
+    pub fn add(&mut self, chain: &[ChainEntry]) -> Result<()> {
+        for c in chain {
+            let s = stamp(&c.path)?;
+            self.0.push((c.path.clone(), s));
+        }
+        Ok(())
+    }
+
+    /// Takes over another set's stamps.
+    pub fn extend(&mut self, other: SourceStamps) {
+        self.0.extend(other.0);
+    }
+
+    /// Fails with InvalidSnapshot.Changed naming the first file that is not as it was.
+    pub fn check(&self) -> Result<()> {
+        for (path, before) in &self.0 {
+            let now = stamp(path).ok();
+            if now.as_ref() == Some(before) {
+                continue;
+            }
+            let how = match now {
+                None => "was removed".to_string(),
+                Some(n) if (n.dev, n.ino) != (before.dev, before.ino) => "was replaced".to_string(),
+                Some(n) if n.size != before.size => {
+                    format!("changed size from {} to {} bytes", before.size, n.size)
+                }
+                Some(_) => "was written to".to_string(),
+            };
+            return Err(Error::new(
+                Code::SourceChanged,
+                format!(
+                    "{} {how} while it was being copied; nothing was published. Copy from a file no one writes to (a snapshot), then run again",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn stamp(path: &Path) -> Result<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).map_err(|e| Error::io(path, "reading metadata of", e))?;
+    Ok(Stamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        size: m.size(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+        ctime: (m.ctime(), m.ctime_nsec()),
+    })
 }
 
 /// qcow2 when the file starts with the qcow2 magic, raw otherwise (what qemu-img does for these two).

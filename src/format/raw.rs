@@ -121,7 +121,7 @@ impl BlockSource for RawSource {
         })?;
         if n < buf.len() {
             return Err(Error::new(
-                Code::IoError,
+                Code::SourceChanged,
                 format!(
                     "{}: file ended at offset {} while reading at {offset}; it shrank while being copied",
                     self.path.display(),

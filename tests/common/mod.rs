@@ -176,3 +176,58 @@ pub fn path_str(p: &Path) -> String {
 pub fn out(dir: &Path) -> PathBuf {
     dir.join("out")
 }
+
+/// Deterministic non-zero, incompressible-looking bytes (xorshift), `len` long.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Starts `kiln ARGS` in `dir` with `KILN_TEST_STOP_AT=point` and waits until it has stopped itself
+/// there (SIGSTOP). Panics if it exits first or takes longer than 60 s.
+pub fn kiln_stopped_at(dir: &Path, args: &[&str], point: &str) -> std::process::Child {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(dir)
+        .env("KILN_TEST_STOP_AT", point)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kiln");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "kiln exited ({st}) before reaching {point}:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let stat = fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap_or_default();
+        // The state is the first field after the parenthesised command name.
+        let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+        if state.starts_with('T') {
+            return child;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kiln never reached {point}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Sends `sig` to a child.
+pub fn signal(child: &std::process::Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+}

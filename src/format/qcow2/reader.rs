@@ -12,9 +12,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::ffi::OsStr;
 use std::fs::File;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -24,8 +22,8 @@ use super::{
 };
 use crate::error::{Code, Error, Result};
 use crate::format::{
-    self, raw::RawSource, BlockSource, ChainEntry, Extent, ExtentKind, Format, Opened, SourceInfo,
-    MAX_CHAIN_DEPTH,
+    self, gate::BackingGate, raw::RawSource, BlockSource, ChainEntry, Extent, ExtentKind, Format,
+    Opened, SourceInfo, MAX_CHAIN_DEPTH,
 };
 
 const EXT_END: u32 = 0;
@@ -510,10 +508,10 @@ fn note_file(
 
 /// Opens a qcow2 source (and its backing chain) read-only; `snapshot` names an internal snapshot
 /// by name or ID.
-pub fn open(file: File, path: &Path, snapshot: Option<&str>) -> Result<Opened> {
+pub fn open(file: File, path: &Path, snapshot: Option<&str>, gate: &BackingGate) -> Result<Opened> {
     let mut chain = Vec::new();
     let mut seen = Vec::new();
-    let (src, snap) = open_layer(file, path, snapshot, &mut chain, &mut seen)?;
+    let (src, snap) = open_layer(file, path, snapshot, &mut chain, &mut seen, gate)?;
     let info = SourceInfo {
         path: path.to_path_buf(),
         format: Format::Qcow2,
@@ -533,6 +531,7 @@ fn open_layer(
     snapshot: Option<&str>,
     chain: &mut Vec<ChainEntry>,
     seen: &mut Vec<PathBuf>,
+    gate: &BackingGate,
 ) -> Result<(Qcow2Source, Option<String>)> {
     note_file(path, Format::Qcow2, chain, seen)?;
     let fsize = file_size(&file, path)?;
@@ -618,6 +617,7 @@ fn open_layer(
             h.backing_format.as_deref(),
             chain,
             seen,
+            gate,
         )?),
     };
 
@@ -645,16 +645,9 @@ fn open_backing(
     backing_format: Option<&str>,
     chain: &mut Vec<ChainEntry>,
     seen: &mut Vec<PathBuf>,
+    gate: &BackingGate,
 ) -> Result<Box<dyn BlockSource>> {
     let shown = String::from_utf8_lossy(name).into_owned();
-    if shown.contains("://") || shown.starts_with("nbd:") || shown.starts_with("json:") {
-        return Err(Error::unsupported(
-            overlay,
-            format!(
-                "backing file '{shown}' is not a local file; kiln reads local backing files only"
-            ),
-        ));
-    }
     if chain.len() >= MAX_CHAIN_DEPTH {
         return Err(Error::unsupported(
             overlay,
@@ -664,27 +657,9 @@ fn open_backing(
             ),
         ));
     }
-    let rel = Path::new(OsStr::from_bytes(name));
-    let bpath = if rel.is_absolute() {
-        rel.to_path_buf()
-    } else {
-        overlay.parent().unwrap_or(Path::new("")).join(rel)
-    };
-    let file = format::open_read_only(&bpath).map_err(|e| {
-        if e.code() == Code::SnapshotNotFound {
-            Error::new(
-                Code::SnapshotNotFound,
-                format!(
-                    "{}: its backing file '{shown}' ({}) cannot be opened: {}",
-                    overlay.display(),
-                    bpath.display(),
-                    e.message()
-                ),
-            )
-        } else {
-            e
-        }
-    })?;
+    // Every backing file passes the gate: local, regular, inside an allowed directory.
+    let top = chain.first().map_or(overlay, |c| c.path.as_path());
+    let (bpath, file) = gate.open(top, overlay, name)?;
     let fmt = match backing_format {
         Some(f) => Format::parse(f).ok_or_else(|| {
             Error::unsupported(
@@ -700,7 +675,7 @@ fn open_backing(
             Ok(Box::new(RawSource::new(file, &bpath)?))
         }
         Format::Qcow2 => {
-            let (src, _) = open_layer(file, &bpath, None, chain, seen)?;
+            let (src, _) = open_layer(file, &bpath, None, chain, seen, gate)?;
             Ok(Box::new(src))
         }
     }
@@ -1210,7 +1185,7 @@ mod tests {
         let p = dir.path().join("t.qcow2");
         std::fs::File::create(&p).unwrap().write_all(bytes).unwrap();
         let f = File::open(&p).unwrap();
-        open(f, &p, None)
+        open(f, &p, None, &BackingGate::default())
     }
 
     fn err(bytes: &[u8]) -> Error {
@@ -1402,7 +1377,7 @@ mod tests {
             put64(&mut b, 8, 1024);
             put32(&mut b, 16, name.len() as u32);
             b[1024..1024 + name.len()].copy_from_slice(name.as_bytes());
-            assert_eq!(err(&b).code(), Code::SnapshotUnsupported, "{name}");
+            assert_eq!(err(&b).code(), Code::BackingDenied, "{name}");
         }
         let mut b = base(3);
         put64(&mut b, 8, 1024);

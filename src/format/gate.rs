@@ -1,0 +1,201 @@
+//! The backing-file gate. A qcow2 file may name any path as its backing file (`~/.ssh/id_rsa`,
+//! `/dev/sda`, `nbd://host/export`), and copying the overlay would then put that file's bytes into
+//! the image. kiln follows a backing file only when it is a regular local file inside the directory
+//! tree of the overlay the user named (the top of the chain) or under a directory the user allowed
+//! with `--backing-dir`; everything else is refused with InvalidSnapshot.BackingDenied before a byte
+//! of it is read. The top's tree, rather than each layer's own directory, so that the common layout
+//! `top.qcow2 -> snaps/mid.qcow2 -> ../base.qcow2` works without flags; a layer can never reach
+//! outside the tree the user pointed at.
+//!
+//! Borrowed from imago's `format/gate.rs`: files named inside an image open only through a gate.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Code, Error, Result};
+
+/// Which backing files may be opened, besides those inside each overlay's own directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackingGate {
+    /// Extra trusted directories (`--backing-dir`), as the user gave them.
+    pub dirs: Vec<PathBuf>,
+}
+
+impl BackingGate {
+    pub fn new(dirs: Vec<PathBuf>) -> BackingGate {
+        BackingGate { dirs }
+    }
+
+    /// Resolves the backing file `name` stored in `overlay` and opens it read-only, or refuses it.
+    /// `top` is the file the user named (the chain's first). Returns the path as named (for messages
+    /// and the manifest) and the open file.
+    pub fn open(&self, top: &Path, overlay: &Path, name: &[u8]) -> Result<(PathBuf, File)> {
+        let shown = String::from_utf8_lossy(name).into_owned();
+        if let Some(proto) = protocol_prefix(name) {
+            return Err(denied(
+                overlay,
+                format!(
+                    "its backing file '{shown}' names the protocol '{proto}:'; kiln reads local files only (flatten the chain with `qemu-img convert` first)"
+                ),
+            ));
+        }
+        let rel = Path::new(OsStr::from_bytes(name));
+        let overlay_dir = match overlay.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let path = if rel.is_absolute() {
+            rel.to_path_buf()
+        } else {
+            overlay_dir.join(rel)
+        };
+        // Resolve symlinks and `..` first, so the check is made on the file that would be read.
+        let canon = std::fs::canonicalize(&path).map_err(|e| {
+            Error::new(
+                Code::SnapshotNotFound,
+                format!(
+                    "{}: its backing file '{shown}' ({}) cannot be opened: {e}",
+                    overlay.display(),
+                    path.display()
+                ),
+            )
+        })?;
+        let top_dir = match top.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let own_root = std::fs::canonicalize(&top_dir).unwrap_or(top_dir);
+        let allowed = canon.starts_with(&own_root)
+            || self
+                .dirs
+                .iter()
+                .filter_map(|d| std::fs::canonicalize(d).ok())
+                .any(|d| canon.starts_with(d));
+        if !allowed {
+            let dir = canon.parent().unwrap_or(Path::new("/"));
+            return Err(denied(
+                overlay,
+                format!(
+                    "its backing file '{shown}' resolves to {}, outside {}, the directory of the image named; allow it with `--backing-dir {}`",
+                    canon.display(),
+                    own_root.display(),
+                    dir.display()
+                ),
+            ));
+        }
+        // O_NOFOLLOW: the last component cannot have been swapped for a symlink since it was
+        // resolved; the checks below are made on the open file itself.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&canon)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    denied(
+                        overlay,
+                        format!("its backing file {} became a symlink", canon.display()),
+                    )
+                } else {
+                    Error::io(&canon, "opening the backing file", e)
+                }
+            })?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(&canon, "reading metadata of", e))?;
+        if !meta.file_type().is_file() {
+            return Err(denied(
+                overlay,
+                format!(
+                    "its backing file '{shown}' ({}) is not a regular file; kiln follows regular files only",
+                    canon.display()
+                ),
+            ));
+        }
+        // The file opened must be the one checked (nothing renamed in between).
+        let now = std::fs::metadata(&canon).map_err(|e| Error::io(&canon, "checking", e))?;
+        if (now.dev(), now.ino()) != (meta.dev(), meta.ino()) {
+            return Err(denied(
+                overlay,
+                format!(
+                    "its backing file {} changed while it was being opened",
+                    canon.display()
+                ),
+            ));
+        }
+        Ok((path, file))
+    }
+}
+
+fn denied(overlay: &Path, msg: String) -> Error {
+    Error::new(Code::BackingDenied, format!("{}: {msg}", overlay.display()))
+}
+
+/// The protocol of a name the way QEMU reads one (`path_has_protocol`): text before a `:` that
+/// comes before any `/`, such as `nbd:`, `http:`, `json:`, `file:`.
+fn protocol_prefix(name: &[u8]) -> Option<String> {
+    let colon = name.iter().position(|&b| b == b':')?;
+    let slash = name.iter().position(|&b| b == b'/');
+    if colon == 0 || slash.is_some_and(|s| s < colon) {
+        return None;
+    }
+    Some(String::from_utf8_lossy(&name[..colon]).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocols_are_recognised_like_qemu() {
+        assert_eq!(protocol_prefix(b"nbd://h/x").as_deref(), Some("nbd"));
+        assert_eq!(protocol_prefix(b"json:{}").as_deref(), Some("json"));
+        assert_eq!(
+            protocol_prefix(b"file:/etc/passwd").as_deref(),
+            Some("file")
+        );
+        assert_eq!(protocol_prefix(b"a:b.qcow2").as_deref(), Some("a"));
+        assert_eq!(protocol_prefix(b"./a:b.qcow2"), None);
+        assert_eq!(protocol_prefix(b"/x/a:b"), None);
+        assert_eq!(protocol_prefix(b"base.qcow2"), None);
+    }
+
+    #[test]
+    fn gate_allows_own_tree_and_backing_dirs_only() {
+        let t = tempfile::tempdir().unwrap();
+        let img = t.path().join("img");
+        let other = t.path().join("other");
+        std::fs::create_dir_all(img.join("sub")).unwrap();
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(img.join("sub/base.raw"), b"x").unwrap();
+        std::fs::write(other.join("secret"), b"x").unwrap();
+        std::os::unix::fs::symlink(other.join("secret"), img.join("link")).unwrap();
+        let top = img.join("top.qcow2");
+        let gate = BackingGate::default();
+        assert!(gate.open(&top, &top, b"sub/base.raw").is_ok());
+        // A lower layer may reach anywhere in the top's tree, not outside it.
+        let mid = img.join("sub/mid.qcow2");
+        assert!(gate.open(&top, &mid, b"../sub/base.raw").is_ok());
+        let e = gate.open(&top, &mid, b"../../other/secret").unwrap_err();
+        assert_eq!(e.code(), Code::BackingDenied);
+        for name in [
+            &b"../other/secret"[..],
+            b"link",
+            b"/etc/hostname",
+            b"http://x/y",
+        ] {
+            let e = gate.open(&top, &top, name).unwrap_err();
+            assert_eq!(e.code(), Code::BackingDenied, "{}", e.message());
+        }
+        let e = gate.open(&top, &top, b"../other/secret").unwrap_err();
+        assert!(e.message().contains("--backing-dir"), "{}", e.message());
+        let gate = BackingGate::new(vec![other.clone()]);
+        assert!(gate.open(&top, &top, b"../other/secret").is_ok());
+        assert!(gate.open(&top, &top, b"link").is_ok());
+        // Not a regular file, even inside the tree.
+        let e = gate.open(&top, &top, b"sub").unwrap_err();
+        assert_eq!(e.code(), Code::BackingDenied);
+    }
+}
