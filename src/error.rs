@@ -59,6 +59,8 @@ pub enum Code {
     BackingDenied,
     /// A source changed (shrank, grew or was rewritten) while it was being copied.
     SourceChanged,
+    /// A path inside the store is a symlink or of the wrong type (planted, never made by kiln).
+    UnsafePath,
 }
 
 impl Code {
@@ -104,6 +106,7 @@ impl Code {
             Code::InstanceBackingMismatch => "InvalidInstance.BackingChainMismatch",
             Code::BackingDenied => "InvalidSnapshot.BackingDenied",
             Code::SourceChanged => "InvalidSnapshot.Changed",
+            Code::UnsafePath => "InvalidStore.UnsafePath",
         }
     }
 
@@ -116,7 +119,8 @@ impl Code {
             | Code::IoError
             | Code::Internal
             | Code::ChecksumMismatch
-            | Code::SourceChanged => 1,
+            | Code::SourceChanged
+            | Code::UnsafePath => 1,
             _ => 2,
         }
     }

@@ -18,6 +18,7 @@ pub mod progress;
 pub mod publish;
 pub mod qemu_lock;
 pub mod request_file;
+pub mod safe_fs;
 pub mod size;
 pub mod store;
 pub mod testhook;

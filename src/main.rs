@@ -174,7 +174,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                         ),
                     ));
                 }
-                store.image_dir(&r.image_id)
+                store.checked_image_dir(&r.image_id)?
             } else {
                 return Err(Error::new(
                     Code::InvalidImageIdNotFound,

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Code, Error, Result};
 use crate::manifest::Tag;
+use crate::safe_fs;
 
 pub const CREATING: &str = "Creating";
 pub const AVAILABLE: &str = "Available";
@@ -211,10 +212,32 @@ impl Store {
 
     /// Creates the store's directories (only writers call this).
     pub fn ensure(&self) -> Result<()> {
+        self.check_layout()?;
         for d in [self.images_dir(), self.records_dir(), self.locks_dir()] {
             fs::create_dir_all(&d).map_err(|e| Error::io(&d, "creating the store directory", e))?;
         }
         Ok(())
+    }
+
+    /// Refuses a store whose own directories were replaced by symlinks (or files): every path kiln
+    /// builds below the root goes through them. Files inside are opened with `O_NOFOLLOW` or
+    /// created with `O_EXCL`; image ids are checked before they become part of a path.
+    pub fn check_layout(&self) -> Result<()> {
+        for d in [self.images_dir(), self.records_dir(), self.locks_dir()] {
+            safe_fs::check_real_dir(&d)?;
+        }
+        Ok(())
+    }
+
+    /// The directory of an existing image, refused when it is a symlink.
+    pub fn checked_image_dir(&self, id: &str) -> Result<PathBuf> {
+        if !is_image_id(id) {
+            return Err(not_found(id));
+        }
+        self.check_layout()?;
+        let dir = self.image_dir(id);
+        safe_fs::check_real_dir(&dir)?;
+        Ok(dir)
     }
 
     /// Takes the store-wide lock, waiting for other kiln processes. Creates the lock file.
@@ -226,6 +249,7 @@ impl Store {
             .truncate(false)
             .write(true)
             .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&path)
             .map_err(|e| Error::io(&path, "opening the store lock", e))?;
         let l = Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| {
@@ -241,6 +265,7 @@ impl Store {
     /// Every record, with its status as it really is (a dead creator's Creating reads CreateFailed),
     /// oldest first. A store that does not exist is empty.
     pub fn list(&self) -> Result<Vec<Record>> {
+        self.check_layout()?;
         let dir = self.records_dir();
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
@@ -282,8 +307,11 @@ impl Store {
     }
 
     fn read_record(&self, id: &str) -> Result<Option<Record>> {
+        if !is_image_id(id) {
+            return Ok(None);
+        }
         let path = self.record_path(id);
-        let bytes = match fs::read(&path) {
+        let bytes = match safe_fs::read_regular(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(&path, "reading the image record", e)),
@@ -302,7 +330,7 @@ impl Store {
     /// Whether a process holds the image's creation lock (read-only probe: never creates files).
     fn creator_alive(&self, id: &str) -> Result<bool> {
         let path = self.lock_path(id);
-        let f = match File::open(&path) {
+        let f = match safe_fs::open_regular(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(Error::io(&path, "opening the image lock", e)),
@@ -394,9 +422,10 @@ impl Store {
             .map_err(|e| Error::new(Code::Internal, format!("serialising a record: {e}")))?;
         bytes.push(b'\n');
         let write = || -> io::Result<()> {
+            // A fresh file: O_EXCL never writes through a symlink planted under this name.
+            let _ = fs::remove_file(&tmp);
             let mut f = OpenOptions::new()
-                .create(true)
-                .truncate(true)
+                .create_new(true)
                 .write(true)
                 .mode(0o644)
                 .open(&tmp)?;

@@ -2,7 +2,6 @@
 //! task) and compare with `SHA256SUMS` and with the manifest's per-disk `Sha256`.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -68,7 +67,8 @@ impl VerifyReport {
 /// Verifies the image directory `dir`.
 pub fn verify_dir(dir: &Path, mode: ProgressMode) -> Result<VerifyReport> {
     let sums_path = dir.join("SHA256SUMS");
-    let sums_text = std::fs::read_to_string(&sums_path)
+    let sums_text = crate::safe_fs::read_regular(&sums_path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
         .map_err(|e| Error::io(&sums_path, "reading the checksum list", e))?;
     let mut expected: BTreeMap<String, String> = BTreeMap::new();
     let mut order = Vec::new();
@@ -88,7 +88,7 @@ pub fn verify_dir(dir: &Path, mode: ProgressMode) -> Result<VerifyReport> {
         expected.insert(name.to_string(), hash.to_ascii_lowercase());
     }
     let manifest_path = dir.join("manifest.json");
-    let manifest: serde_json::Value = std::fs::read(&manifest_path)
+    let manifest: serde_json::Value = crate::safe_fs::read_regular(&manifest_path)
         .map_err(|e| Error::io(&manifest_path, "reading", e))
         .and_then(|b| {
             serde_json::from_slice(&b).map_err(|e| {
@@ -125,7 +125,7 @@ pub fn verify_dir(dir: &Path, mode: ProgressMode) -> Result<VerifyReport> {
             let actual = if name.contains('/') || name.starts_with("..") {
                 Err(format!("{name}: a name outside the image directory"))
             } else {
-                File::open(&path)
+                crate::safe_fs::open_regular(&path)
                     .map_err(|e| e.to_string())
                     .and_then(|f| engine::hash_file(&f, &path, true).map_err(|e| e.full_message()))
             };

@@ -391,3 +391,399 @@ echo "left=$(ls -A fs | grep -v '^filler$' | tr '\n' ' ')"
         );
     }
 }
+
+/// A qcow2 may name any file as its backing file. kiln follows one only inside the named image's
+/// directory tree or under `--backing-dir`, regular files only, no protocols; the refusal names the
+/// path and the flag, on every command that opens sources.
+#[test]
+fn backing_files_pass_a_gate() {
+    let t = tmp();
+    let d = t.path();
+    fs::create_dir_all(d.join("secret")).unwrap();
+    fs::create_dir_all(d.join("img")).unwrap();
+    let mut key = b"-----BEGIN OPENSSH PRIVATE KEY-----\n".to_vec();
+    key.resize(1 << 20, b'k');
+    fs::write(d.join("secret/id_rsa"), &key).unwrap();
+    let secret = fs::canonicalize(d.join("secret/id_rsa")).unwrap();
+    let secret_s = path_str(&secret);
+    qemu_img(
+        &d.join("img"),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &secret_s,
+            "-F",
+            "raw",
+            "top.qcow2",
+        ],
+    );
+    let denied = |args: &[&str], what: &str| {
+        let r = kiln_in(d, args);
+        assert_eq!(r.status, 2, "{what}: {} {}", r.stdout, r.stderr);
+        assert_eq!(
+            r.code(),
+            "InvalidSnapshot.BackingDenied",
+            "{what}: {}",
+            r.stdout
+        );
+        r.stdout
+    };
+    let msg = denied(
+        &[
+            "--json",
+            "create",
+            "--name",
+            "gate",
+            "--snapshot",
+            "img/top.qcow2",
+            "--output-dir",
+            "out",
+        ],
+        "create",
+    );
+    assert!(msg.contains(&secret_s), "names the path: {msg}");
+    assert!(msg.contains("--backing-dir"), "names the flag: {msg}");
+    assert!(!d.join("out").exists());
+    denied(&["--json", "convert", "img/top.qcow2", "c.raw"], "convert");
+    assert!(!d.join("c.raw").exists());
+    denied(&["--json", "inspect", "img/top.qcow2"], "inspect");
+
+    // Allowed with --backing-dir; the manifest lists every file read.
+    kiln_in(
+        d,
+        &[
+            "create",
+            "--name",
+            "gate",
+            "--snapshot",
+            "img/top.qcow2",
+            "--output-dir",
+            "out",
+            "--backing-dir",
+            "secret",
+            "-q",
+        ],
+    )
+    .ok();
+    let m = manifest(&d.join("out"));
+    let files: Vec<String> = m["DiskDeviceMappings"][0]["Source"]["FilesRead"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["Path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert!(
+        files[0].ends_with("img/top.qcow2") && files[1] == secret_s,
+        "{files:?}"
+    );
+
+    // A symlink inside the tree that leads out of it is judged by where it leads.
+    std::os::unix::fs::symlink("../secret/id_rsa", d.join("img/base.raw")).unwrap();
+    qemu_img(
+        &d.join("img"),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "link.qcow2",
+        ],
+    );
+    denied(&["--json", "inspect", "img/link.qcow2"], "symlink");
+    // A regular file inside the tree is followed without flags.
+    fs::write(d.join("img/plain.raw"), vec![7u8; 1 << 20]).unwrap();
+    qemu_img(
+        &d.join("img"),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "plain.raw",
+            "-F",
+            "raw",
+            "ok.qcow2",
+        ],
+    );
+    kiln_in(d, &["inspect", "img/ok.qcow2"]).ok();
+    // Protocols, FIFOs and devices are refused (and nothing blocks on the FIFO).
+    nix::unistd::mkfifo(&d.join("img/fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    for (name, backing) in [
+        ("nbd.qcow2", "nbd://localhost:10809/x"),
+        (
+            "json.qcow2",
+            "json:{\"file.driver\":\"file\",\"file.filename\":\"/etc/passwd\"}",
+        ),
+        ("fifo.qcow2", "fifo"),
+        ("dev.qcow2", "/dev/zero"),
+    ] {
+        qemu_img(
+            &d.join("img"),
+            &[
+                "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", name, "1M",
+            ],
+        );
+        let file = format!("img/{name}");
+        denied(&["--json", "inspect", &file, "--backing-dir", "/dev"], name);
+    }
+}
+
+/// Symlinks planted under the store are never followed: not for the store's own directories, not
+/// for an image directory, not for a record; and names, tags and descriptions never reach a path.
+#[test]
+fn planted_symlinks_in_the_store_are_refused_and_names_never_become_paths() {
+    let t = tmp();
+    let d = t.path();
+    fs::write(d.join("s.raw"), noise(5, 1 << 20)).unwrap();
+    let create = |name: &str, extra: &[&str]| {
+        let mut a = vec![
+            "--json",
+            "--store",
+            "st",
+            "create",
+            "--name",
+            name,
+            "--snapshot",
+            "s.raw",
+            "-q",
+        ];
+        a.extend_from_slice(extra);
+        kiln_in(d, &a)
+    };
+    let r = create(
+        "paths-test",
+        &["--description", "../../../etc/x", "--tag", "k=/etc/passwd"],
+    );
+    assert_eq!(r.status, 0, "{} {}", r.stdout, r.stderr);
+    let id = serde_json::from_str::<Value>(&r.stdout).unwrap()["ImageId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Every path in the store comes from the generated id only.
+    let mut names = Vec::new();
+    for sub in ["images", "records", "locks"] {
+        for e in fs::read_dir(d.join("st").join(sub)).unwrap() {
+            names.push(e.unwrap().file_name().into_string().unwrap());
+        }
+    }
+    assert!(names.iter().all(|n| n.starts_with(&id)), "{names:?}");
+    for bad in ["../escape", "a/b", "..", "x\ny"] {
+        let r = create(bad, &[]);
+        assert_eq!(r.status, 2, "{bad}");
+        assert_eq!(r.code(), "InvalidImageName.Malformed", "{bad}");
+    }
+
+    // An image directory swapped for a symlink to a forged copy: verify refuses it.
+    let img = d.join("st/images").join(&id);
+    fs::rename(&img, d.join("forged")).unwrap();
+    std::os::unix::fs::symlink(d.join("forged"), &img).unwrap();
+    let r = kiln_in(d, &["--json", "--store", "st", "verify", &id]);
+    assert_eq!(r.code(), "InvalidStore.UnsafePath", "{}", r.stdout);
+    fs::remove_file(&img).unwrap();
+    fs::rename(d.join("forged"), &img).unwrap();
+    kiln_in(d, &["--store", "st", "verify", &id, "-q"]).ok();
+
+    // A disk file inside the image swapped for a symlink to another file: not read.
+    let disk = img.join("xvda.qcow2");
+    fs::copy(&disk, d.join("copy.qcow2")).unwrap();
+    fs::remove_file(&disk).unwrap();
+    std::os::unix::fs::symlink(d.join("copy.qcow2"), &disk).unwrap();
+    let r = kiln_in(d, &["--json", "--store", "st", "verify", &id]);
+    assert_eq!(r.status, 1, "{}", r.stdout);
+    fs::remove_file(&disk).unwrap();
+    fs::rename(d.join("copy.qcow2"), &disk).unwrap();
+
+    // A record swapped for a symlink: describe does not read through it.
+    let rec = d.join("st/records").join(format!("{id}.json"));
+    fs::rename(&rec, d.join("rec.json")).unwrap();
+    std::os::unix::fs::symlink(d.join("rec.json"), &rec).unwrap();
+    let r = kiln_in(d, &["--json", "--store", "st", "describe"]);
+    assert_ne!(r.status, 0, "{}", r.stdout);
+    fs::remove_file(&rec).unwrap();
+    fs::rename(d.join("rec.json"), &rec).unwrap();
+
+    // The store's own directories swapped for symlinks: every command refuses.
+    let elsewhere = d.join("elsewhere");
+    fs::rename(d.join("st/records"), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, d.join("st/records")).unwrap();
+    let r = kiln_in(d, &["--json", "--store", "st", "describe"]);
+    assert_eq!(r.code(), "InvalidStore.UnsafePath", "{}", r.stdout);
+    let r = create("another", &[]);
+    assert_eq!(r.code(), "InvalidStore.UnsafePath", "{}", r.stdout);
+    assert_eq!(
+        fs::read_dir(&elsewhere).unwrap().count(),
+        1,
+        "nothing written through it"
+    );
+}
+
+/// Every file in `dir` (not below it) with its SHA-256 and mtime.
+fn fingerprint(dir: &Path) -> Vec<(String, String, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut v: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let m = fs::metadata(&p).unwrap();
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                sha256_file(&p),
+                m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Sources are opened read-only and never changed: every source file is hashed (and its mtime
+/// read) before and after each create path: raw, qcow2, a backing chain, an internal snapshot, an
+/// instance, a data image, a grown disk, compressed output, a dry run, and convert and inspect.
+#[test]
+fn no_create_path_changes_a_source() {
+    let t = tmp();
+    let d = t.path();
+    let src = d.join("src");
+    fs::create_dir(&src).unwrap();
+    let raw = src.join("disk.raw");
+    sparse_raw(&raw, 24 << 20);
+    write_at(&raw, 1 << 20, &noise(7, 3 << 20));
+    qemu_img(&src, &["convert", "-O", "qcow2", "disk.raw", "disk.qcow2"]);
+    qemu_img(
+        &src,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "disk.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    qemu_io(&src, "top.qcow2", &["write -P 0x33 8m 1m"]);
+    qemu_img(&src, &["snapshot", "-c", "before", "top.qcow2"]);
+    qemu_io(&src, "top.qcow2", &["write -P 0x44 9m 1m"]);
+    let xml = format!(
+        "<domain type='kvm'><name>lab-vm</name><uuid>6f1d7c5e-0b1a-4c53-9d2e-2a4b6c8d0e1f</uuid>\
+         <memory unit='KiB'>524288</memory><os><type arch='x86_64'>hvm</type></os><devices>\
+         <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+         <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
+         <disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='vdb' bus='virtio'/></disk></devices></domain>",
+        path_str(&src.join("top.qcow2")),
+        path_str(&raw)
+    );
+    fs::write(d.join("vm.xml"), xml).unwrap();
+    let before = fingerprint(&src);
+    assert_eq!(before.len(), 3);
+    let runs: Vec<Vec<&str>> = vec![
+        vec!["create", "--snapshot", "src/disk.raw"],
+        vec!["create", "--snapshot", "src/disk.qcow2", "--format", "raw"],
+        vec!["create", "--snapshot", "src/top.qcow2"],
+        vec!["create", "--snapshot", "src/top.qcow2@before"],
+        vec!["create", "--instance", "vm.xml"],
+        vec!["create", "--data-image", "--disk", "snapshot=src/disk.raw"],
+        vec![
+            "create",
+            "--disk",
+            "snapshot=src/top.qcow2,device=/dev/xvda,size=1",
+            "--compress",
+            "zstd",
+        ],
+        vec!["create", "--snapshot", "src/disk.raw", "--dry-run"],
+    ];
+    for (i, run) in runs.iter().enumerate() {
+        let out = format!("out{i}");
+        let mut args = run.clone();
+        args.extend_from_slice(&["--name", "untouched", "--output-dir", &out, "-q"]);
+        let r = kiln_in(d, &args);
+        assert_eq!(r.status, 0, "{run:?}: {}", r.stderr);
+        assert_eq!(fingerprint(&src), before, "{run:?} changed a source");
+    }
+    kiln_in(d, &["convert", "-O", "qcow2", "src/top.qcow2", "c.qcow2"]).ok();
+    kiln_in(d, &["inspect", "--map", "src/top.qcow2@before"]).ok();
+    assert_eq!(
+        fingerprint(&src),
+        before,
+        "convert or inspect changed a source"
+    );
+
+    // Never even opened for writing: the same creates with the sources on a read-only bind mount
+    // (in a user and mount namespace), where any open for writing fails with EROFS.
+    let kiln = env!("CARGO_BIN_EXE_kiln");
+    let mut script = String::from("set -e\nmount --bind src src\nmount -o remount,bind,ro src\n");
+    script.push_str("if touch src/probe 2>/dev/null; then echo not-read-only; exit 1; fi\n");
+    for (i, run) in runs.iter().enumerate() {
+        script.push_str(&format!(
+            "{kiln} {} --name untouched --output-dir ro{i} -q\n",
+            run.join(" ")
+        ));
+    }
+    let r = tool_in(d, "unshare", &["-Urm", "sh", "-c", &script]);
+    assert_eq!(r.status, 0, "read-only sources: {} {}", r.stdout, r.stderr);
+}
+
+/// `describe` run over and over while several creates write their records always parses, and
+/// shows only known statuses; a delete of an image still being created is refused.
+#[test]
+fn describe_during_concurrent_creates_always_parses() {
+    let t = tmp();
+    let d = t.path();
+    let p = d.join("s.raw");
+    sparse_raw(&p, 256 << 20);
+    for i in 0..24u64 {
+        write_at(&p, i * (10 << 20), &noise(40 + i, 1 << 20));
+    }
+    let mut children: Vec<std::process::Child> = (0..3)
+        .map(|i| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args(["--store", "st", "create", "--name", &format!("busy-{i}")])
+                .args(["--snapshot", "s.raw", "-j", "1", "-q"])
+                .current_dir(d)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut polls = 0;
+    let mut refused_delete = false;
+    let mut deleted = 0;
+    while children.iter_mut().any(|c| c.try_wait().unwrap().is_none()) {
+        for img in describe_all(d) {
+            let status = img["Status"].as_str().unwrap();
+            assert!(["Creating", "Available"].contains(&status), "{img}");
+            if status == "Creating" && !refused_delete {
+                let id = img["ImageId"].as_str().unwrap();
+                let r = kiln_in(d, &["--json", "--store", "st", "delete", id]);
+                if r.status != 0 {
+                    assert_eq!(r.code(), "IncorrectImageStatus");
+                    refused_delete = true;
+                } else {
+                    // It finished between describe and delete: then deleting it is right.
+                    deleted += 1;
+                }
+            }
+        }
+        polls += 1;
+    }
+    for c in &mut children {
+        assert!(c.wait().unwrap().success());
+    }
+    assert!(polls > 3, "creates ended before describe could watch them");
+    assert!(refused_delete || deleted > 0);
+    let all = describe_all(d);
+    assert_eq!(all.len(), 3 - deleted);
+    assert!(all.iter().all(|i| i["Status"] == "Available"), "{all:?}");
+}
