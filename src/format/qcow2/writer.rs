@@ -144,6 +144,11 @@ impl Qcow2Writer {
         })
     }
 
+    /// The image file (for writeback hints; all writes go through this writer).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }
