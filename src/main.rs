@@ -15,7 +15,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.json;
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             if json {
                 let v = serde_json::json!({"Code": e.code().as_str(), "Message": e.full_message()});
@@ -28,7 +28,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<(), Error> {
+fn run(cli: Cli) -> Result<ExitCode, Error> {
     match cli.command {
         Command::Create(args) => {
             let req = args.to_request(cli.store.as_deref())?;
@@ -53,6 +53,9 @@ fn run(cli: Cli) -> Result<(), Error> {
                         );
                         eprintln!("{}", summary(&out.stats, out.virtual_bytes, out.elapsed));
                     }
+                    if let (Some(d), false, false) = (&out.manifest.detection, cli.json, quiet) {
+                        eprint!("kiln: image check of /dev/xvda:\n{}", d.render_text());
+                    }
                 }
                 CreateResult::Existing(r) => {
                     if cli.json {
@@ -69,7 +72,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 }
                 CreateResult::DryRun(report) => print_dry_run(&report, cli.json),
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Convert(args) => {
             let req = args.to_request()?;
@@ -86,7 +89,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             if req.progress == kiln::progress::ProgressMode::Auto {
                 eprintln!("{}", summary(&out.stats, out.virtual_size, out.elapsed));
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Describe(args) => {
             let store = Store::at(store::locate(cli.store.as_deref())?);
@@ -130,7 +133,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             } else {
                 print_table(&images);
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Delete(args) => {
             let store = Store::at(store::locate(cli.store.as_deref())?);
@@ -148,7 +151,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     print_stdout(&format!("{}\n", r.image_id));
                 }
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Verify(args) => {
             let target = std::path::Path::new(&args.target);
@@ -203,7 +206,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     print_stdout(&format!("{}: OK\n", f.file));
                 }
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Inspect(args) => {
             let report = kiln::inspect::inspect_with(&args.file, &args.options()?)?;
@@ -213,13 +216,31 @@ fn run(cli: Cli) -> Result<(), Error> {
             } else {
                 print_stdout(&kiln::inspect::render_text(&report));
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check(args) => {
+            let out = kiln::check::check(&args.to_request()?, cli.store.as_deref())?;
+            if cli.json {
+                print_json(&out.report);
+            } else {
+                print_stdout(&format!(
+                    "{}:\n{}",
+                    out.disk.display(),
+                    out.report.render_text()
+                ));
+            }
+            // 1 when any item fails, as `verify` exits 1 when a file differs.
+            Ok(if out.report.has_fail() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Completions(args) => {
             let mut out = Vec::new();
             kiln::cli::completions(args.shell, &mut out);
             print_stdout(&String::from_utf8_lossy(&out));
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
