@@ -822,3 +822,58 @@ fn without_relocate_gpt_detect_warns_and_names_the_flag() {
     );
     assert_same(d, "mbr.raw", "img2/xvda.qcow2");
 }
+
+#[test]
+fn an_mbr_esp_counts_for_uefi() {
+    let t = tmp();
+    let d = t.path();
+    mbr_disk(
+        d,
+        "mbresp.raw",
+        32 * MIB,
+        "label: dos\nstart=2048, size=16384, type=ef\nstart=18432, type=83\n",
+    );
+    let esp = esp_image(d, "esp.img", "BOOTX64.EFI", 0x8664);
+    place(d, "mbresp.raw", &esp, 2048);
+    let (status, r) = check(d, &["--boot-mode", "UEFI", "mbresp.raw"]);
+    assert_eq!(status, 0, "{r:#}");
+    assert_eq!(r["PartitionTable"], "MBR");
+    assert_eq!(r["Partitions"][0]["TypeId"], "0xef");
+    assert_eq!(strs(&r["BootModes"]), ["UEFI"]);
+    assert_items(
+        &r,
+        &[
+            ("PartitionTable", "Pass", &["MBR with 2 primary"]),
+            ("Partition 1", "Pass", &["EFI System", "fat12"]),
+            ("Partition 2", "Pass", &["Linux", "no filesystem signature"]),
+            ("BiosBoot", "Pass", &["no boot code"]),
+            (
+                "UefiBoot",
+                "Pass",
+                &["EFI System Partition 1 holds \\EFI\\BOOT\\BOOTX64.EFI"],
+            ),
+            ("BootMode", "Pass", &["UEFI only", "BootMode UEFI fits"]),
+            ("Architecture", "Pass", &["x86_64"]),
+            ("OperatingSystem", "Warn", &[]),
+        ],
+    );
+
+    // An ESP without a loader is a warning (and then nothing boots the disk).
+    mbr_disk(
+        d,
+        "empty-esp.raw",
+        32 * MIB,
+        "label: dos\nstart=2048, size=16384, type=ef\n",
+    );
+    let esp = esp_image(d, "esp2.img", "", 0);
+    place(d, "empty-esp.raw", &esp, 2048);
+    let (status, r) = check(d, &["empty-esp.raw"]);
+    assert_eq!(status, 1);
+    let uefi = items(&r).into_iter().find(|i| i.0 == "UefiBoot").unwrap();
+    assert_eq!(uefi.1, "Warn");
+    assert!(
+        uefi.2.contains("has no \\EFI\\BOOT\\BOOTX64.EFI"),
+        "{}",
+        uefi.2
+    );
+}

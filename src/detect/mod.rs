@@ -685,3 +685,99 @@ pub fn detect_file(
     )?;
     detect(Arc::from(opened.source), opts)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{Extent, ExtentKind};
+
+    struct Mem(Vec<u8>);
+    impl BlockSource for Mem {
+        fn virtual_size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn extent(&self, offset: u64, max_len: u64) -> Result<Extent> {
+            Ok(Extent {
+                start: offset,
+                len: max_len.min(self.virtual_size() - offset),
+                kind: ExtentKind::Data,
+            })
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+    }
+
+    /// xorshift64*: reproducible noise without a dependency.
+    fn noise(seed: u64, buf: &mut [u8]) {
+        let mut x = seed | 1;
+        for b in buf {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            *b = (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8;
+        }
+    }
+
+    fn run(disk: Vec<u8>) -> Report {
+        detect(Arc::new(Mem(disk)), &DetectOptions::default()).expect("contents are never an error")
+    }
+
+    #[test]
+    fn tiny_and_empty_disks() {
+        for n in [0usize, 1, 511, 512, 1024, 1536] {
+            let r = run(vec![0u8; n]);
+            assert_eq!(r.partition_table, "None", "{n}");
+            assert_eq!(r.result, Status::Fail, "{n}");
+        }
+    }
+
+    #[test]
+    fn noise_with_signatures_never_panics() {
+        for seed in 0..200u64 {
+            let mut d = vec![0u8; 256 * 1024];
+            noise(seed, &mut d);
+            // Make the structures look present so the parsers go past their first check.
+            d[510] = 0x55;
+            d[511] = 0xAA;
+            if seed % 2 == 0 {
+                d[512..520].copy_from_slice(gpt::SIGNATURE);
+            }
+            // An MBR entry for an ESP and one for an ext4 partition, over noise.
+            let e = &mut d[446..462];
+            e[4] = mbr::ESP_TYPE;
+            e[8..12].copy_from_slice(&8u32.to_le_bytes());
+            e[12..16].copy_from_slice(&200u32.to_le_bytes());
+            let f = &mut d[462..478];
+            f[4] = 0x83;
+            f[8..12].copy_from_slice(&208u32.to_le_bytes());
+            f[12..16].copy_from_slice(&200u32.to_le_bytes());
+            // A FAT-ish boot sector and an ext4 magic inside them.
+            d[8 * 512 + 510] = 0x55;
+            d[8 * 512 + 511] = 0xAA;
+            d[8 * 512 + 54..8 * 512 + 62].copy_from_slice(b"FAT16   ");
+            d[208 * 512 + 1024 + 0x38..208 * 512 + 1024 + 0x3A]
+                .copy_from_slice(&0xEF53u16.to_le_bytes());
+            let r = run(d);
+            assert!(!r.items.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_gpt_with_an_absurd_entry_count_is_a_fail_item() {
+        let mut d = vec![0u8; 1 << 20];
+        let mut h = gpt::tests::header(2048, 1, 2, 0);
+        h[80..84].copy_from_slice(&u32::MAX.to_le_bytes());
+        gpt::tests::fix_crc(&mut h);
+        d[512..1024].copy_from_slice(&h);
+        let r = run(d);
+        assert_eq!(r.partition_table, "GPT");
+        assert_eq!(r.items[0].status, Status::Fail);
+        assert!(
+            r.items[0].message.contains("more than"),
+            "{}",
+            r.items[0].message
+        );
+    }
+}
