@@ -149,6 +149,9 @@ pub struct DryRunReport {
     pub space: SpaceCheck,
     #[serde(rename = "Warnings")]
     pub warnings: Vec<String>,
+    /// `--detect`: the check of the system disk as it would be written.
+    #[serde(rename = "Detection", skip_serializing_if = "Option::is_none")]
+    pub detection: Option<detect::Report>,
 }
 
 /// How a create ended.
@@ -184,12 +187,12 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateR
     match &req.destination {
         Destination::Dir(dir) => {
             publish::check_target(dir)?;
-            let prepared = prepare(req, &layout, warn)?;
+            let mut prepared = prepare(req, &layout, warn)?;
             let space = check_space(&existing_ancestor(dir), &prepared)?;
             if req.dry_run {
-                return Ok(CreateResult::DryRun(Box::new(dry_run_report(
-                    req, &layout, dir, None, &prepared, space,
-                ))));
+                let mut report = dry_run_report(req, &layout, dir, None, &prepared, space);
+                report.detection = dry_run_detection(req, &mut prepared)?;
+                return Ok(CreateResult::DryRun(Box::new(report)));
             }
             let staging = Staging::new(dir)?;
             let out = build(
@@ -213,16 +216,18 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateR
                     Admission::Existing(r) => Some(r.image_id.clone()),
                     Admission::New => None,
                 };
-                let prepared = prepare(req, &layout, warn)?;
+                let mut prepared = prepare(req, &layout, warn)?;
                 let space = check_space(&existing_ancestor(&store.images_dir()), &prepared)?;
-                return Ok(CreateResult::DryRun(Box::new(dry_run_report(
+                let mut report = dry_run_report(
                     req,
                     &layout,
                     &store.images_dir(),
                     existing,
                     &prepared,
                     space,
-                ))));
+                );
+                report.detection = dry_run_detection(req, &mut prepared)?;
+                return Ok(CreateResult::DryRun(Box::new(report)));
             }
             let guard = store.lock()?;
             if let Admission::Existing(r) = store.admit(&req.name, token, &digest)? {
@@ -864,7 +869,45 @@ fn dry_run_report(
             .collect(),
         space,
         warnings: layout.warnings.clone(),
+        detection: None,
     }
+}
+
+/// `--dry-run --detect`: checks the system disk's source as the copy would present it (grown to
+/// its size, with `--relocate-gpt`'s changes), without writing it. Takes the source out of
+/// `prepared`, which a dry run no longer needs.
+fn dry_run_detection(
+    req: &CreateRequest,
+    prepared: &mut [PreparedDisk],
+) -> Result<Option<detect::Report>> {
+    if !req.detect {
+        return Ok(None);
+    }
+    let Some(p) = prepared
+        .iter_mut()
+        .find(|p| p.planned.device == plan::SYSTEM_DEVICE)
+    else {
+        return Ok(None);
+    };
+    let Some(o) = p.opened.take() else {
+        return Ok(None);
+    };
+    let size = match req.output.format {
+        engine::OutputFormat::Qcow2 => p.virtual_size.next_multiple_of(512),
+        engine::OutputFormat::Raw => p.virtual_size,
+    };
+    // A source already wrapped by --relocate-gpt has this size; growing it again adds nothing.
+    let source: Box<dyn BlockSource> = if o.source.virtual_size() < size {
+        Box::new(relocate::Relocated::new(o.source, size, Vec::new())?)
+    } else {
+        o.source
+    };
+    let opts = detect::DetectOptions {
+        boot_mode: req.boot_mode.clone(),
+        architecture: req.architecture.clone(),
+        platform: req.platform.clone(),
+    };
+    Ok(Some(detect::detect(std::sync::Arc::from(source), &opts)?))
 }
 
 fn sha256_of(bytes: &[u8]) -> Vec<u8> {

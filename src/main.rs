@@ -276,6 +276,12 @@ fn print_dry_run(r: &DryRunReport, json: bool) {
             human(d.bytes_to_copy)
         ));
     }
+    if let Some(d) = &r.detection {
+        s.push_str(&format!(
+            "image check of /dev/xvda as it would be written:\n{}",
+            d.render_text()
+        ));
+    }
     s.push_str(&format!(
         "target {} on {}: needs about {}, {} free\n{}: {}\n",
         r.target.display(),

@@ -792,6 +792,36 @@ fn without_relocate_gpt_detect_warns_and_names_the_flag() {
         backup.2
     );
     assert!(backup.2.contains("--relocate-gpt"), "{}", backup.2);
+    // A dry run checks the disk as it would be written, and writes nothing.
+    for (flag, want) in [("-q", "Warn"), ("--relocate-gpt", "Pass")] {
+        let r = kiln_in(
+            d,
+            &[
+                "create",
+                "--name",
+                "dry",
+                "--disk",
+                "snapshot=sys.raw,type=system,size=64M",
+                "--detect",
+                flag,
+                "--boot-mode",
+                "UEFI",
+                "--output-dir",
+                "dry",
+                "--dry-run",
+                "--json",
+            ],
+        )
+        .ok();
+        let v: Value = serde_json::from_str(&r.stdout).unwrap();
+        assert_eq!(v["Code"], "DryRunOperation");
+        let backup = items(&v["Plan"]["Detection"])
+            .into_iter()
+            .find(|i| i.0 == "GptBackup")
+            .unwrap();
+        assert_eq!(backup.1, want, "{flag}: {}", backup.2);
+        assert!(!d.join("dry").exists());
+    }
     // The guest bytes are the source's, and sgdisk agrees there is a problem.
     assert_same(d, "sys.raw", "img/xvda.qcow2");
     qemu_img(d, &["convert", "-O", "raw", "img/xvda.qcow2", "out.raw"]);
