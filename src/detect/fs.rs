@@ -234,6 +234,56 @@ impl ext4_view::Ext4Read for PartReader {
 mod tests {
     use super::*;
 
+    /// A disk of zeros that stores nothing.
+    struct Zeros(u64);
+    impl BlockSource for Zeros {
+        fn virtual_size(&self) -> u64 {
+            self.0
+        }
+        fn extent(&self, offset: u64, max_len: u64) -> Result<crate::format::Extent> {
+            Ok(crate::format::Extent {
+                start: offset,
+                len: max_len.min(self.0 - offset),
+                kind: crate::format::ExtentKind::Unallocated,
+            })
+        }
+        fn read_at(&self, _: u64, buf: &mut [u8]) -> Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_read_budget_stops_an_endless_reader() {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut r = PartReader::new(Arc::new(Zeros(1 << 40)), 4096, 1 << 39);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut reads = 0u64;
+        let err = loop {
+            // Going round the same megabyte, as a looping cluster chain would.
+            r.seek(SeekFrom::Start(0)).unwrap();
+            match r.read(&mut buf) {
+                Ok(n) => reads += n as u64,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(reads, READ_BUDGET);
+        assert!(err.to_string().contains("giving up"), "{err}");
+    }
+
+    #[test]
+    fn the_window_is_clipped_and_read_only() {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut r = PartReader::new(Arc::new(Zeros(10_000)), 8_000, 1 << 30);
+        assert_eq!(r.seek(SeekFrom::End(0)).unwrap(), 2_000);
+        let mut buf = [1u8; 100];
+        assert_eq!(r.read(&mut buf).unwrap(), 0);
+        assert!(r.seek(SeekFrom::Current(-3000)).is_err());
+        assert!(r.write(b"x").is_err());
+        let e = ext4_view::Ext4Read::read(&mut r, 1_950, &mut buf).unwrap_err();
+        assert!(e.to_string().contains("past the partition"), "{e}");
+    }
+
     #[test]
     fn ext_generations() {
         let mut b = vec![0u8; 2048];
