@@ -50,6 +50,9 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Show a disk's format, sizes, backing chain, snapshots, writer and allocation map.
     Inspect(InspectArgs),
+    /// Check an image's system disk (or any disk file): partition table, partitions, boot mode,
+    /// architecture, OS. Exit 1 when an item fails.
+    Check(CheckArgs),
     /// Print shell completions.
     Completions(CompletionsArgs),
 }
@@ -86,6 +89,51 @@ impl InspectArgs {
             format,
             map: self.map,
             gate: BackingGate::new(self.backing_dirs.clone()),
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// An ImageId in the store, an image directory (its system disk is checked), or a disk file
+    /// (`FILE@SNAP` for a qcow2 internal snapshot).
+    #[arg(value_name = "IMAGE_ID|DIR|FILE")]
+    pub target: String,
+    /// The boot mode to check against (an image's own by default): BIOS, UEFI or UEFI-Preferred.
+    #[arg(long)]
+    pub boot_mode: Option<String>,
+    /// The architecture to check against (an image's own by default): i386, x86_64 or arm64.
+    #[arg(long = "arch")]
+    pub architecture: Option<String>,
+    /// The platform to check against (an image's own by default).
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// The disk file's format (detected when not given).
+    #[arg(short = 'f', long = "format", value_name = "raw|qcow2")]
+    pub format: Option<String>,
+    /// Also follow qcow2 backing files under DIR (repeatable).
+    #[arg(long = "backing-dir", value_name = "DIR")]
+    pub backing_dirs: Vec<PathBuf>,
+}
+
+impl CheckArgs {
+    pub fn to_request(&self) -> Result<crate::check::CheckRequest> {
+        let format = match &self.format {
+            None => None,
+            Some(f) => Some(Format::parse(f).ok_or_else(|| {
+                Error::new(
+                    Code::InvalidParameter,
+                    format!("--format {f}: kiln reads raw and qcow2"),
+                )
+            })?),
+        };
+        Ok(crate::check::CheckRequest {
+            target: self.target.clone(),
+            gate: BackingGate::new(self.backing_dirs.clone()),
+            format,
+            boot_mode: self.boot_mode.clone(),
+            architecture: self.architecture.clone(),
+            platform: self.platform.clone(),
         })
     }
 }
@@ -247,6 +295,14 @@ pub struct CreateArgs {
     /// Check everything and print the plan; copy and write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Check the system disk as written (DetectionStrategy Standard): partition table, partitions,
+    /// boot mode and architecture, OS; the report goes into the manifest (Detection).
+    #[arg(long)]
+    pub detect: bool,
+    /// When a disk with a GPT grows, move its backup header and entries to the new end (as
+    /// `sgdisk -e` does), so the table stays valid.
+    #[arg(long)]
+    pub relocate_gpt: bool,
     #[command(flatten)]
     pub out: OutputArgs,
 }
@@ -466,6 +522,8 @@ impl CreateArgs {
             gate: BackingGate::new(self.backing_dirs.clone()),
             notes,
             data_image: self.data_image,
+            detect: self.detect || file.detect.unwrap_or(false),
+            relocate_gpt: self.relocate_gpt || file.relocate_gpt.unwrap_or(false),
         })
     }
 

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::detect::{self, relocate};
 use crate::engine::{self, CopyStats, DiskJob, OutputSpec};
 use crate::error::{Code, Error, Result};
 use crate::format::gate::BackingGate;
-use crate::format::{self, BlockSource, ExtentKind, OpenOptions, Opened};
+use crate::format::{self, BlockSource, ExtentKind, Format, OpenOptions, Opened};
 use crate::manifest::{self, DiskRecord, Manifest, SourceRecord, Tag};
 use crate::plan::{self, DiskLayout, DiskSpec, PlannedDisk};
 use crate::progress::{self, Progress, ProgressMode};
@@ -70,6 +71,11 @@ pub struct CreateRequest {
     pub notes: Vec<String>,
     /// `--data-image`: an image of data disks only.
     pub data_image: bool,
+    /// `--detect` (DetectionStrategy Standard): check the system disk as written and put the
+    /// report in the manifest; without a platform, the one detected is recorded.
+    pub detect: bool,
+    /// `--relocate-gpt`: a disk with a GPT that grows gets its backup table moved to the new end.
+    pub relocate_gpt: bool,
 }
 
 /// The instance an image is made from.
@@ -147,6 +153,9 @@ pub struct DryRunReport {
     pub space: SpaceCheck,
     #[serde(rename = "Warnings")]
     pub warnings: Vec<String>,
+    /// `--detect`: the check of the system disk as it would be written.
+    #[serde(rename = "Detection", skip_serializing_if = "Option::is_none")]
+    pub detection: Option<detect::Report>,
 }
 
 /// How a create ended.
@@ -176,16 +185,19 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateR
     for w in req.notes.iter().chain(&layout.warnings) {
         warn(w);
     }
+    if req.detect && req.data_image {
+        warn("--detect checks the system disk and a data-disk image has none: no check is made");
+    }
     match &req.destination {
         Destination::Dir(dir) => {
             publish::check_target(dir)?;
-            let prepared = prepare(req, &layout, warn)?;
+            let mut prepared = prepare(req, &layout, warn)?;
             testhook::checkpoint("prepared");
             let space = check_space(&existing_ancestor(dir), &prepared)?;
             if req.dry_run {
-                return Ok(CreateResult::DryRun(Box::new(dry_run_report(
-                    req, &layout, dir, None, &prepared, space,
-                ))));
+                let mut report = dry_run_report(req, &layout, dir, None, &prepared, space);
+                report.detection = dry_run_detection(req, &mut prepared)?;
+                return Ok(CreateResult::DryRun(Box::new(report)));
             }
             let staging = Staging::new(dir)?;
             let out = build(
@@ -209,16 +221,18 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateR
                     Admission::Existing(r) => Some(r.image_id.clone()),
                     Admission::New => None,
                 };
-                let prepared = prepare(req, &layout, warn)?;
+                let mut prepared = prepare(req, &layout, warn)?;
                 let space = check_space(&existing_ancestor(&store.images_dir()), &prepared)?;
-                return Ok(CreateResult::DryRun(Box::new(dry_run_report(
+                let mut report = dry_run_report(
                     req,
                     &layout,
                     &store.images_dir(),
                     existing,
                     &prepared,
                     space,
-                ))));
+                );
+                report.detection = dry_run_detection(req, &mut prepared)?;
+                return Ok(CreateResult::DryRun(Box::new(report)));
             }
             let guard = store.lock()?;
             if let Admission::Existing(r) = store.admit(&req.name, token, &digest)? {
@@ -247,10 +261,17 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateR
                         Ok(serde_json::Value::Array(a)) => a,
                         _ => Vec::new(),
                     };
+                    let detection = out
+                        .manifest
+                        .detection
+                        .as_ref()
+                        .and_then(|d| serde_json::to_value(d).ok());
                     let rec = creating.finish(|r| {
                         r.size_gib = out.manifest.size_gib;
                         r.directory = Some(out.output_dir.clone());
                         r.disks = disks;
+                        r.platform = out.manifest.platform.clone();
+                        r.detection = detection;
                     })?;
                     out.record = Some(rec);
                     testhook::checkpoint("available");
@@ -284,9 +305,13 @@ fn normalise(req: &CreateRequest) -> Result<CreateRequest> {
     if let Some(d) = &r.description {
         validate::description(d)?;
     }
-    r.platform = Some(
-        validate::platform(r.platform.as_deref().unwrap_or(validate::DEFAULT_PLATFORM))?.into(),
-    );
+    // With --detect and no platform, the platform is the one detected (the default otherwise), so
+    // it stays None until the system disk has been checked.
+    r.platform = match r.platform.as_deref() {
+        Some(p) => Some(validate::platform(p)?.into()),
+        None if r.detect && !r.data_image => None,
+        None => Some(validate::DEFAULT_PLATFORM.into()),
+    };
     r.architecture = Some(
         validate::architecture(
             r.architecture
@@ -323,6 +348,8 @@ struct PreparedDisk {
     locks: Vec<qemu_lock::SourceLock>,
     /// Every file read, as it was when opened: checked again once the copy is done.
     stamps: format::SourceStamps,
+    /// What kiln changes in the guest's bytes (`--relocate-gpt`), for the manifest.
+    changes: Vec<String>,
 }
 
 /// Opens every source and sizes every disk, before anything is written. Every file read is locked
@@ -340,7 +367,7 @@ fn prepare(
         Code::SnapshotNotReady
     };
     for d in &layout.disks {
-        let opened = match &d.snapshot {
+        let mut opened = match &d.snapshot {
             Some(p) => Some(format::open(
                 p,
                 &OpenOptions {
@@ -387,6 +414,17 @@ fn prepare(
             ));
         }
         let virtual_size = plan::resolve_size(&d.device, d.size, src_size)?;
+        let mut changes = Vec::new();
+        if req.relocate_gpt {
+            opened = match opened {
+                Some(o) if o.info.virtual_size < virtual_size => {
+                    let (o, c) = relocate_gpt(o, virtual_size, &req.output, &d.device, warn)?;
+                    changes = c;
+                    Some(o)
+                }
+                other => other,
+            };
+        }
         let source = opened.as_ref().map(|o| SourceRecord {
             path: absolute(&o.info.path),
             snapshot_name: o.info.snapshot.clone(),
@@ -415,9 +453,45 @@ fn prepare(
             data_bytes,
             locks,
             stamps,
+            changes,
         });
     }
     Ok(out)
+}
+
+/// Wraps a growing disk's source so its GPT's backup ends up at the new end (see
+/// [`crate::detect::relocate`]); a disk without a valid GPT is copied as it is, with a warning.
+fn relocate_gpt(
+    o: Opened,
+    virtual_size: u64,
+    output: &OutputSpec,
+    device: &str,
+    warn: &mut dyn FnMut(&str),
+) -> Result<(Opened, Vec<String>)> {
+    // The engine's size: qcow2 output is whole sectors.
+    let size = match output.format {
+        engine::OutputFormat::Qcow2 => virtual_size.next_multiple_of(512),
+        engine::OutputFormat::Raw => virtual_size,
+    };
+    match relocate::plan(o.source.as_ref(), size)? {
+        Ok(Some(rel)) => {
+            let source = Box::new(relocate::Relocated::new(o.source, size, rel.patches)?);
+            Ok((
+                Opened {
+                    source,
+                    info: o.info,
+                },
+                rel.changes,
+            ))
+        }
+        Ok(None) => Ok((o, Vec::new())),
+        Err(why) => {
+            warn(&format!(
+                "{device}: --relocate-gpt: {why}; the disk is copied as it is"
+            ));
+            Ok((o, Vec::new()))
+        }
+    }
 }
 
 /// Sum of a source's Data extents.
@@ -465,7 +539,7 @@ fn build(
             out_path: staging.dir().join(&p.file),
             hash: true,
         });
-        records.push((p.planned, p.file, p.virtual_size, p.source));
+        records.push((p.planned, p.file, p.source, p.changes));
         locks.extend(p.locks);
     }
     let reporter = progress::reporter(req.progress, &disk_names);
@@ -486,7 +560,7 @@ fn build(
     let mut disks = Vec::with_capacity(records.len());
     let mut stats = CopyStats::default();
     let mut sums = Vec::new();
-    for ((d, file, _, source), r) in records.into_iter().zip(results) {
+    for ((d, file, source, changes), r) in records.into_iter().zip(results) {
         // The engine's size: qcow2 output is rounded up to whole 512-byte sectors.
         let virtual_size = r.virtual_size;
         stats.add(&r.stats);
@@ -509,16 +583,35 @@ fn build(
                 .map(|t| t.1.clone()),
             source,
             stats: r.stats,
+            changes,
         });
     }
     let virtual_bytes = disks.iter().map(|d| d.virtual_size).sum();
+    let detection = match disks.iter().find(|d| d.device == plan::SYSTEM_DEVICE) {
+        Some(d) if req.detect => Some(detect::detect_file(
+            &staging.dir().join(&d.file),
+            Format::parse(&d.format),
+            &BackingGate::default(),
+            &detect::DetectOptions {
+                boot_mode: req.boot_mode.clone(),
+                architecture: req.architecture.clone(),
+                platform: req.platform.clone(),
+            },
+        )?),
+        _ => None,
+    };
+    let platform = req
+        .platform
+        .clone()
+        .or_else(|| detection.as_ref().and_then(|r| r.platform.clone()))
+        .unwrap_or_else(|| validate::DEFAULT_PLATFORM.into());
     let manifest = Manifest {
         image_id: image_id.to_string(),
         image_name: req.name.clone(),
         image_family: req.family.clone(),
         image_version: req.image_version.clone(),
         description: req.description.clone().unwrap_or_default(),
-        platform: req.platform.clone().unwrap_or_default(),
+        platform,
         architecture: req.architecture.clone().unwrap_or_default(),
         boot_mode: req.boot_mode.clone().unwrap_or_default(),
         tags: req
@@ -540,6 +633,7 @@ fn build(
             uuid: i.uuid.clone(),
         }),
         disks,
+        detection,
     };
     let json = manifest.to_json();
     staging.write_file("manifest.json", &json)?;
@@ -580,7 +674,11 @@ fn new_record(req: &CreateRequest, image_id: &str, digest: &str) -> Record {
         image_family: req.family.clone(),
         image_version: req.image_version.clone(),
         description: req.description.clone().unwrap_or_default(),
-        platform: req.platform.clone().unwrap_or_default(),
+        // Until the check of the system disk says otherwise (--detect without a platform).
+        platform: req
+            .platform
+            .clone()
+            .unwrap_or_else(|| validate::DEFAULT_PLATFORM.into()),
         architecture: req.architecture.clone().unwrap_or_default(),
         boot_mode: req.boot_mode.clone().unwrap_or_default(),
         tags: req
@@ -601,6 +699,7 @@ fn new_record(req: &CreateRequest, image_id: &str, digest: &str) -> Record {
         size_gib: 0,
         directory: None,
         disks: Vec::new(),
+        detection: None,
         error_code: None,
         error_message: None,
     }
@@ -624,7 +723,7 @@ pub fn request_digest(req: &CreateRequest, layout: &DiskLayout) -> String {
             })
         })
         .collect();
-    let v = serde_json::json!({
+    let mut v = serde_json::json!({
         "ImageName": req.name,
         "ImageFamily": req.family,
         "ImageVersion": req.image_version,
@@ -638,6 +737,13 @@ pub fn request_digest(req: &CreateRequest, layout: &DiskLayout) -> String {
         "ClusterBits": req.output.cluster_bits,
         "Compression": req.output.compression.map(|c| format!("{c:?}")),
     });
+    // Only when set, so digests of requests made before these options existed do not change.
+    if req.detect {
+        v["DetectionStrategy"] = detect::STANDARD.into();
+    }
+    if req.relocate_gpt {
+        v["RelocateGpt"] = true.into();
+    }
     engine::hex(&sha256_of(v.to_string().as_bytes()))
 }
 
@@ -787,7 +893,45 @@ fn dry_run_report(
             .collect(),
         space,
         warnings: layout.warnings.clone(),
+        detection: None,
     }
+}
+
+/// `--dry-run --detect`: checks the system disk's source as the copy would present it (grown to
+/// its size, with `--relocate-gpt`'s changes), without writing it. Takes the source out of
+/// `prepared`, which a dry run no longer needs.
+fn dry_run_detection(
+    req: &CreateRequest,
+    prepared: &mut [PreparedDisk],
+) -> Result<Option<detect::Report>> {
+    if !req.detect {
+        return Ok(None);
+    }
+    let Some(p) = prepared
+        .iter_mut()
+        .find(|p| p.planned.device == plan::SYSTEM_DEVICE)
+    else {
+        return Ok(None);
+    };
+    let Some(o) = p.opened.take() else {
+        return Ok(None);
+    };
+    let size = match req.output.format {
+        engine::OutputFormat::Qcow2 => p.virtual_size.next_multiple_of(512),
+        engine::OutputFormat::Raw => p.virtual_size,
+    };
+    // A source already wrapped by --relocate-gpt has this size; growing it again adds nothing.
+    let source: Box<dyn BlockSource> = if o.source.virtual_size() < size {
+        Box::new(relocate::Relocated::new(o.source, size, Vec::new())?)
+    } else {
+        o.source
+    };
+    let opts = detect::DetectOptions {
+        boot_mode: req.boot_mode.clone(),
+        architecture: req.architecture.clone(),
+        platform: req.platform.clone(),
+    };
+    Ok(Some(detect::detect(std::sync::Arc::from(source), &opts)?))
 }
 
 fn sha256_of(bytes: &[u8]) -> Vec<u8> {

@@ -4,9 +4,11 @@
 //! ([`engine`]) → publish ([`publish`], [`manifest`]). Formats ([`format`]) answer "what is at this
 //! offset" and read or write bytes, and know nothing of images.
 
+pub mod check;
 pub mod cli;
 pub mod convert;
 pub mod create;
+pub mod detect;
 pub mod engine;
 pub mod error;
 pub mod format;

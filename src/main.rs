@@ -21,7 +21,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.json;
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             if json {
                 let v = serde_json::json!({"Code": e.code().as_str(), "Message": e.full_message()});
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<(), Error> {
+fn run(cli: Cli) -> Result<ExitCode, Error> {
     match cli.command {
         Command::Create(args) => {
             let req = args.to_request(cli.store.as_deref())?;
@@ -59,6 +59,9 @@ fn run(cli: Cli) -> Result<(), Error> {
                         );
                         eprintln!("{}", summary(&out.stats, out.virtual_bytes, out.elapsed));
                     }
+                    if let (Some(d), false, false) = (&out.manifest.detection, cli.json, quiet) {
+                        eprint!("kiln: image check of /dev/xvda:\n{}", d.render_text());
+                    }
                 }
                 CreateResult::Existing(r) => {
                     if cli.json {
@@ -75,7 +78,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 }
                 CreateResult::DryRun(report) => print_dry_run(&report, cli.json),
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Convert(args) => {
             let req = args.to_request()?;
@@ -92,7 +95,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             if req.progress == kiln::progress::ProgressMode::Auto {
                 eprintln!("{}", summary(&out.stats, out.virtual_size, out.elapsed));
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Describe(args) => {
             let store = Store::at(store::locate(cli.store.as_deref())?);
@@ -136,7 +139,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             } else {
                 print_table(&images);
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Delete(args) => {
             let store = Store::at(store::locate(cli.store.as_deref())?);
@@ -154,7 +157,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     print_stdout(&format!("{}\n", r.image_id));
                 }
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Verify(args) => {
             let target = std::path::Path::new(&args.target);
@@ -209,7 +212,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     print_stdout(&format!("{}: OK\n", f.file));
                 }
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Inspect(args) => {
             let report = kiln::inspect::inspect_with(&args.file, &args.options()?)?;
@@ -219,13 +222,31 @@ fn run(cli: Cli) -> Result<(), Error> {
             } else {
                 print_stdout(&kiln::inspect::render_text(&report));
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check(args) => {
+            let out = kiln::check::check(&args.to_request()?, cli.store.as_deref())?;
+            if cli.json {
+                print_json(&out.report);
+            } else {
+                print_stdout(&format!(
+                    "{}:\n{}",
+                    out.disk.display(),
+                    out.report.render_text()
+                ));
+            }
+            // 1 when any item fails, as `verify` exits 1 when a file differs.
+            Ok(if out.report.has_fail() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Completions(args) => {
             let mut out = Vec::new();
             kiln::cli::completions(args.shell, &mut out);
             print_stdout(&String::from_utf8_lossy(&out));
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -259,6 +280,12 @@ fn print_dry_run(r: &DryRunReport, json: bool) {
             d.format,
             human(d.virtual_size),
             human(d.bytes_to_copy)
+        ));
+    }
+    if let Some(d) = &r.detection {
+        s.push_str(&format!(
+            "image check of /dev/xvda as it would be written:\n{}",
+            d.render_text()
         ));
     }
     s.push_str(&format!(

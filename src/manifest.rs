@@ -72,6 +72,9 @@ pub struct DiskRecord {
     pub source: Option<SourceRecord>,
     #[serde(rename = "CopyStats")]
     pub stats: CopyStats,
+    /// What kiln changed in the guest's bytes (`--relocate-gpt`); empty when it copied them as they are.
+    #[serde(rename = "Changes", skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -113,6 +116,9 @@ pub struct Manifest {
     pub instance: Option<InstanceRecord>,
     #[serde(rename = "DiskDeviceMappings")]
     pub disks: Vec<DiskRecord>,
+    /// The image check of the system disk (`--detect`, DetectionStrategy Standard).
+    #[serde(rename = "Detection", skip_serializing_if = "Option::is_none")]
+    pub detection: Option<crate::detect::Report>,
 }
 
 impl Manifest {

@@ -34,6 +34,8 @@ pub const KEYS: &[&str] = &[
     "Tag",
     "ClientToken",
     "DryRun",
+    "DetectionStrategy",
+    "RelocateGpt",
 ];
 /// Keys of a DiskDeviceMapping entry (`Format` is kiln's: the source's format, detected otherwise).
 pub const DISK_KEYS: &[&str] = &["SnapshotId", "Device", "Size", "DiskType", "Format"];
@@ -55,6 +57,10 @@ pub struct RequestFile {
     pub tags: Option<Vec<(String, String)>>,
     pub client_token: Option<String>,
     pub dry_run: Option<bool>,
+    /// `DetectionStrategy: "Standard"`: check the system disk (`--detect`).
+    pub detect: Option<bool>,
+    /// kiln's `RelocateGpt: true` (`--relocate-gpt`).
+    pub relocate_gpt: Option<bool>,
 }
 
 /// Reads `path` (JSON, or TOML when it ends in `.toml`).
@@ -117,10 +123,19 @@ pub fn parse(v: &Value, path: &Path, base: &Path) -> Result<RequestFile> {
             "InstanceId is not supported yet: kiln builds images from disk files; use SnapshotId or DiskDeviceMapping",
         ));
     }
-    r.dry_run = match obj.get("DryRun") {
-        None | Some(Value::Null) => None,
-        Some(Value::Bool(b)) => Some(*b),
-        Some(_) => return Err(bad(path, "DryRun must be true or false")),
+    r.dry_run = boolean(obj, "DryRun", path)?;
+    r.relocate_gpt = boolean(obj, "RelocateGpt", path)?;
+    r.detect = match string(obj, "DetectionStrategy", path)? {
+        None => None,
+        Some(s) if s.eq_ignore_ascii_case(crate::detect::STANDARD) => Some(true),
+        Some(s) => {
+            return Err(bad(
+                path,
+                format!(
+                    "DetectionStrategy '{s}' is not supported; the only strategy is 'Standard'"
+                ),
+            ))
+        }
     };
     if let Some(list) = obj.get("DiskDeviceMapping") {
         let items = list.as_array().ok_or_else(|| {
@@ -205,6 +220,14 @@ pub fn parse(v: &Value, path: &Path, base: &Path) -> Result<RequestFile> {
         r.tags = Some(tags);
     }
     Ok(r)
+}
+
+fn boolean(o: &Map<String, Value>, key: &str, path: &Path) -> Result<Option<bool>> {
+    match o.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(bad(path, format!("{key} must be true or false"))),
+    }
 }
 
 fn resolve(base: &Path, s: &str) -> PathBuf {
@@ -317,6 +340,18 @@ mod tests {
         assert!(e.message().contains("SnapshotId"), "{e}");
         let e = p(serde_json::json!({"Tag": [{"key": "a"}]})).unwrap_err();
         assert!(e.message().contains("'Tag[1].Key'"), "{e}");
+    }
+
+    #[test]
+    fn detection_strategy_and_relocate_gpt() {
+        let r =
+            p(serde_json::json!({"DetectionStrategy": "Standard", "RelocateGpt": true})).unwrap();
+        assert_eq!((r.detect, r.relocate_gpt), (Some(true), Some(true)));
+        let e = p(serde_json::json!({"DetectionStrategy": "Deep"})).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidParameter);
+        assert!(e.message().contains("Standard"), "{e}");
+        let e = p(serde_json::json!({"RelocateGpt": "yes"})).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidParameter);
     }
 
     #[test]

@@ -112,6 +112,9 @@ pub struct Record {
     /// The manifest's disks, once Available.
     #[serde(rename = "DiskDeviceMappings", default)]
     pub disks: Vec<serde_json::Value>,
+    /// The manifest's image check, once Available (`--detect`).
+    #[serde(rename = "Detection", default, skip_serializing_if = "Option::is_none")]
+    pub detection: Option<serde_json::Value>,
     /// Why a create failed, when kiln saw it fail (a killed create has none).
     #[serde(rename = "ErrorCode", default, skip_serializing_if = "Option::is_none")]
     pub error_code: Option<String>,
@@ -643,6 +646,7 @@ mod tests {
             size_gib: 0,
             directory: None,
             disks: vec![],
+            detection: None,
             error_code: None,
             error_message: None,
         }

@@ -1,0 +1,135 @@
+//! `kiln check IMAGE_ID|DIR|FILE`: the image check ([`crate::detect`]) on an image's system disk or
+//! on any disk file. An image is checked against its own BootMode, Architecture and Platform unless
+//! flags say otherwise; a bare file only against the flags given.
+
+use std::path::{Path, PathBuf};
+
+use crate::detect::{self, DetectOptions, Report};
+use crate::error::{Code, Error, Result};
+use crate::format::Format;
+use crate::plan::SYSTEM_DEVICE;
+use crate::store::{self, Store};
+use crate::validate;
+
+#[derive(Debug, Clone, Default)]
+pub struct CheckRequest {
+    /// An ImageId, an image directory, or a disk file (`FILE@SNAP`).
+    pub target: String,
+    /// Which qcow2 backing files may be followed (`--backing-dir`).
+    pub gate: crate::format::gate::BackingGate,
+    /// The file's format (detected otherwise); ignored for images, whose manifest says.
+    pub format: Option<Format>,
+    pub boot_mode: Option<String>,
+    pub architecture: Option<String>,
+    pub platform: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CheckOutcome {
+    /// The disk file checked.
+    pub disk: PathBuf,
+    pub report: Report,
+}
+
+/// Resolves the target and checks it. `store` is the global `--store`, used for an ImageId.
+pub fn check(req: &CheckRequest, store: Option<&Path>) -> Result<CheckOutcome> {
+    let mut opts = DetectOptions {
+        boot_mode: req
+            .boot_mode
+            .as_deref()
+            .map(validate::boot_mode)
+            .transpose()?
+            .map(Into::into),
+        architecture: req
+            .architecture
+            .as_deref()
+            .map(validate::architecture)
+            .transpose()?
+            .map(Into::into),
+        platform: req
+            .platform
+            .as_deref()
+            .map(validate::platform)
+            .transpose()?
+            .map(Into::into),
+    };
+    let target = Path::new(&req.target);
+    let image_dir = if target.is_dir() {
+        Some(target.to_path_buf())
+    } else if !target.exists() && store::is_image_id(&req.target) {
+        let store = Store::at(store::locate(store)?);
+        let r = store
+            .get(&req.target)?
+            .ok_or_else(|| store::not_found(&req.target))?;
+        if r.status != store::AVAILABLE {
+            return Err(Error::new(
+                Code::IncorrectImageStatus,
+                format!(
+                    "{} is {}; only Available images can be checked",
+                    r.image_id, r.status
+                ),
+            ));
+        }
+        Some(store.checked_image_dir(&r.image_id)?)
+    } else {
+        None
+    };
+    let (disk, format) = match image_dir {
+        Some(dir) => system_disk(&dir, &mut opts)?,
+        None => (target.to_path_buf(), req.format),
+    };
+    let report = detect::detect_file(&disk, format, &req.gate, &opts)?;
+    Ok(CheckOutcome { disk, report })
+}
+
+/// The system disk of the image in `dir`, and the image's attributes where `opts` has none.
+fn system_disk(dir: &Path, opts: &mut DetectOptions) -> Result<(PathBuf, Option<Format>)> {
+    let path = dir.join("manifest.json");
+    let bytes = crate::safe_fs::read_regular(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::new(
+            Code::InvalidImageIdNotFound,
+            format!(
+                "{}: no manifest.json; not an image directory",
+                dir.display()
+            ),
+        ),
+        _ => Error::io(&path, "reading", e),
+    })?;
+    let m: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+        Error::new(
+            Code::InvalidParameter,
+            format!("{}: not a kiln manifest ({e})", path.display()),
+        )
+    })?;
+    let text = |k: &str| m[k].as_str().map(str::to_string);
+    opts.boot_mode = opts.boot_mode.take().or_else(|| text("BootMode"));
+    opts.architecture = opts.architecture.take().or_else(|| text("Architecture"));
+    opts.platform = opts.platform.take().or_else(|| text("Platform"));
+    let disk = m["DiskDeviceMappings"]
+        .as_array()
+        .and_then(|a| a.iter().find(|d| d["Device"] == SYSTEM_DEVICE))
+        .ok_or_else(|| {
+            Error::new(
+                Code::InvalidParameter,
+                format!(
+                    "{}: the image has no system disk ({SYSTEM_DEVICE}) to check; check a data disk by its file",
+                    dir.display()
+                ),
+            )
+        })?;
+    let file = disk["File"].as_str().unwrap_or_default();
+    // The manifest names files inside the image directory; refuse anything that would leave it.
+    if file.is_empty() || file.contains('/') || file == ".." {
+        return Err(Error::new(
+            Code::InvalidParameter,
+            format!(
+                "{}: the system disk's File '{file}' is not a file name",
+                path.display()
+            ),
+        ));
+    }
+    Ok((
+        dir.join(file),
+        disk["Format"].as_str().and_then(Format::parse),
+    ))
+}
