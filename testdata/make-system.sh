@@ -36,3 +36,4 @@ dd if="$t/esp.img" of="$t/disk.raw" bs=512 seek=2048 conv=notrunc,sparse status=
 dd if="$t/root.img" of="$t/disk.raw" bs=512 seek=$((2048 + 32768)) conv=notrunc,sparse status=none
 sgdisk -v "$t/disk.raw" | grep -q "No problems found"
 qemu-img convert -O qcow2 "$t/disk.raw" "$out"
+cp --sparse=never "$out" "$out.full" && mv "$out.full" "$out"  # as git stores it: no holes in the file
