@@ -786,4 +786,64 @@ mod tests {
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
     }
+
+    /// A source whose first read fails at once when `fail` is set; every other read takes 30 ms
+    /// and is counted.
+    struct Slow {
+        size: u64,
+        fail: AtomicBool,
+        reads: Arc<AtomicUsize>,
+    }
+
+    impl BlockSource for Slow {
+        fn virtual_size(&self) -> u64 {
+            self.size
+        }
+        fn extent(&self, offset: u64, max_len: u64) -> Result<crate::format::Extent> {
+            Ok(crate::format::Extent {
+                start: offset,
+                len: max_len.min(self.size - offset),
+                kind: ExtentKind::Data,
+            })
+        }
+        fn read_at(&self, _offset: u64, buf: &mut [u8]) -> Result<()> {
+            if self.fail.swap(false, Ordering::SeqCst) {
+                return Err(Error::new(Code::IoError, "injected read failure"));
+            }
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            buf.fill(0x5a);
+            Ok(())
+        }
+    }
+
+    /// The first failure stops every worker: the others finish the chunk in hand and take no more.
+    #[test]
+    fn a_failure_stops_every_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let reads = Arc::new(AtomicUsize::new(0));
+        let mut jobs = Vec::new();
+        for i in 0..5 {
+            jobs.push(DiskJob {
+                name: format!("d{i}"),
+                source: Some(Box::new(Slow {
+                    size: 4 * CHUNK,
+                    fail: AtomicBool::new(i == 0),
+                    reads: reads.clone(),
+                })),
+                virtual_size: 4 * CHUNK,
+                out_path: dir.path().join(format!("d{i}.raw")),
+                hash: true,
+            });
+        }
+        let spec = OutputSpec {
+            format: OutputFormat::Raw,
+            ..OutputSpec::default()
+        };
+        let e = copy_disks(jobs, &spec, 2, &crate::progress::NoProgress).unwrap_err();
+        assert_eq!(e.message(), "injected read failure");
+        // 19 more chunks would be read without the abort; one or two with it.
+        let n = reads.load(Ordering::SeqCst);
+        assert!(n <= 2, "{n} chunks read after the failure");
+    }
 }

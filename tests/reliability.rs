@@ -279,68 +279,56 @@ fn sources_that_change_during_the_copy_are_reported_not_copied() {
 }
 
 /// A write that fails (here: past RLIMIT_FSIZE, as on a filesystem that fills up) stops every
-/// worker, removes the partial output and reports the file and offset.
+/// worker (that part is pinned by the engine's unit test `a_failure_stops_every_worker`), removes
+/// the partial output and reports the file and offset.
 #[test]
 fn a_failing_write_stops_the_copy_removes_partial_output_and_names_file_and_offset() {
     let t = tmp();
     let d = t.path();
-    for i in 0..3u64 {
-        fs::write(d.join(format!("d{i}.raw")), noise(10 + i, 48 << 20)).unwrap();
+    fs::write(d.join("big.raw"), noise(10, 48 << 20)).unwrap();
+    let mut args: Vec<String> = [
+        "--json",
+        "create",
+        "--name",
+        "too-big",
+        "--output-dir",
+        "out",
+        "-j",
+        "2",
+        "--progress",
+        "json",
+        "--disk",
+        "snapshot=big.raw,device=/dev/xvda",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for i in 0..4u64 {
+        fs::write(d.join(format!("s{i}.raw")), noise(11 + i, 256 << 10)).unwrap();
+        args.push("--disk".into());
+        args.push(format!("snapshot=s{i}.raw"));
     }
-    // qcow2 output: a raw output sets its full length first, which RLIMIT_FSIZE refuses at once
-    // (naming the file); the filling filesystem below covers raw.
-    {
-        let fmt = "qcow2";
-        let out = std::process::Command::new("prlimit")
-            .arg("--fsize=8388608")
-            .arg(env!("CARGO_BIN_EXE_kiln"))
-            .args([
-                "--json",
-                "create",
-                "--name",
-                "too-big",
-                "--output-dir",
-                "out",
-                "--format",
-                fmt,
-                "-j",
-                "2",
-                "--progress",
-                "json",
-                "--disk",
-                "snapshot=d0.raw,device=/dev/xvda",
-                "--disk",
-                "snapshot=d1.raw,device=/dev/xvdb",
-                "--disk",
-                "snapshot=d2.raw,device=/dev/xvdc",
-            ])
-            .current_dir(d)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{fmt}: {stdout} {stderr}");
-        let err: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-        assert!(
-            ["IoError", "InsufficientSpace"].contains(&err["Code"].as_str().unwrap()),
-            "{err}"
-        );
-        let msg = err["Message"].as_str().unwrap();
-        assert!(
-            msg.contains(".kiln-") && msg.contains("at offset"),
-            "{fmt}: {msg}"
-        );
-        // Workers stopped: no disk ran to its end after the first failure.
-        assert!(
-            !stderr.contains("\"finished\":true"),
-            "{fmt}: a disk finished: {stderr}"
-        );
-        assert!(!d.join("out").exists());
-        assert!(
-            staging_leftovers(d).is_empty(),
-            "{fmt}: partial output left"
-        );
-    }
+    // qcow2 output (the default): a raw output sets its full length first, which RLIMIT_FSIZE
+    // refuses at once (naming the file); the filling filesystem below covers raw.
+    let out = std::process::Command::new("prlimit")
+        .arg("--fsize=2097152")
+        .arg(env!("CARGO_BIN_EXE_kiln"))
+        .args(&args)
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout} {stderr}");
+    let err: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(err["Code"], "IoError", "{err}");
+    let msg = err["Message"].as_str().unwrap();
+    assert!(
+        msg.contains(".kiln-") && msg.contains("xvda.qcow2") && msg.contains("at offset"),
+        "{msg}"
+    );
+    assert!(!d.join("out").exists());
+    assert!(staging_leftovers(d).is_empty(), "partial output left");
 }
 
 /// The target filesystem fills up during the copy (a 32 MiB tmpfs, mounted in a user and mount
