@@ -68,23 +68,15 @@ pub struct InspectArgs {
     /// The format (detected when not given).
     #[arg(short = 'f', long = "format", value_name = "raw|qcow2")]
     pub format: Option<String>,
-    /// Also follow qcow2 backing files under DIR (repeatable); by default only those inside each
-    /// overlay's own directory tree are followed.
+    /// Also follow qcow2 backing files under DIR (repeatable); by default only those inside the
+    /// named image's directory tree are followed.
     #[arg(long = "backing-dir", value_name = "DIR")]
     pub backing_dirs: Vec<PathBuf>,
 }
 
 impl InspectArgs {
     pub fn options(&self) -> Result<crate::inspect::InspectOptions> {
-        let format = match &self.format {
-            None => None,
-            Some(f) => Some(Format::parse(f).ok_or_else(|| {
-                Error::new(
-                    Code::InvalidParameter,
-                    format!("--format {f}: kiln reads raw and qcow2"),
-                )
-            })?),
-        };
+        let format = source_format("--format", self.format.as_deref())?;
         Ok(crate::inspect::InspectOptions {
             format,
             map: self.map,
@@ -118,15 +110,7 @@ pub struct CheckArgs {
 
 impl CheckArgs {
     pub fn to_request(&self) -> Result<crate::check::CheckRequest> {
-        let format = match &self.format {
-            None => None,
-            Some(f) => Some(Format::parse(f).ok_or_else(|| {
-                Error::new(
-                    Code::InvalidParameter,
-                    format!("--format {f}: kiln reads raw and qcow2"),
-                )
-            })?),
-        };
+        let format = source_format("--format", self.format.as_deref())?;
         Ok(crate::check::CheckRequest {
             target: self.target.clone(),
             gate: BackingGate::new(self.backing_dirs.clone()),
@@ -279,8 +263,8 @@ pub struct CreateArgs {
     /// Copy sources that a process has open for writing (the copy may be inconsistent).
     #[arg(long)]
     pub allow_running: bool,
-    /// Also follow qcow2 backing files under DIR (repeatable); by default only those inside each
-    /// overlay's own directory tree are followed.
+    /// Also follow qcow2 backing files under DIR (repeatable); by default only those inside the
+    /// named image's directory tree are followed.
     #[arg(long = "backing-dir", value_name = "DIR")]
     pub backing_dirs: Vec<PathBuf>,
     /// An image of data disks only (no system disk): `--disk` entries become /dev/xvdb, ...
@@ -352,13 +336,27 @@ pub struct ConvertArgs {
     /// Print the output's SHA-256.
     #[arg(long)]
     pub sha256: bool,
-    /// Also follow qcow2 backing files under DIR (repeatable); by default only those inside each
-    /// overlay's own directory tree are followed.
+    /// Also follow qcow2 backing files under DIR (repeatable); by default only those inside the
+    /// named image's directory tree are followed.
     #[arg(long = "backing-dir", value_name = "DIR")]
     pub backing_dirs: Vec<PathBuf>,
     /// [zlib|zstd] SRC[@SNAP] DST
     #[arg(num_args = 2..=3, value_name = "ARGS", required = true)]
     pub args: Vec<String>,
+}
+
+/// A source format flag's value (`--format`, `-f`): raw or qcow2; None when not given.
+fn source_format(flag: &str, value: Option<&str>) -> Result<Option<Format>> {
+    value
+        .map(|f| {
+            Format::parse(f).ok_or_else(|| {
+                Error::new(
+                    Code::InvalidParameter,
+                    format!("{flag} {f}: kiln reads raw and qcow2"),
+                )
+            })
+        })
+        .transpose()
 }
 
 fn threads(j: Option<usize>) -> Result<usize> {
@@ -623,15 +621,7 @@ impl ConvertArgs {
                 ))
             }
         };
-        let source_format = match &self.source_format {
-            None => None,
-            Some(f) => Some(Format::parse(f).ok_or_else(|| {
-                Error::new(
-                    Code::InvalidParameter,
-                    format!("-f {f}: kiln reads raw and qcow2"),
-                )
-            })?),
-        };
+        let source_format = source_format("-f", self.source_format.as_deref())?;
         Ok(ConvertRequest {
             source: PathBuf::from(src),
             source_format,

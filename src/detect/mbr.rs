@@ -187,23 +187,7 @@ mod tests {
         assert_eq!(Mbr::parse(&[0u8; 100]), None);
     }
 
-    struct Mem(Vec<u8>);
-    impl BlockSource for Mem {
-        fn virtual_size(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn extent(&self, offset: u64, max_len: u64) -> Result<crate::format::Extent> {
-            Ok(crate::format::Extent {
-                start: offset,
-                len: max_len.min(self.virtual_size() - offset),
-                kind: crate::format::ExtentKind::Data,
-            })
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-            buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
-            Ok(())
-        }
-    }
+    use crate::format::testing::Mem;
 
     #[test]
     fn a_looping_ebr_chain_stops() {

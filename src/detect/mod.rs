@@ -691,25 +691,8 @@ pub fn detect_file(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::{Extent, ExtentKind};
 
-    struct Mem(Vec<u8>);
-    impl BlockSource for Mem {
-        fn virtual_size(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn extent(&self, offset: u64, max_len: u64) -> Result<Extent> {
-            Ok(Extent {
-                start: offset,
-                len: max_len.min(self.virtual_size() - offset),
-                kind: ExtentKind::Data,
-            })
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-            buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
-            Ok(())
-        }
-    }
+    use crate::format::testing::Mem;
 
     /// xorshift64*: reproducible noise without a dependency.
     fn noise(seed: u64, buf: &mut [u8]) {

@@ -250,23 +250,7 @@ mod tests {
     use super::*;
     use crate::detect::gpt::tests::header;
 
-    struct Mem(Vec<u8>);
-    impl BlockSource for Mem {
-        fn virtual_size(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn extent(&self, offset: u64, max_len: u64) -> Result<Extent> {
-            Ok(Extent {
-                start: offset,
-                len: max_len.min(self.virtual_size() - offset),
-                kind: ExtentKind::Data,
-            })
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-            buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
-            Ok(())
-        }
-    }
+    use crate::format::testing::Mem;
 
     /// A 1 MiB disk (2048 sectors) with an empty but valid GPT and a protective MBR.
     fn disk() -> Vec<u8> {

@@ -255,6 +255,33 @@ fn stamp(path: &Path) -> Result<Stamp> {
     })
 }
 
+/// Test helpers shared by the modules that read disks.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{BlockSource, Extent, ExtentKind};
+    use crate::error::Result;
+
+    /// A disk held in memory, all of it data.
+    pub struct Mem(pub Vec<u8>);
+
+    impl BlockSource for Mem {
+        fn virtual_size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn extent(&self, offset: u64, max_len: u64) -> Result<Extent> {
+            Ok(Extent {
+                start: offset,
+                len: max_len.min(self.virtual_size() - offset),
+                kind: ExtentKind::Data,
+            })
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+    }
+}
+
 /// qcow2 when the file starts with the qcow2 magic, raw otherwise (what qemu-img does for these two).
 pub fn detect(file: &File, path: &Path) -> Result<Format> {
     let mut magic = [0u8; 4];
