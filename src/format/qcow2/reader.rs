@@ -33,6 +33,7 @@ const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 const EXT_BITMAPS: u32 = 0x2385_2875;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
+const EXT_CRYPTO: u32 = 0x0537_be77;
 
 const INCOMPAT_DIRTY: u64 = 1 << 0;
 const INCOMPAT_CORRUPT: u64 = 1 << 1;
@@ -49,10 +50,16 @@ const V3_HEADER_MIN: u32 = 104;
 const MAX_L1_ENTRIES: u64 = 4 << 20;
 const MAX_SNAPSHOTS: u32 = 65536;
 const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
+/// Largest refcount table accepted (qemu's limit too); never read.
+const MAX_REFCOUNT_TABLE: u64 = 8 << 20;
 const MAX_BACKING_NAME: u32 = 1023;
 const MAX_VIRTUAL_SIZE: u64 = 1 << 63;
 /// Bytes of L2 tables cached per image before the cache is emptied.
 const L2_CACHE_BYTES: u64 = 64 << 20;
+/// Bits of an L1 entry that must be zero (0-8, 56-62).
+const L1E_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+/// Bits of a standard (not compressed) L2 entry that must be zero (1-8, 56-61).
+const L2E_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 /// Fixed part of a snapshot table entry.
 const SNAPSHOT_FIXED: usize = 40;
 
@@ -136,7 +143,7 @@ fn parse_header(first: &[u8], file_size: u64, path: &Path) -> Result<Header> {
         return Err(Error::unsupported(
             path,
             format!(
-                "encrypted images are not supported (encryption method {crypt_method}); decrypt it first, e.g. with `qemu-img convert --object secret,... --image-opts ... -O qcow2`"
+                "encrypted images are not supported (crypt_method {crypt_method}); decrypt it first, e.g. with `qemu-img convert --object secret,... --image-opts ... -O qcow2`"
             ),
         ));
     }
@@ -180,7 +187,7 @@ fn parse_header(first: &[u8], file_size: u64, path: &Path) -> Result<Header> {
             return Err(Error::corrupt(
                 path,
                 format!(
-                    "the backing file name is {backing_file_size} bytes long (at most {MAX_BACKING_NAME})"
+                    "the backing file name is {backing_file_size} bytes long (backing_file_size; at most {MAX_BACKING_NAME})"
                 ),
             ));
         }
@@ -191,7 +198,7 @@ fn parse_header(first: &[u8], file_size: u64, path: &Path) -> Result<Header> {
                 Error::corrupt(
                     path,
                     format!(
-                        "the backing file name at byte {backing_file_offset} lies outside the header cluster"
+                        "the backing file name at byte {backing_file_offset} (backing_file_offset) lies outside the header cluster"
                     ),
                 )
             })?;
@@ -248,6 +255,12 @@ fn parse_header(first: &[u8], file_size: u64, path: &Path) -> Result<Header> {
                 return Err(Error::unsupported(
                     path,
                     "images with an external data file are not supported",
+                ));
+            }
+            EXT_CRYPTO => {
+                return Err(Error::unsupported(
+                    path,
+                    "encrypted images are not supported (the image has a crypto header extension)",
                 ));
             }
             EXT_BITMAPS => {}
@@ -313,14 +326,14 @@ fn parse_header(first: &[u8], file_size: u64, path: &Path) -> Result<Header> {
     if size > MAX_VIRTUAL_SIZE {
         return Err(Error::corrupt(
             path,
-            format!("virtual size {size} is larger than 2^63"),
+            format!("size (the virtual size) {size} is larger than 2^63"),
         ));
     }
     let l1_size = f32(36)?;
     let l1_table_offset = f64(40)?;
     check_l1(
         path,
-        "the L1 table",
+        "",
         l1_size,
         l1_table_offset,
         size,
@@ -334,14 +347,60 @@ fn parse_header(first: &[u8], file_size: u64, path: &Path) -> Result<Header> {
     if nb_snapshots > MAX_SNAPSHOTS {
         return Err(Error::corrupt(
             path,
-            format!("{nb_snapshots} internal snapshots (at most {MAX_SNAPSHOTS})"),
+            format!("nb_snapshots {nb_snapshots} is larger than {MAX_SNAPSHOTS}"),
         ));
     }
-    if nb_snapshots > 0 && (!snapshots_offset.is_multiple_of(cs) || snapshots_offset >= file_size) {
-        return Err(Error::corrupt(
-            path,
-            format!("the snapshot table offset {snapshots_offset} is unaligned or past the end of the file"),
-        ));
+    if nb_snapshots > 0 {
+        // Each entry takes at least its fixed part, so the whole table must fit in the file.
+        let min_end = snapshots_offset.checked_add(u64::from(nb_snapshots) * SNAPSHOT_FIXED as u64);
+        let why = if !snapshots_offset.is_multiple_of(cs) {
+            Some("is not aligned to a cluster")
+        } else if snapshots_offset == 0 {
+            Some("is in the header cluster")
+        } else if min_end.is_none_or(|e| e > file_size) {
+            Some("leaves no room for the snapshot table before the end of the file")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(Error::corrupt(
+                path,
+                format!("snapshots_offset {snapshots_offset} (nb_snapshots {nb_snapshots}) {why}"),
+            ));
+        }
+    }
+
+    // The refcount table: kiln never reads refcounts, but a table that cannot exist means the
+    // header is damaged (qemu refuses to open such an image too).
+    let refcount_table_offset = f64(48)?;
+    let refcount_table_clusters = f32(56)?;
+    let max_clusters = MAX_REFCOUNT_TABLE >> cluster_bits;
+    let why = if refcount_table_clusters == 0 {
+        Some("refcount_table_clusters is 0 (the image has no refcount table)".to_string())
+    } else if u64::from(refcount_table_clusters) > max_clusters {
+        Some(format!(
+            "refcount_table_clusters {refcount_table_clusters} is larger than {max_clusters} ({MAX_REFCOUNT_TABLE} bytes)"
+        ))
+    } else if !refcount_table_offset.is_multiple_of(cs) {
+        Some(format!(
+            "refcount_table_offset {refcount_table_offset} is not aligned to a cluster"
+        ))
+    } else if refcount_table_offset == 0 {
+        Some(format!(
+            "refcount_table_offset {refcount_table_offset} is in the header cluster"
+        ))
+    } else if refcount_table_offset
+        .checked_add(u64::from(refcount_table_clusters) << cluster_bits)
+        .is_none_or(|e| e > file_size)
+    {
+        Some(format!(
+            "refcount_table_offset {refcount_table_offset} (refcount_table_clusters {refcount_table_clusters}) runs past the end of the file"
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        return Err(Error::corrupt(path, why));
     }
 
     Ok(Header {
@@ -359,7 +418,8 @@ fn parse_header(first: &[u8], file_size: u64, path: &Path) -> Result<Header> {
     })
 }
 
-/// Checks that an L1 table covers `size`, is not too large, and lies aligned inside the file.
+/// Checks that an L1 table covers `size`, is not too large, and lies aligned inside the file. `what`
+/// prefixes the field names in messages ("" for the header's, "snapshot 'NAME': " for a snapshot's).
 #[allow(clippy::too_many_arguments)]
 fn check_l1(
     path: &Path,
@@ -376,7 +436,7 @@ fn check_l1(
     if n > MAX_L1_ENTRIES {
         return Err(Error::corrupt(
             path,
-            format!("{what} has {n} entries (at most {MAX_L1_ENTRIES})"),
+            format!("{what}l1_size {n} is larger than {MAX_L1_ENTRIES} entries (32 MiB)"),
         ));
     }
     let shift = cluster_bits + l2_bits(cluster_bits, extended_l2);
@@ -384,17 +444,25 @@ fn check_l1(
     if n < needed {
         return Err(Error::corrupt(
             path,
-            format!("{what} has {n} entries but the virtual size {size} needs {needed}"),
+            format!(
+                "{what}l1_size {n} is too small: the virtual size {size} needs {needed} entries"
+            ),
         ));
     }
     if n > 0 {
-        let end = l1_offset.checked_add(n * 8);
-        if l1_offset == 0 || !l1_offset.is_multiple_of(cs) || end.is_none_or(|e| e > file_size) {
-            return Err(Error::corrupt(
-                path,
-                format!("{what} at offset {l1_offset} ({n} entries) is unaligned, in the header cluster or past the end of the file"),
-            ));
-        }
+        let why = if !l1_offset.is_multiple_of(cs) {
+            "is not aligned to a cluster"
+        } else if l1_offset == 0 {
+            "is in the header cluster"
+        } else if l1_offset.checked_add(n * 8).is_none_or(|e| e > file_size) {
+            "runs past the end of the file"
+        } else {
+            return Ok(());
+        };
+        return Err(Error::corrupt(
+            path,
+            format!("{what}l1_table_offset {l1_offset} (l1_size {n}) {why}"),
+        ));
     }
     Ok(())
 }
@@ -592,7 +660,7 @@ fn open_layer(
             }
             check_l1(
                 path,
-                &format!("the L1 table of snapshot '{}'", s.name),
+                &format!("snapshot '{}': ", s.name),
                 s.l1_size,
                 s.l1_offset,
                 size,
@@ -873,6 +941,12 @@ impl Qcow2Source {
                 .and_then(|i| self.l1.get(i))
                 .copied()
                 .ok_or_else(|| self.corrupt_at(cur, "no L1 entry covers it"))?;
+            if l1e & L1E_RESERVED != 0 {
+                return Err(self.corrupt_at(
+                    cur,
+                    format!("its L1 entry 0x{l1e:016x} (L2 table offset) has reserved bits set"),
+                ));
+            }
             let l2_off = l1e & L1E_OFFSET_MASK;
             if l2_off == 0 {
                 if !merge(&mut first, Seg::Unalloc, pos, cur, extent_mode) {
@@ -899,6 +973,12 @@ impl Qcow2Source {
                     cur = cend;
                     idx += 1;
                     continue;
+                }
+                if entry & L2E_RESERVED != 0 {
+                    return Err(self.corrupt_at(
+                        cur,
+                        format!("its L2 entry 0x{entry:016x} has reserved bits set"),
+                    ));
                 }
                 let host = entry & L2E_OFFSET_MASK;
                 if !self.extended_l2 {
