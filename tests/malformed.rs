@@ -547,6 +547,19 @@ fn cases() -> Vec<Case> {
             field: "L2 table offset",
         },
         Case {
+            name: "l1_entries_share_an_l2_table",
+            base: "wide.qcow2",
+            // Guest 2 MiB..4 MiB (unallocated) maps through the L2 table of 0..2 MiB.
+            patch: |b, l| {
+                let v = get64(b, l.l1);
+                put64(b, l.l1 + 8, v)
+            },
+            args: MAP,
+            suffix: "",
+            code: CORRUPT,
+            field: "L1 entries 0 and 1",
+        },
+        Case {
             name: "l2_entry_past_eof",
             base: "data.qcow2",
             patch: |b, l| put64(b, l.l2, OFLAG_COPIED | (1 << 40)),
@@ -767,6 +780,25 @@ fn make_bases(dir: &Path) {
         dir,
         "data.qcow2",
         &["write -P 0xab 0 64k", "write -P 0xcd 1M 128k"],
+    );
+    // 4 KiB clusters: each L1 entry covers 2 MiB.
+    qemu_img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "wide.qcow2",
+            "64M",
+        ],
+    );
+    qemu_io(
+        dir,
+        "wide.qcow2",
+        &["write -P 0x99 0 8k", "write -P 0x98 8M 8k"],
     );
     qemu_img(dir, &["create", "-q", "-f", "raw", "pattern.raw", "1M"]);
     qemu_io(

@@ -9,6 +9,27 @@
 //!
 //! Reads use `pread` only, so one [`Qcow2Source`] serves every copy thread; L2 tables are cached in a
 //! bounded map keyed by their host offset.
+//!
+//! # Allocation bounds
+//!
+//! Nothing read from the file makes the reader allocate more than these, per file of the chain
+//! (a chain has at most `MAX_CHAIN_DEPTH` files), and each table must also lie inside the file, so
+//! no allocation is larger than the file itself plus one cluster. Bounds (the constants below):
+//!
+//! | what | bound | checked in |
+//! |---|---|---|
+//! | header cluster (header, extensions, backing name) | one cluster, at most 2 MiB (`cluster_bits` 9..=21) | `open_layer` |
+//! | backing file name | `MAX_BACKING_NAME` = 1023 bytes (`backing_file_size`), inside the header cluster | `parse_header` |
+//! | backing format name, feature table | inside the header cluster | `parse_header` |
+//! | L1 table (active or a snapshot's) | `MAX_L1_ENTRIES` = 4 Mi entries (32 MiB, `l1_size`), plus a sorted copy of its offsets to refuse shared L2 tables | `check_l1`, `check_l2_tables_distinct` |
+//! | refcount table | never read; `refcount_table_clusters` at most `MAX_REFCOUNT_TABLE` = 8 MiB | `parse_header` |
+//! | snapshot table | `MAX_SNAPSHOTS` = 65536 entries (`nb_snapshots`), `MAX_SNAPSHOT_TABLE` = 64 MiB in all; ID and name at most 64 KiB each (16-bit sizes), read one entry at a time | `read_snapshots` |
+//! | L2 tables | one cluster each; the cache holds at most `L2_CACHE_BYTES` = 64 MiB | `Qcow2Source::l2_table` |
+//! | compressed cluster | its stored length is at most 2^(`cluster_bits` - 8) sectors (two clusters, 4 MiB), cut at the end of the file; it decompresses into one cluster | `Qcow2Source::decompress` |
+//!
+//! Work is bounded too: one step per L1 entry (at most 4 Mi) and per L2 entry present in the file
+//! (L2 tables are distinct), one per snapshot table entry, and a chain of at most 16 files with no
+//! loops.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -487,6 +508,37 @@ fn read_exact(file: &File, path: &Path, offset: u64, len: usize, what: &str) -> 
     Ok(buf)
 }
 
+/// Refuses an L1 table in which two entries point at the same L2 table. qemu never writes one (an
+/// L2 table is shared only between L1 tables, by snapshots); allowing it would let a small file
+/// describe an exabyte of data clusters by repeating one table, and make mapping it take forever.
+/// With distinct tables, walking the whole disk costs at most one step per L1 entry plus one per
+/// L2 entry present in the file.
+fn check_l2_tables_distinct(path: &Path, l1: &[u64], snapshot: Option<&str>) -> Result<()> {
+    let mut offs: Vec<u64> = l1
+        .iter()
+        .map(|e| e & L1E_OFFSET_MASK)
+        .filter(|&o| o != 0)
+        .collect();
+    offs.sort_unstable();
+    let Some(dup) = offs.windows(2).find(|w| w[0] == w[1]).map(|w| w[0]) else {
+        return Ok(());
+    };
+    let mut at = l1
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| *e & L1E_OFFSET_MASK == dup)
+        .map(|(i, _)| i);
+    let (a, b) = (at.next().unwrap_or(0), at.next().unwrap_or(0));
+    let table = match snapshot {
+        Some(s) => format!("the L1 table of snapshot '{s}'"),
+        None => "the L1 table".to_string(),
+    };
+    Err(Error::corrupt(
+        path,
+        format!("L1 entries {a} and {b} of {table} both point at the L2 table at {dup}"),
+    ))
+}
+
 /// One internal snapshot, as the table describes it.
 #[derive(Debug, Clone)]
 struct Snapshot {
@@ -497,7 +549,7 @@ struct Snapshot {
     disk_size: Option<u64>,
 }
 
-fn read_snapshots(file: &File, path: &Path, h: &Header) -> Result<Vec<Snapshot>> {
+fn read_snapshots(file: &File, path: &Path, h: &Header, fsize: u64) -> Result<Vec<Snapshot>> {
     let mut out = Vec::with_capacity(h.nb_snapshots.min(1024) as usize);
     let mut pos = h.snapshots_offset;
     let mut total: u64 = 0;
@@ -516,6 +568,18 @@ fn read_snapshots(file: &File, path: &Path, h: &Header) -> Result<Vec<Snapshot>>
             return Err(Error::corrupt(
                 path,
                 format!("the snapshot table is larger than {MAX_SNAPSHOT_TABLE} bytes"),
+            ));
+        }
+        // Checked before allocating: the entry's sizes come from the file.
+        if pos
+            .checked_add(SNAPSHOT_FIXED as u64 + var)
+            .is_none_or(|e| e > fsize)
+        {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "snapshot table entry {i} at offset {pos} ({var} bytes of extra data, ID and name) runs past the end of the file"
+                ),
             ));
         }
         let data = read_exact(
@@ -625,7 +689,7 @@ fn open_layer(
     let (l1_offset, l1_size, virtual_size, snap_name) = match snapshot {
         None => (h.l1_table_offset, h.l1_size, h.size, None),
         Some(want) => {
-            let snaps = read_snapshots(&file, path, &h)?;
+            let snaps = read_snapshots(&file, path, &h, fsize)?;
             let s = snaps
                 .iter()
                 .find(|s| s.name == want)
@@ -677,6 +741,7 @@ fn open_layer(
         .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
         .collect();
     drop(raw_l1);
+    check_l2_tables_distinct(path, &l1, snap_name.as_deref())?;
 
     let backing = match &h.backing {
         None => None,
