@@ -23,7 +23,7 @@
 //! | backing format name, feature table | inside the header cluster | `parse_header` |
 //! | L1 table (active or a snapshot's) | `MAX_L1_ENTRIES` = 4 Mi entries (32 MiB, `l1_size`), plus a sorted copy of its offsets to refuse shared L2 tables | `check_l1`, `check_l2_tables_distinct` |
 //! | refcount table | never read; `refcount_table_clusters` at most `MAX_REFCOUNT_TABLE` = 8 MiB | `parse_header` |
-//! | snapshot table | `MAX_SNAPSHOTS` = 65536 entries (`nb_snapshots`), `MAX_SNAPSHOT_TABLE` = 64 MiB in all; ID and name at most 64 KiB each (16-bit sizes), read one entry at a time | `read_snapshots` |
+//! | snapshot table | `MAX_SNAPSHOTS` = 65536 entries (`nb_snapshots`), `MAX_SNAPSHOT_TABLE` = 64 MiB in all; extra data at most `MAX_SNAPSHOT_EXTRA` = 1 KiB, ID and name at most 64 KiB each (16-bit sizes), read one entry at a time | `read_snapshots` |
 //! | L2 tables | one cluster each; the cache holds at most `L2_CACHE_BYTES` = 64 MiB | `Qcow2Source::l2_table` |
 //! | compressed cluster | its stored length is at most 2^(`cluster_bits` - 8) sectors (two clusters, 4 MiB), cut at the end of the file; it decompresses into one cluster | `Qcow2Source::decompress` |
 //!
@@ -71,6 +71,8 @@ const V3_HEADER_MIN: u32 = 104;
 const MAX_L1_ENTRIES: u64 = 4 << 20;
 const MAX_SNAPSHOTS: u32 = 65536;
 const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
+/// Largest extra data of a snapshot table entry (qemu's limit too).
+const MAX_SNAPSHOT_EXTRA: u64 = 1024;
 /// Largest refcount table accepted (qemu's limit too); never read.
 const MAX_REFCOUNT_TABLE: u64 = 8 << 20;
 const MAX_BACKING_NAME: u32 = 1023;
@@ -561,6 +563,14 @@ fn read_snapshots(file: &File, path: &Path, h: &Header, fsize: u64) -> Result<Ve
         let id_size = be16(&fixed, 12).ok_or_else(bad)? as usize;
         let name_size = be16(&fixed, 14).ok_or_else(bad)? as usize;
         let extra_size = be32(&fixed, 36).ok_or_else(bad)? as u64;
+        if extra_size > MAX_SNAPSHOT_EXTRA {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "snapshot table entry {i}: extra_data_size {extra_size} is larger than {MAX_SNAPSHOT_EXTRA}"
+                ),
+            ));
+        }
         let var = extra_size + id_size as u64 + name_size as u64;
         let entry = (SNAPSHOT_FIXED as u64 + var + 7) & !7;
         total += entry;
@@ -920,10 +930,16 @@ impl Qcow2Source {
             }
         }
         let cs = self.cluster_size();
-        if !off.is_multiple_of(cs) || off.checked_add(cs).is_none_or(|e| e > self.file_size) {
+        if !off.is_multiple_of(cs) {
             return Err(self.corrupt_at(
                 guest,
-                format!("its L2 table offset {off} is unaligned or past the end of the file"),
+                format!("its L1 entry's L2 table offset {off} is not aligned to a cluster"),
+            ));
+        }
+        if off.checked_add(cs).is_none_or(|e| e > self.file_size) {
+            return Err(self.corrupt_at(
+                guest,
+                format!("its L1 entry's L2 table offset {off} runs past the end of the file"),
             ));
         }
         let mut buf = vec![0u8; cs as usize];
