@@ -27,9 +27,11 @@
 //! | L2 tables | one cluster each; the cache holds at most `L2_CACHE_BYTES` = 64 MiB | `Qcow2Source::l2_table` |
 //! | compressed cluster | its stored length is at most 2^(`cluster_bits` - 8) sectors (two clusters, 4 MiB), cut at the end of the file; it decompresses into one cluster | `Qcow2Source::decompress` |
 //!
-//! Work is bounded too: one step per L1 entry (at most 4 Mi) and per L2 entry present in the file
-//! (L2 tables are distinct), one per snapshot table entry, and a chain of at most 16 files with no
-//! loops.
+//! Work is bounded too: one mapping run looks at most at `MAX_WALK_STEPS` = 64 Ki L1/L2 entries,
+//! and one extent merges at most `MAX_MERGED_RUNS` = 64 runs, before a shorter extent is returned;
+//! mapping the whole disk takes one step per L1 entry (at most 4 Mi) and per L2 entry present in
+//! the file (L2 tables are distinct); one step per snapshot table entry; a chain of at most 16
+//! files with no loops.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -77,6 +79,11 @@ const MAX_SNAPSHOT_EXTRA: u64 = 1024;
 const MAX_REFCOUNT_TABLE: u64 = 8 << 20;
 const MAX_BACKING_NAME: u32 = 1023;
 const MAX_VIRTUAL_SIZE: u64 = 1 << 63;
+/// L1 and L2 entries one mapping run looks at before it ends (the extent is cut there). Small in
+/// unit tests, so that small images show the cut.
+const MAX_WALK_STEPS: u32 = if cfg!(test) { 1 << 8 } else { 1 << 16 };
+/// Runs (each resolved through the backing file) merged into one extent.
+const MAX_MERGED_RUNS: u32 = 64;
 /// Bytes of L2 tables cached per image before the cache is emptied.
 const L2_CACHE_BYTES: u64 = 64 << 20;
 /// Bits of an L1 entry that must be zero (0-8, 56-62).
@@ -1015,7 +1022,14 @@ impl Qcow2Source {
         let n_l2 = 1usize << l2b;
         let mut first: Option<Seg> = None;
         let mut cur = pos;
+        // L1 and L2 entries looked at: a run ends after MAX_WALK_STEPS of them (shorter extents are
+        // always allowed), so one call's work is bounded whatever the table says.
+        let mut steps = 0u32;
         'outer: while cur < limit {
+            if steps >= MAX_WALK_STEPS && cur > pos {
+                break;
+            }
+            steps += 1;
             let l1_idx = cur >> l1_shift;
             let l1e = usize::try_from(l1_idx)
                 .ok()
@@ -1039,6 +1053,10 @@ impl Qcow2Source {
             let l2 = self.l2_table(l2_off, cur)?;
             let mut idx = ((cur >> cb) as usize) & (n_l2 - 1);
             while cur < limit && idx < n_l2 {
+                if steps >= MAX_WALK_STEPS && cur > pos {
+                    break 'outer;
+                }
+                steps += 1;
                 let cstart = cur & !(cs - 1);
                 let cend = cstart.saturating_add(cs).min(limit);
                 let (entry, bitmap) = if self.extended_l2 {
@@ -1278,7 +1296,10 @@ impl BlockSource for Qcow2Source {
         }
         let first = self.extent_once(offset, limit)?;
         let mut end = first.end();
-        while end < limit {
+        for _ in 1..MAX_MERGED_RUNS {
+            if end >= limit {
+                break;
+            }
             let next = self.extent_once(end, limit)?;
             if next.kind != first.kind {
                 break;
@@ -1685,6 +1706,51 @@ mod tests {
         b[off as usize..off as usize + z.len()].copy_from_slice(&z);
         let o = open_bytes(&b).unwrap();
         assert_eq!(&read_all(&o).unwrap()[..CS], &plain[..]);
+    }
+
+    /// 512-byte clusters, 1100 distinct L2 tables of 64 entries, every entry data (all in one host
+    /// cluster): one extent may not walk all 70400 entries at once (in unit tests a run stops after
+    /// 256 entries and an extent merges at most 64 runs).
+    #[test]
+    fn one_extent_walks_a_bounded_number_of_entries() {
+        const C: usize = 512;
+        let n_l1 = 1100usize;
+        let l1_clusters = (n_l1 * 8).div_ceil(C);
+        let l2_start = 1 + l1_clusters;
+        let data = l2_start + n_l1;
+        let mut b = vec![0u8; (data + 2) * C];
+        put32(&mut b, 0, MAGIC);
+        put32(&mut b, 4, 3);
+        put32(&mut b, 20, 9);
+        let size = (n_l1 * 64 * C) as u64;
+        put64(&mut b, 24, size);
+        put32(&mut b, 36, n_l1 as u32);
+        put64(&mut b, 40, C as u64);
+        put64(&mut b, 48, ((data + 1) * C) as u64);
+        put32(&mut b, 56, 1);
+        put32(&mut b, 96, 4);
+        put32(&mut b, 100, 104);
+        for i in 0..n_l1 {
+            let l2 = (l2_start + i) * C;
+            put64(&mut b, C + 8 * i, l2 as u64);
+            for j in 0..64 {
+                put64(&mut b, l2 + 8 * j, (data * C) as u64);
+            }
+        }
+        b[data * C..(data + 1) * C].fill(0x42);
+        let o = open_bytes(&b).unwrap();
+        let e = o.source.extent(0, u64::MAX).unwrap();
+        assert_eq!(e.kind, ExtentKind::Data);
+        assert!(e.len < size, "one extent walked all {} entries", n_l1 * 64);
+        let mut at = 0;
+        while at < size {
+            let e = o.source.extent(at, u64::MAX).unwrap();
+            assert_eq!((e.start, e.kind), (at, ExtentKind::Data));
+            at = e.end();
+        }
+        let mut buf = vec![0u8; 3 * C];
+        o.source.read_at(size - 3 * C as u64, &mut buf).unwrap();
+        assert!(buf.iter().all(|&x| x == 0x42));
     }
 
     #[test]
