@@ -47,7 +47,13 @@ fn exercise(src: &dyn BlockSource) {
     let size = src.virtual_size();
     let mut buf = vec![0u8; MAX_READ as usize];
     let mut at = 0u64;
-    let mut probes = [size / 3, size / 2, size.saturating_sub(4096), size.saturating_sub(1)].into_iter();
+    let mut probes = [
+        size / 3,
+        size / 2,
+        size.saturating_sub(4096),
+        size.saturating_sub(1),
+    ]
+    .into_iter();
     for _ in 0..MAX_STEPS {
         if at >= size {
             match probes.next() {
@@ -68,12 +74,20 @@ fn exercise(src: &dyn BlockSource) {
             }
         };
         assert_eq!(e.start, at, "extent starts elsewhere");
-        assert!(e.len > 0 && e.len <= max, "extent length {} (max {max})", e.len);
+        assert!(
+            e.len > 0 && e.len <= max,
+            "extent length {} (max {max})",
+            e.len
+        );
         assert!(e.end() <= size, "extent past the virtual size");
         let n = e.len.min(MAX_READ) as usize;
         let r = src.read_at(at, &mut buf[..n]);
         if r.is_ok() && e.kind != ExtentKind::Data {
-            assert!(buf[..n].iter().all(|&b| b == 0), "{:?} extent reads data", e.kind);
+            assert!(
+                buf[..n].iter().all(|&b| b == 0),
+                "{:?} extent reads data",
+                e.kind
+            );
         }
         at = e.end();
     }
