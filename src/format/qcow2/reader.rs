@@ -9,6 +9,29 @@
 //!
 //! Reads use `pread` only, so one [`Qcow2Source`] serves every copy thread; L2 tables are cached in a
 //! bounded map keyed by their host offset.
+//!
+//! # Allocation bounds
+//!
+//! Nothing read from the file makes the reader allocate more than these, per file of the chain
+//! (a chain has at most `MAX_CHAIN_DEPTH` files), and each table must also lie inside the file, so
+//! no allocation is larger than the file itself plus one cluster. Bounds (the constants below):
+//!
+//! | what | bound | checked in |
+//! |---|---|---|
+//! | header cluster (header, extensions, backing name) | one cluster, at most 2 MiB (`cluster_bits` 9..=21) | `open_layer` |
+//! | backing file name | `MAX_BACKING_NAME` = 1023 bytes (`backing_file_size`), inside the header cluster | `parse_header` |
+//! | backing format name, feature table | inside the header cluster | `parse_header` |
+//! | L1 table (active or a snapshot's) | `MAX_L1_ENTRIES` = 4 Mi entries (32 MiB, `l1_size`), plus a sorted copy of its offsets to refuse shared L2 tables | `check_l1`, `check_l2_tables_distinct` |
+//! | refcount table | never read; `refcount_table_clusters` at most `MAX_REFCOUNT_TABLE` = 8 MiB | `parse_header` |
+//! | snapshot table | `MAX_SNAPSHOTS` = 65536 entries (`nb_snapshots`), `MAX_SNAPSHOT_TABLE` = 64 MiB in all; extra data at most `MAX_SNAPSHOT_EXTRA` = 1 KiB, ID and name at most 64 KiB each (16-bit sizes), read one entry at a time | `read_snapshots` |
+//! | L2 tables | one cluster each; the cache holds at most `L2_CACHE_BYTES` = 64 MiB | `Qcow2Source::l2_table` |
+//! | compressed cluster | its stored length is at most 2^(`cluster_bits` - 8) sectors (two clusters, 4 MiB), cut at the end of the file; it decompresses into one cluster | `Qcow2Source::decompress` |
+//!
+//! Work is bounded too: one mapping run looks at most at `MAX_WALK_STEPS` = 64 Ki L1/L2 entries,
+//! and one extent merges at most `MAX_MERGED_RUNS` = 64 runs, before a shorter extent is returned;
+//! mapping the whole disk takes one step per L1 entry (at most 4 Mi) and per L2 entry present in
+//! the file (L2 tables are distinct); one step per snapshot table entry; a chain of at most 16
+//! files with no loops.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -31,6 +54,7 @@ const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 const EXT_BITMAPS: u32 = 0x2385_2875;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
+const EXT_CRYPTO: u32 = 0x0537_be77;
 
 const INCOMPAT_DIRTY: u64 = 1 << 0;
 const INCOMPAT_CORRUPT: u64 = 1 << 1;
@@ -47,10 +71,23 @@ const V3_HEADER_MIN: u32 = 104;
 const MAX_L1_ENTRIES: u64 = 4 << 20;
 const MAX_SNAPSHOTS: u32 = 65536;
 const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
+/// Largest extra data of a snapshot table entry (qemu's limit too).
+const MAX_SNAPSHOT_EXTRA: u64 = 1024;
+/// Largest refcount table accepted (qemu's limit too); never read.
+const MAX_REFCOUNT_TABLE: u64 = 8 << 20;
 const MAX_BACKING_NAME: u32 = 1023;
 const MAX_VIRTUAL_SIZE: u64 = 1 << 63;
+/// L1 and L2 entries one mapping run looks at before it ends (the extent is cut there). Small in
+/// unit tests, so that small images show the cut.
+const MAX_WALK_STEPS: u32 = if cfg!(test) { 1 << 8 } else { 1 << 16 };
+/// Runs (each resolved through the backing file) merged into one extent.
+const MAX_MERGED_RUNS: u32 = 64;
 /// Bytes of L2 tables cached per image before the cache is emptied.
 const L2_CACHE_BYTES: u64 = 64 << 20;
+/// Bits of an L1 entry that must be zero (0-8, 56-62).
+const L1E_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+/// Bits of a standard (not compressed) L2 entry that must be zero (1-8, 56-61).
+const L2E_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 /// Fixed part of a snapshot table entry.
 const SNAPSHOT_FIXED: usize = 40;
 
@@ -134,7 +171,7 @@ fn parse_header(first: &[u8], file_size: u64, path: &Path) -> Result<Header> {
         return Err(Error::unsupported(
             path,
             format!(
-                "encrypted images are not supported (encryption method {crypt_method}); decrypt it first, e.g. with `qemu-img convert --object secret,... --image-opts ... -O qcow2`"
+                "encrypted images are not supported (crypt_method {crypt_method}); decrypt it first, e.g. with `qemu-img convert --object secret,... --image-opts ... -O qcow2`"
             ),
         ));
     }
@@ -178,7 +215,7 @@ fn parse_header(first: &[u8], file_size: u64, path: &Path) -> Result<Header> {
             return Err(Error::corrupt(
                 path,
                 format!(
-                    "the backing file name is {backing_file_size} bytes long (at most {MAX_BACKING_NAME})"
+                    "the backing file name is {backing_file_size} bytes long (backing_file_size; at most {MAX_BACKING_NAME})"
                 ),
             ));
         }
@@ -189,7 +226,7 @@ fn parse_header(first: &[u8], file_size: u64, path: &Path) -> Result<Header> {
                 Error::corrupt(
                     path,
                     format!(
-                        "the backing file name at byte {backing_file_offset} lies outside the header cluster"
+                        "the backing file name at byte {backing_file_offset} (backing_file_offset) lies outside the header cluster"
                     ),
                 )
             })?;
@@ -246,6 +283,12 @@ fn parse_header(first: &[u8], file_size: u64, path: &Path) -> Result<Header> {
                 return Err(Error::unsupported(
                     path,
                     "images with an external data file are not supported",
+                ));
+            }
+            EXT_CRYPTO => {
+                return Err(Error::unsupported(
+                    path,
+                    "encrypted images are not supported (the image has a crypto header extension)",
                 ));
             }
             EXT_BITMAPS => {}
@@ -311,14 +354,14 @@ fn parse_header(first: &[u8], file_size: u64, path: &Path) -> Result<Header> {
     if size > MAX_VIRTUAL_SIZE {
         return Err(Error::corrupt(
             path,
-            format!("virtual size {size} is larger than 2^63"),
+            format!("size (the virtual size) {size} is larger than 2^63"),
         ));
     }
     let l1_size = f32(36)?;
     let l1_table_offset = f64(40)?;
     check_l1(
         path,
-        "the L1 table",
+        "",
         l1_size,
         l1_table_offset,
         size,
@@ -332,14 +375,60 @@ fn parse_header(first: &[u8], file_size: u64, path: &Path) -> Result<Header> {
     if nb_snapshots > MAX_SNAPSHOTS {
         return Err(Error::corrupt(
             path,
-            format!("{nb_snapshots} internal snapshots (at most {MAX_SNAPSHOTS})"),
+            format!("nb_snapshots {nb_snapshots} is larger than {MAX_SNAPSHOTS}"),
         ));
     }
-    if nb_snapshots > 0 && (!snapshots_offset.is_multiple_of(cs) || snapshots_offset >= file_size) {
-        return Err(Error::corrupt(
-            path,
-            format!("the snapshot table offset {snapshots_offset} is unaligned or past the end of the file"),
-        ));
+    if nb_snapshots > 0 {
+        // Each entry takes at least its fixed part, so the whole table must fit in the file.
+        let min_end = snapshots_offset.checked_add(u64::from(nb_snapshots) * SNAPSHOT_FIXED as u64);
+        let why = if !snapshots_offset.is_multiple_of(cs) {
+            Some("is not aligned to a cluster")
+        } else if snapshots_offset == 0 {
+            Some("is in the header cluster")
+        } else if min_end.is_none_or(|e| e > file_size) {
+            Some("leaves no room for the snapshot table before the end of the file")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(Error::corrupt(
+                path,
+                format!("snapshots_offset {snapshots_offset} (nb_snapshots {nb_snapshots}) {why}"),
+            ));
+        }
+    }
+
+    // The refcount table: kiln never reads refcounts, but a table that cannot exist means the
+    // header is damaged (qemu refuses to open such an image too).
+    let refcount_table_offset = f64(48)?;
+    let refcount_table_clusters = f32(56)?;
+    let max_clusters = MAX_REFCOUNT_TABLE >> cluster_bits;
+    let why = if refcount_table_clusters == 0 {
+        Some("refcount_table_clusters is 0 (the image has no refcount table)".to_string())
+    } else if u64::from(refcount_table_clusters) > max_clusters {
+        Some(format!(
+            "refcount_table_clusters {refcount_table_clusters} is larger than {max_clusters} ({MAX_REFCOUNT_TABLE} bytes)"
+        ))
+    } else if !refcount_table_offset.is_multiple_of(cs) {
+        Some(format!(
+            "refcount_table_offset {refcount_table_offset} is not aligned to a cluster"
+        ))
+    } else if refcount_table_offset == 0 {
+        Some(format!(
+            "refcount_table_offset {refcount_table_offset} is in the header cluster"
+        ))
+    } else if refcount_table_offset
+        .checked_add(u64::from(refcount_table_clusters) << cluster_bits)
+        .is_none_or(|e| e > file_size)
+    {
+        Some(format!(
+            "refcount_table_offset {refcount_table_offset} (refcount_table_clusters {refcount_table_clusters}) runs past the end of the file"
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        return Err(Error::corrupt(path, why));
     }
 
     Ok(Header {
@@ -357,7 +446,8 @@ fn parse_header(first: &[u8], file_size: u64, path: &Path) -> Result<Header> {
     })
 }
 
-/// Checks that an L1 table covers `size`, is not too large, and lies aligned inside the file.
+/// Checks that an L1 table covers `size`, is not too large, and lies aligned inside the file. `what`
+/// prefixes the field names in messages ("" for the header's, "snapshot 'NAME': " for a snapshot's).
 #[allow(clippy::too_many_arguments)]
 fn check_l1(
     path: &Path,
@@ -374,7 +464,7 @@ fn check_l1(
     if n > MAX_L1_ENTRIES {
         return Err(Error::corrupt(
             path,
-            format!("{what} has {n} entries (at most {MAX_L1_ENTRIES})"),
+            format!("{what}l1_size {n} is larger than {MAX_L1_ENTRIES} entries (32 MiB)"),
         ));
     }
     let shift = cluster_bits + l2_bits(cluster_bits, extended_l2);
@@ -382,17 +472,25 @@ fn check_l1(
     if n < needed {
         return Err(Error::corrupt(
             path,
-            format!("{what} has {n} entries but the virtual size {size} needs {needed}"),
+            format!(
+                "{what}l1_size {n} is too small: the virtual size {size} needs {needed} entries"
+            ),
         ));
     }
     if n > 0 {
-        let end = l1_offset.checked_add(n * 8);
-        if l1_offset == 0 || !l1_offset.is_multiple_of(cs) || end.is_none_or(|e| e > file_size) {
-            return Err(Error::corrupt(
-                path,
-                format!("{what} at offset {l1_offset} ({n} entries) is unaligned, in the header cluster or past the end of the file"),
-            ));
-        }
+        let why = if !l1_offset.is_multiple_of(cs) {
+            "is not aligned to a cluster"
+        } else if l1_offset == 0 {
+            "is in the header cluster"
+        } else if l1_offset.checked_add(n * 8).is_none_or(|e| e > file_size) {
+            "runs past the end of the file"
+        } else {
+            return Ok(());
+        };
+        return Err(Error::corrupt(
+            path,
+            format!("{what}l1_table_offset {l1_offset} (l1_size {n}) {why}"),
+        ));
     }
     Ok(())
 }
@@ -417,6 +515,37 @@ fn read_exact(file: &File, path: &Path, offset: u64, len: usize, what: &str) -> 
     Ok(buf)
 }
 
+/// Refuses an L1 table in which two entries point at the same L2 table. qemu never writes one (an
+/// L2 table is shared only between L1 tables, by snapshots); allowing it would let a small file
+/// describe an exabyte of data clusters by repeating one table, and make mapping it take forever.
+/// With distinct tables, walking the whole disk costs at most one step per L1 entry plus one per
+/// L2 entry present in the file.
+fn check_l2_tables_distinct(path: &Path, l1: &[u64], snapshot: Option<&str>) -> Result<()> {
+    let mut offs: Vec<u64> = l1
+        .iter()
+        .map(|e| e & L1E_OFFSET_MASK)
+        .filter(|&o| o != 0)
+        .collect();
+    offs.sort_unstable();
+    let Some(dup) = offs.windows(2).find(|w| w[0] == w[1]).map(|w| w[0]) else {
+        return Ok(());
+    };
+    let mut at = l1
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| *e & L1E_OFFSET_MASK == dup)
+        .map(|(i, _)| i);
+    let (a, b) = (at.next().unwrap_or(0), at.next().unwrap_or(0));
+    let table = match snapshot {
+        Some(s) => format!("the L1 table of snapshot '{s}'"),
+        None => "the L1 table".to_string(),
+    };
+    Err(Error::corrupt(
+        path,
+        format!("L1 entries {a} and {b} of {table} both point at the L2 table at {dup}"),
+    ))
+}
+
 /// One internal snapshot, as the table describes it.
 #[derive(Debug, Clone)]
 struct Snapshot {
@@ -427,7 +556,7 @@ struct Snapshot {
     disk_size: Option<u64>,
 }
 
-fn read_snapshots(file: &File, path: &Path, h: &Header) -> Result<Vec<Snapshot>> {
+fn read_snapshots(file: &File, path: &Path, h: &Header, fsize: u64) -> Result<Vec<Snapshot>> {
     let mut out = Vec::with_capacity(h.nb_snapshots.min(1024) as usize);
     let mut pos = h.snapshots_offset;
     let mut total: u64 = 0;
@@ -439,6 +568,14 @@ fn read_snapshots(file: &File, path: &Path, h: &Header) -> Result<Vec<Snapshot>>
         let id_size = be16(&fixed, 12).ok_or_else(bad)? as usize;
         let name_size = be16(&fixed, 14).ok_or_else(bad)? as usize;
         let extra_size = be32(&fixed, 36).ok_or_else(bad)? as u64;
+        if extra_size > MAX_SNAPSHOT_EXTRA {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "snapshot table entry {i}: extra_data_size {extra_size} is larger than {MAX_SNAPSHOT_EXTRA}"
+                ),
+            ));
+        }
         let var = extra_size + id_size as u64 + name_size as u64;
         let entry = (SNAPSHOT_FIXED as u64 + var + 7) & !7;
         total += entry;
@@ -446,6 +583,18 @@ fn read_snapshots(file: &File, path: &Path, h: &Header) -> Result<Vec<Snapshot>>
             return Err(Error::corrupt(
                 path,
                 format!("the snapshot table is larger than {MAX_SNAPSHOT_TABLE} bytes"),
+            ));
+        }
+        // Checked before allocating: the entry's sizes come from the file.
+        if pos
+            .checked_add(SNAPSHOT_FIXED as u64 + var)
+            .is_none_or(|e| e > fsize)
+        {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "snapshot table entry {i} at offset {pos} ({var} bytes of extra data, ID and name) runs past the end of the file"
+                ),
             ));
         }
         let data = read_exact(
@@ -556,7 +705,7 @@ fn open_layer(
     let (l1_offset, l1_size, virtual_size, snap_name) = match snapshot {
         None => (h.l1_table_offset, h.l1_size, h.size, None),
         Some(want) => {
-            let snaps = read_snapshots(&file, path, &h)?;
+            let snaps = read_snapshots(&file, path, &h, fsize)?;
             let s = snaps
                 .iter()
                 .find(|s| s.name == want)
@@ -591,7 +740,7 @@ fn open_layer(
             }
             check_l1(
                 path,
-                &format!("the L1 table of snapshot '{}'", s.name),
+                &format!("snapshot '{}': ", s.name),
                 s.l1_size,
                 s.l1_offset,
                 size,
@@ -608,6 +757,7 @@ fn open_layer(
         .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
         .collect();
     drop(raw_l1);
+    check_l2_tables_distinct(path, &l1, snap_name.as_deref())?;
 
     let backing = match &h.backing {
         None => None,
@@ -762,10 +912,16 @@ impl Qcow2Source {
             }
         }
         let cs = self.cluster_size();
-        if !off.is_multiple_of(cs) || off.checked_add(cs).is_none_or(|e| e > self.file_size) {
+        if !off.is_multiple_of(cs) {
             return Err(self.corrupt_at(
                 guest,
-                format!("its L2 table offset {off} is unaligned or past the end of the file"),
+                format!("its L1 entry's L2 table offset {off} is not aligned to a cluster"),
+            ));
+        }
+        if off.checked_add(cs).is_none_or(|e| e > self.file_size) {
+            return Err(self.corrupt_at(
+                guest,
+                format!("its L1 entry's L2 table offset {off} runs past the end of the file"),
             ));
         }
         let mut buf = vec![0u8; cs as usize];
@@ -841,13 +997,26 @@ impl Qcow2Source {
         let n_l2 = 1usize << l2b;
         let mut first: Option<Seg> = None;
         let mut cur = pos;
+        // L1 and L2 entries looked at: a run ends after MAX_WALK_STEPS of them (shorter extents are
+        // always allowed), so one call's work is bounded whatever the table says.
+        let mut steps = 0u32;
         'outer: while cur < limit {
+            if steps >= MAX_WALK_STEPS && cur > pos {
+                break;
+            }
+            steps += 1;
             let l1_idx = cur >> l1_shift;
             let l1e = usize::try_from(l1_idx)
                 .ok()
                 .and_then(|i| self.l1.get(i))
                 .copied()
                 .ok_or_else(|| self.corrupt_at(cur, "no L1 entry covers it"))?;
+            if l1e & L1E_RESERVED != 0 {
+                return Err(self.corrupt_at(
+                    cur,
+                    format!("its L1 entry 0x{l1e:016x} (L2 table offset) has reserved bits set"),
+                ));
+            }
             let l2_off = l1e & L1E_OFFSET_MASK;
             if l2_off == 0 {
                 if !merge(&mut first, Seg::Unalloc, pos, cur, extent_mode) {
@@ -859,6 +1028,10 @@ impl Qcow2Source {
             let l2 = self.l2_table(l2_off, cur)?;
             let mut idx = ((cur >> cb) as usize) & (n_l2 - 1);
             while cur < limit && idx < n_l2 {
+                if steps >= MAX_WALK_STEPS && cur > pos {
+                    break 'outer;
+                }
+                steps += 1;
                 let cstart = cur & !(cs - 1);
                 let cend = cstart.saturating_add(cs).min(limit);
                 let (entry, bitmap) = if self.extended_l2 {
@@ -874,6 +1047,12 @@ impl Qcow2Source {
                     cur = cend;
                     idx += 1;
                     continue;
+                }
+                if entry & L2E_RESERVED != 0 {
+                    return Err(self.corrupt_at(
+                        cur,
+                        format!("its L2 entry 0x{entry:016x} has reserved bits set"),
+                    ));
                 }
                 let host = entry & L2E_OFFSET_MASK;
                 if !self.extended_l2 {
@@ -1092,7 +1271,10 @@ impl BlockSource for Qcow2Source {
         }
         let first = self.extent_once(offset, limit)?;
         let mut end = first.end();
-        while end < limit {
+        for _ in 1..MAX_MERGED_RUNS {
+            if end >= limit {
+                break;
+            }
             let next = self.extent_once(end, limit)?;
             if next.kind != first.kind {
                 break;
@@ -1499,6 +1681,51 @@ mod tests {
         b[off as usize..off as usize + z.len()].copy_from_slice(&z);
         let o = open_bytes(&b).unwrap();
         assert_eq!(&read_all(&o).unwrap()[..CS], &plain[..]);
+    }
+
+    /// 512-byte clusters, 1100 distinct L2 tables of 64 entries, every entry data (all in one host
+    /// cluster): one extent may not walk all 70400 entries at once (in unit tests a run stops after
+    /// 256 entries and an extent merges at most 64 runs).
+    #[test]
+    fn one_extent_walks_a_bounded_number_of_entries() {
+        const C: usize = 512;
+        let n_l1 = 1100usize;
+        let l1_clusters = (n_l1 * 8).div_ceil(C);
+        let l2_start = 1 + l1_clusters;
+        let data = l2_start + n_l1;
+        let mut b = vec![0u8; (data + 2) * C];
+        put32(&mut b, 0, MAGIC);
+        put32(&mut b, 4, 3);
+        put32(&mut b, 20, 9);
+        let size = (n_l1 * 64 * C) as u64;
+        put64(&mut b, 24, size);
+        put32(&mut b, 36, n_l1 as u32);
+        put64(&mut b, 40, C as u64);
+        put64(&mut b, 48, ((data + 1) * C) as u64);
+        put32(&mut b, 56, 1);
+        put32(&mut b, 96, 4);
+        put32(&mut b, 100, 104);
+        for i in 0..n_l1 {
+            let l2 = (l2_start + i) * C;
+            put64(&mut b, C + 8 * i, l2 as u64);
+            for j in 0..64 {
+                put64(&mut b, l2 + 8 * j, (data * C) as u64);
+            }
+        }
+        b[data * C..(data + 1) * C].fill(0x42);
+        let o = open_bytes(&b).unwrap();
+        let e = o.source.extent(0, u64::MAX).unwrap();
+        assert_eq!(e.kind, ExtentKind::Data);
+        assert!(e.len < size, "one extent walked all {} entries", n_l1 * 64);
+        let mut at = 0;
+        while at < size {
+            let e = o.source.extent(at, u64::MAX).unwrap();
+            assert_eq!((e.start, e.kind), (at, ExtentKind::Data));
+            at = e.end();
+        }
+        let mut buf = vec![0u8; 3 * C];
+        o.source.read_at(size - 3 * C as u64, &mut buf).unwrap();
+        assert!(buf.iter().all(|&x| x == 0x42));
     }
 
     #[test]
