@@ -101,7 +101,7 @@ fn exercise(src: &dyn BlockSource) {
 
 fn open(path: &Path, snapshot: Option<&str>) -> Option<kiln::format::Opened> {
     let f = File::open(path).ok()?;
-    qcow2::open(f, path, snapshot).ok()
+    qcow2::open(f, path, snapshot, &kiln::format::gate::BackingGate::default()).ok()
 }
 
 fuzz_target!(|data: &[u8]| {
