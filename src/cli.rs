@@ -68,10 +68,8 @@ pub struct InspectArgs {
     /// The format (detected when not given).
     #[arg(short = 'f', long = "format", value_name = "raw|qcow2")]
     pub format: Option<String>,
-    /// Also follow qcow2 backing files under DIR (repeatable); by default only those inside the
-    /// named image's directory tree are followed.
-    #[arg(long = "backing-dir", value_name = "DIR")]
-    pub backing_dirs: Vec<PathBuf>,
+    #[command(flatten)]
+    pub backing: BackingArgs,
 }
 
 impl InspectArgs {
@@ -80,7 +78,7 @@ impl InspectArgs {
         Ok(crate::inspect::InspectOptions {
             format,
             map: self.map,
-            gate: BackingGate::new(self.backing_dirs.clone()),
+            gate: self.backing.gate(),
         })
     }
 }
@@ -103,9 +101,8 @@ pub struct CheckArgs {
     /// The disk file's format (detected when not given).
     #[arg(short = 'f', long = "format", value_name = "raw|qcow2")]
     pub format: Option<String>,
-    /// Also follow qcow2 backing files under DIR (repeatable).
-    #[arg(long = "backing-dir", value_name = "DIR")]
-    pub backing_dirs: Vec<PathBuf>,
+    #[command(flatten)]
+    pub backing: BackingArgs,
 }
 
 impl CheckArgs {
@@ -113,7 +110,7 @@ impl CheckArgs {
         let format = source_format("--format", self.format.as_deref())?;
         Ok(crate::check::CheckRequest {
             target: self.target.clone(),
-            gate: BackingGate::new(self.backing_dirs.clone()),
+            gate: self.backing.gate(),
             format,
             boot_mode: self.boot_mode.clone(),
             architecture: self.architecture.clone(),
@@ -263,10 +260,8 @@ pub struct CreateArgs {
     /// Copy sources that a process has open for writing (the copy may be inconsistent).
     #[arg(long)]
     pub allow_running: bool,
-    /// Also follow qcow2 backing files under DIR (repeatable); by default only those inside the
-    /// named image's directory tree are followed.
-    #[arg(long = "backing-dir", value_name = "DIR")]
-    pub backing_dirs: Vec<PathBuf>,
+    #[command(flatten)]
+    pub backing: BackingArgs,
     /// An image of data disks only (no system disk): `--disk` entries become /dev/xvdb, ...
     #[arg(long)]
     pub data_image: bool,
@@ -336,13 +331,26 @@ pub struct ConvertArgs {
     /// Print the output's SHA-256.
     #[arg(long)]
     pub sha256: bool,
+    #[command(flatten)]
+    pub backing: BackingArgs,
+    /// [zlib|zstd] SRC[@SNAP] DST
+    #[arg(num_args = 2..=3, value_name = "ARGS", required = true)]
+    pub args: Vec<String>,
+}
+
+/// `--backing-dir`, shared by every command that opens sources.
+#[derive(Debug, Args)]
+pub struct BackingArgs {
     /// Also follow qcow2 backing files under DIR (repeatable); by default only those inside the
     /// named image's directory tree are followed.
     #[arg(long = "backing-dir", value_name = "DIR")]
     pub backing_dirs: Vec<PathBuf>,
-    /// [zlib|zstd] SRC[@SNAP] DST
-    #[arg(num_args = 2..=3, value_name = "ARGS", required = true)]
-    pub args: Vec<String>,
+}
+
+impl BackingArgs {
+    pub fn gate(&self) -> BackingGate {
+        BackingGate::new(self.backing_dirs.clone())
+    }
 }
 
 /// A source format flag's value (`--format`, `-f`): raw or qcow2; None when not given.
@@ -517,7 +525,7 @@ impl CreateArgs {
             progress: self.progress_mode(),
             instance,
             allow_running: self.allow_running,
-            gate: BackingGate::new(self.backing_dirs.clone()),
+            gate: self.backing.gate(),
             notes,
             data_image: self.data_image,
             detect: self.detect || file.detect.unwrap_or(false),
@@ -634,7 +642,7 @@ impl ConvertArgs {
                 ProgressMode::Off
             },
             sha256: self.sha256,
-            gate: BackingGate::new(self.backing_dirs.clone()),
+            gate: self.backing.gate(),
         })
     }
 }

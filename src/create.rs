@@ -468,11 +468,7 @@ fn relocate_gpt(
     device: &str,
     warn: &mut dyn FnMut(&str),
 ) -> Result<(Opened, Vec<String>)> {
-    // The engine's size: qcow2 output is whole sectors.
-    let size = match output.format {
-        engine::OutputFormat::Qcow2 => virtual_size.next_multiple_of(512),
-        engine::OutputFormat::Raw => virtual_size,
-    };
+    let size = output.disk_size(virtual_size);
     match relocate::plan(o.source.as_ref(), size)? {
         Ok(Some(rel)) => {
             let source = Box::new(relocate::Relocated::new(o.source, size, rel.patches)?);
@@ -592,11 +588,7 @@ fn build(
             &staging.dir().join(&d.file),
             Format::parse(&d.format),
             &BackingGate::default(),
-            &detect::DetectOptions {
-                boot_mode: req.boot_mode.clone(),
-                architecture: req.architecture.clone(),
-                platform: req.platform.clone(),
-            },
+            &detect_options(req),
         )?),
         _ => None,
     };
@@ -916,22 +908,26 @@ fn dry_run_detection(
     let Some(o) = p.opened.take() else {
         return Ok(None);
     };
-    let size = match req.output.format {
-        engine::OutputFormat::Qcow2 => p.virtual_size.next_multiple_of(512),
-        engine::OutputFormat::Raw => p.virtual_size,
-    };
+    let size = req.output.disk_size(p.virtual_size);
     // A source already wrapped by --relocate-gpt has this size; growing it again adds nothing.
     let source: Box<dyn BlockSource> = if o.source.virtual_size() < size {
         Box::new(relocate::Relocated::new(o.source, size, Vec::new())?)
     } else {
         o.source
     };
-    let opts = detect::DetectOptions {
+    Ok(Some(detect::detect(
+        std::sync::Arc::from(source),
+        &detect_options(req),
+    )?))
+}
+
+/// What `--detect` checks the system disk against: the request's (normalised) attributes.
+fn detect_options(req: &CreateRequest) -> detect::DetectOptions {
+    detect::DetectOptions {
         boot_mode: req.boot_mode.clone(),
         architecture: req.architecture.clone(),
         platform: req.platform.clone(),
-    };
-    Ok(Some(detect::detect(std::sync::Arc::from(source), &opts)?))
+    }
 }
 
 fn sha256_of(bytes: &[u8]) -> Vec<u8> {

@@ -52,6 +52,17 @@ pub struct OutputSpec {
     pub compression: Option<Compression>,
 }
 
+impl OutputSpec {
+    /// The size a disk of `virtual_size` bytes gets in this output: qcow2 sizes are whole 512-byte
+    /// sectors (qemu reads them in sectors), so they are rounded up; raw sizes are kept.
+    pub fn disk_size(&self, virtual_size: u64) -> u64 {
+        match self.format {
+            OutputFormat::Qcow2 => virtual_size.next_multiple_of(512),
+            OutputFormat::Raw => virtual_size,
+        }
+    }
+}
+
 impl Default for OutputSpec {
     fn default() -> Self {
         OutputSpec {
@@ -176,9 +187,7 @@ pub fn copy_disks(
     };
     let mut disks = Vec::with_capacity(jobs.len());
     for mut job in jobs {
-        if spec.format == OutputFormat::Qcow2 {
-            job.virtual_size = job.virtual_size.next_multiple_of(512);
-        }
+        job.virtual_size = spec.disk_size(job.virtual_size);
         let sink = create_sink(&job.out_path, job.virtual_size, spec)?;
         let source_size = job.source.as_ref().map_or(0, |s| s.virtual_size());
         disks.push(DiskState {

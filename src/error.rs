@@ -54,8 +54,8 @@ pub enum Code {
     InstanceDiskUnsupported,
     /// The domain XML's `<backingStore>` disagrees with the backing chain the file names.
     InstanceBackingMismatch,
-    /// A qcow2 names a backing file kiln may not follow (outside the overlay's directory and every
-    /// `--backing-dir`, not a regular file, or a protocol such as `nbd:`).
+    /// A qcow2 names a backing file kiln may not follow (outside the named image's directory tree
+    /// and every `--backing-dir`, not a regular file, or a protocol such as `nbd:`).
     BackingDenied,
     /// A source changed (shrank, grew or was rewritten) while it was being copied.
     SourceChanged,

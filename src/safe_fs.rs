@@ -9,7 +9,7 @@ use std::path::Path;
 use crate::error::{Code, Error, Result};
 
 /// Opens `path` read-only with `O_NOFOLLOW` (a symlink as the last component fails with ELOOP) and
-/// `O_NONBLOCK` (a FIFO does not block), then requires a regular file.
+/// `O_NONBLOCK` (a FIFO does not block), then requires a regular file (else `InvalidInput`).
 pub fn open_regular(path: &Path) -> io::Result<File> {
     let f = OpenOptions::new()
         .read(true)

@@ -11,13 +11,15 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
+use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Code, Error, Result};
+use crate::safe_fs;
 
-/// Which backing files may be opened, besides those inside each overlay's own directory.
+/// Which backing files may be opened, besides those inside the named image's directory tree.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BackingGate {
     /// Extra trusted directories (`--backing-dir`), as the user gave them.
@@ -43,14 +45,10 @@ impl BackingGate {
             ));
         }
         let rel = Path::new(OsStr::from_bytes(name));
-        let overlay_dir = match overlay.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
         let path = if rel.is_absolute() {
             rel.to_path_buf()
         } else {
-            overlay_dir.join(rel)
+            dir_of(overlay).join(rel)
         };
         // Resolve symlinks and `..` first, so the check is made on the file that would be read.
         let canon = std::fs::canonicalize(&path).map_err(|e| {
@@ -63,10 +61,7 @@ impl BackingGate {
                 ),
             )
         })?;
-        let top_dir = match top.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let top_dir = dir_of(top);
         let own_root = std::fs::canonicalize(&top_dir).unwrap_or(top_dir);
         let allowed = canon.starts_with(&own_root)
             || self
@@ -87,33 +82,28 @@ impl BackingGate {
             ));
         }
         // O_NOFOLLOW: the last component cannot have been swapped for a symlink since it was
-        // resolved; the checks below are made on the open file itself.
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&canon)
-            .map_err(|e| {
-                if e.raw_os_error() == Some(libc::ELOOP) {
-                    denied(
-                        overlay,
-                        format!("its backing file {} became a symlink", canon.display()),
-                    )
-                } else {
-                    Error::io(&canon, "opening the backing file", e)
-                }
-            })?;
+        // resolved; O_NONBLOCK: a FIFO does not block; only a regular file is kept.
+        let file = safe_fs::open_regular(&canon).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                denied(
+                    overlay,
+                    format!("its backing file {} became a symlink", canon.display()),
+                )
+            } else if e.kind() == io::ErrorKind::InvalidInput {
+                denied(
+                    overlay,
+                    format!(
+                        "its backing file '{shown}' ({}) is not a regular file; kiln follows regular files only",
+                        canon.display()
+                    ),
+                )
+            } else {
+                Error::io(&canon, "opening the backing file", e)
+            }
+        })?;
         let meta = file
             .metadata()
             .map_err(|e| Error::io(&canon, "reading metadata of", e))?;
-        if !meta.file_type().is_file() {
-            return Err(denied(
-                overlay,
-                format!(
-                    "its backing file '{shown}' ({}) is not a regular file; kiln follows regular files only",
-                    canon.display()
-                ),
-            ));
-        }
         // The file opened must be the one checked (nothing renamed in between).
         let now = std::fs::metadata(&canon).map_err(|e| Error::io(&canon, "checking", e))?;
         if (now.dev(), now.ino()) != (meta.dev(), meta.ino()) {
@@ -126,6 +116,14 @@ impl BackingGate {
             ));
         }
         Ok((path, file))
+    }
+}
+
+/// The directory a file is in (`.` for a bare name).
+fn dir_of(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
     }
 }
 
