@@ -16,10 +16,10 @@ fn zero_detection(c: &mut Criterion) {
     *late.last_mut().unwrap() = 1;
     g.throughput(Throughput::Bytes(zeros.len() as u64));
     g.bench_function("4MiB_all_zero", |b| {
-        b.iter(|| kiln::engine::is_zero(black_box(&zeros)))
+        b.iter(|| kiln::copy::engine::is_zero(black_box(&zeros)))
     });
     g.bench_function("4MiB_last_byte_set", |b| {
-        b.iter(|| kiln::engine::is_zero(black_box(&late)))
+        b.iter(|| kiln::copy::engine::is_zero(black_box(&late)))
     });
     g.finish();
 }
@@ -42,7 +42,7 @@ fn hashing(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(data.len() as u64));
     g.sample_size(10);
     g.bench_function("hash_file_64MiB_cached", |b| {
-        b.iter(|| kiln::engine::hash_file(&f, &p, false).unwrap())
+        b.iter(|| kiln::copy::engine::hash_file(&f, &p, false).unwrap())
     });
     g.finish();
 }

@@ -5,19 +5,19 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::convert::ConvertRequest;
-use crate::create::{CreateRequest, Destination, InstanceSource};
-use crate::engine::{OutputFormat, OutputSpec};
+use crate::commands::convert::ConvertRequest;
+use crate::commands::create::{CreateRequest, Destination, InstanceSource};
+use crate::copy::engine::{OutputFormat, OutputSpec};
+use crate::copy::progress::ProgressMode;
 use crate::error::{Code, Error, Result};
 use crate::format::gate::BackingGate;
 use crate::format::qcow2::writer::Compression;
 use crate::format::qcow2::{MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 use crate::format::Format;
-use crate::instance;
-use crate::plan::DiskSpec;
-use crate::progress::ProgressMode;
-use crate::request_file::{self, RequestFile};
-use crate::store;
+use crate::image::store;
+use crate::request::file::{self as request_file, RequestFile};
+use crate::request::instance;
+use crate::request::plan::DiskSpec;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -73,9 +73,9 @@ pub struct InspectArgs {
 }
 
 impl InspectArgs {
-    pub fn options(&self) -> Result<crate::inspect::InspectOptions> {
+    pub fn options(&self) -> Result<crate::commands::inspect::InspectOptions> {
         let format = source_format("--format", self.format.as_deref())?;
-        Ok(crate::inspect::InspectOptions {
+        Ok(crate::commands::inspect::InspectOptions {
             format,
             map: self.map,
             gate: self.backing.gate(),
@@ -106,9 +106,9 @@ pub struct CheckArgs {
 }
 
 impl CheckArgs {
-    pub fn to_request(&self) -> Result<crate::check::CheckRequest> {
+    pub fn to_request(&self) -> Result<crate::commands::check::CheckRequest> {
         let format = source_format("--format", self.format.as_deref())?;
-        Ok(crate::check::CheckRequest {
+        Ok(crate::commands::check::CheckRequest {
             target: self.target.clone(),
             gate: self.backing.gate(),
             format,
@@ -390,7 +390,7 @@ pub fn cluster_bits(text: &str) -> Result<u32> {
     let bytes = if !text.is_empty() && text.bytes().all(|c| c.is_ascii_digit()) {
         text.parse().map_err(|_| bad_cluster(text))?
     } else {
-        crate::size::parse_size(text).map_err(|_| bad_cluster(text))?
+        crate::util::size::parse_size(text).map_err(|_| bad_cluster(text))?
     };
     cluster_bits_of(bytes, text)
 }

@@ -1,28 +1,22 @@
-//! kiln: bakes custom VM images (one system disk, up to 16 data disks) from local raw and qcow2 files.
+//! kiln: bakes custom VM images (one system disk, up to 16 data disks) from local disk files.
 //!
-//! Data flows one way: request ([`cli`] → [`create::CreateRequest`]) → plan ([`plan`]) → copy
-//! ([`engine`]) → publish ([`publish`], [`manifest`]). Formats ([`format`]) answer "what is at this
-//! offset" and read or write bytes, and know nothing of images.
+//! Data flows one way, and the folders follow it:
+//! - [`request`]: flags, request files and instances become one validated request and a disk plan;
+//! - [`prepare`]: each source is opened read-only, stamped, locked against writers and gated;
+//! - [`copy`]: the engine copies every disk at once, sparse-aware, and reports progress;
+//! - [`image`]: the manifest, `SHA256SUMS`, publishing, the image store and verification.
+//!
+//! [`format`] holds one folder per disk format (reading and writing), [`detect`] the image check,
+//! and [`commands`] one library function per command.
 
-pub mod check;
-pub mod cli;
-pub mod convert;
-pub mod create;
+pub mod commands;
+pub mod copy;
 pub mod detect;
-pub mod engine;
 pub mod error;
 pub mod format;
-pub mod inspect;
-pub mod instance;
-pub mod manifest;
-pub mod plan;
-pub mod progress;
-pub mod publish;
-pub mod qemu_lock;
-pub mod request_file;
-pub mod safe_fs;
-pub mod size;
-pub mod store;
-pub mod testhook;
-pub mod validate;
-pub mod verify;
+pub mod image;
+pub mod prepare;
+pub mod request;
+pub mod util;
+
+pub mod cli;

@@ -6,10 +6,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kiln::cli::{Cli, Command};
-use kiln::create::{CreateResult, DryRunReport};
+use kiln::commands::create::{CreateResult, DryRunReport};
 use kiln::error::{Code, Error};
-use kiln::size::human;
-use kiln::store::{self, Record, Store};
+use kiln::image::store::{self, Record, Store};
+use kiln::util::size::human;
 
 fn main() -> ExitCode {
     // A write past RLIMIT_FSIZE must fail with EFBIG (reported with the file and offset, partial
@@ -39,7 +39,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Create(args) => {
             let req = args.to_request(cli.store.as_deref())?;
             let quiet = args.out.quiet;
-            match kiln::create::create(&req, &mut |w| eprintln!("kiln: warning: {w}"))? {
+            match kiln::commands::create::create(&req, &mut |w| eprintln!("kiln: warning: {w}"))? {
                 CreateResult::Created(out) => {
                     if cli.json {
                         match &out.record {
@@ -82,7 +82,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
         }
         Command::Convert(args) => {
             let req = args.to_request()?;
-            let out = kiln::convert::convert(&req)?;
+            let out = kiln::commands::convert::convert(&req)?;
             if cli.json {
                 let v = serde_json::json!({
                     "Source": req.source, "Destination": req.destination, "VirtualSize": out.virtual_size,
@@ -92,7 +92,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             } else if let Some(h) = &out.sha256 {
                 print_stdout(&format!("{h}  {}\n", req.destination.display()));
             }
-            if req.progress == kiln::progress::ProgressMode::Auto {
+            if req.progress == kiln::copy::progress::ProgressMode::Auto {
                 eprintln!("{}", summary(&out.stats, out.virtual_size, out.elapsed));
             }
             Ok(ExitCode::SUCCESS)
@@ -188,11 +188,11 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                 ));
             };
             let mode = if args.quiet || cli.json {
-                kiln::progress::ProgressMode::Off
+                kiln::copy::progress::ProgressMode::Off
             } else {
-                kiln::progress::ProgressMode::Auto
+                kiln::copy::progress::ProgressMode::Auto
             };
-            let report = kiln::verify::verify_dir(&dir, mode)?;
+            let report = kiln::image::verify::verify_dir(&dir, mode)?;
             if let Some(e) = report.to_error() {
                 if !cli.json {
                     for f in report.files.iter().filter(|f| !f.ok) {
@@ -215,17 +215,17 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect(args) => {
-            let report = kiln::inspect::inspect_with(&args.file, &args.options()?)?;
+            let report = kiln::commands::inspect::inspect_with(&args.file, &args.options()?)?;
             if cli.json {
                 let text = serde_json::to_string_pretty(&report).unwrap_or_default();
                 print_stdout(&format!("{text}\n"));
             } else {
-                print_stdout(&kiln::inspect::render_text(&report));
+                print_stdout(&kiln::commands::inspect::render_text(&report));
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Check(args) => {
-            let out = kiln::check::check(&args.to_request()?, cli.store.as_deref())?;
+            let out = kiln::commands::check::check(&args.to_request()?, cli.store.as_deref())?;
             if cli.json {
                 print_json(&out.report);
             } else {
@@ -335,7 +335,7 @@ fn print_json<T: serde::Serialize + ?Sized>(v: &T) {
 
 /// The end-of-run numbers users benchmark with.
 fn summary(
-    s: &kiln::engine::CopyStats,
+    s: &kiln::copy::engine::CopyStats,
     virtual_bytes: u64,
     elapsed: std::time::Duration,
 ) -> String {

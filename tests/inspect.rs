@@ -6,8 +6,8 @@ mod common;
 use std::path::Path;
 
 use common::{qemu_img, tmp, tool_in};
+use kiln::commands::inspect::{self, InspectOptions};
 use kiln::format::Format;
-use kiln::inspect::{self, InspectOptions};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;

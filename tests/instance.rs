@@ -11,7 +11,7 @@ use std::process::Command;
 use common::{qemu_img, tmp};
 use kiln::error::Code;
 use kiln::format::{self, Format, OpenOptions};
-use kiln::instance::{self, Adjustment, Adjustments};
+use kiln::request::instance::{self, Adjustment, Adjustments};
 
 /// `virsh define FILE; dumpxml NAME` in one process, returning the dumped XML.
 fn virsh_roundtrip(dir: &Path, xml: &str, name: &str) -> String {
@@ -198,7 +198,7 @@ fn dumped_xml_maps_boot_disk_data_disk_and_skips_the_cdrom() {
 
     // The planner takes the result as it is.
     let specs: Vec<_> = mapped.iter().map(|m| m.spec.clone()).collect();
-    let layout = kiln::plan::assign_devices(&specs, None).unwrap();
+    let layout = kiln::request::plan::assign_devices(&specs, None).unwrap();
     assert_eq!(layout.disks.len(), 2);
 }
 
@@ -290,11 +290,12 @@ fn adjustments_over_dumped_xml() {
     // Growing vda (32 MiB) to 64 MiB passes the planner's rule; shrinking it fails there.
     let src = format::open(&l.dir.join("data.raw"), &OpenOptions::default()).unwrap();
     assert_eq!(
-        kiln::plan::resolve_size("/dev/xvdb", Some(64 << 20), Some(src.info.virtual_size)).unwrap(),
+        kiln::request::plan::resolve_size("/dev/xvdb", Some(64 << 20), Some(src.info.virtual_size))
+            .unwrap(),
         64 << 20
     );
     assert_eq!(
-        kiln::plan::resolve_size("/dev/xvdb", Some(16 << 20), Some(src.info.virtual_size))
+        kiln::request::plan::resolve_size("/dev/xvdb", Some(16 << 20), Some(src.info.virtual_size))
             .unwrap_err()
             .code(),
         Code::InvalidSize

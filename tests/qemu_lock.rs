@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{qemu_img, tmp};
 use kiln::error::Code;
-use kiln::qemu_lock::{self, SourceLock};
+use kiln::prepare::qemu_lock::{self, SourceLock};
 
 /// `qemu-io -f qcow2 FILE` reading commands from a pipe: it holds the image open for writing (and
 /// QEMU's write lock) until its stdin closes.

@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::format::BlockSource;
-use crate::size::human;
+use crate::util::size::human;
 
 use fs::FsKind;
 use osrelease::OsRelease;

@@ -73,7 +73,7 @@ fn unquote(v: &str) -> String {
     out
 }
 
-/// The CreateImage Platform for an OS (one of [`crate::validate::PLATFORMS`]).
+/// The CreateImage Platform for an OS (one of [`crate::request::validate::PLATFORMS`]).
 pub fn platform(os: &OsRelease) -> &'static str {
     let id = os.id.to_ascii_lowercase();
     let name = os.name.to_ascii_lowercase();
@@ -185,7 +185,10 @@ mod tests {
             "anolis",
         ] {
             let p = platform(&os(id, "", ""));
-            assert!(crate::validate::PLATFORMS.contains(&p), "{id} → {p}");
+            assert!(
+                crate::request::validate::PLATFORMS.contains(&p),
+                "{id} → {p}"
+            );
         }
     }
 }

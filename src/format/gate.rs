@@ -17,7 +17,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Code, Error, Result};
-use crate::safe_fs;
+use crate::util::safe_fs;
 
 /// Which backing files may be opened, besides those inside the named image's directory tree.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::engine::CopyStats;
+use crate::copy::engine::CopyStats;
 use crate::format::ChainEntry;
 
 #[derive(Debug, Clone, Serialize)]

@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::engine::{self, CopyStats, DiskJob, OutputSpec};
+use crate::copy::engine::{self, CopyStats, DiskJob, OutputSpec};
+use crate::copy::progress::{self, ProgressMode};
 use crate::error::{Code, Error, Result};
 use crate::format::{self, Format, OpenOptions};
-use crate::progress::{self, ProgressMode};
 
 #[derive(Debug, Clone)]
 pub struct ConvertRequest {
@@ -87,7 +87,7 @@ pub fn convert(req: &ConvertRequest) -> Result<ConvertOutcome> {
     std::fs::rename(&tmp, dst)
         .map_err(|e| Error::io(dst, "renaming the finished file into place", e))?;
     guard.keep();
-    crate::publish::sync_dir(parent)?;
+    crate::image::publish::sync_dir(parent)?;
     Ok(ConvertOutcome {
         virtual_size: r.virtual_size,
         stats: r.stats,

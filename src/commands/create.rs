@@ -1,7 +1,7 @@
 //! `kiln create`: request → validate → plan → (store admission) → copy → publish.
 //!
 //! With `--output-dir` the image goes to that directory (issue 2's behaviour); otherwise into the
-//! image store ([`crate::store`]), where names and client tokens are checked under the store lock
+//! image store ([`crate::image::store`]), where names and client tokens are checked under the store lock
 //! and the image's status record follows the copy. `--dry-run` runs every check up to the copy and
 //! writes nothing.
 
@@ -11,20 +11,21 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::copy::engine::{self, CopyStats, DiskJob, OutputSpec};
+use crate::copy::progress::{self, Progress, ProgressMode};
 use crate::detect::{self, relocate};
-use crate::engine::{self, CopyStats, DiskJob, OutputSpec};
 use crate::error::{Code, Error, Result};
 use crate::format::gate::BackingGate;
 use crate::format::{self, BlockSource, ExtentKind, Format, OpenOptions, Opened};
-use crate::manifest::{self, DiskRecord, Manifest, SourceRecord, Tag};
-use crate::plan::{self, DiskLayout, DiskSpec, PlannedDisk};
-use crate::progress::{self, Progress, ProgressMode};
-use crate::publish::{self, Staging};
-use crate::size::{self, MIB};
-use crate::store::{self, Admission, Creating, Record, RecordProgress, Store};
-use crate::testhook;
-use crate::validate;
-use crate::{instance, qemu_lock};
+use crate::image::manifest::{self, DiskRecord, Manifest, SourceRecord, Tag};
+use crate::image::publish::{self, Staging};
+use crate::image::store::{self, Admission, Creating, Record, RecordProgress, Store};
+use crate::prepare::qemu_lock;
+use crate::request::instance;
+use crate::request::plan::{self, DiskLayout, DiskSpec, PlannedDisk};
+use crate::request::validate;
+use crate::util::size::{self, MIB};
+use crate::util::testhook;
 
 /// Where a create puts its image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,7 +87,7 @@ pub struct InstanceSource {
     /// Each image device with the instance target it came from.
     pub targets: Vec<(String, String)>,
     /// The domain's disks, for checking `<backingStore>` against what kiln reads.
-    pub disks: Vec<crate::instance::InstanceDisk>,
+    pub disks: Vec<crate::request::instance::InstanceDisk>,
 }
 
 /// What a finished create reports.

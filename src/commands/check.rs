@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use crate::detect::{self, DetectOptions, Report};
 use crate::error::{Code, Error, Result};
 use crate::format::Format;
-use crate::plan::SYSTEM_DEVICE;
-use crate::store::{self, Store};
-use crate::validate;
+use crate::image::store::{self, Store};
+use crate::request::plan::SYSTEM_DEVICE;
+use crate::request::validate;
 
 #[derive(Debug, Clone, Default)]
 pub struct CheckRequest {
@@ -85,7 +85,7 @@ pub fn check(req: &CheckRequest, store: Option<&Path>) -> Result<CheckOutcome> {
 /// The system disk of the image in `dir`, and the image's attributes where `opts` has none.
 fn system_disk(dir: &Path, opts: &mut DetectOptions) -> Result<(PathBuf, Option<Format>)> {
     let path = dir.join("manifest.json");
-    let bytes = crate::safe_fs::read_regular(&path).map_err(|e| match e.kind() {
+    let bytes = crate::util::safe_fs::read_regular(&path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::new(
             Code::InvalidImageIdNotFound,
             format!(

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::engine;
+use crate::copy::engine;
+use crate::copy::progress::{self, ProgressMode};
 use crate::error::{Code, Error, Result};
-use crate::progress::{self, ProgressMode};
 
 /// One file's check.
 #[derive(Debug, Clone, Serialize)]
@@ -67,7 +67,7 @@ impl VerifyReport {
 /// Verifies the image directory `dir`.
 pub fn verify_dir(dir: &Path, mode: ProgressMode) -> Result<VerifyReport> {
     let sums_path = dir.join("SHA256SUMS");
-    let sums_text = crate::safe_fs::read_regular(&sums_path)
+    let sums_text = crate::util::safe_fs::read_regular(&sums_path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .map_err(|e| Error::io(&sums_path, "reading the checksum list", e))?;
     let mut expected: BTreeMap<String, String> = BTreeMap::new();
@@ -88,7 +88,7 @@ pub fn verify_dir(dir: &Path, mode: ProgressMode) -> Result<VerifyReport> {
         expected.insert(name.to_string(), hash.to_ascii_lowercase());
     }
     let manifest_path = dir.join("manifest.json");
-    let manifest: serde_json::Value = crate::safe_fs::read_regular(&manifest_path)
+    let manifest: serde_json::Value = crate::util::safe_fs::read_regular(&manifest_path)
         .map_err(|e| Error::io(&manifest_path, "reading", e))
         .and_then(|b| {
             serde_json::from_slice(&b).map_err(|e| {
@@ -125,12 +125,12 @@ pub fn verify_dir(dir: &Path, mode: ProgressMode) -> Result<VerifyReport> {
             let actual = if name.contains('/') || name.starts_with("..") {
                 Err(format!("{name}: a name outside the image directory"))
             } else {
-                crate::safe_fs::open_regular(&path)
+                crate::util::safe_fs::open_regular(&path)
                     .map_err(|e| e.to_string())
                     .and_then(|f| engine::hash_file(&f, &path, true).map_err(|e| e.full_message()))
             };
             reporter.advance(i, sizes[i].1);
-            reporter.disk_done(i, &crate::engine::CopyStats::default());
+            reporter.disk_done(i, &crate::copy::engine::CopyStats::default());
             let exp = expected.get(name).cloned();
             let man = from_manifest.get(name).cloned();
             let (actual, problem) = match actual {

@@ -1,6 +1,6 @@
 //! CreateImage's parameter rules, as pure functions with the API's error codes. Each returns the
 //! value to record (platform, architecture and boot mode in their canonical spelling) or the error.
-//! No I/O here: uniqueness of names and tokens is the store's business ([`crate::store`]).
+//! No I/O here: uniqueness of names and tokens is the store's business ([`crate::image::store`]).
 
 use crate::error::{Code, Error, Result};
 

@@ -31,8 +31,8 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Code, Error, Result};
-use crate::manifest::Tag;
-use crate::safe_fs;
+use crate::image::manifest::Tag;
+use crate::util::safe_fs;
 
 pub const CREATING: &str = "Creating";
 pub const AVAILABLE: &str = "Available";
@@ -443,7 +443,7 @@ impl Store {
             Error::io(&path, "writing the image record", e)
         })?;
         if durable {
-            crate::publish::sync_dir(&self.records_dir())?;
+            crate::image::publish::sync_dir(&self.records_dir())?;
         }
         Ok(())
     }
@@ -571,7 +571,7 @@ impl Creating {
 /// A Progress that forwards to `inner` and keeps the record's Progress up to date, at most twice a
 /// second.
 pub struct RecordProgress<'a> {
-    inner: &'a dyn crate::progress::Progress,
+    inner: &'a dyn crate::copy::progress::Progress,
     creating: &'a Creating,
     total: u64,
     done: std::sync::atomic::AtomicU64,
@@ -580,7 +580,7 @@ pub struct RecordProgress<'a> {
 
 impl<'a> RecordProgress<'a> {
     pub fn new(
-        inner: &'a dyn crate::progress::Progress,
+        inner: &'a dyn crate::copy::progress::Progress,
         creating: &'a Creating,
         total: u64,
     ) -> Self {
@@ -594,7 +594,7 @@ impl<'a> RecordProgress<'a> {
     }
 }
 
-impl crate::progress::Progress for RecordProgress<'_> {
+impl crate::copy::progress::Progress for RecordProgress<'_> {
     fn advance(&self, disk: usize, bytes: u64) {
         self.inner.advance(disk, bytes);
         let done = self
@@ -615,7 +615,7 @@ impl crate::progress::Progress for RecordProgress<'_> {
         }
     }
 
-    fn disk_done(&self, disk: usize, stats: &crate::engine::CopyStats) {
+    fn disk_done(&self, disk: usize, stats: &crate::copy::engine::CopyStats) {
         self.inner.disk_done(disk, stats);
     }
 }
@@ -640,7 +640,7 @@ mod tests {
             progress: "0%".into(),
             client_token: token.map(Into::into),
             request_digest: "d1".into(),
-            creation_time: crate::manifest::now_rfc3339(),
+            creation_time: crate::image::manifest::now_rfc3339(),
             creation_nanos: 1,
             pid: std::process::id(),
             size_gib: 0,

@@ -16,8 +16,8 @@ use serde_json::{Map, Value};
 
 use crate::error::{Code, Error, Result};
 use crate::format::Format;
-use crate::plan::{normalize_device, DiskSpec, DiskType};
-use crate::size;
+use crate::request::plan::{normalize_device, DiskSpec, DiskType};
+use crate::util::size;
 
 /// Top-level keys a request file may hold.
 pub const KEYS: &[&str] = &[

@@ -15,8 +15,8 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::format::{self, BlockSource, ExtentKind, Format, OpenOptions, Opened};
-use crate::qemu_lock::{self, Holder};
-use crate::size::human;
+use crate::prepare::qemu_lock::{self, Holder};
+use crate::util::size::human;
 
 /// QEMU's limits on the snapshot table (`QCOW_MAX_SNAPSHOTS`, `QCOW_MAX_SNAPSHOT_EXTRA_DATA`,
 /// `QCOW_MAX_SNAPSHOTS_SIZE`).

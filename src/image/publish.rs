@@ -31,7 +31,7 @@ impl Staging {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "image".into());
-        let tag = &crate::manifest::new_image_id()[2..10];
+        let tag = &crate::image::manifest::new_image_id()[2..10];
         sweep_stale(&parent);
         let dir = parent.join(format!(".kiln-{base}-{}-{tag}.tmp", std::process::id()));
         fs::create_dir(&dir).map_err(|e| Error::io(&dir, "creating the staging directory", e))?;

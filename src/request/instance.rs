@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Code, Error, Result};
 use crate::format::{ChainEntry, Format};
-use crate::plan::{self, DiskSpec, DiskType, MAX_DATA_DISKS, SYSTEM_DEVICE};
+use crate::request::plan::{self, DiskSpec, DiskType, MAX_DATA_DISKS, SYSTEM_DEVICE};
 
 /// Largest domain XML accepted (libvirt's own limit for a domain definition is 10 MiB).
 pub const MAX_XML_LEN: usize = 16 << 20;

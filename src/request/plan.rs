@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use crate::error::{Code, Error, Result};
 use crate::format::Format;
-use crate::size::{self, GIB};
+use crate::util::size::{self, GIB};
 
 /// Data disks an image may carry besides its system disk.
 pub const MAX_DATA_DISKS: usize = 16;

@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use crate::copy::progress::Progress;
 use crate::error::{Code, Error, Result};
 use crate::format::qcow2::writer::{Compression, Qcow2Writer, WriterOptions};
 use crate::format::{BlockSource, ExtentKind};
-use crate::progress::Progress;
 
 /// Bytes a worker claims at a time: large enough to amortise syscalls, small enough that 16 workers
 /// stay far below the 256 MiB memory goal. A multiple of every cluster size.
@@ -310,7 +310,7 @@ fn worker(sh: &Shared<'_>) {
         let r = match claim(sh, d) {
             Ok(Some((start, end, seq))) => {
                 let r = copy_chunk(sh, d, start, end, seq, &mut scratch);
-                crate::testhook::checkpoint("chunk");
+                crate::util::testhook::checkpoint("chunk");
                 sh.disks[d].active.fetch_sub(1, Ordering::AcqRel);
                 r.and_then(|()| release(sh, d))
             }
@@ -617,7 +617,7 @@ fn finish_disk(sh: &Shared<'_>, d: usize) -> Result<()> {
             format!("{}: output still in use at finish", disk.name),
         )
     })?;
-    crate::testhook::checkpoint("disk-copied");
+    crate::util::testhook::checkpoint("disk-copied");
     let (file, sparse) = match sink {
         Sink::Raw(f) => (f, true),
         Sink::Qcow2(w) => (w.finish()?, false),
@@ -629,7 +629,7 @@ fn finish_disk(sh: &Shared<'_>, d: usize) -> Result<()> {
     };
     file.sync_all()
         .map_err(|e| Error::io(&disk.path, "flushing (fsync)", e))?;
-    crate::testhook::checkpoint("disk-done");
+    crate::util::testhook::checkpoint("disk-done");
     let meta = file
         .metadata()
         .map_err(|e| Error::io(&disk.path, "reading metadata of", e))?;
@@ -725,7 +725,7 @@ pub fn hash_file(file: &File, path: &Path, sparse: bool) -> Result<String> {
         }
         h.update(&buf[..n]);
         pos += n as u64;
-        crate::testhook::checkpoint("hashing");
+        crate::util::testhook::checkpoint("hashing");
     }
     Ok(hex(&h.finalize()))
 }
@@ -849,7 +849,7 @@ mod tests {
             format: OutputFormat::Raw,
             ..OutputSpec::default()
         };
-        let e = copy_disks(jobs, &spec, 2, &crate::progress::NoProgress).unwrap_err();
+        let e = copy_disks(jobs, &spec, 2, &crate::copy::progress::NoProgress).unwrap_err();
         assert_eq!(e.message(), "injected read failure");
         // 19 more chunks would be read without the abort; one or two with it.
         let n = reads.load(Ordering::SeqCst);
