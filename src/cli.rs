@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::commands::convert::ConvertRequest;
-use crate::commands::create::{CreateRequest, Destination, InstanceSource};
 use crate::copy::engine::{OutputFormat, OutputSpec};
 use crate::copy::progress::ProgressMode;
 use crate::error::{Code, Error, Result};
@@ -15,8 +14,8 @@ use crate::format::qcow2::writer::Compression;
 use crate::format::qcow2::{MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 use crate::format::Format;
 use crate::image::store;
+use crate::request::create::{self as create_request, CreateRequest, Destination};
 use crate::request::file::{self as request_file, RequestFile};
-use crate::request::instance;
 use crate::request::plan::DiskSpec;
 
 #[derive(Debug, Parser)]
@@ -138,6 +137,18 @@ pub struct DescribeArgs {
     pub tags: Vec<String>,
 }
 
+impl DescribeArgs {
+    pub fn to_request(&self) -> crate::commands::describe::DescribeRequest {
+        crate::commands::describe::DescribeRequest {
+            ids: self.ids.clone(),
+            name: self.name.clone(),
+            family: self.family.clone(),
+            status: self.status.clone(),
+            tags: tag_filters(&self.tags),
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct DeleteArgs {
     #[arg(value_name = "IMAGE_ID", required = true)]
@@ -154,6 +165,20 @@ pub struct VerifyArgs {
     pub quiet: bool,
 }
 
+impl VerifyArgs {
+    /// `json`: the global `--json`, which turns the progress bar off as `--quiet` does.
+    pub fn to_request(&self, json: bool) -> crate::commands::verify::VerifyRequest {
+        crate::commands::verify::VerifyRequest {
+            target: self.target.clone(),
+            progress: if self.quiet || json {
+                ProgressMode::Off
+            } else {
+                ProgressMode::Auto
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ShellArg {
     Bash,
@@ -167,17 +192,13 @@ pub struct CompletionsArgs {
     pub shell: ShellArg,
 }
 
-/// Writes completions for `shell` to `out`.
-pub fn completions(shell: ShellArg, out: &mut dyn std::io::Write) {
-    use clap::CommandFactory;
-    let mut cmd = Cli::command();
-    match shell {
-        ShellArg::Bash => {
-            clap_complete::generate(clap_complete::Shell::Bash, &mut cmd, "kiln", out)
-        }
-        ShellArg::Zsh => clap_complete::generate(clap_complete::Shell::Zsh, &mut cmd, "kiln", out),
-        ShellArg::Fish => {
-            clap_complete::generate(clap_complete::Shell::Fish, &mut cmd, "kiln", out)
+impl CompletionsArgs {
+    pub fn shell(&self) -> crate::commands::completions::Shell {
+        use crate::commands::completions::Shell;
+        match self.shell {
+            ShellArg::Bash => Shell::Bash,
+            ShellArg::Zsh => Shell::Zsh,
+            ShellArg::Fish => Shell::Fish,
         }
     }
 }
@@ -331,6 +352,9 @@ pub struct ConvertArgs {
     /// Print the output's SHA-256.
     #[arg(long)]
     pub sha256: bool,
+    /// Copy a source that a process has open for writing (the copy may be inconsistent).
+    #[arg(long)]
+    pub allow_running: bool,
     #[command(flatten)]
     pub backing: BackingArgs,
     /// [zlib|zstd] SRC[@SNAP] DST
@@ -454,12 +478,7 @@ impl CreateArgs {
             Some(p) => request_file::load(p)?,
             None => RequestFile::default(),
         };
-        let name = self.name.clone().or(file.image_name).ok_or_else(|| {
-            Error::new(
-                Code::MissingParameter,
-                "--name is required: the image needs a name",
-            )
-        })?;
+        let name = create_request::required_name(self.name.clone().or(file.image_name))?;
         let tags = if self.tags.is_empty() {
             file.tags.unwrap_or_default()
         } else {
@@ -479,9 +498,16 @@ impl CreateArgs {
         let mut instance = None;
         // --instance wins over --disk mappings, which then adjust it, and over --snapshot.
         let (disks, snapshot) = if let Some(xml_path) = &self.instance {
-            let (inst, specs) = self.instance_disks(xml_path, &mut notes)?;
-            instance = Some(inst);
-            (specs, None)
+            let from = create_request::instance_disks(xml_path, &self.exclude, &self.disks)?;
+            if let Some(s) = &self.snapshot {
+                notes.push(format!(
+                    "--snapshot {} was ignored: --instance takes priority",
+                    s.display()
+                ));
+            }
+            notes.extend(from.skipped);
+            instance = Some(from.instance);
+            (from.specs, None)
         } else if !self.exclude.is_empty() {
             return Err(Error::new(
                 Code::InvalidParameter,
@@ -532,70 +558,6 @@ impl CreateArgs {
             relocate_gpt: self.relocate_gpt || file.relocate_gpt.unwrap_or(false),
         })
     }
-
-    /// Reads the domain XML and turns its disks, adjusted by `--exclude` and `--disk`, into specs.
-    fn instance_disks(
-        &self,
-        xml_path: &Path,
-        notes: &mut Vec<String>,
-    ) -> Result<(InstanceSource, Vec<DiskSpec>)> {
-        let (xml, dir) = if xml_path == Path::new("-") {
-            let mut text = String::new();
-            std::io::Read::read_to_string(
-                &mut std::io::Read::take(std::io::stdin(), instance::MAX_XML_LEN as u64 + 1),
-                &mut text,
-            )
-            .map_err(|e| Error::io(xml_path, "reading the instance XML from", e))?;
-            (text, std::env::current_dir().unwrap_or_default())
-        } else {
-            let meta =
-                std::fs::metadata(xml_path).map_err(|e| Error::io(xml_path, "reading", e))?;
-            if meta.len() > instance::MAX_XML_LEN as u64 {
-                return Err(Error::new(
-                    Code::InvalidInstanceMalformed,
-                    format!("{}: larger than a domain XML can be", xml_path.display()),
-                ));
-            }
-            let text =
-                std::fs::read_to_string(xml_path).map_err(|e| Error::io(xml_path, "reading", e))?;
-            let dir = xml_path
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            (text, dir.to_path_buf())
-        };
-        let inst = instance::parse_domain(&xml, &dir)?;
-        let adj = instance::Adjustments {
-            exclude: self.exclude.clone(),
-            entries: self
-                .disks
-                .iter()
-                .map(|d| instance::Adjustment::parse(d))
-                .collect::<Result<_>>()?,
-        };
-        if let Some(s) = &self.snapshot {
-            notes.push(format!(
-                "--snapshot {} was ignored: --instance takes priority",
-                s.display()
-            ));
-        }
-        let (mapped, skipped) = instance::to_disk_specs(&inst, &adj)?;
-        notes.extend(skipped);
-        let targets = mapped
-            .iter()
-            .filter_map(|m| Some((m.spec.device.clone()?, m.original_target.clone()?)))
-            .collect();
-        let specs = mapped.into_iter().map(|m| m.spec).collect();
-        Ok((
-            InstanceSource {
-                name: inst.name.clone(),
-                uuid: inst.uuid.clone(),
-                targets,
-                disks: inst.disks,
-            },
-            specs,
-        ))
-    }
 }
 
 fn progress_mode(quiet: bool, p: ProgressArg) -> ProgressMode {
@@ -643,6 +605,7 @@ impl ConvertArgs {
             },
             sha256: self.sha256,
             gate: self.backing.gate(),
+            allow_running: self.allow_running,
         })
     }
 }

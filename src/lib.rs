@@ -7,7 +7,7 @@
 //! - [`image`]: the manifest, `SHA256SUMS`, publishing, the image store and verification.
 //!
 //! [`format`] holds one folder per disk format (reading and writing), [`detect`] the image check,
-//! and [`commands`] one library function per command.
+//! [`commands`] one library function per command, and [`output`] every command's text and JSON.
 
 pub mod commands;
 pub mod copy;
@@ -15,6 +15,7 @@ pub mod detect;
 pub mod error;
 pub mod format;
 pub mod image;
+pub mod output;
 pub mod prepare;
 pub mod request;
 pub mod util;

@@ -233,3 +233,76 @@ fn create_refuses_a_disk_open_for_writing() {
     .ok();
     common::assert_same(d, "vm.qcow2", "o3/xvda.qcow2");
 }
+
+/// `kiln convert` prepares its source as create does: a disk a QEMU process has open for writing
+/// is refused the same way (same code, the process named), `--allow-running` converts it with a
+/// warning, and once the holder exits the convert succeeds.
+#[test]
+fn convert_refuses_a_disk_open_for_writing() {
+    let t = tmp();
+    let d = t.path();
+    common::qemu_img(d, &["create", "-q", "-f", "qcow2", "vm.qcow2", "8M"]);
+    common::qemu_io(d, "vm.qcow2", &["write -P 0x5 0 1M"]);
+    let mut child = hold_for_writing(d, "vm.qcow2");
+    let pid = child.id().to_string();
+    let path = d.join("vm.qcow2");
+    wait_for(|| {
+        qemu_lock::writer_holding(&File::open(&path).unwrap(), &path)
+            .unwrap()
+            .is_some()
+    });
+    let r = common::kiln_in(d, &["--json", "convert", "vm.qcow2", "o1.raw"]);
+    assert_eq!(r.status, 2, "{}", r.stdout);
+    assert_eq!(r.code(), "InvalidSnapshotId.NotReady");
+    assert!(
+        r.stdout.contains(&pid) && r.stdout.contains("--allow-running"),
+        "{}",
+        r.stdout
+    );
+    assert!(!d.join("o1.raw").exists());
+    let ok = common::kiln_in(d, &["convert", "--allow-running", "vm.qcow2", "o2.raw"]).ok();
+    assert!(ok.stderr.contains("inconsistent"), "{}", ok.stderr);
+    drop(child.stdin.take());
+    child.wait().unwrap();
+    common::kiln_in(d, &["convert", "vm.qcow2", "o3.raw"]).ok();
+    common::assert_same(d, "vm.qcow2", "o3.raw");
+}
+
+/// While `kiln convert` copies, it holds QEMU's locks on the source (and its backing file): QEMU
+/// cannot open them for writing until the convert is done.
+#[test]
+fn convert_holds_the_source_locked_while_copying() {
+    let t = tmp();
+    let d = t.path();
+    common::qemu_img(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "8M"]);
+    common::qemu_io(d, "base.qcow2", &["write -P 0x5 0 1M"]);
+    common::qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    let child = common::kiln_stopped_at(d, &["convert", "top.qcow2", "out.raw"], "chunk");
+    for file in ["top.qcow2", "base.qcow2"] {
+        let (ok, text) = qemu_io_write(d, file);
+        assert!(!ok, "qemu-io wrote {file} during the convert: {text}");
+    }
+    common::signal(&child, nix::sys::signal::Signal::SIGCONT);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    common::assert_same(d, "top.qcow2", "out.raw");
+    let (ok, text) = qemu_io_write(d, "top.qcow2");
+    assert!(ok, "the lock outlived the convert: {text}");
+}

@@ -4,10 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::commands::target::{self, Target, TargetUse};
 use crate::detect::{self, DetectOptions, Report};
 use crate::error::{Code, Error, Result};
 use crate::format::Format;
-use crate::image::store::{self, Store};
 use crate::request::plan::SYSTEM_DEVICE;
 use crate::request::validate;
 
@@ -29,6 +29,13 @@ pub struct CheckOutcome {
     /// The disk file checked.
     pub disk: PathBuf,
     pub report: Report,
+}
+
+impl CheckOutcome {
+    /// 1 when any item fails, as `verify` exits 1 when a file differs.
+    pub fn exit_status(&self) -> u8 {
+        u8::from(self.report.has_fail())
+    }
 }
 
 /// Resolves the target and checks it. `store` is the global `--store`, used for an ImageId.
@@ -53,30 +60,9 @@ pub fn check(req: &CheckRequest, store: Option<&Path>) -> Result<CheckOutcome> {
             .transpose()?
             .map(Into::into),
     };
-    let target = Path::new(&req.target);
-    let image_dir = if target.is_dir() {
-        Some(target.to_path_buf())
-    } else if !target.exists() && store::is_image_id(&req.target) {
-        let store = Store::at(store::locate(store)?);
-        let r = store
-            .get(&req.target)?
-            .ok_or_else(|| store::not_found(&req.target))?;
-        if r.status != store::AVAILABLE {
-            return Err(Error::new(
-                Code::IncorrectImageStatus,
-                format!(
-                    "{} is {}; only Available images can be checked",
-                    r.image_id, r.status
-                ),
-            ));
-        }
-        Some(store.checked_image_dir(&r.image_id)?)
-    } else {
-        None
-    };
-    let (disk, format) = match image_dir {
-        Some(dir) => system_disk(&dir, &mut opts)?,
-        None => (target.to_path_buf(), req.format),
+    let (disk, format) = match target::resolve(&req.target, store, TargetUse::Check)? {
+        Target::ImageDir(dir) => system_disk(&dir, &mut opts)?,
+        Target::File(file) => (file, req.format),
     };
     let report = detect::detect_file(&disk, format, &req.gate, &opts)?;
     Ok(CheckOutcome { disk, report })

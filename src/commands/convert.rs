@@ -1,6 +1,9 @@
 //! `kiln convert`: one disk through the same engine as `create`, with qemu-img's option names, so the
 //! two run side by side on the same files. Like qemu-img, an existing destination is replaced; unlike
-//! it, the new file appears only once complete (written beside it, then renamed).
+//! it, the new file appears only once complete (written beside it, then renamed). The source is
+//! prepared as `create` prepares its sources ([`crate::prepare::open_locked`]): locked the way QEMU
+//! locks images while it is copied, and refused while a process writes to it unless
+//! `--allow-running`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -8,7 +11,8 @@ use std::time::{Duration, Instant};
 use crate::copy::engine::{self, CopyStats, DiskJob, OutputSpec};
 use crate::copy::progress::{self, ProgressMode};
 use crate::error::{Code, Error, Result};
-use crate::format::{self, Format, OpenOptions};
+use crate::format::Format;
+use crate::prepare::{self, CopySource};
 
 #[derive(Debug, Clone)]
 pub struct ConvertRequest {
@@ -22,6 +26,8 @@ pub struct ConvertRequest {
     pub sha256: bool,
     /// Which qcow2 backing files may be followed (`--backing-dir`).
     pub gate: crate::format::gate::BackingGate,
+    /// `--allow-running`: copy a source open for writing, with a warning.
+    pub allow_running: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -32,19 +38,24 @@ pub struct ConvertOutcome {
     pub elapsed: Duration,
 }
 
-pub fn convert(req: &ConvertRequest) -> Result<ConvertOutcome> {
+/// Converts one disk; `warn` receives each warning (a writer let through by `--allow-running`).
+pub fn convert(req: &ConvertRequest, warn: &mut dyn FnMut(&str)) -> Result<ConvertOutcome> {
     let started = Instant::now();
-    let opened = format::open(
+    let prepare::Locked {
+        opened,
+        locks,
+        stamps,
+    } = prepare::open_locked(
         &req.source,
-        &OpenOptions {
+        &CopySource {
             format: req.source_format,
-            snapshot: None,
-            gate: req.gate.clone(),
+            gate: &req.gate,
+            busy_code: Code::SnapshotNotReady,
+            allow_running: req.allow_running,
         },
+        warn,
     )?;
     let virtual_size = opened.info.virtual_size;
-    let mut stamps = format::SourceStamps::default();
-    stamps.add(&opened.info.chain)?;
     let dst = &req.destination;
     let name = dst.file_name().ok_or_else(|| {
         Error::new(
@@ -81,6 +92,7 @@ pub fn convert(req: &ConvertRequest) -> Result<ConvertOutcome> {
     stamps.check()?;
     let mut results = results?;
     drop(reporter);
+    drop(locks);
     let r = results
         .pop()
         .ok_or_else(|| Error::new(Code::Internal, "the copy returned no result"))?;

@@ -6,7 +6,6 @@
 //! with, so the map shows exactly what a copy would read. The qcow2 header fields the reader does not
 //! publish (cluster size, the snapshot table) are parsed here, minimally and bounded.
 
-use std::fmt::Write as _;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -14,9 +13,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::format::{self, BlockSource, ExtentKind, Format, OpenOptions, Opened};
+use crate::format::{self, BlockSource, ExtentKind, Format, Opened};
 use crate::prepare::qemu_lock::{self, Holder};
-use crate::util::size::human;
 
 /// QEMU's limits on the snapshot table (`QCOW_MAX_SNAPSHOTS`, `QCOW_MAX_SNAPSHOT_EXTRA_DATA`,
 /// `QCOW_MAX_SNAPSHOTS_SIZE`).
@@ -129,14 +127,7 @@ pub fn inspect(path: &Path) -> Result<InspectReport> {
 }
 
 pub fn inspect_with(path: &Path, opts: &InspectOptions) -> Result<InspectReport> {
-    let opened = format::open(
-        path,
-        &OpenOptions {
-            format: opts.format,
-            snapshot: None,
-            gate: opts.gate.clone(),
-        },
-    )?;
+    let opened = crate::prepare::open(path, opts.format, &opts.gate)?;
     let info = &opened.info;
     let top = file_facts(&info.path, info.format)?;
     let snapshots = match info.format {
@@ -390,112 +381,8 @@ fn map_inner(
     Ok(out)
 }
 
-/// The report as text, in the spirit of `qemu-img info` (and `qemu-img map` with the map).
-pub fn render_text(r: &InspectReport) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "image: {}", r.filename.display());
-    if let Some(snap) = &r.snapshot {
-        let _ = writeln!(s, "snapshot: {snap}");
-    }
-    let _ = writeln!(s, "file format: {}", r.format.as_str());
-    let _ = writeln!(
-        s,
-        "virtual size: {} ({} bytes)",
-        human(r.virtual_size),
-        r.virtual_size
-    );
-    let _ = writeln!(s, "disk size: {}", human(r.actual_size));
-    if let Some(c) = r.cluster_size {
-        let _ = writeln!(s, "cluster_size: {c}");
-    }
-    match &r.writer {
-        Some(h) => {
-            let _ = writeln!(s, "open for writing: yes, by {h}");
-        }
-        None => {
-            let _ = writeln!(s, "open for writing: no");
-        }
-    }
-    if !r.backing_chain.is_empty() {
-        let _ = writeln!(s, "backing chain:");
-        for (i, c) in r.backing_chain.iter().enumerate() {
-            let _ = write!(
-                s,
-                "  {}: {} ({}, {} on disk",
-                i + 1,
-                c.filename.display(),
-                c.format.as_str(),
-                human(c.actual_size)
-            );
-            if let Some(h) = &c.writer {
-                let _ = write!(s, ", open for writing by {h}");
-            }
-            let _ = writeln!(s, ")");
-        }
-    }
-    if !r.snapshots.is_empty() {
-        let _ = writeln!(s, "Snapshot list:");
-        let _ = writeln!(
-            s,
-            "{:<6} {:<20} {:>10} {:>20} {:>16}",
-            "ID", "TAG", "VM SIZE", "DATE (UTC)", "VM CLOCK"
-        );
-        for snap in &r.snapshots {
-            let _ = writeln!(
-                s,
-                "{:<6} {:<20} {:>10} {:>20} {:>16}",
-                snap.id,
-                snap.name,
-                human(snap.vm_state_size),
-                utc_date(snap.date_sec),
-                format!(
-                    "{:02}:{:02}:{:02}.{:03}",
-                    snap.vm_clock_sec / 3600,
-                    snap.vm_clock_sec / 60 % 60,
-                    snap.vm_clock_sec % 60,
-                    snap.vm_clock_nsec / 1_000_000
-                )
-            );
-        }
-    }
-    if let Some(map) = &r.map {
-        let _ = writeln!(s, "map:");
-        let _ = writeln!(
-            s,
-            "{:>18} {:>18}  {:<5} {:<5} present",
-            "start", "length", "data", "zero"
-        );
-        for m in map {
-            let _ = writeln!(
-                s,
-                "{:>#18x} {:>#18x}  {:<5} {:<5} {}",
-                m.start, m.length, m.data, m.zero, m.present
-            );
-        }
-    }
-    s
-}
-
-/// `2023-11-14 22:13:20` for seconds since the epoch (civil-from-days, proleptic Gregorian).
-fn utc_date(secs: u32) -> String {
-    let days = i64::from(secs / 86_400);
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
+/// The text lives with every other command's output.
+pub use crate::output::inspect::render_text;
 
 #[cfg(test)]
 mod tests {
@@ -521,13 +408,6 @@ mod tests {
         fn read_at(&self, _: u64, _: &mut [u8]) -> Result<()> {
             unreachable!()
         }
-    }
-
-    #[test]
-    fn dates_render_in_utc() {
-        assert_eq!(utc_date(0), "1970-01-01 00:00:00");
-        assert_eq!(utc_date(1_700_000_000), "2023-11-14 22:13:20");
-        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00:00");
     }
 
     #[test]

@@ -1,6 +1,10 @@
-//! One library function per command; each returns an outcome that the output module renders.
+//! One library function per command; each returns an outcome that [`crate::output`] renders.
 
 pub mod check;
+pub mod completions;
 pub mod convert;
 pub mod create;
+pub mod describe;
 pub mod inspect;
+pub mod target;
+pub mod verify;

@@ -134,28 +134,6 @@ impl Report {
             message: message.into(),
         });
     }
-
-    /// A table for people: one line per item.
-    pub fn render_text(&self) -> String {
-        let w = self
-            .items
-            .iter()
-            .map(|i| i.check.len())
-            .max()
-            .unwrap_or(5)
-            .max(5);
-        let mut s = format!("{:<w$}  {:<6}  MESSAGE\n", "CHECK", "STATUS");
-        for i in &self.items {
-            s.push_str(&format!(
-                "{:<w$}  {:<6}  {}\n",
-                i.check,
-                i.status.as_str(),
-                i.message
-            ));
-        }
-        s.push_str(&format!("Result: {}\n", self.result.as_str()));
-        s
-    }
 }
 
 /// Runs every check on `src`. Only an I/O error reading the disk is an `Err`; anything wrong in
@@ -677,14 +655,7 @@ pub fn detect_file(
     gate: &crate::format::gate::BackingGate,
     opts: &DetectOptions,
 ) -> Result<Report> {
-    let opened = crate::format::open(
-        path,
-        &crate::format::OpenOptions {
-            format,
-            snapshot: None,
-            gate: gate.clone(),
-        },
-    )?;
+    let opened = crate::prepare::open(path, format, gate)?;
     detect(Arc::from(opened.source), opts)
 }
 

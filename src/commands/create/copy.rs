@@ -1,0 +1,100 @@
+//! Create's copy: every prepared disk through the engine at once, then the sources checked for
+//! changes, and each output disk described for the manifest.
+
+use std::path::Path;
+
+use super::disks::PreparedDisk;
+use crate::copy::engine::{self, CopyStats, DiskJob};
+use crate::copy::progress::{self, Progress};
+use crate::error::Result;
+use crate::format;
+use crate::image::manifest::DiskRecord;
+use crate::image::store::{Creating, RecordProgress};
+use crate::request::create::CreateRequest;
+use crate::util::size;
+
+/// The copied disks.
+pub(super) struct Copied {
+    pub disks: Vec<DiskRecord>,
+    /// All disks' numbers together.
+    pub stats: CopyStats,
+    /// (SHA-256, file name) of each disk, for `SHA256SUMS`.
+    pub sums: Vec<(String, String)>,
+}
+
+/// Copies every disk into `dir`; a store create's record follows the progress. The sources stay
+/// locked until the copy is done, and a source that changed meanwhile fails the create.
+pub(super) fn copy(
+    req: &CreateRequest,
+    prepared: Vec<PreparedDisk>,
+    dir: &Path,
+    creating: Option<&Creating>,
+) -> Result<Copied> {
+    let disk_names: Vec<(String, u64)> = prepared
+        .iter()
+        .map(|p| (p.planned.device.clone(), p.virtual_size))
+        .collect();
+    let mut records = Vec::with_capacity(prepared.len());
+    let mut jobs = Vec::with_capacity(prepared.len());
+    let mut locks = Vec::new();
+    let mut stamps = format::SourceStamps::default();
+    for p in prepared {
+        stamps.extend(p.stamps);
+        jobs.push(DiskJob {
+            name: p.planned.device.clone(),
+            source: p.opened.map(|o| o.source),
+            virtual_size: p.virtual_size,
+            out_path: dir.join(&p.file),
+            hash: true,
+        });
+        records.push((p.planned, p.file, p.source, p.changes));
+        locks.extend(p.locks);
+    }
+    let reporter = progress::reporter(req.progress, &disk_names);
+    let total: u64 = disk_names.iter().map(|d| d.1).sum();
+    let record_progress = creating.map(|c| RecordProgress::new(reporter.as_ref(), c, total));
+    let progress: &dyn Progress = match &record_progress {
+        Some(p) => p,
+        None => reporter.as_ref(),
+    };
+    let results = engine::copy_disks(jobs, &req.output, req.threads, progress);
+    // A source that changed under the copy explains any error the copy met (a truncated qcow2
+    // looks corrupt), and makes a copy that seemed to succeed worthless.
+    stamps.check()?;
+    let results = results?;
+    drop(reporter);
+    drop(locks);
+
+    let mut copied = Copied {
+        disks: Vec::with_capacity(records.len()),
+        stats: CopyStats::default(),
+        sums: Vec::new(),
+    };
+    for ((d, file, source, changes), r) in records.into_iter().zip(results) {
+        // The engine's size: qcow2 output is rounded up to whole 512-byte sectors.
+        let virtual_size = r.virtual_size;
+        copied.stats.add(&r.stats);
+        let sha256 = r.sha256.clone().unwrap_or_default();
+        copied.sums.push((sha256.clone(), file.clone()));
+        copied.disks.push(DiskRecord {
+            device: d.device.clone(),
+            disk_type: d.disk_type.as_str().to_string(),
+            file,
+            format: req.output.format.extension().to_string(),
+            virtual_size,
+            size_gib: size::gib_rounded_up(virtual_size),
+            allocated_bytes: r.allocated_bytes,
+            file_size: r.file_size,
+            sha256,
+            original_target: req
+                .instance
+                .as_ref()
+                .and_then(|i| i.target_of(&d.device))
+                .map(str::to_string),
+            source,
+            stats: r.stats,
+            changes,
+        });
+    }
+    Ok(copied)
+}

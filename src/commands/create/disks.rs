@@ -1,0 +1,148 @@
+//! Create's preparation: every planned disk with its source open, locked and checked
+//! ([`crate::prepare`]), and its size and output file settled, before anything is written.
+
+use std::path::Path;
+
+use super::absolute;
+use crate::error::{Code, Error, Result};
+use crate::format::{self, Opened};
+use crate::image::manifest::SourceRecord;
+use crate::prepare::{self, qemu_lock, CopySource};
+use crate::request::create::CreateRequest;
+use crate::request::instance;
+use crate::request::plan::{self, DiskLayout, PlannedDisk};
+
+/// A disk with its source open and its output settled.
+pub(super) struct PreparedDisk {
+    pub planned: PlannedDisk,
+    pub opened: Option<Opened>,
+    pub virtual_size: u64,
+    pub file: String,
+    pub source: Option<SourceRecord>,
+    /// Allocated source bytes (the copy reads these).
+    pub data_bytes: u64,
+    /// QEMU-compatible locks on every file read, held until the copy is done.
+    pub locks: Vec<qemu_lock::SourceLock>,
+    /// Every file read, as it was when opened: checked again once the copy is done.
+    pub stamps: format::SourceStamps,
+    /// What kiln changes in the guest's bytes (`--relocate-gpt`), for the manifest.
+    pub changes: Vec<String>,
+}
+
+/// Opens every source and sizes every disk. A source another process writes to is refused unless
+/// `--allow-running` (IncorrectInstanceStatus for an instance's disks, SnapshotNotReady otherwise).
+pub(super) fn prepare(
+    req: &CreateRequest,
+    layout: &DiskLayout,
+    warn: &mut dyn FnMut(&str),
+) -> Result<Vec<PreparedDisk>> {
+    let how = CopySource {
+        format: None,
+        gate: &req.gate,
+        busy_code: if req.instance.is_some() {
+            Code::IncorrectInstanceStatus
+        } else {
+            Code::SnapshotNotReady
+        },
+        allow_running: req.allow_running,
+    };
+    layout
+        .disks
+        .iter()
+        .map(|d| prepare_disk(req, d, &how, warn))
+        .collect()
+}
+
+fn prepare_disk(
+    req: &CreateRequest,
+    d: &PlannedDisk,
+    how: &CopySource,
+    warn: &mut dyn FnMut(&str),
+) -> Result<PreparedDisk> {
+    let (mut opened, locks, stamps) = match &d.snapshot {
+        Some(p) => {
+            let how = CopySource {
+                format: d.format,
+                ..how.clone()
+            };
+            let l = prepare::open_locked(p, &how, warn)?;
+            check_instance_backing(req, &d.device, &l.opened)?;
+            (Some(l.opened), l.locks, l.stamps)
+        }
+        None => (None, Vec::new(), format::SourceStamps::default()),
+    };
+    let src_size = opened.as_ref().map(|o| o.info.virtual_size);
+    if src_size == Some(0) {
+        return Err(Error::new(
+            Code::InvalidSize,
+            format!(
+                "{}: the snapshot {} is empty (0 bytes)",
+                d.device,
+                d.snapshot.as_deref().unwrap_or(Path::new("")).display()
+            ),
+        ));
+    }
+    let virtual_size = plan::resolve_size(&d.device, d.size, src_size)?;
+    let mut changes = Vec::new();
+    if req.relocate_gpt {
+        opened = match opened {
+            Some(o) if o.info.virtual_size < virtual_size => {
+                let size = req.output.disk_size(virtual_size);
+                let (o, c) = prepare::relocate_gpt(o, size, &d.device, warn)?;
+                changes = c;
+                Some(o)
+            }
+            other => other,
+        };
+    }
+    let data_bytes = match &opened {
+        Some(o) => prepare::data_bytes(o.source.as_ref())?,
+        None => 0,
+    };
+    Ok(PreparedDisk {
+        planned: d.clone(),
+        source: opened.as_ref().map(source_record),
+        opened,
+        virtual_size,
+        file: format!("{}.{}", d.short_name(), req.output.format.extension()),
+        data_bytes,
+        locks,
+        stamps,
+        changes,
+    })
+}
+
+/// With `--instance`: the chain kiln read must be the one the domain's `<backingStore>` names.
+fn check_instance_backing(req: &CreateRequest, device: &str, o: &Opened) -> Result<()> {
+    let Some(inst) = &req.instance else {
+        return Ok(());
+    };
+    let target = inst.target_of(device);
+    match inst
+        .disks
+        .iter()
+        .find(|x| Some(x.target_dev.as_str()) == target)
+    {
+        Some(disk) => instance::check_backing(disk, &o.info.chain),
+        None => Ok(()),
+    }
+}
+
+/// The manifest's record of a source: where it is and every file read.
+fn source_record(o: &Opened) -> SourceRecord {
+    SourceRecord {
+        path: absolute(&o.info.path),
+        snapshot_name: o.info.snapshot.clone(),
+        format: o.info.format.as_str().to_string(),
+        virtual_size: o.info.virtual_size,
+        files_read: o
+            .info
+            .chain
+            .iter()
+            .map(|c| format::ChainEntry {
+                path: absolute(&c.path),
+                format: c.format,
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,197 @@
+//! `kiln create`, in stages, one file each:
+//!
+//! 1. request: [`crate::request::create`] (the request, its rules and defaults) and
+//!    [`crate::request::plan`] (devices and sizes);
+//! 2. [`disks`]: every source opened, locked, checked and sized ([`crate::prepare`]);
+//!    [`space`]: the free-space check; [`dry_run`] stops here;
+//! 3. [`copy`]: every disk through the engine at once;
+//! 4. [`publish`]: the manifest, `SHA256SUMS`, the image renamed into place, the store's record.
+//!
+//! With `--output-dir` the image goes to that directory; otherwise into the image store
+//! ([`crate::image::store`]), where names and client tokens are checked under the store lock and the
+//! image's status record follows the copy.
+
+mod copy;
+mod disks;
+mod dry_run;
+mod publish;
+pub mod space;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::copy::engine::CopyStats;
+use crate::error::{Code, Error, Result};
+use crate::image::manifest::{self, Manifest};
+use crate::image::publish::{self as staging, Staging};
+use crate::image::store::{Admission, Creating, Record, Store};
+use crate::request::digest::request_digest;
+use crate::request::plan::{self, DiskLayout};
+use crate::util::testhook;
+
+pub use self::dry_run::{DryRunReport, PlannedDiskReport};
+pub use self::space::SpaceCheck;
+pub use crate::request::create::{CreateRequest, Destination, InstanceSource};
+
+/// What a finished create reports.
+#[derive(Debug, Clone)]
+pub struct CreateOutcome {
+    pub manifest: Manifest,
+    pub output_dir: PathBuf,
+    pub warnings: Vec<String>,
+    pub stats: CopyStats,
+    /// Sum of the output disks' virtual sizes.
+    pub virtual_bytes: u64,
+    pub elapsed: Duration,
+    /// The store's record (store creates only).
+    pub record: Option<Record>,
+}
+
+/// How a create ended.
+#[derive(Debug, Clone)]
+pub enum CreateResult {
+    Created(Box<CreateOutcome>),
+    /// The client token and request match an image already in the store: nothing was done.
+    Existing(Box<Record>),
+    DryRun(Box<DryRunReport>),
+}
+
+/// Runs a create; `warn` receives each warning as soon as it is known.
+pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateResult> {
+    let started = Instant::now();
+    let req = &req.normalised()?;
+    let layout = layout(req)?;
+    for w in req.notes.iter().chain(&layout.warnings) {
+        warn(w);
+    }
+    if req.detect && req.data_image {
+        warn("--detect checks the system disk and a data-disk image has none: no check is made");
+    }
+    match &req.destination {
+        Destination::Dir(dir) => to_dir(req, &layout, dir, started, warn),
+        Destination::Store(root) => to_store(req, &layout, &Store::at(root), started, warn),
+    }
+}
+
+/// The request's disks on devices: the system disk on /dev/xvda, or with `--data-image` data disks
+/// only.
+fn layout(req: &CreateRequest) -> Result<DiskLayout> {
+    if !req.data_image {
+        return plan::assign_devices(&req.disks, req.snapshot.as_ref());
+    }
+    if req.snapshot.is_some() || req.instance.is_some() {
+        return Err(Error::new(
+            Code::InvalidParameter,
+            "--data-image takes --disk entries only (no --snapshot or --instance)",
+        ));
+    }
+    plan::assign_data_devices(&req.disks)
+}
+
+/// `--output-dir DIR`: the image is published as `DIR`.
+fn to_dir(
+    req: &CreateRequest,
+    layout: &DiskLayout,
+    dir: &Path,
+    started: Instant,
+    warn: &mut dyn FnMut(&str),
+) -> Result<CreateResult> {
+    staging::check_target(dir)?;
+    if req.dry_run {
+        let report = dry_run::dry_run(req, layout, dir, None, warn)?;
+        return Ok(CreateResult::DryRun(Box::new(report)));
+    }
+    let prepared = disks::prepare(req, layout, warn)?;
+    testhook::checkpoint("prepared");
+    space::check(&space::existing_ancestor(dir), estimate(&prepared))?;
+    let staging = Staging::new(dir)?;
+    let out = build(
+        req,
+        layout,
+        prepared,
+        staging,
+        &manifest::new_image_id(),
+        None,
+        started,
+    )?;
+    Ok(CreateResult::Created(Box::new(out)))
+}
+
+/// Into the store: admitted under the store lock (name and client token), then built with a record
+/// that says Creating until it is Available (or CreateFailed).
+fn to_store(
+    req: &CreateRequest,
+    layout: &DiskLayout,
+    store: &Store,
+    started: Instant,
+    warn: &mut dyn FnMut(&str),
+) -> Result<CreateResult> {
+    let digest = request_digest(req, layout);
+    let token = req.client_token.as_deref();
+    if req.dry_run {
+        // Read-only: no lock file, no directories; the answer may change before a real run.
+        let existing = match store.admit(&req.name, token, &digest)? {
+            Admission::Existing(r) => Some(r.image_id.clone()),
+            Admission::New => None,
+        };
+        let report = dry_run::dry_run(req, layout, &store.images_dir(), existing, warn)?;
+        return Ok(CreateResult::DryRun(Box::new(report)));
+    }
+    let guard = store.lock()?;
+    if let Admission::Existing(r) = store.admit(&req.name, token, &digest)? {
+        return Ok(CreateResult::Existing(r));
+    }
+    let prepared = disks::prepare(req, layout, warn)?;
+    testhook::checkpoint("prepared");
+    space::check(&store.images_dir(), estimate(&prepared))?;
+    let image_id = manifest::new_image_id();
+    let creating = store.begin(publish::new_record(req, &image_id, &digest))?;
+    drop(guard);
+    let built = Staging::new(&store.image_dir(&image_id)).and_then(|staging| {
+        build(
+            req,
+            layout,
+            prepared,
+            staging,
+            &image_id,
+            Some(&creating),
+            started,
+        )
+    });
+    match built {
+        Ok(mut out) => {
+            out.record = Some(publish::finish_record(creating, &out)?);
+            testhook::checkpoint("available");
+            Ok(CreateResult::Created(Box::new(out)))
+        }
+        Err(e) => {
+            creating.fail(&e);
+            Err(e)
+        }
+    }
+}
+
+/// Copies into `staging`, then publishes.
+fn build(
+    req: &CreateRequest,
+    layout: &DiskLayout,
+    prepared: Vec<disks::PreparedDisk>,
+    staging: Staging,
+    image_id: &str,
+    creating: Option<&Creating>,
+    started: Instant,
+) -> Result<CreateOutcome> {
+    testhook::checkpoint("staging");
+    let copied = copy::copy(req, prepared, staging.dir(), creating)?;
+    publish::publish(req, layout, copied, staging, image_id, started)
+}
+
+/// What the prepared disks need on disk.
+fn estimate(prepared: &[disks::PreparedDisk]) -> u64 {
+    space::estimate(prepared.iter().map(|p| p.data_bytes).sum(), prepared.len())
+}
+
+/// The path made absolute against the current directory (without resolving symlinks).
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}

@@ -1,0 +1,170 @@
+//! Create's publish step: the image check of the written system disk (`--detect`), the manifest,
+//! `SHA256SUMS`, the staging directory renamed into place; and the store's record of the image.
+
+use std::time::Instant;
+
+use super::copy::Copied;
+use super::CreateOutcome;
+use crate::copy::engine;
+use crate::detect;
+use crate::error::Result;
+use crate::format::gate::BackingGate;
+use crate::format::Format;
+use crate::image::manifest::{self, Manifest, Tag};
+use crate::image::publish::Staging;
+use crate::image::store::{self, Creating, Record};
+use crate::request::create::CreateRequest;
+use crate::request::digest::sha256_of;
+use crate::request::plan::{self, DiskLayout};
+use crate::request::validate;
+use crate::util::testhook;
+
+/// Writes the manifest and `SHA256SUMS` beside the copied disks and publishes the image.
+pub(super) fn publish(
+    req: &CreateRequest,
+    layout: &DiskLayout,
+    copied: Copied,
+    staging: Staging,
+    image_id: &str,
+    started: Instant,
+) -> Result<CreateOutcome> {
+    let Copied {
+        disks,
+        stats,
+        mut sums,
+    } = copied;
+    let virtual_bytes = disks.iter().map(|d| d.virtual_size).sum();
+    let detection = match disks.iter().find(|d| d.device == plan::SYSTEM_DEVICE) {
+        Some(d) if req.detect => Some(detect::detect_file(
+            &staging.dir().join(&d.file),
+            Format::parse(&d.format),
+            &BackingGate::default(),
+            &detect_options(req),
+        )?),
+        _ => None,
+    };
+    let platform = req
+        .platform
+        .clone()
+        .or_else(|| detection.as_ref().and_then(|r| r.platform.clone()))
+        .unwrap_or_else(|| validate::DEFAULT_PLATFORM.into());
+    let manifest = Manifest {
+        image_id: image_id.to_string(),
+        image_name: req.name.clone(),
+        image_family: req.family.clone(),
+        image_version: req.image_version.clone(),
+        description: req.description.clone().unwrap_or_default(),
+        platform,
+        architecture: req.architecture.clone().unwrap_or_default(),
+        boot_mode: req.boot_mode.clone().unwrap_or_default(),
+        tags: req
+            .tags
+            .iter()
+            .map(|(k, v)| Tag {
+                key: k.clone(),
+                value: v.clone(),
+            })
+            .collect(),
+        creation_time: manifest::now_rfc3339(),
+        status: "Available".into(),
+        client_token: req.client_token.clone(),
+        size_gib: disks.iter().map(|d| d.size_gib).sum(),
+        kiln_version: env!("CARGO_PKG_VERSION").into(),
+        image_type: req.image_type().into(),
+        instance: req.instance.as_ref().map(|i| manifest::InstanceRecord {
+            name: i.name.clone(),
+            uuid: i.uuid.clone(),
+        }),
+        disks,
+        detection,
+    };
+    let json = manifest.to_json();
+    staging.write_file("manifest.json", &json)?;
+    testhook::checkpoint("manifest");
+    sums.push((engine::hex(&sha256_of(&json)), "manifest.json".into()));
+    staging.write_file("SHA256SUMS", manifest::sha256sums(&sums).as_bytes())?;
+    testhook::checkpoint("sums");
+    let output_dir = staging.commit()?;
+    testhook::checkpoint("renamed");
+    Ok(CreateOutcome {
+        manifest,
+        output_dir,
+        warnings: layout.warnings.clone(),
+        stats,
+        virtual_bytes,
+        elapsed: started.elapsed(),
+        record: None,
+    })
+}
+
+/// What `--detect` checks the system disk against: the request's (normalised) attributes.
+pub(super) fn detect_options(req: &CreateRequest) -> detect::DetectOptions {
+    detect::DetectOptions {
+        boot_mode: req.boot_mode.clone(),
+        architecture: req.architecture.clone(),
+        platform: req.platform.clone(),
+    }
+}
+
+/// The store's record of an image being created (status Creating).
+pub(super) fn new_record(req: &CreateRequest, image_id: &str, digest: &str) -> Record {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Record {
+        image_id: image_id.to_string(),
+        image_type: req.image_type().into(),
+        image_name: req.name.clone(),
+        image_family: req.family.clone(),
+        image_version: req.image_version.clone(),
+        description: req.description.clone().unwrap_or_default(),
+        // Until the check of the system disk says otherwise (--detect without a platform).
+        platform: req
+            .platform
+            .clone()
+            .unwrap_or_else(|| validate::DEFAULT_PLATFORM.into()),
+        architecture: req.architecture.clone().unwrap_or_default(),
+        boot_mode: req.boot_mode.clone().unwrap_or_default(),
+        tags: req
+            .tags
+            .iter()
+            .map(|(k, v)| store::RecordTag {
+                key: k.clone(),
+                value: v.clone(),
+            })
+            .collect(),
+        status: store::CREATING.into(),
+        progress: "0%".into(),
+        client_token: req.client_token.clone(),
+        request_digest: digest.to_string(),
+        creation_time: manifest::rfc3339(now.as_secs()),
+        creation_nanos: now.as_nanos(),
+        pid: std::process::id(),
+        size_gib: 0,
+        directory: None,
+        disks: Vec::new(),
+        detection: None,
+        error_code: None,
+        error_message: None,
+    }
+}
+
+/// Marks the store's record Available with what the published image holds.
+pub(super) fn finish_record(creating: Creating, out: &CreateOutcome) -> Result<Record> {
+    let disks = match serde_json::to_value(&out.manifest.disks) {
+        Ok(serde_json::Value::Array(a)) => a,
+        _ => Vec::new(),
+    };
+    let detection = out
+        .manifest
+        .detection
+        .as_ref()
+        .and_then(|d| serde_json::to_value(d).ok());
+    creating.finish(|r| {
+        r.size_gib = out.manifest.size_gib;
+        r.directory = Some(out.output_dir.clone());
+        r.disks = disks;
+        r.platform = out.manifest.platform.clone();
+        r.detection = detection;
+    })
+}

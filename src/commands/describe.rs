@@ -1,0 +1,89 @@
+//! `kiln describe` (DescribeImages; with a family, DescribeImageFromFamily) and `kiln delete`
+//! (DeleteImage): the image store's read and remove commands.
+
+use std::path::Path;
+
+use crate::error::{Code, Error, Result};
+use crate::image::store::{self, Record, Store};
+
+/// Which images to list; every filter given must match.
+#[derive(Debug, Clone, Default)]
+pub struct DescribeRequest {
+    /// Image IDs (all images when empty).
+    pub ids: Vec<String>,
+    pub name: Option<String>,
+    /// The newest Available image of this family (DescribeImageFromFamily).
+    pub family: Option<String>,
+    /// Creating, Available or CreateFailed.
+    pub status: Option<String>,
+    /// (key, Some(value)) or (key, None) for any value.
+    pub tags: Vec<(String, Option<String>)>,
+}
+
+/// The images found, newest first.
+#[derive(Debug, Clone)]
+pub struct DescribeOutcome {
+    pub images: Vec<Record>,
+}
+
+/// Lists the store's images that match `req`. `store` is the global `--store`.
+pub fn describe(req: &DescribeRequest, store: Option<&Path>) -> Result<DescribeOutcome> {
+    let store = Store::at(store::locate(store)?);
+    if let Some(s) = &req.status {
+        if !store::STATUSES.contains(&s.as_str()) {
+            return Err(Error::new(
+                Code::InvalidParameter,
+                format!(
+                    "--status '{s}' is not one of: {}",
+                    store::STATUSES.join(", ")
+                ),
+            ));
+        }
+    }
+    let mut images: Vec<Record> = store
+        .list()?
+        .into_iter()
+        .filter(|r| matches(req, r))
+        .collect();
+    if let Some(f) = &req.family {
+        images = newest_of_family(images, f).into_iter().collect();
+    }
+    images.reverse(); // newest first
+    Ok(DescribeOutcome { images })
+}
+
+/// Whether `r` passes the ID, name, status and tag filters.
+fn matches(req: &DescribeRequest, r: &Record) -> bool {
+    (req.ids.is_empty() || req.ids.contains(&r.image_id))
+        && req.name.as_ref().is_none_or(|n| &r.image_name == n)
+        && req.status.as_ref().is_none_or(|s| &r.status == s)
+        && req.tags.iter().all(|(k, v)| {
+            r.tags
+                .iter()
+                .any(|t| &t.key == k && v.as_ref().is_none_or(|v| &t.value == v))
+        })
+}
+
+/// DescribeImageFromFamily: the newest Available image of `family` (`images` are oldest first).
+fn newest_of_family(images: Vec<Record>, family: &str) -> Option<Record> {
+    images
+        .into_iter()
+        .rfind(|r| r.image_family.as_deref() == Some(family) && r.status == store::AVAILABLE)
+}
+
+/// The images deleted, in the order named.
+#[derive(Debug, Clone)]
+pub struct DeleteOutcome {
+    pub deleted: Vec<Record>,
+}
+
+/// Deletes images by ID; a malformed ID is reported as not found before anything is deleted.
+pub fn delete(ids: &[String], store: Option<&Path>) -> Result<DeleteOutcome> {
+    let store = Store::at(store::locate(store)?);
+    if let Some(bad) = ids.iter().find(|id| !store::is_image_id(id)) {
+        return Err(store::not_found(bad));
+    }
+    Ok(DeleteOutcome {
+        deleted: store.delete(ids)?,
+    })
+}

@@ -1,0 +1,81 @@
+//! The target of `verify` and `check`: an image directory, an ImageId in the store (which must be
+//! Available), or, for `check` only, a disk file. One resolution for both commands.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Code, Error, Result};
+use crate::image::store::{self, Store};
+
+/// Which command resolves the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetUse {
+    /// `verify`: an image only ([`image_dir`]); an ImageId is looked up even when a file of that
+    /// name exists.
+    Verify,
+    /// `check`: an image, or any disk file. A file that exists is a file even when its name
+    /// looks like an ImageId.
+    Check,
+}
+
+impl TargetUse {
+    /// The verb in "only Available images can be ...".
+    fn verb(self) -> &'static str {
+        match self {
+            TargetUse::Verify => "verified",
+            TargetUse::Check => "checked",
+        }
+    }
+}
+
+/// A resolved target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// An image directory (given, or the store's directory of an ImageId).
+    ImageDir(PathBuf),
+    /// A disk file (`check` only), `FILE@SNAP` as given.
+    File(PathBuf),
+}
+
+/// Resolves `target`: a directory is an image directory, an ImageId is looked up in the store
+/// (`store` is the global `--store`, located only then), anything else is a file.
+pub fn resolve(target: &str, store: Option<&Path>, use_: TargetUse) -> Result<Target> {
+    let path = Path::new(target);
+    if path.is_dir() {
+        return Ok(Target::ImageDir(path.to_path_buf()));
+    }
+    let file_wins = use_ == TargetUse::Check && path.exists();
+    if !file_wins && store::is_image_id(target) {
+        return store_image(target, store, use_).map(Target::ImageDir);
+    }
+    Ok(Target::File(path.to_path_buf()))
+}
+
+/// `verify`'s target: an image directory, or an ImageId's; anything else is
+/// InvalidImageId.NotFound.
+pub fn image_dir(target: &str, store: Option<&Path>) -> Result<PathBuf> {
+    match resolve(target, store, TargetUse::Verify)? {
+        Target::ImageDir(d) => Ok(d),
+        Target::File(_) => Err(Error::new(
+            Code::InvalidImageIdNotFound,
+            format!("{target}: neither an image directory nor an ImageId (m-...)"),
+        )),
+    }
+}
+
+/// The directory of the Available image `id` in the store.
+fn store_image(id: &str, store: Option<&Path>, use_: TargetUse) -> Result<PathBuf> {
+    let store = Store::at(store::locate(store)?);
+    let r = store.get(id)?.ok_or_else(|| store::not_found(id))?;
+    if r.status != store::AVAILABLE {
+        return Err(Error::new(
+            Code::IncorrectImageStatus,
+            format!(
+                "{} is {}; only Available images can be {}",
+                r.image_id,
+                r.status,
+                use_.verb()
+            ),
+        ));
+    }
+    store.checked_image_dir(&r.image_id)
+}

@@ -1,0 +1,35 @@
+//! `kiln verify IMAGE_ID|DIR`: recompute every checksum of an image ([`crate::image::verify`]).
+
+use std::path::Path;
+
+use crate::commands::target;
+use crate::copy::progress::ProgressMode;
+use crate::error::Result;
+use crate::image::verify::{self, VerifyReport};
+
+#[derive(Debug, Clone)]
+pub struct VerifyRequest {
+    /// An ImageId in the store, or an image directory.
+    pub target: String,
+    pub progress: ProgressMode,
+}
+
+/// Every file's check; [`VerifyOutcome::result`] says whether the image passed.
+#[derive(Debug, Clone)]
+pub struct VerifyOutcome {
+    pub report: VerifyReport,
+}
+
+impl VerifyOutcome {
+    /// ChecksumMismatch when any file differs.
+    pub fn result(&self) -> Result<()> {
+        self.report.to_error().map_or(Ok(()), Err)
+    }
+}
+
+/// Resolves the target and checks it. `store` is the global `--store`, used for an ImageId.
+pub fn verify(req: &VerifyRequest, store: Option<&Path>) -> Result<VerifyOutcome> {
+    let dir = target::image_dir(&req.target, store)?;
+    let report = verify::verify_dir(&dir, req.progress)?;
+    Ok(VerifyOutcome { report })
+}

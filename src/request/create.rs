@@ -1,0 +1,219 @@
+//! The create request: what the CLI (or a request file) asks for, checked against CreateImage's
+//! rules ([`CreateRequest::normalised`]); and the instance a request's disks come from, read from a
+//! libvirt domain XML ([`instance_disks`]).
+
+use std::path::{Path, PathBuf};
+
+use crate::copy::engine::OutputSpec;
+use crate::copy::progress::ProgressMode;
+use crate::error::{Code, Error, Result};
+use crate::format::gate::BackingGate;
+use crate::request::instance::{self, InstanceDisk};
+use crate::request::plan::DiskSpec;
+use crate::request::validate;
+
+/// Where a create puts its image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// `--output-dir DIR`: must not exist or be empty.
+    Dir(PathBuf),
+    /// The image store at this root.
+    Store(PathBuf),
+}
+
+/// A `create` request; the CLI (or a request file) builds it, nothing here knows about flags.
+/// [`crate::commands::create::create`] checks every rule before anything is written.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub name: String,
+    pub family: Option<String>,
+    pub image_version: Option<String>,
+    pub description: Option<String>,
+    /// None: the API's default (Others Linux, x86_64, BIOS).
+    pub platform: Option<String>,
+    pub architecture: Option<String>,
+    pub boot_mode: Option<String>,
+    pub tags: Vec<(String, String)>,
+    /// `--disk` entries, in the order given.
+    pub disks: Vec<DiskSpec>,
+    /// `--snapshot`: the short form, a system disk only.
+    pub snapshot: Option<PathBuf>,
+    pub destination: Destination,
+    /// Idempotency token (store only).
+    pub client_token: Option<String>,
+    /// Check everything, copy nothing, write nothing.
+    pub dry_run: bool,
+    pub output: OutputSpec,
+    /// Copy threads (at least 1).
+    pub threads: usize,
+    pub progress: ProgressMode,
+    /// `--instance`: the libvirt domain the disks came from (its disks are in `disks` already).
+    pub instance: Option<InstanceSource>,
+    /// `--allow-running`: copy sources open for writing, with a warning.
+    pub allow_running: bool,
+    /// Which qcow2 backing files may be followed (`--backing-dir`).
+    pub gate: BackingGate,
+    /// Notes to show the user (skipped CD-ROMs, ignored flags).
+    pub notes: Vec<String>,
+    /// `--data-image`: an image of data disks only.
+    pub data_image: bool,
+    /// `--detect` (DetectionStrategy Standard): check the system disk as written and put the
+    /// report in the manifest; without a platform, the one detected is recorded.
+    pub detect: bool,
+    /// `--relocate-gpt`: a disk with a GPT that grows gets its backup table moved to the new end.
+    pub relocate_gpt: bool,
+}
+
+/// The instance an image is made from.
+#[derive(Debug, Clone)]
+pub struct InstanceSource {
+    pub name: String,
+    pub uuid: Option<String>,
+    /// Each image device with the instance target it came from.
+    pub targets: Vec<(String, String)>,
+    /// The domain's disks, for checking `<backingStore>` against what kiln reads.
+    pub disks: Vec<InstanceDisk>,
+}
+
+impl InstanceSource {
+    /// The instance target (`vda`) the image device `device` came from.
+    pub fn target_of(&self, device: &str) -> Option<&str> {
+        self.targets
+            .iter()
+            .find(|t| t.0 == device)
+            .map(|t| t.1.as_str())
+    }
+}
+
+/// The image name, required: from the flag, else the request file.
+pub fn required_name(name: Option<String>) -> Result<String> {
+    name.ok_or_else(missing_name)
+}
+
+fn missing_name() -> Error {
+    Error::new(
+        Code::MissingParameter,
+        "--name is required: the image needs a name",
+    )
+}
+
+impl CreateRequest {
+    /// The request with CreateImage's parameter rules applied and the API's defaults filled in.
+    pub fn normalised(&self) -> Result<CreateRequest> {
+        let mut r = self.clone();
+        // A name that is only blanks is as good as none.
+        if r.name.trim().is_empty() {
+            return Err(missing_name());
+        }
+        validate::image_name(&r.name)?;
+        if let Some(f) = &r.family {
+            validate::image_family(f)?;
+        }
+        if let Some(v) = &r.image_version {
+            validate::image_version(v)?;
+        }
+        if let Some(d) = &r.description {
+            validate::description(d)?;
+        }
+        // With --detect and no platform, the platform is the one detected (the default otherwise),
+        // so it stays None until the system disk has been checked.
+        r.platform = match r.platform.as_deref() {
+            Some(p) => Some(validate::platform(p)?.into()),
+            None if r.detect && !r.data_image => None,
+            None => Some(validate::DEFAULT_PLATFORM.into()),
+        };
+        let arch = r
+            .architecture
+            .as_deref()
+            .unwrap_or(validate::DEFAULT_ARCHITECTURE);
+        r.architecture = Some(validate::architecture(arch)?.into());
+        let boot_mode = r
+            .boot_mode
+            .as_deref()
+            .unwrap_or(validate::DEFAULT_BOOT_MODE);
+        r.boot_mode = Some(validate::boot_mode(boot_mode)?.into());
+        validate::tags(&r.tags)?;
+        if let Some(t) = &r.client_token {
+            validate::client_token(t)?;
+        }
+        Ok(r)
+    }
+
+    /// The manifest's ImageType: a system image, or data disks only.
+    pub fn image_type(&self) -> &'static str {
+        if self.data_image {
+            "DataDisk"
+        } else {
+            "System"
+        }
+    }
+}
+
+/// An instance's disks as create requests them.
+pub struct InstanceDisks {
+    pub instance: InstanceSource,
+    pub specs: Vec<DiskSpec>,
+    /// Disks left out (CD-ROMs, floppies), for the user.
+    pub skipped: Vec<String>,
+}
+
+/// Reads the domain XML at `xml_path` (`-` for stdin) and turns its disks, adjusted by `exclude`
+/// (targets to leave out) and `entries` (`--disk device=vdX,...` texts), into disk specs.
+pub fn instance_disks(
+    xml_path: &Path,
+    exclude: &[String],
+    entries: &[String],
+) -> Result<InstanceDisks> {
+    let (xml, dir) = read_domain_xml(xml_path)?;
+    let inst = instance::parse_domain(&xml, &dir)?;
+    let adj = instance::Adjustments {
+        exclude: exclude.to_vec(),
+        entries: entries
+            .iter()
+            .map(|d| instance::Adjustment::parse(d))
+            .collect::<Result<_>>()?,
+    };
+    let (mapped, skipped) = instance::to_disk_specs(&inst, &adj)?;
+    let targets = mapped
+        .iter()
+        .filter_map(|m| Some((m.spec.device.clone()?, m.original_target.clone()?)))
+        .collect();
+    let specs = mapped.into_iter().map(|m| m.spec).collect();
+    Ok(InstanceDisks {
+        instance: InstanceSource {
+            name: inst.name.clone(),
+            uuid: inst.uuid.clone(),
+            targets,
+            disks: inst.disks,
+        },
+        specs,
+        skipped,
+    })
+}
+
+/// The XML's text, and the directory its relative disk paths are relative to (the current one for
+/// stdin). At most [`instance::MAX_XML_LEN`] bytes are read.
+fn read_domain_xml(xml_path: &Path) -> Result<(String, PathBuf)> {
+    if xml_path == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(std::io::stdin(), instance::MAX_XML_LEN as u64 + 1),
+            &mut text,
+        )
+        .map_err(|e| Error::io(xml_path, "reading the instance XML from", e))?;
+        return Ok((text, std::env::current_dir().unwrap_or_default()));
+    }
+    let meta = std::fs::metadata(xml_path).map_err(|e| Error::io(xml_path, "reading", e))?;
+    if meta.len() > instance::MAX_XML_LEN as u64 {
+        return Err(Error::new(
+            Code::InvalidInstanceMalformed,
+            format!("{}: larger than a domain XML can be", xml_path.display()),
+        ));
+    }
+    let text = std::fs::read_to_string(xml_path).map_err(|e| Error::io(xml_path, "reading", e))?;
+    let dir = xml_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    Ok((text, dir.to_path_buf()))
+}
