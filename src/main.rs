@@ -48,7 +48,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             emit(&output::store::describe(&out, json, tty));
         }
         Command::Delete(args) => {
-            let out = commands::describe::delete(&args.ids, store)?;
+            let out = commands::delete::delete(&args.ids, store)?;
             emit(&output::store::delete(&out, json));
         }
         Command::Verify(args) => {

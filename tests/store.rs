@@ -771,3 +771,28 @@ fn completions_are_printed_for_each_shell() {
         assert!(r.stdout.contains("describe"), "{shell}");
     }
 }
+
+/// `verify` and `check` resolve their target the same way, but a file that exists under an
+/// ImageId-shaped name is a disk file to `check` and still an ImageId to `verify`.
+#[test]
+fn verify_and_check_resolve_image_ids_and_files_alike() {
+    let t = tmp();
+    let d = t.path();
+    let id = "m-0123456789abcdefghij";
+    sparse_raw(&d.join(id), 1 << 20);
+    let store = path_str(&d.join("store"));
+    let r = kiln_in(d, &["--json", "--store", &store, "check", id]);
+    assert_eq!(r.status, 1, "{}", r.stdout);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["Result"], "Fail", "{}", r.stdout);
+    let r = kiln_in(d, &["--json", "--store", &store, "verify", id]);
+    assert_eq!(r.code(), "InvalidImageId.NotFound");
+    assert!(r.stdout.contains("in the store"), "{}", r.stdout);
+    let r = kiln_in(d, &["--json", "verify", "nothing-here"]);
+    assert_eq!(r.code(), "InvalidImageId.NotFound");
+    assert!(
+        r.stdout.contains("neither an image directory"),
+        "{}",
+        r.stdout
+    );
+}

@@ -1,5 +1,4 @@
-//! `kiln describe` (DescribeImages; with a family, DescribeImageFromFamily) and `kiln delete`
-//! (DeleteImage): the image store's read and remove commands.
+//! `kiln describe`: DescribeImages, and with a family DescribeImageFromFamily.
 
 use std::path::Path;
 
@@ -69,21 +68,4 @@ fn newest_of_family(images: Vec<Record>, family: &str) -> Option<Record> {
     images
         .into_iter()
         .rfind(|r| r.image_family.as_deref() == Some(family) && r.status == store::AVAILABLE)
-}
-
-/// The images deleted, in the order named.
-#[derive(Debug, Clone)]
-pub struct DeleteOutcome {
-    pub deleted: Vec<Record>,
-}
-
-/// Deletes images by ID; a malformed ID is reported as not found before anything is deleted.
-pub fn delete(ids: &[String], store: Option<&Path>) -> Result<DeleteOutcome> {
-    let store = Store::at(store::locate(store)?);
-    if let Some(bad) = ids.iter().find(|id| !store::is_image_id(id)) {
-        return Err(store::not_found(bad));
-    }
-    Ok(DeleteOutcome {
-        deleted: store.delete(ids)?,
-    })
 }

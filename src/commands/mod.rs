@@ -4,6 +4,7 @@ pub mod check;
 pub mod completions;
 pub mod convert;
 pub mod create;
+pub mod delete;
 pub mod describe;
 pub mod inspect;
 pub mod target;

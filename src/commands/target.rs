@@ -79,3 +79,41 @@ fn store_image(id: &str, store: Option<&Path>, use_: TargetUse) -> Result<PathBu
     }
     store.checked_image_dir(&r.image_id)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "m-0123456789abcdefghij";
+
+    #[test]
+    fn a_directory_is_an_image_for_both_commands() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().to_str().unwrap();
+        for use_ in [TargetUse::Verify, TargetUse::Check] {
+            assert_eq!(
+                resolve(dir, None, use_).unwrap(),
+                Target::ImageDir(t.path().into())
+            );
+        }
+    }
+
+    #[test]
+    fn an_image_id_is_looked_up_in_the_store() {
+        let t = tempfile::tempdir().unwrap();
+        let e = image_dir(ID, Some(&t.path().join("store"))).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidImageIdNotFound);
+        assert!(e.message().contains("no image"), "{e}");
+    }
+
+    #[test]
+    fn verify_refuses_what_is_neither_a_directory_nor_an_image_id() {
+        let e = image_dir("/no/such/thing", None).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidImageIdNotFound);
+        assert!(e.message().contains("neither an image directory"), "{e}");
+        assert_eq!(
+            resolve("/no/such/thing", None, TargetUse::Check).unwrap(),
+            Target::File("/no/such/thing".into())
+        );
+    }
+}
