@@ -8,6 +8,7 @@ use clap::Parser;
 use kiln::cli::{Cli, Command};
 use kiln::commands::create::{CreateResult, DryRunReport};
 use kiln::error::{Code, Error};
+use kiln::image::attributes::Status;
 use kiln::image::store::{self, Record, Store};
 use kiln::util::size::human;
 
@@ -99,24 +100,22 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
         }
         Command::Describe(args) => {
             let store = Store::at(store::locate(cli.store.as_deref())?);
-            if let Some(s) = &args.status {
-                if !store::STATUSES.contains(&s.as_str()) {
-                    return Err(Error::new(
+            let status = match &args.status {
+                None => None,
+                Some(s) => Some(Status::parse(s).ok_or_else(|| {
+                    Error::new(
                         Code::InvalidParameter,
-                        format!(
-                            "--status '{s}' is not one of: {}",
-                            store::STATUSES.join(", ")
-                        ),
-                    ));
-                }
-            }
+                        format!("--status '{s}' is not one of: {}", Status::list()),
+                    )
+                })?),
+            };
             let filters = kiln::cli::tag_filters(&args.tags);
             let mut images: Vec<Record> = store
                 .list()?
                 .into_iter()
                 .filter(|r| args.ids.is_empty() || args.ids.contains(&r.image_id))
                 .filter(|r| args.name.as_ref().is_none_or(|n| &r.image_name == n))
-                .filter(|r| args.status.as_ref().is_none_or(|s| &r.status == s))
+                .filter(|r| status.is_none_or(|s| r.status == s))
                 .filter(|r| {
                     filters.iter().all(|(k, v)| {
                         r.tags
@@ -129,7 +128,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                 // DescribeImageFromFamily: the newest Available image of the family.
                 images = images
                     .into_iter()
-                    .rfind(|r| r.image_family.as_ref() == Some(f) && r.status == store::AVAILABLE)
+                    .rfind(|r| r.image_family.as_ref() == Some(f) && r.status == Status::Available)
                     .into_iter()
                     .collect();
             }
@@ -168,7 +167,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
                 let r = store
                     .get(&args.target)?
                     .ok_or_else(|| store::not_found(&args.target))?;
-                if r.status != store::AVAILABLE {
+                if r.status != Status::Available {
                     return Err(Error::new(
                         Code::IncorrectImageStatus,
                         format!(

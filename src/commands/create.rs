@@ -17,9 +17,12 @@ use crate::detect::{self, relocate};
 use crate::error::{Code, Error, Result};
 use crate::format::gate::BackingGate;
 use crate::format::{self, BlockSource, ExtentKind, Format, OpenOptions, Opened};
-use crate::image::manifest::{self, DiskRecord, Manifest, SourceRecord, Tag};
+use crate::image::attributes::{
+    Architecture, BootMode, ImageAttributes, ImageType, Platform, Status, Tag,
+};
+use crate::image::manifest::{self, DiskRecord, FileRead, Manifest, SourceRecord};
 use crate::image::publish::{self, Staging};
-use crate::image::store::{self, Admission, Creating, Record, RecordProgress, Store};
+use crate::image::store::{Admission, Creating, Record, RecordProgress, Store};
 use crate::prepare::qemu_lock;
 use crate::request::instance;
 use crate::request::plan::{self, DiskLayout, DiskSpec, PlannedDisk};
@@ -45,9 +48,9 @@ pub struct CreateRequest {
     pub image_version: Option<String>,
     pub description: Option<String>,
     /// None: the API's default (Others Linux, x86_64, BIOS).
-    pub platform: Option<String>,
-    pub architecture: Option<String>,
-    pub boot_mode: Option<String>,
+    pub platform: Option<Platform>,
+    pub architecture: Option<Architecture>,
+    pub boot_mode: Option<BootMode>,
     pub tags: Vec<(String, String)>,
     /// `--disk` entries, in the order given.
     pub disks: Vec<DiskSpec>,
@@ -258,21 +261,12 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateR
             });
             match built {
                 Ok(mut out) => {
-                    let disks = match serde_json::to_value(&out.manifest.disks) {
-                        Ok(serde_json::Value::Array(a)) => a,
-                        _ => Vec::new(),
-                    };
-                    let detection = out
-                        .manifest
-                        .detection
-                        .as_ref()
-                        .and_then(|d| serde_json::to_value(d).ok());
                     let rec = creating.finish(|r| {
                         r.size_gib = out.manifest.size_gib;
                         r.directory = Some(out.output_dir.clone());
-                        r.disks = disks;
-                        r.platform = out.manifest.platform.clone();
-                        r.detection = detection;
+                        r.disks = out.manifest.disks.clone();
+                        r.platform = out.manifest.platform;
+                        r.detection = out.manifest.detection.clone();
                     })?;
                     out.record = Some(rec);
                     testhook::checkpoint("available");
@@ -308,27 +302,11 @@ fn normalise(req: &CreateRequest) -> Result<CreateRequest> {
     }
     // With --detect and no platform, the platform is the one detected (the default otherwise), so
     // it stays None until the system disk has been checked.
-    r.platform = match r.platform.as_deref() {
-        Some(p) => Some(validate::platform(p)?.into()),
-        None if r.detect && !r.data_image => None,
-        None => Some(validate::DEFAULT_PLATFORM.into()),
-    };
-    r.architecture = Some(
-        validate::architecture(
-            r.architecture
-                .as_deref()
-                .unwrap_or(validate::DEFAULT_ARCHITECTURE),
-        )?
-        .into(),
-    );
-    r.boot_mode = Some(
-        validate::boot_mode(
-            r.boot_mode
-                .as_deref()
-                .unwrap_or(validate::DEFAULT_BOOT_MODE),
-        )?
-        .into(),
-    );
+    if r.platform.is_none() && !(r.detect && !r.data_image) {
+        r.platform = Some(Platform::default());
+    }
+    r.architecture = Some(r.architecture.unwrap_or_default());
+    r.boot_mode = Some(r.boot_mode.unwrap_or_default());
     validate::tags(&r.tags)?;
     if let Some(t) = &r.client_token {
         validate::client_token(t)?;
@@ -435,9 +413,9 @@ fn prepare(
                 .info
                 .chain
                 .iter()
-                .map(|c| format::ChainEntry {
+                .map(|c| FileRead {
                     path: absolute(&c.path),
-                    format: c.format,
+                    format: c.format.as_str().to_string(),
                 })
                 .collect(),
         });
@@ -565,7 +543,7 @@ fn build(
         sums.push((sha256.clone(), file.clone()));
         disks.push(DiskRecord {
             device: d.device.clone(),
-            disk_type: d.disk_type.as_str().to_string(),
+            disk_type: d.disk_type,
             file,
             format: req.output.format.extension().to_string(),
             virtual_size,
@@ -595,32 +573,15 @@ fn build(
     };
     let platform = req
         .platform
-        .clone()
-        .or_else(|| detection.as_ref().and_then(|r| r.platform.clone()))
-        .unwrap_or_else(|| validate::DEFAULT_PLATFORM.into());
+        .or_else(|| detection.as_ref().and_then(|r| r.platform))
+        .unwrap_or_default();
     let manifest = Manifest {
-        image_id: image_id.to_string(),
-        image_name: req.name.clone(),
-        image_family: req.family.clone(),
-        image_version: req.image_version.clone(),
-        description: req.description.clone().unwrap_or_default(),
-        platform,
-        architecture: req.architecture.clone().unwrap_or_default(),
-        boot_mode: req.boot_mode.clone().unwrap_or_default(),
-        tags: req
-            .tags
-            .iter()
-            .map(|(k, v)| Tag {
-                key: k.clone(),
-                value: v.clone(),
-            })
-            .collect(),
+        attributes: attributes(req, image_id, platform),
         creation_time: manifest::now_rfc3339(),
-        status: "Available".into(),
+        status: Status::Available,
         client_token: req.client_token.clone(),
         size_gib: disks.iter().map(|d| d.size_gib).sum(),
         kiln_version: env!("CARGO_PKG_VERSION").into(),
-        image_type: image_type(req).into(),
         instance: req.instance.as_ref().map(|i| manifest::InstanceRecord {
             name: i.name.clone(),
             uuid: i.uuid.clone(),
@@ -647,12 +608,30 @@ fn build(
     })
 }
 
-/// The manifest's ImageType: a system image, or data disks only.
-fn image_type(req: &CreateRequest) -> &'static str {
-    if req.data_image {
-        "DataDisk"
-    } else {
-        "System"
+/// What the manifest and the record say of the image, from the request.
+fn attributes(req: &CreateRequest, image_id: &str, platform: Platform) -> ImageAttributes {
+    ImageAttributes {
+        image_id: image_id.to_string(),
+        image_name: req.name.clone(),
+        image_type: if req.data_image {
+            ImageType::DataDisk
+        } else {
+            ImageType::System
+        },
+        image_family: req.family.clone(),
+        image_version: req.image_version.clone(),
+        description: req.description.clone().unwrap_or_default(),
+        platform,
+        architecture: req.architecture.unwrap_or_default(),
+        boot_mode: req.boot_mode.unwrap_or_default(),
+        tags: req
+            .tags
+            .iter()
+            .map(|(k, v)| Tag {
+                key: k.clone(),
+                value: v.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -661,28 +640,9 @@ fn new_record(req: &CreateRequest, image_id: &str, digest: &str) -> Record {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     Record {
-        image_id: image_id.to_string(),
-        image_type: image_type(req).into(),
-        image_name: req.name.clone(),
-        image_family: req.family.clone(),
-        image_version: req.image_version.clone(),
-        description: req.description.clone().unwrap_or_default(),
-        // Until the check of the system disk says otherwise (--detect without a platform).
-        platform: req
-            .platform
-            .clone()
-            .unwrap_or_else(|| validate::DEFAULT_PLATFORM.into()),
-        architecture: req.architecture.clone().unwrap_or_default(),
-        boot_mode: req.boot_mode.clone().unwrap_or_default(),
-        tags: req
-            .tags
-            .iter()
-            .map(|(k, v)| store::RecordTag {
-                key: k.clone(),
-                value: v.clone(),
-            })
-            .collect(),
-        status: store::CREATING.into(),
+        // The platform until the check of the system disk says otherwise (--detect without one).
+        attributes: attributes(req, image_id, req.platform.unwrap_or_default()),
+        status: Status::Creating,
         progress: "0%".into(),
         client_token: req.client_token.clone(),
         request_digest: digest.to_string(),

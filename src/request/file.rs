@@ -174,16 +174,12 @@ pub fn parse(v: &Value, path: &Path, base: &Path) -> Result<RequestFile> {
                 Some(_) => return Err(bad(path, format!("{} must be a number of GiB or a string such as \"40G\"", at("Size")))),
             };
             if let Some(t) = string(o, "DiskType", path)? {
-                d.disk_type = Some(match t.to_ascii_lowercase().as_str() {
-                    "system" => DiskType::System,
-                    "data" => DiskType::Data,
-                    _ => {
-                        return Err(bad(
-                            path,
-                            format!("{} '{t}' is neither 'system' nor 'data'", at("DiskType")),
-                        ))
-                    }
-                });
+                d.disk_type = Some(DiskType::parse_loose(&t).ok_or_else(|| {
+                    bad(
+                        path,
+                        format!("{} '{t}' is neither 'system' nor 'data'", at("DiskType")),
+                    )
+                })?);
             }
             if let Some(f) = string(o, "Format", path)? {
                 d.format = Some(Format::parse(&f).ok_or_else(|| {

@@ -13,19 +13,11 @@ pub const MAX_DATA_DISKS: usize = 16;
 pub const DEFAULT_EMPTY_DISK_SIZE: u64 = 5 * GIB;
 pub const SYSTEM_DEVICE: &str = "/dev/xvda";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DiskType {
-    System,
-    Data,
-}
-
-impl DiskType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DiskType::System => "system",
-            DiskType::Data => "data",
-        }
+crate::image::attributes::api_enum! {
+    /// The system disk, or a data disk.
+    pub enum DiskType {
+        System = "system",
+        Data = "data",
     }
 }
 
@@ -61,16 +53,12 @@ impl DiskSpec {
                 "device" => spec.device = Some(normalize_device(value)?),
                 "size" => spec.size = Some(size::parse_size(value)?),
                 "type" | "disktype" | "disk_type" => {
-                    spec.disk_type = Some(match value.to_ascii_lowercase().as_str() {
-                        "system" => DiskType::System,
-                        "data" => DiskType::Data,
-                        _ => {
-                            return Err(Error::new(
-                                Code::InvalidParameter,
-                                format!("--disk '{text}': type '{value}' is neither 'system' nor 'data'"),
-                            ))
-                        }
-                    })
+                    spec.disk_type = Some(DiskType::parse_loose(value).ok_or_else(|| {
+                        Error::new(
+                            Code::InvalidParameter,
+                            format!("--disk '{text}': type '{value}' is neither 'system' nor 'data'"),
+                        )
+                    })?)
                 }
                 "format" => {
                     spec.format = Some(Format::parse(value).ok_or_else(|| {
