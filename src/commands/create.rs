@@ -25,7 +25,7 @@ use crate::image::publish::{self, Staging};
 use crate::image::store::{Admission, Creating, Record, RecordProgress, Store};
 use crate::prepare::qemu_lock;
 use crate::request::instance;
-use crate::request::plan::{self, DiskLayout, DiskSpec, PlannedDisk};
+use crate::request::plan::{self, Device, DiskLayout, DiskSpec, PlannedDisk};
 use crate::request::validate;
 use crate::util::size::{self, MIB};
 use crate::util::testhook;
@@ -88,7 +88,7 @@ pub struct InstanceSource {
     pub name: String,
     pub uuid: Option<String>,
     /// Each image device with the instance target it came from.
-    pub targets: Vec<(String, String)>,
+    pub targets: Vec<(Device, String)>,
     /// The domain's disks, for checking `<backingStore>` against what kiln reads.
     pub disks: Vec<crate::request::instance::InstanceDisk>,
 }
@@ -111,7 +111,7 @@ pub struct CreateOutcome {
 #[derive(Debug, Clone, Serialize)]
 pub struct PlannedDiskReport {
     #[serde(rename = "Device")]
-    pub device: String,
+    pub device: Device,
     #[serde(rename = "DiskType")]
     pub disk_type: String,
     /// None for an empty disk.
@@ -302,7 +302,8 @@ fn normalise(req: &CreateRequest) -> Result<CreateRequest> {
     }
     // With --detect and no platform, the platform is the one detected (the default otherwise), so
     // it stays None until the system disk has been checked.
-    if r.platform.is_none() && !(r.detect && !r.data_image) {
+    let detected_later = r.detect && !r.data_image;
+    if r.platform.is_none() && !detected_later {
         r.platform = Some(Platform::default());
     }
     r.architecture = Some(r.architecture.unwrap_or_default());
@@ -499,7 +500,7 @@ fn build(
     testhook::checkpoint("staging");
     let disk_names: Vec<(String, u64)> = prepared
         .iter()
-        .map(|p| (p.planned.device.clone(), p.virtual_size))
+        .map(|p| (p.planned.device.to_string(), p.virtual_size))
         .collect();
     let mut records = Vec::with_capacity(prepared.len());
     let mut jobs = Vec::with_capacity(prepared.len());
@@ -508,7 +509,7 @@ fn build(
     for p in prepared {
         stamps.extend(p.stamps);
         jobs.push(DiskJob {
-            name: p.planned.device.clone(),
+            name: p.planned.device.to_string(),
             source: p.opened.map(|o| o.source),
             virtual_size: p.virtual_size,
             out_path: staging.dir().join(&p.file),
@@ -885,9 +886,9 @@ fn dry_run_detection(
 /// What `--detect` checks the system disk against: the request's (normalised) attributes.
 fn detect_options(req: &CreateRequest) -> detect::DetectOptions {
     detect::DetectOptions {
-        boot_mode: req.boot_mode.clone(),
-        architecture: req.architecture.clone(),
-        platform: req.platform.clone(),
+        boot_mode: req.boot_mode,
+        architecture: req.architecture,
+        platform: req.platform,
     }
 }
 

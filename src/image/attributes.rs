@@ -133,25 +133,30 @@ api_enum! {
     }
 }
 
-/// The API's defaults: what an image is when the request does not say.
+// The API's defaults: what an image is when the request does not say. Written out together here
+// rather than derived inside each `api_enum!`, so they read as the API documents them.
+#[allow(clippy::derivable_impls)]
 impl Default for ImageType {
     fn default() -> Self {
         ImageType::System
     }
 }
 
+#[allow(clippy::derivable_impls)]
 impl Default for BootMode {
     fn default() -> Self {
         BootMode::Bios
     }
 }
 
+#[allow(clippy::derivable_impls)]
 impl Default for Architecture {
     fn default() -> Self {
         Architecture::X86_64
     }
 }
 
+#[allow(clippy::derivable_impls)]
 impl Default for Platform {
     fn default() -> Self {
         Platform::OthersLinux

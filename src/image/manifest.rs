@@ -10,7 +10,7 @@ use crate::copy::engine::CopyStats;
 use crate::format::ChainEntry;
 pub use crate::image::attributes::Tag;
 use crate::image::attributes::{ImageAttributes, Status};
-use crate::request::plan::DiskType;
+use crate::request::plan::{Device, DiskType};
 
 /// One file read while opening a source.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,7 +55,7 @@ pub struct InstanceRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct DiskRecord {
-    pub device: String,
+    pub device: Device,
     /// The instance's target name for this disk (`vda`), with `--instance`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_target: Option<String>,
