@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Code, Error, Result};
 use crate::format::{ChainEntry, Format};
-use crate::request::plan::{self, Device, DiskSpec, DiskType, MAX_DATA_DISKS, SYSTEM_DEVICE};
+use crate::request::plan::{Device, DiskSpec, DiskType, MAX_DATA_DISKS, SYSTEM_DEVICE};
 
 /// Largest domain XML accepted (libvirt's own limit for a domain definition is 10 MiB).
 pub const MAX_XML_LEN: usize = 16 << 20;
@@ -499,7 +499,7 @@ pub fn to_disk_specs(inst: &Instance, adj: &Adjustments) -> Result<(Vec<MappedDi
                     .device
                     .as_deref()
                     .filter(|d| d.starts_with("xvd"))
-                    .map(plan::normalize_device)
+                    .map(Device::parse)
                     .transpose()?;
                 if device.as_ref().is_some_and(Device::is_system) {
                     return Err(Error::new(
@@ -737,7 +737,7 @@ mod tests {
         assert_eq!(m[0].spec.format, Some(Format::Qcow2));
         // The planner accepts what comes out.
         let specs: Vec<DiskSpec> = m.iter().map(|d| d.spec.clone()).collect();
-        let l = plan::assign_devices(&specs, None).unwrap();
+        let l = crate::request::plan::assign_devices(&specs, None).unwrap();
         assert_eq!(l.disks[0].snapshot, Some(PathBuf::from("/vm/b.qcow2")));
     }
 
@@ -969,7 +969,7 @@ mod tests {
         assert_eq!(m[1].spec.size, Some(7 * GIB));
         // The "only grows" rule is the planner's, on the carried size.
         assert_eq!(
-            plan::resolve_size("/dev/xvdc", m[1].spec.size, Some(10 * GIB))
+            crate::request::plan::resolve_size("/dev/xvdc", m[1].spec.size, Some(10 * GIB))
                 .unwrap_err()
                 .code(),
             Code::InvalidSize

@@ -50,7 +50,7 @@ impl DiskSpec {
                     }
                     spec.snapshot = Some(PathBuf::from(value));
                 }
-                "device" => spec.device = Some(normalize_device(value)?),
+                "device" => spec.device = Some(Device::parse(value)?),
                 "size" => spec.size = Some(size::parse_size(value)?),
                 "type" | "disktype" | "disk_type" => {
                     spec.disk_type = Some(DiskType::parse_loose(value).ok_or_else(|| {
@@ -149,11 +149,6 @@ impl PartialEq<&str> for Device {
     fn eq(&self, other: &&str) -> bool {
         self.0 == *other
     }
-}
-
-/// `xvdb` → `/dev/xvdb`; anything but `/dev/xvd[a-z]` is malformed.
-pub fn normalize_device(text: &str) -> Result<Device> {
-    Device::parse(text)
 }
 
 /// A disk with its device settled.
@@ -425,11 +420,11 @@ mod tests {
 
     #[test]
     fn devices_are_normalized_and_checked() {
-        assert_eq!(normalize_device("xvdc").unwrap(), "/dev/xvdc");
-        assert_eq!(normalize_device("/dev/xvdz").unwrap(), "/dev/xvdz");
+        assert_eq!(Device::parse("xvdc").unwrap(), "/dev/xvdc");
+        assert_eq!(Device::parse("/dev/xvdz").unwrap(), "/dev/xvdz");
         for bad in ["/dev/sda", "xvd", "xvdA", "/dev/xvdaa", "vdb", "/dev/xvd1"] {
             assert_eq!(
-                normalize_device(bad).unwrap_err().code(),
+                Device::parse(bad).unwrap_err().code(),
                 Code::InvalidDeviceMalformed,
                 "{bad}"
             );
