@@ -17,6 +17,7 @@ use crate::image::store;
 use crate::request::create::{self as create_request, CreateRequest, Destination};
 use crate::request::file::{self as request_file, RequestFile};
 use crate::request::plan::DiskSpec;
+use crate::request::validate;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -533,9 +534,27 @@ impl CreateArgs {
             family: self.family.clone().or(file.image_family),
             image_version: self.image_version.clone().or(file.image_version),
             description: self.description.clone().or(file.description),
-            platform: self.platform.clone().or(file.platform),
-            architecture: self.architecture.clone().or(file.architecture),
-            boot_mode: self.boot_mode.clone().or(file.boot_mode),
+            platform: self
+                .platform
+                .clone()
+                .or(file.platform)
+                .as_deref()
+                .map(validate::platform)
+                .transpose()?,
+            architecture: self
+                .architecture
+                .clone()
+                .or(file.architecture)
+                .as_deref()
+                .map(validate::architecture)
+                .transpose()?,
+            boot_mode: self
+                .boot_mode
+                .clone()
+                .or(file.boot_mode)
+                .as_deref()
+                .map(validate::boot_mode)
+                .transpose()?,
             tags,
             disks,
             snapshot,

@@ -157,7 +157,7 @@ fn dumped_xml_maps_boot_disk_data_disk_and_skips_the_cdrom() {
         .iter()
         .map(|m| {
             (
-                m.spec.device.clone().unwrap(),
+                m.spec.device.as_ref().unwrap().to_string(),
                 m.original_target.clone().unwrap(),
                 m.spec.snapshot.clone().unwrap(),
                 m.spec.format,
@@ -273,7 +273,7 @@ fn adjustments_over_dumped_xml() {
         .iter()
         .map(|m| {
             (
-                m.spec.device.clone().unwrap(),
+                m.spec.device.as_ref().unwrap().to_string(),
                 m.original_target.clone(),
                 m.spec.size,
             )

@@ -8,6 +8,7 @@ use crate::commands::target::{self, Target, TargetUse};
 use crate::detect::{self, DetectOptions, Report};
 use crate::error::{Code, Error, Result};
 use crate::format::Format;
+use crate::image::manifest::Manifest;
 use crate::request::plan::SYSTEM_DEVICE;
 use crate::request::validate;
 
@@ -45,20 +46,17 @@ pub fn check(req: &CheckRequest, store: Option<&Path>) -> Result<CheckOutcome> {
             .boot_mode
             .as_deref()
             .map(validate::boot_mode)
-            .transpose()?
-            .map(Into::into),
+            .transpose()?,
         architecture: req
             .architecture
             .as_deref()
             .map(validate::architecture)
-            .transpose()?
-            .map(Into::into),
+            .transpose()?,
         platform: req
             .platform
             .as_deref()
             .map(validate::platform)
-            .transpose()?
-            .map(Into::into),
+            .transpose()?,
     };
     let (disk, format) = match target::resolve(&req.target, store, TargetUse::Check)? {
         Target::ImageDir(dir) => system_disk(&dir, &mut opts)?,
@@ -81,19 +79,19 @@ fn system_disk(dir: &Path, opts: &mut DetectOptions) -> Result<(PathBuf, Option<
         ),
         _ => Error::io(&path, "reading", e),
     })?;
-    let m: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+    let m = Manifest::from_json(&bytes).map_err(|e| {
         Error::new(
             Code::InvalidParameter,
             format!("{}: not a kiln manifest ({e})", path.display()),
         )
     })?;
-    let text = |k: &str| m[k].as_str().map(str::to_string);
-    opts.boot_mode = opts.boot_mode.take().or_else(|| text("BootMode"));
-    opts.architecture = opts.architecture.take().or_else(|| text("Architecture"));
-    opts.platform = opts.platform.take().or_else(|| text("Platform"));
-    let disk = m["DiskDeviceMappings"]
-        .as_array()
-        .and_then(|a| a.iter().find(|d| d["Device"] == SYSTEM_DEVICE))
+    opts.boot_mode = opts.boot_mode.or(Some(m.boot_mode));
+    opts.architecture = opts.architecture.or(Some(m.architecture));
+    opts.platform = opts.platform.or(Some(m.platform));
+    let disk = m
+        .disks
+        .iter()
+        .find(|d| d.device == SYSTEM_DEVICE)
         .ok_or_else(|| {
             Error::new(
                 Code::InvalidParameter,
@@ -103,7 +101,7 @@ fn system_disk(dir: &Path, opts: &mut DetectOptions) -> Result<(PathBuf, Option<
                 ),
             )
         })?;
-    let file = disk["File"].as_str().unwrap_or_default();
+    let file = disk.file.as_str();
     // The manifest names files inside the image directory; refuse anything that would leave it.
     if file.is_empty() || file.contains('/') || file == ".." {
         return Err(Error::new(
@@ -114,8 +112,5 @@ fn system_disk(dir: &Path, opts: &mut DetectOptions) -> Result<(PathBuf, Option<
             ),
         ));
     }
-    Ok((
-        dir.join(file),
-        disk["Format"].as_str().and_then(Format::parse),
-    ))
+    Ok((dir.join(file), Format::parse(&disk.format)))
 }

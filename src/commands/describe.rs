@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use crate::error::{Code, Error, Result};
+use crate::image::attributes::Status;
 use crate::image::store::{self, Record, Store};
 
 /// Which images to list; every filter given must match.
@@ -28,21 +29,19 @@ pub struct DescribeOutcome {
 /// Lists the store's images that match `req`. `store` is the global `--store`.
 pub fn describe(req: &DescribeRequest, store: Option<&Path>) -> Result<DescribeOutcome> {
     let store = Store::at(store::locate(store)?);
-    if let Some(s) = &req.status {
-        if !store::STATUSES.contains(&s.as_str()) {
-            return Err(Error::new(
+    let status = match &req.status {
+        None => None,
+        Some(s) => Some(Status::parse(s).ok_or_else(|| {
+            Error::new(
                 Code::InvalidParameter,
-                format!(
-                    "--status '{s}' is not one of: {}",
-                    store::STATUSES.join(", ")
-                ),
-            ));
-        }
-    }
+                format!("--status '{s}' is not one of: {}", Status::list()),
+            )
+        })?),
+    };
     let mut images: Vec<Record> = store
         .list()?
         .into_iter()
-        .filter(|r| matches(req, r))
+        .filter(|r| matches(req, status, r))
         .collect();
     if let Some(f) = &req.family {
         images = newest_of_family(images, f).into_iter().collect();
@@ -52,10 +51,10 @@ pub fn describe(req: &DescribeRequest, store: Option<&Path>) -> Result<DescribeO
 }
 
 /// Whether `r` passes the ID, name, status and tag filters.
-fn matches(req: &DescribeRequest, r: &Record) -> bool {
+fn matches(req: &DescribeRequest, status: Option<Status>, r: &Record) -> bool {
     (req.ids.is_empty() || req.ids.contains(&r.image_id))
         && req.name.as_ref().is_none_or(|n| &r.image_name == n)
-        && req.status.as_ref().is_none_or(|s| &r.status == s)
+        && status.is_none_or(|s| r.status == s)
         && req.tags.iter().all(|(k, v)| {
             r.tags
                 .iter()
@@ -67,5 +66,5 @@ fn matches(req: &DescribeRequest, r: &Record) -> bool {
 fn newest_of_family(images: Vec<Record>, family: &str) -> Option<Record> {
     images
         .into_iter()
-        .rfind(|r| r.image_family.as_deref() == Some(family) && r.status == store::AVAILABLE)
+        .rfind(|r| r.image_family.as_deref() == Some(family) && r.status == Status::Available)
 }

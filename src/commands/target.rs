@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Code, Error, Result};
+use crate::image::attributes::Status;
 use crate::image::store::{self, Store};
 
 /// Which command resolves the target.
@@ -66,7 +67,7 @@ pub fn image_dir(target: &str, store: Option<&Path>) -> Result<PathBuf> {
 fn store_image(id: &str, store: Option<&Path>, use_: TargetUse) -> Result<PathBuf> {
     let store = Store::at(store::locate(store)?);
     let r = store.get(id)?.ok_or_else(|| store::not_found(id))?;
-    if r.status != store::AVAILABLE {
+    if r.status != Status::Available {
         return Err(Error::new(
             Code::IncorrectImageStatus,
             format!(

@@ -88,7 +88,7 @@ pub struct DiskJob {
 }
 
 /// What the copy did, in bytes of guest data.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CopyStats {
     /// Non-zero data written.
     #[serde(rename = "BytesCopied")]

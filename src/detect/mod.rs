@@ -18,7 +18,9 @@ pub mod relocate;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use crate::image::attributes::{Architecture, BootMode, Platform};
 
 use crate::error::Result;
 use crate::format::BlockSource;
@@ -30,7 +32,7 @@ use osrelease::OsRelease;
 /// The only strategy there is (the API's `DetectionStrategy: Standard`).
 pub const STANDARD: &str = "Standard";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Status {
     Pass,
     Warn,
@@ -48,7 +50,7 @@ impl Status {
 }
 
 /// One check and what it found.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Item {
     #[serde(rename = "Check")]
     pub check: String,
@@ -59,7 +61,7 @@ pub struct Item {
 }
 
 /// A partition as found.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Partition {
     /// 1-based as Linux numbers them; 0 for a filesystem on the whole disk.
     #[serde(rename = "Number")]
@@ -76,7 +78,7 @@ pub struct Partition {
     #[serde(rename = "TypeId")]
     pub type_id: String,
     /// The GPT partition name.
-    #[serde(rename = "Name", skip_serializing_if = "String::is_empty")]
+    #[serde(rename = "Name", default, skip_serializing_if = "String::is_empty")]
     pub name: String,
     #[serde(rename = "Filesystem")]
     pub filesystem: Option<String>,
@@ -89,13 +91,13 @@ pub struct Partition {
 /// What the image is checked against (canonical spellings; None: not checked).
 #[derive(Debug, Clone, Default)]
 pub struct DetectOptions {
-    pub boot_mode: Option<String>,
-    pub architecture: Option<String>,
-    pub platform: Option<String>,
+    pub boot_mode: Option<BootMode>,
+    pub architecture: Option<Architecture>,
+    pub platform: Option<Platform>,
 }
 
 /// The report: the manifest's `Detection`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     #[serde(rename = "Strategy")]
     pub strategy: String,
@@ -117,7 +119,7 @@ pub struct Report {
     pub os: Option<OsRelease>,
     /// The Platform the OS maps to (None when no os-release was found).
     #[serde(rename = "Platform")]
-    pub platform: Option<String>,
+    pub platform: Option<Platform>,
     #[serde(rename = "Items")]
     pub items: Vec<Item>,
 }
@@ -529,7 +531,7 @@ fn boot_items(
         (false, true) => "UEFI only",
         (false, false) => "neither BIOS nor UEFI",
     };
-    let (status, message) = match (opts.boot_mode.as_deref(), bios, uefi) {
+    let (status, message) = match (opts.boot_mode.map(BootMode::as_str), bios, uefi) {
         (_, false, false) => (
             Status::Fail,
             "nothing boots the disk: no MBR boot code or BIOS boot partition, and no ESP with a loader".to_string(),
@@ -537,7 +539,7 @@ fn boot_items(
         (None, _, _) => (Status::Pass, format!("the disk boots with {found}")),
         (Some("BIOS"), true, _) | (Some("UEFI"), _, true) | (Some("UEFI-Preferred"), true, true) => (
             Status::Pass,
-            format!("the disk boots with {found}; BootMode {} fits", opts.boot_mode.as_deref().unwrap_or("")),
+            format!("the disk boots with {found}; BootMode {} fits", opts.boot_mode.map(BootMode::as_str).unwrap_or("")),
         ),
         (Some("BIOS"), false, true) => (
             Status::Fail,
@@ -555,7 +557,10 @@ fn boot_items(
     };
     r.push("BootMode", status, message);
 
-    let (status, message) = match (opts.architecture.as_deref(), r.architectures.is_empty()) {
+    let (status, message) = match (
+        opts.architecture.map(Architecture::as_str),
+        r.architectures.is_empty(),
+    ) {
         (_, true) => (
             Status::Pass,
             "not determined: no EFI loader names an architecture".to_string(),
@@ -627,8 +632,8 @@ fn os_item(r: &mut Report, src: &Arc<dyn BlockSource>, opts: &DetectOptions) {
     } else {
         format!("partition {n}")
     };
-    let (status, message) = match opts.platform.as_deref() {
-        Some(p) if !p.eq_ignore_ascii_case(platform) && platform != "Others Linux" => (
+    let (status, message) = match opts.platform {
+        Some(p) if p != platform && platform != Platform::OthersLinux => (
             Status::Warn,
             format!(
                 "{what} (ID={}, VERSION_ID={}) on {where_} is Platform {platform}, but Platform is {p}",
@@ -644,7 +649,7 @@ fn os_item(r: &mut Report, src: &Arc<dyn BlockSource>, opts: &DetectOptions) {
         ),
     };
     r.push("OperatingSystem", status, message);
-    r.platform = Some(platform.into());
+    r.platform = Some(platform);
     r.os = Some(os);
 }
 

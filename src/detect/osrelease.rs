@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use crate::image::attributes::Platform;
 
 use crate::format::BlockSource;
 
@@ -13,7 +15,7 @@ use super::fs::PartReader;
 pub const MAX_LEN: u64 = 64 * 1024;
 
 /// The os-release fields kiln records.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OsRelease {
     #[serde(rename = "Id")]
     pub id: String,
@@ -23,9 +25,13 @@ pub struct OsRelease {
     pub version_id: String,
     #[serde(rename = "PrettyName")]
     pub pretty_name: String,
-    #[serde(rename = "IdLike", skip_serializing_if = "String::is_empty")]
+    #[serde(rename = "IdLike", default, skip_serializing_if = "String::is_empty")]
     pub id_like: String,
-    #[serde(rename = "VariantId", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "VariantId",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub variant_id: String,
 }
 
@@ -73,8 +79,13 @@ fn unquote(v: &str) -> String {
     out
 }
 
-/// The CreateImage Platform for an OS (one of [`crate::request::validate::PLATFORMS`]).
-pub fn platform(os: &OsRelease) -> &'static str {
+/// The CreateImage Platform for an OS.
+pub fn platform(os: &OsRelease) -> Platform {
+    Platform::parse(platform_name(os)).unwrap_or_default()
+}
+
+/// The Platform's API spelling for an OS.
+fn platform_name(os: &OsRelease) -> &'static str {
     let id = os.id.to_ascii_lowercase();
     let name = os.name.to_ascii_lowercase();
     let variant = os.variant_id.to_ascii_lowercase();
@@ -148,7 +159,7 @@ mod tests {
         assert_eq!(r.name, "Ubuntu");
         assert_eq!(r.version_id, "22.04");
         assert_eq!(r.pretty_name, "Ubuntu 22.04.4 LTS \"Jammy\"");
-        assert_eq!(platform(&r), "Ubuntu");
+        assert_eq!(platform(&r), Platform::Ubuntu);
     }
 
     #[test]
@@ -160,20 +171,23 @@ mod tests {
             ..OsRelease::default()
         };
         assert_eq!(
-            platform(&os("centos", "CentOS Stream", "")),
+            platform_name(&os("centos", "CentOS Stream", "")),
             "CentOS Stream"
         );
-        assert_eq!(platform(&os("centos", "CentOS Linux", "")), "CentOS");
-        assert_eq!(platform(&os("rocky", "Rocky Linux", "")), "Rocky Linux");
+        assert_eq!(platform_name(&os("centos", "CentOS Linux", "")), "CentOS");
         assert_eq!(
-            platform(&os("opensuse-leap", "openSUSE Leap", "")),
+            platform_name(&os("rocky", "Rocky Linux", "")),
+            "Rocky Linux"
+        );
+        assert_eq!(
+            platform_name(&os("opensuse-leap", "openSUSE Leap", "")),
             "OpenSUSE"
         );
         assert_eq!(
-            platform(&os("linuxmint", "Mint", "ubuntu debian")),
+            platform_name(&os("linuxmint", "Mint", "ubuntu debian")),
             "Ubuntu"
         );
-        assert_eq!(platform(&os("nixos", "NixOS", "")), "Others Linux");
+        assert_eq!(platform_name(&os("nixos", "NixOS", "")), "Others Linux");
         for id in [
             "ubuntu",
             "debian",
@@ -184,11 +198,8 @@ mod tests {
             "alinux",
             "anolis",
         ] {
-            let p = platform(&os(id, "", ""));
-            assert!(
-                crate::request::validate::PLATFORMS.contains(&p),
-                "{id} → {p}"
-            );
+            let p = platform_name(&os(id, "", ""));
+            assert!(Platform::parse(p).is_some(), "{id} → {p}");
         }
     }
 }

@@ -4,121 +4,120 @@
 
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::copy::engine::CopyStats;
 use crate::format::ChainEntry;
+pub use crate::image::attributes::Tag;
+use crate::image::attributes::{ImageAttributes, Status};
+use crate::request::plan::{Device, DiskType};
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Tag {
-    #[serde(rename = "Key")]
-    pub key: String,
-    #[serde(rename = "Value")]
-    pub value: String,
+/// One file read while opening a source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct FileRead {
+    pub path: PathBuf,
+    pub format: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+impl From<&ChainEntry> for FileRead {
+    fn from(c: &ChainEntry) -> Self {
+        FileRead {
+            path: c.path.clone(),
+            format: c.format.as_str().to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
 pub struct SourceRecord {
     /// The file named by the user, made absolute.
-    #[serde(rename = "Path")]
     pub path: PathBuf,
     /// The internal snapshot read, if any.
-    #[serde(rename = "SnapshotName")]
+    #[serde(default)]
     pub snapshot_name: Option<String>,
-    #[serde(rename = "Format")]
     pub format: String,
-    #[serde(rename = "VirtualSize")]
     pub virtual_size: u64,
     /// Every file read, overlay first.
-    #[serde(rename = "FilesRead")]
-    pub files_read: Vec<ChainEntry>,
+    #[serde(default)]
+    pub files_read: Vec<FileRead>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
 pub struct InstanceRecord {
-    #[serde(rename = "Name")]
     pub name: String,
-    #[serde(rename = "Uuid")]
+    #[serde(default)]
     pub uuid: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
 pub struct DiskRecord {
-    #[serde(rename = "Device")]
-    pub device: String,
+    pub device: Device,
     /// The instance's target name for this disk (`vda`), with `--instance`.
-    #[serde(rename = "OriginalTarget", skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_target: Option<String>,
-    #[serde(rename = "DiskType")]
-    pub disk_type: String,
+    pub disk_type: DiskType,
     /// The disk file, relative to the image directory.
-    #[serde(rename = "File")]
     pub file: String,
-    #[serde(rename = "Format")]
     pub format: String,
-    #[serde(rename = "VirtualSize")]
     pub virtual_size: u64,
     /// GiB, rounded up (the API's Size).
     #[serde(rename = "Size")]
     pub size_gib: u64,
-    #[serde(rename = "AllocatedBytes")]
     pub allocated_bytes: u64,
-    #[serde(rename = "FileSize")]
     pub file_size: u64,
-    #[serde(rename = "Sha256")]
     pub sha256: String,
     /// None for an empty disk.
-    #[serde(rename = "Source")]
+    #[serde(default)]
     pub source: Option<SourceRecord>,
-    #[serde(rename = "CopyStats")]
+    #[serde(rename = "CopyStats", default)]
     pub stats: CopyStats,
     /// What kiln changed in the guest's bytes (`--relocate-gpt`); empty when it copied them as they are.
-    #[serde(rename = "Changes", skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub changes: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
 pub struct Manifest {
-    #[serde(rename = "ImageId")]
-    pub image_id: String,
-    #[serde(rename = "ImageName")]
-    pub image_name: String,
-    /// "System", or "DataDisk" for a data-disk image (`--data-image`).
-    #[serde(rename = "ImageType")]
-    pub image_type: String,
-    #[serde(rename = "ImageFamily")]
-    pub image_family: Option<String>,
-    #[serde(rename = "ImageVersion")]
-    pub image_version: Option<String>,
-    #[serde(rename = "Description")]
-    pub description: String,
-    #[serde(rename = "Platform")]
-    pub platform: String,
-    #[serde(rename = "Architecture")]
-    pub architecture: String,
-    #[serde(rename = "BootMode")]
-    pub boot_mode: String,
-    #[serde(rename = "Tags")]
-    pub tags: Vec<Tag>,
-    #[serde(rename = "CreationTime")]
+    /// ImageId, ImageName, ImageType, ..., Tags: what the store's record says too.
+    #[serde(flatten)]
+    pub attributes: ImageAttributes,
     pub creation_time: String,
-    #[serde(rename = "Status")]
-    pub status: String,
+    pub status: Status,
     /// The idempotency token the image was created with, if any.
-    #[serde(rename = "ClientToken")]
+    #[serde(default)]
     pub client_token: Option<String>,
     #[serde(rename = "Size")]
     pub size_gib: u64,
-    #[serde(rename = "KilnVersion")]
+    #[serde(default)]
     pub kiln_version: String,
     /// The libvirt domain the image was made from, with `--instance`.
-    #[serde(rename = "Instance", skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<InstanceRecord>,
     #[serde(rename = "DiskDeviceMappings")]
     pub disks: Vec<DiskRecord>,
     /// The image check of the system disk (`--detect`, DetectionStrategy Standard).
-    #[serde(rename = "Detection", skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detection: Option<crate::detect::Report>,
+}
+
+/// The shared attributes read as the manifest's own fields (`manifest.image_id`), as they are in
+/// its JSON.
+impl std::ops::Deref for Manifest {
+    type Target = ImageAttributes;
+    fn deref(&self) -> &ImageAttributes {
+        &self.attributes
+    }
+}
+
+impl std::ops::DerefMut for Manifest {
+    fn deref_mut(&mut self) -> &mut ImageAttributes {
+        &mut self.attributes
+    }
 }
 
 impl Manifest {
@@ -126,6 +125,11 @@ impl Manifest {
         let mut v = serde_json::to_vec_pretty(self).unwrap_or_default();
         v.push(b'\n');
         v
+    }
+
+    /// A manifest as kiln wrote it (older kilns' manifests too: later fields default).
+    pub fn from_json(bytes: &[u8]) -> serde_json::Result<Manifest> {
+        serde_json::from_slice(bytes)
     }
 }
 

@@ -30,100 +30,65 @@ use std::sync::Mutex;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
+use crate::detect::Report;
 use crate::error::{Code, Error, Result};
-use crate::image::manifest::Tag;
+use crate::image::attributes::{ImageAttributes, Status};
+use crate::image::manifest::DiskRecord;
 use crate::util::safe_fs;
-
-pub const CREATING: &str = "Creating";
-pub const AVAILABLE: &str = "Available";
-pub const CREATE_FAILED: &str = "CreateFailed";
-pub const STATUSES: &[&str] = &[CREATING, AVAILABLE, CREATE_FAILED];
-
-/// A tag as stored in records (the manifest's `Tag` is serialize-only).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecordTag {
-    #[serde(rename = "Key")]
-    pub key: String,
-    #[serde(rename = "Value")]
-    pub value: String,
-}
-
-impl From<&Tag> for RecordTag {
-    fn from(t: &Tag) -> Self {
-        RecordTag {
-            key: t.key.clone(),
-            value: t.value.clone(),
-        }
-    }
-}
-
-fn system_image_type() -> String {
-    "System".into()
-}
 
 /// One image's status record, in the API's field names (what `describe --json` prints).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
 pub struct Record {
-    #[serde(rename = "ImageId")]
-    pub image_id: String,
-    #[serde(rename = "ImageName")]
-    pub image_name: String,
-    /// "System", or "DataDisk" for a data-disk image.
-    #[serde(rename = "ImageType", default = "system_image_type")]
-    pub image_type: String,
-    #[serde(rename = "ImageFamily", default)]
-    pub image_family: Option<String>,
-    #[serde(rename = "ImageVersion", default)]
-    pub image_version: Option<String>,
-    #[serde(rename = "Description", default)]
-    pub description: String,
-    #[serde(rename = "Platform", default)]
-    pub platform: String,
-    #[serde(rename = "Architecture", default)]
-    pub architecture: String,
-    #[serde(rename = "BootMode", default)]
-    pub boot_mode: String,
-    #[serde(rename = "Tags", default)]
-    pub tags: Vec<RecordTag>,
-    #[serde(rename = "Status")]
-    pub status: String,
+    /// ImageId, ImageName, ImageType, ..., Tags: what the manifest says too.
+    #[serde(flatten)]
+    pub attributes: ImageAttributes,
+    pub status: Status,
     /// `"0%"` to `"100%"`, as the API spells it.
-    #[serde(rename = "Progress")]
     pub progress: String,
-    #[serde(rename = "ClientToken", default)]
+    #[serde(default)]
     pub client_token: Option<String>,
     /// SHA-256 of the normalised request, for idempotency.
-    #[serde(rename = "RequestDigest")]
     pub request_digest: String,
-    #[serde(rename = "CreationTime")]
     pub creation_time: String,
     /// Nanoseconds since the epoch at creation, to order images created in the same second.
     #[serde(rename = "CreationTimeNanos", default)]
     pub creation_nanos: u128,
     /// The creating process.
-    #[serde(rename = "Pid", default)]
+    #[serde(default)]
     pub pid: u32,
     /// Sum of the disks' sizes in GiB (known once Available).
     #[serde(rename = "Size", default)]
     pub size_gib: u64,
     /// The image directory, once Available.
-    #[serde(rename = "Directory", default)]
+    #[serde(default)]
     pub directory: Option<PathBuf>,
     /// The manifest's disks, once Available.
     #[serde(rename = "DiskDeviceMappings", default)]
-    pub disks: Vec<serde_json::Value>,
+    pub disks: Vec<DiskRecord>,
     /// The manifest's image check, once Available (`--detect`).
-    #[serde(rename = "Detection", default, skip_serializing_if = "Option::is_none")]
-    pub detection: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detection: Option<Report>,
     /// Why a create failed, when kiln saw it fail (a killed create has none).
-    #[serde(rename = "ErrorCode", default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_code: Option<String>,
-    #[serde(
-        rename = "ErrorMessage",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_message: Option<String>,
+}
+
+/// The shared attributes read as the record's own fields (`record.image_name`), as they are in its
+/// JSON.
+impl std::ops::Deref for Record {
+    type Target = ImageAttributes;
+    fn deref(&self) -> &ImageAttributes {
+        &self.attributes
+    }
+}
+
+impl std::ops::DerefMut for Record {
+    fn deref_mut(&mut self) -> &mut ImageAttributes {
+        &mut self.attributes
+    }
 }
 
 /// The store directory: `flag`, else `$KILN_STORE`, else `$XDG_DATA_HOME/kiln`, else
@@ -298,11 +263,11 @@ impl Store {
         let Some(mut r) = self.read_record(id)? else {
             return Ok(None);
         };
-        if r.status == CREATING && !self.creator_alive(id)? {
+        if r.status == Status::Creating && !self.creator_alive(id)? {
             // The lock is free: either the creator died, or it just finished. Read again.
             match self.read_record(id)? {
-                Some(again) if again.status != CREATING => r = again,
-                Some(_) => r.status = CREATE_FAILED.into(),
+                Some(again) if again.status != Status::Creating => r = again,
+                Some(_) => r.status = Status::CreateFailed,
                 None => return Ok(None),
             }
         }
@@ -359,7 +324,7 @@ impl Store {
             if let Some(r) = records
                 .iter()
                 .rev()
-                .find(|r| r.client_token.as_deref() == Some(t) && r.status != CREATE_FAILED)
+                .find(|r| r.client_token.as_deref() == Some(t) && r.status != Status::CreateFailed)
             {
                 if r.request_digest == digest {
                     return Ok(Admission::Existing(Box::new(r.clone())));
@@ -376,7 +341,7 @@ impl Store {
         }
         if let Some(r) = records
             .iter()
-            .find(|r| r.image_name == name && r.status != CREATE_FAILED)
+            .find(|r| r.image_name == name && r.status != Status::CreateFailed)
         {
             return Err(Error::new(
                 Code::InvalidImageNameDuplicated,
@@ -455,7 +420,7 @@ impl Store {
         let mut records = Vec::with_capacity(ids.len());
         for id in ids {
             let r = self.get(id)?.ok_or_else(|| not_found(id))?;
-            if r.status == CREATING {
+            if r.status == Status::Creating {
                 return Err(Error::new(
                     Code::IncorrectImageStatus,
                     format!("{id} is still being created (pid {}); wait for it to finish, or stop that kiln first", r.pid),
@@ -549,7 +514,7 @@ impl Creating {
         {
             let mut r = self.lock_record();
             update(&mut r);
-            r.status = AVAILABLE.into();
+            r.status = Status::Available;
             r.progress = "100%".into();
         }
         self.write(true)?;
@@ -560,7 +525,7 @@ impl Creating {
     pub fn fail(self, err: &Error) {
         {
             let mut r = self.lock_record();
-            r.status = CREATE_FAILED.into();
+            r.status = Status::CreateFailed;
             r.error_code = Some(err.code().as_str().into());
             r.error_message = Some(err.full_message());
         }
@@ -623,20 +588,23 @@ impl crate::copy::progress::Progress for RecordProgress<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::attributes::{Architecture, BootMode, ImageType, Platform};
 
     fn record(id: &str, name: &str, token: Option<&str>) -> Record {
         Record {
-            image_id: id.into(),
-            image_type: "System".into(),
-            image_name: name.into(),
-            image_family: None,
-            image_version: None,
-            description: String::new(),
-            platform: "Others Linux".into(),
-            architecture: "x86_64".into(),
-            boot_mode: "BIOS".into(),
-            tags: vec![],
-            status: CREATING.into(),
+            attributes: ImageAttributes {
+                image_id: id.into(),
+                image_type: ImageType::System,
+                image_name: name.into(),
+                image_family: None,
+                image_version: None,
+                description: String::new(),
+                platform: Platform::OthersLinux,
+                architecture: Architecture::X86_64,
+                boot_mode: BootMode::Bios,
+                tags: vec![],
+            },
+            status: Status::Creating,
             progress: "0%".into(),
             client_token: token.map(Into::into),
             request_digest: "d1".into(),
@@ -668,7 +636,7 @@ mod tests {
         let id = "m-aaaaaaaaaaaaaaaaaaaa";
         let c = s.begin(record(id, "web", Some("t1"))).unwrap();
         drop(g);
-        assert_eq!(s.get(id).unwrap().unwrap().status, CREATING);
+        assert_eq!(s.get(id).unwrap().unwrap().status, Status::Creating);
         assert_eq!(
             s.admit("web", None, "x").unwrap_err().code(),
             Code::InvalidImageNameDuplicated
@@ -686,7 +654,7 @@ mod tests {
             Code::IncorrectImageStatus
         );
         drop(c);
-        assert_eq!(s.get(id).unwrap().unwrap().status, CREATE_FAILED);
+        assert_eq!(s.get(id).unwrap().unwrap().status, Status::CreateFailed);
         assert!(matches!(
             s.admit("web", Some("t1"), "d2").unwrap(),
             Admission::New
@@ -704,8 +672,8 @@ mod tests {
         assert_eq!(s.get(id).unwrap().unwrap().progress, "42%");
         fs::create_dir_all(s.image_dir(id)).unwrap();
         let r = c.finish(|r| r.size_gib = 3).unwrap();
-        assert_eq!((r.status.as_str(), r.size_gib), (AVAILABLE, 3));
-        assert_eq!(s.get(id).unwrap().unwrap().status, AVAILABLE);
+        assert_eq!((r.status, r.size_gib), (Status::Available, 3));
+        assert_eq!(s.get(id).unwrap().unwrap().status, Status::Available);
         assert_eq!(
             s.delete(&["m-cccccccccccccccccccc".into()])
                 .unwrap_err()

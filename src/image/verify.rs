@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::copy::engine;
 use crate::copy::progress::{self, ProgressMode};
 use crate::error::{Code, Error, Result};
+use crate::image::manifest::Manifest;
 
 /// One file's check.
 #[derive(Debug, Clone, Serialize)]
@@ -88,25 +89,21 @@ pub fn verify_dir(dir: &Path, mode: ProgressMode) -> Result<VerifyReport> {
         expected.insert(name.to_string(), hash.to_ascii_lowercase());
     }
     let manifest_path = dir.join("manifest.json");
-    let manifest: serde_json::Value = crate::util::safe_fs::read_regular(&manifest_path)
+    let manifest = crate::util::safe_fs::read_regular(&manifest_path)
         .map_err(|e| Error::io(&manifest_path, "reading", e))
         .and_then(|b| {
-            serde_json::from_slice(&b).map_err(|e| {
+            Manifest::from_json(&b).map_err(|e| {
                 Error::new(
                     Code::ChecksumMismatch,
-                    format!("{}: not valid JSON ({e})", manifest_path.display()),
+                    format!("{}: not a kiln manifest ({e})", manifest_path.display()),
                 )
             })
         })?;
     let mut from_manifest: BTreeMap<String, String> = BTreeMap::new();
-    if let Some(disks) = manifest["DiskDeviceMappings"].as_array() {
-        for d in disks {
-            if let (Some(f), Some(h)) = (d["File"].as_str(), d["Sha256"].as_str()) {
-                from_manifest.insert(f.to_string(), h.to_ascii_lowercase());
-                if !order.contains(&f.to_string()) {
-                    order.push(f.to_string());
-                }
-            }
+    for d in &manifest.disks {
+        from_manifest.insert(d.file.clone(), d.sha256.to_ascii_lowercase());
+        if !order.contains(&d.file) {
+            order.push(d.file.clone());
         }
     }
     let sizes: Vec<(String, u64)> = order

@@ -8,8 +8,9 @@ use crate::copy::engine::OutputSpec;
 use crate::copy::progress::ProgressMode;
 use crate::error::{Code, Error, Result};
 use crate::format::gate::BackingGate;
+use crate::image::attributes::{Architecture, BootMode, ImageAttributes, ImageType, Platform, Tag};
 use crate::request::instance::{self, InstanceDisk};
-use crate::request::plan::DiskSpec;
+use crate::request::plan::{Device, DiskSpec};
 use crate::request::validate;
 
 /// Where a create puts its image.
@@ -30,9 +31,9 @@ pub struct CreateRequest {
     pub image_version: Option<String>,
     pub description: Option<String>,
     /// None: the API's default (Others Linux, x86_64, BIOS).
-    pub platform: Option<String>,
-    pub architecture: Option<String>,
-    pub boot_mode: Option<String>,
+    pub platform: Option<Platform>,
+    pub architecture: Option<Architecture>,
+    pub boot_mode: Option<BootMode>,
     pub tags: Vec<(String, String)>,
     /// `--disk` entries, in the order given.
     pub disks: Vec<DiskSpec>,
@@ -70,7 +71,7 @@ pub struct InstanceSource {
     pub name: String,
     pub uuid: Option<String>,
     /// Each image device with the instance target it came from.
-    pub targets: Vec<(String, String)>,
+    pub targets: Vec<(Device, String)>,
     /// The domain's disks, for checking `<backingStore>` against what kiln reads.
     pub disks: Vec<InstanceDisk>,
 }
@@ -80,7 +81,7 @@ impl InstanceSource {
     pub fn target_of(&self, device: &str) -> Option<&str> {
         self.targets
             .iter()
-            .find(|t| t.0 == device)
+            .find(|t| t.0.as_str() == device)
             .map(|t| t.1.as_str())
     }
 }
@@ -117,21 +118,12 @@ impl CreateRequest {
         }
         // With --detect and no platform, the platform is the one detected (the default otherwise),
         // so it stays None until the system disk has been checked.
-        r.platform = match r.platform.as_deref() {
-            Some(p) => Some(validate::platform(p)?.into()),
-            None if r.detect && !r.data_image => None,
-            None => Some(validate::DEFAULT_PLATFORM.into()),
-        };
-        let arch = r
-            .architecture
-            .as_deref()
-            .unwrap_or(validate::DEFAULT_ARCHITECTURE);
-        r.architecture = Some(validate::architecture(arch)?.into());
-        let boot_mode = r
-            .boot_mode
-            .as_deref()
-            .unwrap_or(validate::DEFAULT_BOOT_MODE);
-        r.boot_mode = Some(validate::boot_mode(boot_mode)?.into());
+        let detected_later = r.detect && !r.data_image;
+        if r.platform.is_none() && !detected_later {
+            r.platform = Some(Platform::default());
+        }
+        r.architecture = Some(r.architecture.unwrap_or_default());
+        r.boot_mode = Some(r.boot_mode.unwrap_or_default());
         validate::tags(&r.tags)?;
         if let Some(t) = &r.client_token {
             validate::client_token(t)?;
@@ -139,12 +131,30 @@ impl CreateRequest {
         Ok(r)
     }
 
-    /// The manifest's ImageType: a system image, or data disks only.
-    pub fn image_type(&self) -> &'static str {
-        if self.data_image {
-            "DataDisk"
-        } else {
-            "System"
+    /// What the manifest and the record say of the image, with the platform to record.
+    pub fn attributes(&self, image_id: &str, platform: Platform) -> ImageAttributes {
+        ImageAttributes {
+            image_id: image_id.to_string(),
+            image_name: self.name.clone(),
+            image_type: if self.data_image {
+                ImageType::DataDisk
+            } else {
+                ImageType::System
+            },
+            image_family: self.family.clone(),
+            image_version: self.image_version.clone(),
+            description: self.description.clone().unwrap_or_default(),
+            platform,
+            architecture: self.architecture.unwrap_or_default(),
+            boot_mode: self.boot_mode.unwrap_or_default(),
+            tags: self
+                .tags
+                .iter()
+                .map(|(k, v)| Tag {
+                    key: k.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
         }
     }
 }

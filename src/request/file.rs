@@ -12,11 +12,12 @@
 
 use std::path::{Path, PathBuf};
 
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::error::{Code, Error, Result};
 use crate::format::Format;
-use crate::request::plan::{normalize_device, DiskSpec, DiskType};
+use crate::request::plan::{Device, DiskSpec, DiskType};
 use crate::util::size;
 
 /// Top-level keys a request file may hold.
@@ -96,6 +97,77 @@ fn bad(path: &Path, why: impl std::fmt::Display) -> Error {
     )
 }
 
+/// The file as serde reads it. Unknown keys are refused before (naming the nearest known one), so
+/// this only checks types; [`parse`] then applies meaning (paths, devices, sizes).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Raw {
+    image_name: Option<Text>,
+    image_family: Option<Text>,
+    image_version: Option<Text>,
+    description: Option<Text>,
+    platform: Option<Text>,
+    architecture: Option<Text>,
+    boot_mode: Option<Text>,
+    snapshot_id: Option<Text>,
+    instance_id: Option<Value>,
+    disk_device_mapping: Option<Vec<RawDisk>>,
+    tag: Option<Vec<RawTag>>,
+    client_token: Option<Text>,
+    dry_run: Option<bool>,
+    detection_strategy: Option<Text>,
+    relocate_gpt: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RawDisk {
+    snapshot_id: Option<Text>,
+    device: Option<Text>,
+    size: Option<SizeValue>,
+    disk_type: Option<Text>,
+    format: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RawTag {
+    key: Option<Text>,
+    value: Option<Text>,
+}
+
+/// A string; a number is taken as its text (`"ImageVersion": 3`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged, expecting = "expected a string")]
+enum Text {
+    String(String),
+    Number(serde_json::Number),
+}
+
+impl Text {
+    fn into_string(self) -> String {
+        match self {
+            Text::String(s) => s,
+            Text::Number(n) => n.to_string(),
+        }
+    }
+}
+
+/// A disk size: whole GiB as a number, or a string such as `"512M"`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "expected a number of GiB or a string such as \"40G\""
+)]
+enum SizeValue {
+    Gib(serde_json::Number),
+    Text(String),
+}
+
+fn text(t: Option<Text>) -> Option<String> {
+    t.map(Text::into_string)
+}
+
 /// Interprets a parsed request; `base` resolves relative snapshot paths.
 pub fn parse(v: &Value, path: &Path, base: &Path) -> Result<RequestFile> {
     let obj = v.as_object().ok_or_else(|| {
@@ -105,27 +177,29 @@ pub fn parse(v: &Value, path: &Path, base: &Path) -> Result<RequestFile> {
         )
     })?;
     check_keys(obj, KEYS, "", path)?;
-    let mut r = RequestFile {
-        image_name: string(obj, "ImageName", path)?,
-        image_family: string(obj, "ImageFamily", path)?,
-        image_version: string(obj, "ImageVersion", path)?,
-        description: string(obj, "Description", path)?,
-        platform: string(obj, "Platform", path)?,
-        architecture: string(obj, "Architecture", path)?,
-        boot_mode: string(obj, "BootMode", path)?,
-        snapshot: string(obj, "SnapshotId", path)?.map(|s| resolve(base, &s)),
-        client_token: string(obj, "ClientToken", path)?,
-        ..RequestFile::default()
-    };
-    if obj.contains_key("InstanceId") {
+    for (list, known, what) in [
+        ("DiskDeviceMapping", DISK_KEYS, "DiskDeviceMapping"),
+        ("Tag", TAG_KEYS, "Tag"),
+    ] {
+        if let Some(items) = obj.get(list).and_then(Value::as_array) {
+            for (i, o) in items.iter().enumerate() {
+                if let Some(o) = o.as_object() {
+                    check_keys(o, known, &format!("{what}[{}].", i + 1), path)?;
+                }
+            }
+        }
+    }
+    let raw: Raw = serde_path_to_error::deserialize(v).map_err(|e| {
+        let at = field_path(e.path());
+        bad(path, format!("{at}: {}", e.into_inner()))
+    })?;
+    if raw.instance_id.is_some() {
         return Err(bad(
             path,
             "InstanceId is not supported yet: kiln builds images from disk files; use SnapshotId or DiskDeviceMapping",
         ));
     }
-    r.dry_run = boolean(obj, "DryRun", path)?;
-    r.relocate_gpt = boolean(obj, "RelocateGpt", path)?;
-    r.detect = match string(obj, "DetectionStrategy", path)? {
+    let detect = match text(raw.detection_strategy) {
         None => None,
         Some(s) if s.eq_ignore_ascii_case(crate::detect::STANDARD) => Some(true),
         Some(s) => {
@@ -137,97 +211,119 @@ pub fn parse(v: &Value, path: &Path, base: &Path) -> Result<RequestFile> {
             ))
         }
     };
-    if let Some(list) = obj.get("DiskDeviceMapping") {
-        let items = list.as_array().ok_or_else(|| {
-            bad(
-                path,
-                "DiskDeviceMapping must be a list of {SnapshotId, Device, Size, DiskType}",
-            )
-        })?;
-        let mut disks = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            let where_ = format!("DiskDeviceMapping[{}].", i + 1);
-            let o = item
-                .as_object()
-                .ok_or_else(|| bad(path, format!("{where_} must be an object")))?;
-            check_keys(o, DISK_KEYS, &where_, path)?;
-            let at = |k: &str| format!("{where_}{k}");
-            let mut d = DiskSpec {
-                snapshot: string(o, "SnapshotId", path)?.map(|s| resolve(base, &s)),
-                ..DiskSpec::default()
-            };
-            if let Some(dev) = string(o, "Device", path)? {
-                d.device = Some(normalize_device(&dev)?);
-            }
-            d.size = match o.get("Size") {
-                None | Some(Value::Null) => None,
-                Some(Value::Number(n)) => match n.as_u64() {
-                    Some(g) => Some(size::parse_size(&g.to_string())?),
-                    None => {
-                        return Err(Error::new(
-                            Code::InvalidSize,
-                            format!("request file {}: {} = {n}: give whole GiB or a string such as \"512M\"", path.display(), at("Size")),
-                        ))
-                    }
-                },
-                Some(Value::String(s)) => Some(size::parse_size(s)?),
-                Some(_) => return Err(bad(path, format!("{} must be a number of GiB or a string such as \"40G\"", at("Size")))),
-            };
-            if let Some(t) = string(o, "DiskType", path)? {
-                d.disk_type = Some(match t.to_ascii_lowercase().as_str() {
-                    "system" => DiskType::System,
-                    "data" => DiskType::Data,
-                    _ => {
-                        return Err(bad(
-                            path,
-                            format!("{} '{t}' is neither 'system' nor 'data'", at("DiskType")),
-                        ))
-                    }
-                });
-            }
-            if let Some(f) = string(o, "Format", path)? {
-                d.format = Some(Format::parse(&f).ok_or_else(|| {
-                    bad(
-                        path,
-                        format!("{} '{f}' is neither 'raw' nor 'qcow2'", at("Format")),
-                    )
-                })?);
-            }
-            disks.push(d);
-        }
-        r.disks = Some(disks);
-    }
-    if let Some(list) = obj.get("Tag") {
-        let items = list
-            .as_array()
-            .ok_or_else(|| bad(path, "Tag must be a list of {Key, Value}"))?;
-        let mut tags = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            let where_ = format!("Tag[{}].", i + 1);
-            let o = item
-                .as_object()
-                .ok_or_else(|| bad(path, format!("{where_} must be an object")))?;
-            check_keys(o, TAG_KEYS, &where_, path)?;
-            let key = string(o, "Key", path)?.ok_or_else(|| {
-                Error::new(
-                    Code::MissingParameter,
-                    format!("request file {}: {where_}Key is missing", path.display()),
-                )
-            })?;
-            let value = string(o, "Value", path)?.unwrap_or_default();
-            tags.push((key, value));
-        }
-        r.tags = Some(tags);
-    }
-    Ok(r)
+    let disks = match raw.disk_device_mapping {
+        None => None,
+        Some(list) => Some(
+            list.into_iter()
+                .enumerate()
+                .map(|(i, d)| disk(d, &format!("DiskDeviceMapping[{}].", i + 1), path, base))
+                .collect::<Result<Vec<_>>>()?,
+        ),
+    };
+    let tags = match raw.tag {
+        None => None,
+        Some(list) => Some(
+            list.into_iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let key = text(t.key).ok_or_else(|| {
+                        Error::new(
+                            Code::MissingParameter,
+                            format!(
+                                "request file {}: Tag[{}].Key is missing",
+                                path.display(),
+                                i + 1
+                            ),
+                        )
+                    })?;
+                    Ok((key, text(t.value).unwrap_or_default()))
+                })
+                .collect::<Result<Vec<_>>>()?,
+        ),
+    };
+    Ok(RequestFile {
+        image_name: text(raw.image_name),
+        image_family: text(raw.image_family),
+        image_version: text(raw.image_version),
+        description: text(raw.description),
+        platform: text(raw.platform),
+        architecture: text(raw.architecture),
+        boot_mode: text(raw.boot_mode),
+        snapshot: text(raw.snapshot_id).map(|s| resolve(base, &s)),
+        disks,
+        tags,
+        client_token: text(raw.client_token),
+        dry_run: raw.dry_run,
+        detect,
+        relocate_gpt: raw.relocate_gpt,
+    })
 }
 
-fn boolean(o: &Map<String, Value>, key: &str, path: &Path) -> Result<Option<bool>> {
-    match o.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(_) => Err(bad(path, format!("{key} must be true or false"))),
+/// One DiskDeviceMapping entry; `where_` is `DiskDeviceMapping[N].` for messages.
+fn disk(d: RawDisk, where_: &str, path: &Path, base: &Path) -> Result<DiskSpec> {
+    let at = |k: &str| format!("{where_}{k}");
+    let size = match d.size {
+        None => None,
+        Some(SizeValue::Gib(n)) => match n.as_u64() {
+            Some(g) => Some(size::parse_size(&g.to_string())?),
+            None => {
+                return Err(Error::new(
+                    Code::InvalidSize,
+                    format!(
+                        "request file {}: {} = {n}: give whole GiB or a string such as \"512M\"",
+                        path.display(),
+                        at("Size")
+                    ),
+                ))
+            }
+        },
+        Some(SizeValue::Text(s)) => Some(size::parse_size(&s)?),
+    };
+    let disk_type = match text(d.disk_type) {
+        None => None,
+        Some(t) => Some(DiskType::parse_loose(&t).ok_or_else(|| {
+            bad(
+                path,
+                format!("{} '{t}' is neither 'system' nor 'data'", at("DiskType")),
+            )
+        })?),
+    };
+    let format = match text(d.format) {
+        None => None,
+        Some(f) => Some(Format::parse(&f).ok_or_else(|| {
+            bad(
+                path,
+                format!("{} '{f}' is neither 'raw' nor 'qcow2'", at("Format")),
+            )
+        })?),
+    };
+    Ok(DiskSpec {
+        snapshot: text(d.snapshot_id).map(|s| resolve(base, &s)),
+        device: text(d.device).map(|d| Device::parse(&d)).transpose()?,
+        size,
+        disk_type,
+        format,
+    })
+}
+
+/// `DiskDeviceMapping[1].Size`: where serde stopped, with entries counted from 1 as in every
+/// other message about a request file.
+fn field_path(p: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for seg in p.iter() {
+        match seg {
+            Segment::Seq { index } => out.push_str(&format!("[{}]", index + 1)),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => out.push_str(".?"),
+        }
     }
+    out
 }
 
 fn resolve(base: &Path, s: &str) -> PathBuf {
@@ -236,16 +332,6 @@ fn resolve(base: &Path, s: &str) -> PathBuf {
         p
     } else {
         base.join(p)
-    }
-}
-
-/// A string value (numbers are accepted for ImageVersion-like fields and turned into text).
-fn string(o: &Map<String, Value>, key: &str, path: &Path) -> Result<Option<String>> {
-    match o.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(Value::Number(n)) => Ok(Some(n.to_string())),
-        Some(_) => Err(bad(path, format!("{key} must be a string"))),
     }
 }
 
@@ -340,6 +426,22 @@ mod tests {
         assert!(e.message().contains("SnapshotId"), "{e}");
         let e = p(serde_json::json!({"Tag": [{"key": "a"}]})).unwrap_err();
         assert!(e.message().contains("'Tag[1].Key'"), "{e}");
+    }
+
+    #[test]
+    fn type_errors_name_the_field_counting_from_one() {
+        let e = p(serde_json::json!({"ImageName": {}})).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidParameter);
+        assert!(e.message().contains("ImageName: expected a string"), "{e}");
+        let e = p(serde_json::json!({"DiskDeviceMapping": [{}, {"Size": [1]}]})).unwrap_err();
+        assert!(e.message().contains("DiskDeviceMapping[2].Size"), "{e}");
+        let e = p(serde_json::json!({"Tag": [{"Key": "a", "Value": true}]})).unwrap_err();
+        assert!(e.message().contains("Tag[1].Value"), "{e}");
+        let e = p(serde_json::json!({"DiskDeviceMapping": "a.raw"})).unwrap_err();
+        assert!(
+            e.message().contains("DiskDeviceMapping: invalid type"),
+            "{e}"
+        );
     }
 
     #[test]

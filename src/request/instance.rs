@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Code, Error, Result};
 use crate::format::{ChainEntry, Format};
-use crate::request::plan::{self, DiskSpec, DiskType, MAX_DATA_DISKS, SYSTEM_DEVICE};
+use crate::request::plan::{Device, DiskSpec, DiskType, MAX_DATA_DISKS, SYSTEM_DEVICE};
 
 /// Largest domain XML accepted (libvirt's own limit for a domain definition is 10 MiB).
 pub const MAX_XML_LEN: usize = 16 << 20;
@@ -430,16 +430,12 @@ pub fn to_disk_specs(inst: &Instance, adj: &Adjustments) -> Result<(Vec<MappedDi
     data.sort_by(|a, b| target_key(&a.target_dev).cmp(&target_key(&b.target_dev)));
     let boot = &inst.disks[inst.boot];
     let mut out = Vec::with_capacity(data.len() + 1);
-    out.push(instance_entry(
-        boot,
-        SYSTEM_DEVICE.to_string(),
-        DiskType::System,
-    ));
+    out.push(instance_entry(boot, Device::system(), DiskType::System));
     for (i, d) in data.iter().enumerate() {
         if i >= MAX_DATA_DISKS {
             return Err(too_many(inst, data.len(), adj));
         }
-        out.push(instance_entry(d, xvd(i + 1), DiskType::Data));
+        out.push(instance_entry(d, Device::data(i + 1), DiskType::Data));
     }
 
     // Grow and add.
@@ -449,7 +445,10 @@ pub fn to_disk_specs(inst: &Instance, adj: &Adjustments) -> Result<(Vec<MappedDi
         let hit = a.device.as_deref().and_then(|dev| {
             out.iter().position(|m| {
                 m.original_target.as_deref() == Some(dev)
-                    || m.spec.device.as_deref() == Some(&format!("/dev/{dev}"))
+                    || m.spec
+                        .device
+                        .as_ref()
+                        .is_some_and(|d| d.short_name() == dev)
             })
         });
         if let Some(dev) = a.device.as_deref().filter(|d| excluded(d)) {
@@ -500,9 +499,9 @@ pub fn to_disk_specs(inst: &Instance, adj: &Adjustments) -> Result<(Vec<MappedDi
                     .device
                     .as_deref()
                     .filter(|d| d.starts_with("xvd"))
-                    .map(plan::normalize_device)
+                    .map(Device::parse)
                     .transpose()?;
-                if device.as_deref() == Some(SYSTEM_DEVICE) {
+                if device.as_ref().is_some_and(Device::is_system) {
                     return Err(Error::new(
                         Code::InvalidDeviceMalformed,
                         format!(
@@ -540,20 +539,13 @@ pub fn to_disk_specs(inst: &Instance, adj: &Adjustments) -> Result<(Vec<MappedDi
         }
     }
     for mut a in added.into_iter().filter(|a| a.spec.device.is_none()) {
-        let free = (b'b'..=b'z')
-            .map(|c| format!("/dev/xvd{}", c as char))
-            .find(|d| !out.iter().any(|m| m.spec.device.as_ref() == Some(d)))
+        let free = Device::first_free(|d| out.iter().any(|m| m.spec.device.as_ref() == Some(d)))
             .ok_or_else(|| too_many(inst, MAX_DATA_DISKS + 1, adj))?;
         a.spec.device = Some(free);
         out.push(a);
     }
     out[1..].sort_by(|a, b| a.spec.device.cmp(&b.spec.device));
     Ok((out, warnings))
-}
-
-/// `/dev/xvdb` for 1, `/dev/xvdc` for 2, ... (1 ≤ i ≤ 16).
-fn xvd(i: usize) -> String {
-    format!("/dev/xvd{}", (b'a' + i as u8) as char)
 }
 
 fn too_many(inst: &Instance, n: usize, adj: &Adjustments) -> Error {
@@ -571,7 +563,7 @@ fn too_many(inst: &Instance, n: usize, adj: &Adjustments) -> Error {
     )
 }
 
-fn instance_entry(d: &InstanceDisk, device: String, disk_type: DiskType) -> MappedDisk {
+fn instance_entry(d: &InstanceDisk, device: Device, disk_type: DiskType) -> MappedDisk {
     MappedDisk {
         spec: DiskSpec {
             snapshot: Some(d.source.clone()),
@@ -696,7 +688,7 @@ mod tests {
         m.iter()
             .map(|d| {
                 (
-                    d.spec.device.clone().unwrap(),
+                    d.spec.device.as_ref().unwrap().to_string(),
                     d.original_target.clone(),
                     d.spec.size,
                 )
@@ -745,7 +737,7 @@ mod tests {
         assert_eq!(m[0].spec.format, Some(Format::Qcow2));
         // The planner accepts what comes out.
         let specs: Vec<DiskSpec> = m.iter().map(|d| d.spec.clone()).collect();
-        let l = plan::assign_devices(&specs, None).unwrap();
+        let l = crate::request::plan::assign_devices(&specs, None).unwrap();
         assert_eq!(l.disks[0].snapshot, Some(PathBuf::from("/vm/b.qcow2")));
     }
 
@@ -977,7 +969,7 @@ mod tests {
         assert_eq!(m[1].spec.size, Some(7 * GIB));
         // The "only grows" rule is the planner's, on the carried size.
         assert_eq!(
-            plan::resolve_size("/dev/xvdc", m[1].spec.size, Some(10 * GIB))
+            crate::request::plan::resolve_size("/dev/xvdc", m[1].spec.size, Some(10 * GIB))
                 .unwrap_err()
                 .code(),
             Code::InvalidSize

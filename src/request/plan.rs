@@ -13,19 +13,11 @@ pub const MAX_DATA_DISKS: usize = 16;
 pub const DEFAULT_EMPTY_DISK_SIZE: u64 = 5 * GIB;
 pub const SYSTEM_DEVICE: &str = "/dev/xvda";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DiskType {
-    System,
-    Data,
-}
-
-impl DiskType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DiskType::System => "system",
-            DiskType::Data => "data",
-        }
+crate::image::attributes::api_enum! {
+    /// The system disk, or a data disk.
+    pub enum DiskType {
+        System = "system",
+        Data = "data",
     }
 }
 
@@ -33,7 +25,7 @@ impl DiskType {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DiskSpec {
     pub snapshot: Option<PathBuf>,
-    pub device: Option<String>,
+    pub device: Option<Device>,
     pub size: Option<u64>,
     pub disk_type: Option<DiskType>,
     pub format: Option<Format>,
@@ -58,19 +50,15 @@ impl DiskSpec {
                     }
                     spec.snapshot = Some(PathBuf::from(value));
                 }
-                "device" => spec.device = Some(normalize_device(value)?),
+                "device" => spec.device = Some(Device::parse(value)?),
                 "size" => spec.size = Some(size::parse_size(value)?),
                 "type" | "disktype" | "disk_type" => {
-                    spec.disk_type = Some(match value.to_ascii_lowercase().as_str() {
-                        "system" => DiskType::System,
-                        "data" => DiskType::Data,
-                        _ => {
-                            return Err(Error::new(
-                                Code::InvalidParameter,
-                                format!("--disk '{text}': type '{value}' is neither 'system' nor 'data'"),
-                            ))
-                        }
-                    })
+                    spec.disk_type = Some(DiskType::parse_loose(value).ok_or_else(|| {
+                        Error::new(
+                            Code::InvalidParameter,
+                            format!("--disk '{text}': type '{value}' is neither 'system' nor 'data'"),
+                        )
+                    })?)
                 }
                 "format" => {
                     spec.format = Some(Format::parse(value).ok_or_else(|| {
@@ -92,23 +80,81 @@ impl DiskSpec {
     }
 }
 
-/// `xvdb` → `/dev/xvdb`; anything but `/dev/xvd[a-z]` is malformed.
-pub fn normalize_device(text: &str) -> Result<String> {
-    let name = text.strip_prefix("/dev/").unwrap_or(text);
-    let ok = name.len() == 4 && name.starts_with("xvd") && name.as_bytes()[3].is_ascii_lowercase();
-    if !ok {
-        return Err(Error::new(
-            Code::InvalidDeviceMalformed,
-            format!("device '{text}' is not valid: the system disk is /dev/xvda and data disks are /dev/xvdb to /dev/xvdz"),
-        ));
+/// A device name as the API spells it: `/dev/xvda` (the system disk) to `/dev/xvdz`.
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct Device(String);
+
+impl Device {
+    /// `xvdb` → `/dev/xvdb`; anything but `/dev/xvd[a-z]` is malformed.
+    pub fn parse(text: &str) -> Result<Device> {
+        let name = text.strip_prefix("/dev/").unwrap_or(text);
+        let ok =
+            name.len() == 4 && name.starts_with("xvd") && name.as_bytes()[3].is_ascii_lowercase();
+        if !ok {
+            return Err(Error::new(
+                Code::InvalidDeviceMalformed,
+                format!("device '{text}' is not valid: the system disk is /dev/xvda and data disks are /dev/xvdb to /dev/xvdz"),
+            ));
+        }
+        Ok(Device(format!("/dev/{name}")))
     }
-    Ok(format!("/dev/{name}"))
+
+    /// The system disk's device.
+    pub fn system() -> Device {
+        Device(SYSTEM_DEVICE.to_string())
+    }
+
+    /// The `i`-th data device: `/dev/xvdb` for 1 ... `/dev/xvdz` for 25.
+    pub fn data(i: usize) -> Device {
+        debug_assert!((1..=25).contains(&i));
+        Device(format!("/dev/xvd{}", (b'a' + i as u8) as char))
+    }
+
+    /// The first data device (`/dev/xvdb` on) that `used` does not hold.
+    pub fn first_free(used: impl Fn(&Device) -> bool) -> Option<Device> {
+        (1..=25).map(Device::data).find(|d| !used(d))
+    }
+
+    pub fn is_system(&self) -> bool {
+        self.0 == SYSTEM_DEVICE
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `xvdb` for `/dev/xvdb`: the output file's stem.
+    pub fn short_name(&self) -> &str {
+        self.0.trim_start_matches("/dev/")
+    }
+}
+
+impl std::ops::Deref for Device {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<&str> for Device {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
 }
 
 /// A disk with its device settled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedDisk {
-    pub device: String,
+    pub device: Device,
     pub disk_type: DiskType,
     pub snapshot: Option<PathBuf>,
     pub format: Option<Format>,
@@ -118,7 +164,7 @@ pub struct PlannedDisk {
 impl PlannedDisk {
     /// `xvdb` for `/dev/xvdb`: the output file's stem.
     pub fn short_name(&self) -> &str {
-        self.device.trim_start_matches("/dev/")
+        self.device.short_name()
     }
 }
 
@@ -159,10 +205,10 @@ pub fn assign_devices(disks: &[DiskSpec], snapshot: Option<&PathBuf>) -> Result<
     // Which entry is the system disk.
     let mut system_idx = None;
     for (i, s) in specs.iter().enumerate() {
-        let by_device = s.device.as_deref() == Some(SYSTEM_DEVICE);
+        let by_device = s.device.as_ref().is_some_and(Device::is_system);
         let is_system = match s.disk_type {
             Some(DiskType::System) => {
-                if let Some(d) = s.device.as_deref().filter(|d| *d != SYSTEM_DEVICE) {
+                if let Some(d) = s.device.as_ref().filter(|d| !d.is_system()) {
                     return Err(Error::new(
                         Code::InvalidDeviceMalformed,
                         format!("the system disk must be {SYSTEM_DEVICE}, not {d}; drop device= or type=system"),
@@ -211,7 +257,7 @@ pub fn assign_devices(disks: &[DiskSpec], snapshot: Option<&PathBuf>) -> Result<
     }
 
     // Explicit devices first, then the free names in order.
-    let mut used = vec![SYSTEM_DEVICE.to_string()];
+    let mut used = vec![Device::system()];
     for (i, s) in specs.iter().enumerate() {
         if i == system_idx {
             continue;
@@ -226,24 +272,12 @@ pub fn assign_devices(disks: &[DiskSpec], snapshot: Option<&PathBuf>) -> Result<
             used.push(d.clone());
         }
     }
-    let mut free = (b'b'..=b'z')
-        .map(|c| format!("/dev/xvd{}", c as char))
-        .filter(|d| !used.contains(d));
     let mut out = Vec::with_capacity(specs.len());
     for (i, s) in specs.iter().enumerate() {
         let (device, disk_type) = if i == system_idx {
-            (SYSTEM_DEVICE.to_string(), DiskType::System)
+            (Device::system(), DiskType::System)
         } else {
-            let d = match &s.device {
-                Some(d) => d.clone(),
-                None => free.next().ok_or_else(|| {
-                    Error::new(
-                        Code::QuotaExceedDataDisk,
-                        "no free data-disk device left (/dev/xvdb to /dev/xvdz)",
-                    )
-                })?,
-            };
-            (d, DiskType::Data)
+            (next_device(s, &mut used)?, DiskType::Data)
         };
         out.push(PlannedDisk {
             device,
@@ -270,7 +304,7 @@ pub fn assign_data_devices(disks: &[DiskSpec]) -> Result<DiskLayout> {
         ));
     }
     if let Some(s) = disks.iter().find(|s| {
-        s.disk_type == Some(DiskType::System) || s.device.as_deref() == Some(SYSTEM_DEVICE)
+        s.disk_type == Some(DiskType::System) || s.device.as_ref().is_some_and(Device::is_system)
     }) {
         return Err(Error::new(
             Code::InvalidParameter,
@@ -289,7 +323,7 @@ pub fn assign_data_devices(disks: &[DiskSpec]) -> Result<DiskLayout> {
             ),
         ));
     }
-    let mut used: Vec<String> = Vec::new();
+    let mut used: Vec<Device> = Vec::new();
     for d in disks.iter().filter_map(|s| s.device.clone()) {
         if used.contains(&d) {
             return Err(Error::new(
@@ -299,20 +333,9 @@ pub fn assign_data_devices(disks: &[DiskSpec]) -> Result<DiskLayout> {
         }
         used.push(d);
     }
-    let mut free = (b'b'..=b'z')
-        .map(|c| format!("/dev/xvd{}", c as char))
-        .filter(|d| !used.contains(d));
     let mut out = Vec::with_capacity(disks.len());
     for s in disks {
-        let device = match &s.device {
-            Some(d) => d.clone(),
-            None => free.next().ok_or_else(|| {
-                Error::new(
-                    Code::QuotaExceedDataDisk,
-                    "no free data-disk device left (/dev/xvdb to /dev/xvdz)",
-                )
-            })?,
-        };
+        let device = next_device(s, &mut used)?;
         out.push(PlannedDisk {
             device,
             disk_type: DiskType::Data,
@@ -326,6 +349,22 @@ pub fn assign_data_devices(disks: &[DiskSpec]) -> Result<DiskLayout> {
         disks: out,
         warnings: Vec::new(),
     })
+}
+
+/// The entry's own device, or the first data device that is neither explicit elsewhere nor taken
+/// (`used` holds every explicit device; a device handed out here joins it).
+fn next_device(s: &DiskSpec, used: &mut Vec<Device>) -> Result<Device> {
+    if let Some(d) = &s.device {
+        return Ok(d.clone());
+    }
+    let d = Device::first_free(|d| used.contains(d)).ok_or_else(|| {
+        Error::new(
+            Code::QuotaExceedDataDisk,
+            "no free data-disk device left (/dev/xvdb to /dev/xvdz)",
+        )
+    })?;
+    used.push(d.clone());
+    Ok(d)
 }
 
 /// The output disk's virtual size: the source's, or `requested` when that is larger. A disk only grows.
@@ -381,11 +420,11 @@ mod tests {
 
     #[test]
     fn devices_are_normalized_and_checked() {
-        assert_eq!(normalize_device("xvdc").unwrap(), "/dev/xvdc");
-        assert_eq!(normalize_device("/dev/xvdz").unwrap(), "/dev/xvdz");
+        assert_eq!(Device::parse("xvdc").unwrap(), "/dev/xvdc");
+        assert_eq!(Device::parse("/dev/xvdz").unwrap(), "/dev/xvdz");
         for bad in ["/dev/sda", "xvd", "xvdA", "/dev/xvdaa", "vdb", "/dev/xvd1"] {
             assert_eq!(
-                normalize_device(bad).unwrap_err().code(),
+                Device::parse(bad).unwrap_err().code(),
                 Code::InvalidDeviceMalformed,
                 "{bad}"
             );

@@ -3,6 +3,7 @@
 //! No I/O here: uniqueness of names and tokens is the store's business ([`crate::image::store`]).
 
 use crate::error::{Code, Error, Result};
+use crate::image::attributes::{Architecture, BootMode, Platform};
 
 /// Longest image name or family, in characters.
 pub const MAX_NAME_CHARS: usize = 128;
@@ -12,41 +13,6 @@ pub const MAX_TAGS: usize = 20;
 pub const MAX_TAG_KEY_CHARS: usize = 128;
 pub const MAX_TAG_VALUE_CHARS: usize = 128;
 pub const MAX_CLIENT_TOKEN_CHARS: usize = 64;
-
-/// The platforms CreateImage accepts, in their canonical spelling.
-pub const PLATFORMS: &[&str] = &[
-    "Aliyun",
-    "Anolis",
-    "CentOS",
-    "Ubuntu",
-    "CoreOS",
-    "SUSE",
-    "Debian",
-    "OpenSUSE",
-    "FreeBSD",
-    "RedHat",
-    "Kylin",
-    "UOS",
-    "Fedora",
-    "Fedora CoreOS",
-    "CentOS Stream",
-    "AlmaLinux",
-    "Rocky Linux",
-    "Gentoo",
-    "Customized Linux",
-    "Others Linux",
-    "Windows Server 2022",
-    "Windows Server 2019",
-    "Windows Server 2016",
-    "Windows Server 2012",
-    "Windows Server 2008",
-    "Windows Server 2003",
-];
-pub const DEFAULT_PLATFORM: &str = "Others Linux";
-pub const ARCHITECTURES: &[&str] = &["i386", "x86_64", "arm64"];
-pub const DEFAULT_ARCHITECTURE: &str = "x86_64";
-pub const BOOT_MODES: &[&str] = &["BIOS", "UEFI", "UEFI-Preferred"];
-pub const DEFAULT_BOOT_MODE: &str = "BIOS";
 
 /// CJK ideographs (with extensions and compatibility forms), kana and Hangul syllables.
 pub fn is_cjk(c: char) -> bool {
@@ -143,47 +109,43 @@ pub fn description(value: &str) -> Result<()> {
     Ok(())
 }
 
-/// Picks `value` from `allowed` ignoring case, returning the canonical spelling.
-fn one_of(
+/// Picks the value spelled `value` ignoring case, or the error naming every allowed spelling.
+fn one_of<T>(
     value: &str,
-    allowed: &'static [&'static str],
+    parse: fn(&str) -> Option<T>,
+    list: fn() -> String,
     flag: &str,
     code: Code,
-) -> Result<&'static str> {
-    allowed
-        .iter()
-        .find(|a| a.eq_ignore_ascii_case(value.trim()))
-        .copied()
-        .ok_or_else(|| {
-            Error::new(
-                code,
-                format!("{flag} '{value}' is not one of: {}", allowed.join(", ")),
-            )
-        })
+) -> Result<T> {
+    parse(value)
+        .ok_or_else(|| Error::new(code, format!("{flag} '{value}' is not one of: {}", list())))
 }
 
-pub fn platform(value: &str) -> Result<&'static str> {
+pub fn platform(value: &str) -> Result<Platform> {
     one_of(
         value,
-        PLATFORMS,
+        Platform::parse_loose,
+        Platform::list,
         "--platform",
         Code::InvalidPlatformMalformed,
     )
 }
 
-pub fn architecture(value: &str) -> Result<&'static str> {
+pub fn architecture(value: &str) -> Result<Architecture> {
     one_of(
         value,
-        ARCHITECTURES,
+        Architecture::parse_loose,
+        Architecture::list,
         "--arch",
         Code::InvalidArchitectureMalformed,
     )
 }
 
-pub fn boot_mode(value: &str) -> Result<&'static str> {
+pub fn boot_mode(value: &str) -> Result<BootMode> {
     one_of(
         value,
-        BOOT_MODES,
+        BootMode::parse_loose,
+        BootMode::list,
         "--boot-mode",
         Code::InvalidBootModeMalformed,
     )
@@ -338,19 +300,22 @@ mod tests {
 
     #[test]
     fn enumerations_are_canonicalised() {
-        assert_eq!(platform("ubuntu").unwrap(), "Ubuntu");
+        assert_eq!(platform("ubuntu").unwrap(), Platform::Ubuntu);
         assert_eq!(
             platform("Windows Server 2022").unwrap(),
-            "Windows Server 2022"
+            Platform::WindowsServer2022
         );
-        assert_eq!(platform("Others Linux").unwrap(), DEFAULT_PLATFORM);
+        assert_eq!(platform("Others Linux").unwrap(), Platform::default());
         assert_eq!(code(platform("Windows 11")), Code::InvalidPlatformMalformed);
-        assert_eq!(architecture("ARM64").unwrap(), "arm64");
+        assert_eq!(architecture("ARM64").unwrap(), Architecture::Arm64);
         assert_eq!(
             code(architecture("aarch64")),
             Code::InvalidArchitectureMalformed
         );
-        assert_eq!(boot_mode("uefi-preferred").unwrap(), "UEFI-Preferred");
+        assert_eq!(
+            boot_mode("uefi-preferred").unwrap(),
+            BootMode::UefiPreferred
+        );
         assert_eq!(code(boot_mode("legacy")), Code::InvalidBootModeMalformed);
     }
 

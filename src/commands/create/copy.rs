@@ -32,7 +32,7 @@ pub(super) fn copy(
 ) -> Result<Copied> {
     let disk_names: Vec<(String, u64)> = prepared
         .iter()
-        .map(|p| (p.planned.device.clone(), p.virtual_size))
+        .map(|p| (p.planned.device.to_string(), p.virtual_size))
         .collect();
     let mut records = Vec::with_capacity(prepared.len());
     let mut jobs = Vec::with_capacity(prepared.len());
@@ -41,7 +41,7 @@ pub(super) fn copy(
     for p in prepared {
         stamps.extend(p.stamps);
         jobs.push(DiskJob {
-            name: p.planned.device.clone(),
+            name: p.planned.device.to_string(),
             source: p.opened.map(|o| o.source),
             virtual_size: p.virtual_size,
             out_path: dir.join(&p.file),
@@ -78,7 +78,7 @@ pub(super) fn copy(
         copied.sums.push((sha256.clone(), file.clone()));
         copied.disks.push(DiskRecord {
             device: d.device.clone(),
-            disk_type: d.disk_type.as_str().to_string(),
+            disk_type: d.disk_type,
             file,
             format: req.output.format.extension().to_string(),
             virtual_size,

@@ -6,7 +6,7 @@ use std::path::Path;
 use super::absolute;
 use crate::error::{Code, Error, Result};
 use crate::format::{self, Opened};
-use crate::image::manifest::SourceRecord;
+use crate::image::manifest::{FileRead, SourceRecord};
 use crate::prepare::{self, qemu_lock, CopySource};
 use crate::request::create::CreateRequest;
 use crate::request::instance;
@@ -139,9 +139,9 @@ fn source_record(o: &Opened) -> SourceRecord {
             .info
             .chain
             .iter()
-            .map(|c| format::ChainEntry {
+            .map(|c| FileRead {
                 path: absolute(&c.path),
-                format: c.format,
+                format: c.format.as_str().to_string(),
             })
             .collect(),
     }

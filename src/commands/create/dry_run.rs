@@ -81,7 +81,7 @@ pub(super) fn dry_run(
         disks: prepared
             .iter()
             .map(|p| PlannedDiskReport {
-                device: p.planned.device.clone(),
+                device: p.planned.device.to_string(),
                 disk_type: p.planned.disk_type.as_str().into(),
                 source: p.source.as_ref().map(|s| s.path.clone()),
                 source_format: p.source.as_ref().map(|s| s.format.clone()),

@@ -10,13 +10,13 @@ use crate::detect;
 use crate::error::Result;
 use crate::format::gate::BackingGate;
 use crate::format::Format;
-use crate::image::manifest::{self, Manifest, Tag};
+use crate::image::attributes::Status;
+use crate::image::manifest::{self, Manifest};
 use crate::image::publish::Staging;
-use crate::image::store::{self, Creating, Record};
+use crate::image::store::{Creating, Record};
 use crate::request::create::CreateRequest;
 use crate::request::digest::sha256_of;
 use crate::request::plan::{self, DiskLayout};
-use crate::request::validate;
 use crate::util::testhook;
 
 /// Writes the manifest and `SHA256SUMS` beside the copied disks and publishes the image.
@@ -45,32 +45,15 @@ pub(super) fn publish(
     };
     let platform = req
         .platform
-        .clone()
-        .or_else(|| detection.as_ref().and_then(|r| r.platform.clone()))
-        .unwrap_or_else(|| validate::DEFAULT_PLATFORM.into());
+        .or_else(|| detection.as_ref().and_then(|r| r.platform))
+        .unwrap_or_default();
     let manifest = Manifest {
-        image_id: image_id.to_string(),
-        image_name: req.name.clone(),
-        image_family: req.family.clone(),
-        image_version: req.image_version.clone(),
-        description: req.description.clone().unwrap_or_default(),
-        platform,
-        architecture: req.architecture.clone().unwrap_or_default(),
-        boot_mode: req.boot_mode.clone().unwrap_or_default(),
-        tags: req
-            .tags
-            .iter()
-            .map(|(k, v)| Tag {
-                key: k.clone(),
-                value: v.clone(),
-            })
-            .collect(),
+        attributes: req.attributes(image_id, platform),
         creation_time: manifest::now_rfc3339(),
-        status: "Available".into(),
+        status: Status::Available,
         client_token: req.client_token.clone(),
         size_gib: disks.iter().map(|d| d.size_gib).sum(),
         kiln_version: env!("CARGO_PKG_VERSION").into(),
-        image_type: req.image_type().into(),
         instance: req.instance.as_ref().map(|i| manifest::InstanceRecord {
             name: i.name.clone(),
             uuid: i.uuid.clone(),
@@ -100,9 +83,9 @@ pub(super) fn publish(
 /// What `--detect` checks the system disk against: the request's (normalised) attributes.
 pub(super) fn detect_options(req: &CreateRequest) -> detect::DetectOptions {
     detect::DetectOptions {
-        boot_mode: req.boot_mode.clone(),
-        architecture: req.architecture.clone(),
-        platform: req.platform.clone(),
+        boot_mode: req.boot_mode,
+        architecture: req.architecture,
+        platform: req.platform,
     }
 }
 
@@ -112,28 +95,9 @@ pub(super) fn new_record(req: &CreateRequest, image_id: &str, digest: &str) -> R
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     Record {
-        image_id: image_id.to_string(),
-        image_type: req.image_type().into(),
-        image_name: req.name.clone(),
-        image_family: req.family.clone(),
-        image_version: req.image_version.clone(),
-        description: req.description.clone().unwrap_or_default(),
-        // Until the check of the system disk says otherwise (--detect without a platform).
-        platform: req
-            .platform
-            .clone()
-            .unwrap_or_else(|| validate::DEFAULT_PLATFORM.into()),
-        architecture: req.architecture.clone().unwrap_or_default(),
-        boot_mode: req.boot_mode.clone().unwrap_or_default(),
-        tags: req
-            .tags
-            .iter()
-            .map(|(k, v)| store::RecordTag {
-                key: k.clone(),
-                value: v.clone(),
-            })
-            .collect(),
-        status: store::CREATING.into(),
+        // The platform until the check of the system disk says otherwise (--detect without one).
+        attributes: req.attributes(image_id, req.platform.unwrap_or_default()),
+        status: Status::Creating,
         progress: "0%".into(),
         client_token: req.client_token.clone(),
         request_digest: digest.to_string(),
@@ -151,20 +115,11 @@ pub(super) fn new_record(req: &CreateRequest, image_id: &str, digest: &str) -> R
 
 /// Marks the store's record Available with what the published image holds.
 pub(super) fn finish_record(creating: Creating, out: &CreateOutcome) -> Result<Record> {
-    let disks = match serde_json::to_value(&out.manifest.disks) {
-        Ok(serde_json::Value::Array(a)) => a,
-        _ => Vec::new(),
-    };
-    let detection = out
-        .manifest
-        .detection
-        .as_ref()
-        .and_then(|d| serde_json::to_value(d).ok());
     creating.finish(|r| {
         r.size_gib = out.manifest.size_gib;
         r.directory = Some(out.output_dir.clone());
-        r.disks = disks;
-        r.platform = out.manifest.platform.clone();
-        r.detection = detection;
+        r.disks = out.manifest.disks.clone();
+        r.platform = out.manifest.platform;
+        r.detection = out.manifest.detection.clone();
     })
 }
