@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::copy::engine::CopyStats;
+use crate::copy::stats::CopyStats;
 
 /// Receives progress from the copy threads; must be cheap and never block for long.
 pub trait Progress: Sync {
