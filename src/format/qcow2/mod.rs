@@ -10,6 +10,7 @@
 //! Both crates' findings are in the create issue; `imago` and `qemu-img` stay as test oracles.
 
 pub mod reader;
+pub mod snapshot;
 pub mod writer;
 
 pub use reader::open;
