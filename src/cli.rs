@@ -214,10 +214,17 @@ pub fn tag_filters(tags: &[String]) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OutFormat {
-    Qcow2,
-    Raw,
+/// An output format flag's value (`--format`, `-O`): a name from the format registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutFormat(pub OutputFormat);
+
+fn out_format() -> impl clap::builder::TypedValueParser<Value = OutFormat> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(crate::format::output_names()).try_map(|s: String| {
+        OutputFormat::named(&s)
+            .map(OutFormat)
+            .ok_or("not an output format")
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -311,7 +318,7 @@ pub struct CreateArgs {
 #[derive(Debug, Args)]
 pub struct OutputArgs {
     /// Output disk format.
-    #[arg(long = "format", value_enum, default_value_t = OutFormat::Qcow2)]
+    #[arg(long = "format", value_parser = out_format(), default_value = "qcow2")]
     pub format: OutFormat,
     /// qcow2 cluster size (512 to 2M, a power of two).
     #[arg(long, default_value = "64K")]
@@ -336,7 +343,7 @@ pub struct ConvertArgs {
     #[arg(short = 'f', value_name = "FMT")]
     pub source_format: Option<String>,
     /// Output format.
-    #[arg(short = 'O', value_enum, default_value_t = OutFormat::Raw)]
+    #[arg(short = 'O', value_parser = out_format(), default_value = "raw")]
     pub output_format: OutFormat,
     /// Compress qcow2 output; `-c zstd` picks zstd (zlib otherwise).
     #[arg(short = 'c')]
@@ -450,11 +457,8 @@ fn output_spec(
     cluster_size: &str,
     compress: Option<Compression>,
 ) -> Result<OutputSpec> {
-    let format = match format {
-        OutFormat::Qcow2 => OutputFormat::Qcow2,
-        OutFormat::Raw => OutputFormat::Raw,
-    };
-    if compress.is_some() && format != OutputFormat::Qcow2 {
+    let format = format.0;
+    if compress.is_some() && !format.compresses() {
         return Err(Error::new(
             Code::InvalidParameter,
             "compression needs qcow2 output: drop the compression flag or use qcow2",

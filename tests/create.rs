@@ -327,15 +327,15 @@ fn progress_json_reports_each_disk() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let last = lines.last().expect("a progress line");
-    assert_eq!(last["device"], "/dev/xvda");
-    assert_eq!(last["done"], 64u64 << 20);
-    assert_eq!(last["total"], 64u64 << 20);
-    assert!(last["elapsed"].as_f64().is_some());
-    assert_eq!(last["finished"], true);
+    assert_eq!(last["Device"], "/dev/xvda");
+    assert_eq!(last["Done"], 64u64 << 20);
+    assert_eq!(last["Total"], 64u64 << 20);
+    assert!(last["Elapsed"].as_f64().is_some());
+    assert_eq!(last["Finished"], true);
     // The last line carries the numbers benchmarkers read: 1 MiB + 64 KiB + 1 MiB of data.
-    assert_eq!(last["bytes_copied"], (2u64 << 20) + (64 << 10));
-    assert!(last["holes_skipped"].as_u64().unwrap() > 0);
-    assert!(last["data_bytes_per_sec"].as_u64().unwrap() > 0);
+    assert_eq!(last["BytesCopied"], (2u64 << 20) + (64 << 10));
+    assert!(last["HolesSkipped"].as_u64().unwrap() > 0);
+    assert!(last["DataBytesPerSec"].as_u64().unwrap() > 0);
     assert!(
         r.stderr.contains("copied") && r.stderr.contains("holes skipped"),
         "{}",

@@ -4,7 +4,8 @@
 //!
 //! The guest view (sizes, chain, map) comes from [`crate::format::open`], the reader kiln copies
 //! with, so the map shows exactly what a copy would read. The qcow2 header fields the reader does not
-//! publish (cluster size, the snapshot table) are parsed here, minimally and bounded.
+//! publish (the cluster size) is read here; the snapshot table comes from the qcow2 format's snapshot
+//! module.
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -13,14 +14,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::format::{self, BlockSource, ExtentKind, Format, Opened};
+use crate::format::{self, qcow2, BlockSource, ExtentKind, Format, Opened};
 use crate::prepare::qemu_lock::{self, Holder};
 
-/// QEMU's limits on the snapshot table (`QCOW_MAX_SNAPSHOTS`, `QCOW_MAX_SNAPSHOT_EXTRA_DATA`,
-/// `QCOW_MAX_SNAPSHOTS_SIZE`).
-const MAX_SNAPSHOTS: u32 = 65536;
-const MAX_SNAPSHOT_EXTRA: u32 = 1024;
-const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
 /// Largest extent asked of a source at once while mapping.
 const MAP_STEP: u64 = 1 << 40;
 
@@ -199,106 +195,27 @@ fn file_facts(path: &Path, format: Format) -> Result<FileFacts> {
 }
 
 fn read_exact(file: &File, path: &Path, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    let n = format::read_full_at(file, &mut buf, offset)
-        .map_err(|e| Error::io(path, &format!("reading {what} at offset {offset} of"), e))?;
-    if n < len {
-        return Err(Error::corrupt(
-            path,
-            format!("{what} at offset {offset} runs past the end of the file"),
-        ));
-    }
-    Ok(buf)
+    qcow2::snapshot::read_listing(file, path, offset, len, what)
 }
 
-fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
-}
 fn be32(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
-fn be64(b: &[u8]) -> u64 {
-    u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
-}
-
-/// The qcow2 snapshot table: `nb_snapshots` (header bytes 60..64) entries at `snapshots_offset`
-/// (64..72), each a 40-byte fixed part, extra data, the ID and the name, padded to 8 bytes.
+/// The qcow2 snapshot table as `qemu-img info` lists it, read by the qcow2 format's snapshot
+/// module.
 pub fn read_snapshot_table(path: &Path) -> Result<Vec<SnapshotInfo>> {
-    let file = format::open_read_only(path)?;
-    let h = read_exact(&file, path, 0, 72, "the qcow2 header")?;
-    let count = be32(&h[60..64]);
-    let mut offset = be64(&h[64..72]);
-    if count == 0 {
-        return Ok(Vec::new());
-    }
-    if count > MAX_SNAPSHOTS {
-        return Err(Error::corrupt(
-            path,
-            format!("{count} internal snapshots (QEMU allows at most {MAX_SNAPSHOTS})"),
-        ));
-    }
-    if !offset.is_multiple_of(8) {
-        return Err(Error::corrupt(
-            path,
-            format!("snapshot table offset {offset} is not 8-byte aligned"),
-        ));
-    }
-    let start = offset;
-    let mut out = Vec::with_capacity(count as usize);
-    for i in 0..count {
-        let fixed = read_exact(&file, path, offset, 40, "a snapshot table entry")?;
-        let id_len = u64::from(be16(&fixed[12..14]));
-        let name_len = u64::from(be16(&fixed[14..16]));
-        let extra_len = be32(&fixed[36..40]);
-        if extra_len > MAX_SNAPSHOT_EXTRA {
-            return Err(Error::corrupt(
-                path,
-                format!(
-                    "snapshot {} has {extra_len} bytes of extra data (at most {MAX_SNAPSHOT_EXTRA})",
-                    i + 1
-                ),
-            ));
-        }
-        let var_len = u64::from(extra_len) + id_len + name_len;
-        let entry_len = (40 + var_len).next_multiple_of(8);
-        let end = offset
-            .checked_add(entry_len)
-            .filter(|e| e - start <= MAX_SNAPSHOT_TABLE)
-            .ok_or_else(|| {
-                Error::corrupt(
-                    path,
-                    format!("the snapshot table is larger than {MAX_SNAPSHOT_TABLE} bytes"),
-                )
-            })?;
-        // var_len is at most 1024 + 2 * 65535, so the cast is exact.
-        let var = read_exact(
-            &file,
-            path,
-            offset + 40,
-            var_len as usize,
-            "a snapshot table entry",
-        )?;
-        let extra = &var[..extra_len as usize];
-        let id = &var[extra_len as usize..extra_len as usize + id_len as usize];
-        let name = &var[extra_len as usize + id_len as usize..];
-        let vm_state_size = if extra.len() >= 8 {
-            be64(&extra[0..8])
-        } else {
-            u64::from(be32(&fixed[32..36]))
-        };
-        let vm_clock = be64(&fixed[24..32]);
-        out.push(SnapshotInfo {
-            id: String::from_utf8_lossy(id).into_owned(),
-            name: String::from_utf8_lossy(name).into_owned(),
-            vm_state_size,
-            date_sec: be32(&fixed[16..20]),
-            date_nsec: be32(&fixed[20..24]),
-            vm_clock_sec: vm_clock / 1_000_000_000,
-            vm_clock_nsec: (vm_clock % 1_000_000_000) as u32,
-        });
-        offset = end;
-    }
-    Ok(out)
+    Ok(qcow2::snapshot::read_snapshot_table(path)?
+        .into_iter()
+        .map(|s| SnapshotInfo {
+            id: s.id,
+            name: s.name,
+            vm_state_size: s.vm_state_size,
+            date_sec: s.date_sec,
+            date_nsec: s.date_nsec,
+            vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
+            vm_clock_nsec: (s.vm_clock_nsec % 1_000_000_000) as u32,
+        })
+        .collect())
 }
 
 /// The allocation map of any source, merged into runs: `Data` is data, `Zero` and `Unallocated` read
@@ -501,7 +418,7 @@ mod tests {
 
         // Too many snapshots, an entry past the end, oversized extra data: corrupt, not a panic.
         let mut bad = img.clone();
-        bad[60..64].copy_from_slice(&(MAX_SNAPSHOTS + 1).to_be_bytes());
+        bad[60..64].copy_from_slice(&(qcow2::snapshot::MAX_SNAPSHOTS + 1).to_be_bytes());
         fs::write(&p, &bad).unwrap();
         assert_eq!(
             read_snapshot_table(&p).unwrap_err().code(),

@@ -1,4 +1,7 @@
-//! The copy stage: the parallel sparse engine and its progress reporting.
+//! The copy stage: the parallel sparse engine, what it counts, its progress reporting and the
+//! hashing of finished outputs.
 
 pub mod engine;
+pub mod hash;
 pub mod progress;
+pub mod stats;

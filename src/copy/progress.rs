@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::copy::engine::CopyStats;
+use crate::copy::stats::CopyStats;
 
 /// Receives progress from the copy threads; must be cheap and never block for long.
 pub trait Progress: Sync {
@@ -99,8 +99,9 @@ impl Progress for Bars {
     }
 }
 
-/// JSON lines on stderr: `{"device":..,"done":..,"total":..,"elapsed":..}`, at most ~4 a second per
-/// disk, plus a last line when each disk is finished.
+/// JSON lines on stderr: `{"Device":..,"Done":..,"Total":..,"Elapsed":..,"Finished":..}`, at most
+/// ~4 a second per disk, plus a last line when each disk is finished. Keys are PascalCase, like
+/// every other JSON kiln prints.
 pub struct JsonProgress {
     start: Instant,
     names: Vec<String>,
@@ -128,23 +129,23 @@ impl JsonProgress {
             .min(self.totals[disk]);
         let elapsed = self.start.elapsed().as_secs_f64();
         let mut line = serde_json::json!({
-            "device": self.names[disk],
-            "done": if finished.is_some() { self.totals[disk] } else { done },
-            "total": self.totals[disk],
-            "elapsed": (elapsed * 1000.0).round() / 1000.0,
-            "finished": finished.is_some(),
+            "Device": self.names[disk],
+            "Done": if finished.is_some() { self.totals[disk] } else { done },
+            "Total": self.totals[disk],
+            "Elapsed": (elapsed * 1000.0).round() / 1000.0,
+            "Finished": finished.is_some(),
         });
         if let (Some(s), Some(obj)) = (finished, line.as_object_mut()) {
             let secs = elapsed.max(1e-6);
-            obj.insert("bytes_copied".into(), s.copied.into());
-            obj.insert("holes_skipped".into(), s.holes.into());
-            obj.insert("zeros_detected".into(), s.zeros.into());
+            obj.insert("BytesCopied".into(), s.copied.into());
+            obj.insert("HolesSkipped".into(), s.holes.into());
+            obj.insert("ZerosDetected".into(), s.zeros.into());
             obj.insert(
-                "data_bytes_per_sec".into(),
+                "DataBytesPerSec".into(),
                 ((s.copied as f64 / secs) as u64).into(),
             );
             obj.insert(
-                "virtual_bytes_per_sec".into(),
+                "VirtualBytesPerSec".into(),
                 ((self.totals[disk] as f64 / secs) as u64).into(),
             );
         }

@@ -1,9 +1,17 @@
 //! Disk formats. A source answers one question, "what is at this guest offset, and for how long?",
-//! and reads guest bytes; it knows nothing of images, manifests or copying.
+//! and reads guest bytes; a [`DiskWriter`] writes a fresh disk. Neither knows anything of images,
+//! manifests or copying.
+//!
+//! Every format is one folder here and one line in [`DRIVERS`]: its name, file extension, content
+//! probe, how to open it for reading and how to create it for writing. Detection, the CLI's format
+//! names and the copy engine all go through that table.
 
 pub mod gate;
 pub mod qcow2;
 pub mod raw;
+pub mod writer;
+
+pub use writer::{DiskWriter, Finished};
 
 use std::fs::File;
 use std::io;
@@ -30,11 +38,142 @@ impl Format {
         }
     }
 
+    /// A readable format by its registry name, in any case.
     pub fn parse(s: &str) -> Option<Format> {
-        match s.to_ascii_lowercase().as_str() {
-            "raw" => Some(Format::Raw),
-            "qcow2" => Some(Format::Qcow2),
-            _ => None,
+        driver_named(s)?.read.as_ref().map(|r| r.format)
+    }
+
+    fn driver(self) -> Option<&'static Driver> {
+        DRIVERS
+            .iter()
+            .find(|d| d.read.as_ref().is_some_and(|r| r.format == self))
+    }
+}
+
+/// One disk format: what kiln knows of it, and the functions that read and write it.
+pub struct Driver {
+    /// The name users type (`-f`, `-O`, `--format`) and manifests record.
+    pub name: &'static str,
+    /// The output file's extension.
+    pub extension: &'static str,
+    /// None when kiln only writes the format.
+    pub read: Option<ReadDriver>,
+    /// None when kiln only reads the format.
+    pub write: Option<WriteDriver>,
+}
+
+pub struct ReadDriver {
+    pub format: Format,
+    /// True when a file starting with these bytes (up to [`PROBE_BYTES`], fewer for a short file)
+    /// is in this format. Drivers are probed in table order; the last one (raw) takes anything.
+    pub probe: fn(&[u8]) -> bool,
+    /// Opens a source (and its backing chain), at an internal snapshot when one is named.
+    pub open: fn(File, &Path, Option<&str>, &gate::BackingGate) -> Result<Opened>,
+}
+
+/// A format's writer constructor: (new empty file, its path, virtual size, output options).
+pub type CreateFn = fn(File, &Path, u64, &OutputSpec) -> Result<Box<dyn DiskWriter>>;
+
+pub struct WriteDriver {
+    /// Starts a fresh disk of `virtual_size` (already passed through `disk_size`) in a new,
+    /// empty file open for reading and writing.
+    pub create: CreateFn,
+    /// The size a disk of the given virtual size gets in this format.
+    pub disk_size: fn(u64) -> u64,
+    /// Whether `--compress`/`-c` applies.
+    pub compresses: bool,
+}
+
+/// Every format kiln knows, in probe order (qcow2's magic before raw, which takes anything); the
+/// CLI lists output formats in this order too.
+pub static DRIVERS: &[Driver] = &[qcow2::DRIVER, raw::DRIVER];
+
+/// Bytes read from the start of a file for the probes.
+pub const PROBE_BYTES: usize = 4;
+
+/// The driver named `name`, in any case.
+pub fn driver_named(name: &str) -> Option<&'static Driver> {
+    DRIVERS.iter().find(|d| d.name.eq_ignore_ascii_case(name))
+}
+
+/// The names of the formats kiln writes, in table order.
+pub fn output_names() -> impl Iterator<Item = &'static str> {
+    DRIVERS.iter().filter(|d| d.write.is_some()).map(|d| d.name)
+}
+
+/// An output format: a registry entry that can write.
+#[derive(Clone, Copy)]
+pub struct OutputFormat(&'static Driver, &'static WriteDriver);
+
+impl OutputFormat {
+    /// The output format named `name` (any case); None when kiln does not write it.
+    pub fn named(name: &str) -> Option<OutputFormat> {
+        let d = driver_named(name)?;
+        d.write.as_ref().map(|w| OutputFormat(d, w))
+    }
+
+    pub fn name(self) -> &'static str {
+        self.0.name
+    }
+
+    pub fn extension(self) -> &'static str {
+        self.0.extension
+    }
+
+    /// Whether compressed output is possible.
+    pub fn compresses(self) -> bool {
+        self.1.compresses
+    }
+}
+
+impl PartialEq for OutputFormat {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name == other.0.name
+    }
+}
+
+impl Eq for OutputFormat {}
+
+impl std::fmt::Debug for OutputFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.name)
+    }
+}
+
+/// How output disks are written.
+#[derive(Debug, Clone)]
+pub struct OutputSpec {
+    pub format: OutputFormat,
+    /// qcow2 cluster size as a power of two (16 = 64 KiB).
+    pub cluster_bits: u32,
+    /// Compress every cluster that shrinks (formats that compress only).
+    pub compression: Option<qcow2::writer::Compression>,
+}
+
+impl OutputSpec {
+    /// The size a disk of `virtual_size` bytes gets in this output (qcow2 rounds up to whole
+    /// 512-byte sectors; raw keeps it).
+    pub fn disk_size(&self, virtual_size: u64) -> u64 {
+        (self.format.1.disk_size)(virtual_size)
+    }
+
+    /// Starts a fresh disk of `virtual_size` bytes (as returned by `disk_size`) in `file`.
+    pub fn create(
+        &self,
+        file: File,
+        path: &Path,
+        virtual_size: u64,
+    ) -> Result<Box<dyn DiskWriter>> {
+        (self.format.1.create)(file, path, virtual_size, self)
+    }
+}
+
+impl Default for OutputSpec {
+    fn default() -> Self {
+        OutputSpec {
+            format: OutputFormat(&qcow2::DRIVER, &qcow2::WRITE),
+            cluster_bits: 16,
+            compression: None,
         }
     }
 }
@@ -123,28 +262,23 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Opened> {
         Some(f) => f,
         None => detect(&file, &path)?,
     };
-    match format {
-        Format::Raw => {
-            if let Some(s) = snapshot {
-                return Err(Error::unsupported(
-                    &path,
-                    format!("a raw file has no internal snapshot '{s}'; only qcow2 files do"),
-                ));
-            }
-            let src = raw::RawSource::new(file, &path)?;
-            let info = SourceInfo {
-                path: path.clone(),
-                format,
-                snapshot: None,
-                virtual_size: src.virtual_size(),
-                chain: vec![ChainEntry { path, format }],
-            };
-            Ok(Opened {
-                source: Box::new(src),
-                info,
-            })
-        }
-        Format::Qcow2 => qcow2::open(file, &path, snapshot.as_deref(), &opts.gate),
+    open_as(format, file, &path, snapshot.as_deref(), &opts.gate)
+}
+
+/// Opens `file` as `format` through the registry.
+pub fn open_as(
+    format: Format,
+    file: File,
+    path: &Path,
+    snapshot: Option<&str>,
+    gate: &gate::BackingGate,
+) -> Result<Opened> {
+    match format.driver().and_then(|d| d.read.as_ref()) {
+        Some(r) => (r.open)(file, path, snapshot, gate),
+        None => Err(Error::new(
+            Code::Internal,
+            format!("no reader for format {}", format.as_str()),
+        )),
     }
 }
 
@@ -282,16 +416,17 @@ pub(crate) mod testing {
     }
 }
 
-/// qcow2 when the file starts with the qcow2 magic, raw otherwise (what qemu-img does for these two).
+/// The first readable format in [`DRIVERS`] whose probe accepts the file's first bytes: qcow2 when
+/// the file starts with the qcow2 magic, raw otherwise (what qemu-img does for these two).
 pub fn detect(file: &File, path: &Path) -> Result<Format> {
-    let mut magic = [0u8; 4];
-    let n = read_full_at(file, &mut magic, 0)
+    let mut head = [0u8; PROBE_BYTES];
+    let n = read_full_at(file, &mut head, 0)
         .map_err(|e| Error::io(path, "reading the header of", e))?;
-    if n == 4 && magic == qcow2::MAGIC.to_be_bytes() {
-        Ok(Format::Qcow2)
-    } else {
-        Ok(Format::Raw)
-    }
+    Ok(DRIVERS
+        .iter()
+        .filter_map(|d| d.read.as_ref())
+        .find(|r| (r.probe)(&head[..n]))
+        .map_or(Format::Raw, |r| r.format))
 }
 
 /// Reads until `buf` is full or end of file; returns the bytes read.

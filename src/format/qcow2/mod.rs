@@ -10,9 +10,30 @@
 //! Both crates' findings are in the create issue; `imago` and `qemu-img` stay as test oracles.
 
 pub mod reader;
+pub mod snapshot;
 pub mod writer;
 
 pub use reader::open;
+
+use super::{Driver, ReadDriver, WriteDriver};
+
+/// qcow2's registry entry.
+pub const DRIVER: Driver = Driver {
+    name: "qcow2",
+    extension: "qcow2",
+    read: Some(ReadDriver {
+        format: super::Format::Qcow2,
+        probe: |head| head.starts_with(&MAGIC.to_be_bytes()),
+        open,
+    }),
+    write: Some(WRITE),
+};
+
+pub const WRITE: WriteDriver = WriteDriver {
+    create: writer::create,
+    disk_size: writer::disk_size,
+    compresses: true,
+};
 
 /// "QFI\xfb"
 pub const MAGIC: u32 = 0x5146_49fb;

@@ -23,7 +23,7 @@
 //! | backing format name, feature table | inside the header cluster | `parse_header` |
 //! | L1 table (active or a snapshot's) | `MAX_L1_ENTRIES` = 4 Mi entries (32 MiB, `l1_size`), plus a sorted copy of its offsets to refuse shared L2 tables | `check_l1`, `check_l2_tables_distinct` |
 //! | refcount table | never read; `refcount_table_clusters` at most `MAX_REFCOUNT_TABLE` = 8 MiB | `parse_header` |
-//! | snapshot table | `MAX_SNAPSHOTS` = 65536 entries (`nb_snapshots`), `MAX_SNAPSHOT_TABLE` = 64 MiB in all; extra data at most `MAX_SNAPSHOT_EXTRA` = 1 KiB, ID and name at most 64 KiB each (16-bit sizes), read one entry at a time | `read_snapshots` |
+//! | snapshot table | `MAX_SNAPSHOTS` = 65536 entries (`nb_snapshots`), `MAX_SNAPSHOT_TABLE` = 64 MiB in all; extra data at most `MAX_SNAPSHOT_EXTRA` = 1 KiB, ID and name at most 64 KiB each (16-bit sizes), read one entry at a time | `snapshot::read_snapshots` |
 //! | L2 tables | one cluster each; the cache holds at most `L2_CACHE_BYTES` = 64 MiB | `Qcow2Source::l2_table` |
 //! | compressed cluster | its stored length is at most 2^(`cluster_bits` - 8) sectors (two clusters, 4 MiB), cut at the end of the file; it decompresses into one cluster | `Qcow2Source::decompress` |
 //!
@@ -39,6 +39,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use super::snapshot::{read_snapshots, MAX_SNAPSHOTS, SNAPSHOT_FIXED};
 use super::{
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, OFLAG_COMPRESSED,
     OFLAG_ZERO,
@@ -69,10 +70,6 @@ const V2_HEADER_LEN: usize = 72;
 const V3_HEADER_MIN: u32 = 104;
 /// At most 32 MiB of L1 entries.
 const MAX_L1_ENTRIES: u64 = 4 << 20;
-const MAX_SNAPSHOTS: u32 = 65536;
-const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
-/// Largest extra data of a snapshot table entry (qemu's limit too).
-const MAX_SNAPSHOT_EXTRA: u64 = 1024;
 /// Largest refcount table accepted (qemu's limit too); never read.
 const MAX_REFCOUNT_TABLE: u64 = 8 << 20;
 const MAX_BACKING_NAME: u32 = 1023;
@@ -88,8 +85,6 @@ const L2_CACHE_BYTES: u64 = 64 << 20;
 const L1E_RESERVED: u64 = 0x7f00_0000_0000_01ff;
 /// Bits of a standard (not compressed) L2 entry that must be zero (1-8, 56-61).
 const L2E_RESERVED: u64 = 0x3f00_0000_0000_01fe;
-/// Fixed part of a snapshot table entry.
-const SNAPSHOT_FIXED: usize = 40;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Compression {
@@ -111,11 +106,6 @@ struct Header {
     extended_l2: bool,
     backing: Option<Vec<u8>>,
     backing_format: Option<String>,
-}
-
-fn be16(b: &[u8], off: usize) -> Option<u16> {
-    let s = b.get(off..off.checked_add(2)?)?;
-    Some(u16::from_be_bytes(s.try_into().ok()?))
 }
 
 fn be32(b: &[u8], off: usize) -> Option<u32> {
@@ -240,65 +230,10 @@ fn parse_header(first: &[u8], file_size: u64, path: &Path) -> Result<Header> {
     if backing_file_offset != 0 && (backing_file_offset as usize) < ext_end {
         ext_end = backing_file_offset as usize;
     }
-    let mut backing_format = None;
-    let mut feature_names: Vec<(u8, u8, String)> = Vec::new();
-    let mut pos = header_length;
-    while pos.checked_add(8).is_some_and(|e| e <= ext_end) {
-        let (Some(ty), Some(len)) = (be32(first, pos), be32(first, pos + 4)) else {
-            break;
-        };
-        if ty == EXT_END {
-            break;
-        }
-        let data_start = pos + 8;
-        let data_end = data_start
-            .checked_add(len as usize)
-            .filter(|&e| e <= ext_end)
-            .ok_or_else(|| {
-                Error::corrupt(
-                    path,
-                    format!("header extension 0x{ty:08x} at byte {pos} ({len} bytes) runs past the header area"),
-                )
-            })?;
-        let data = &first[data_start..data_end];
-        match ty {
-            EXT_BACKING_FORMAT => {
-                if len > MAX_BACKING_NAME {
-                    return Err(Error::corrupt(
-                        path,
-                        format!("the backing format name is {len} bytes long"),
-                    ));
-                }
-                let s = String::from_utf8_lossy(data);
-                backing_format = Some(s.trim_end_matches('\0').to_string());
-            }
-            EXT_FEATURE_TABLE => {
-                for e in data.chunks_exact(48) {
-                    let name = &e[2..];
-                    let n = name.iter().position(|&c| c == 0).unwrap_or(name.len());
-                    feature_names.push((e[0], e[1], String::from_utf8_lossy(&name[..n]).into()));
-                }
-            }
-            EXT_DATA_FILE => {
-                return Err(Error::unsupported(
-                    path,
-                    "images with an external data file are not supported",
-                ));
-            }
-            EXT_CRYPTO => {
-                return Err(Error::unsupported(
-                    path,
-                    "encrypted images are not supported (the image has a crypto header extension)",
-                ));
-            }
-            EXT_BITMAPS => {}
-            _ => {}
-        }
-        pos = match align8(len as usize).and_then(|l| data_start.checked_add(l)) {
-            Some(p) => p,
-            None => break,
-        };
-    }
+    let Extensions {
+        backing_format,
+        feature_names,
+    } = parse_extensions(first, header_length, ext_end, path)?;
 
     if incompatible & INCOMPAT_CORRUPT != 0 {
         return Err(Error::corrupt(
@@ -372,6 +307,120 @@ fn parse_header(first: &[u8], file_size: u64, path: &Path) -> Result<Header> {
 
     let nb_snapshots = f32(60)?;
     let snapshots_offset = f64(64)?;
+    check_snapshot_table_place(nb_snapshots, snapshots_offset, cs, file_size, path)?;
+
+    let refcount_table_offset = f64(48)?;
+    let refcount_table_clusters = f32(56)?;
+    check_refcount_table(
+        refcount_table_offset,
+        refcount_table_clusters,
+        cluster_bits,
+        file_size,
+        path,
+    )?;
+
+    Ok(Header {
+        version,
+        cluster_bits,
+        size,
+        l1_size,
+        l1_table_offset,
+        nb_snapshots,
+        snapshots_offset,
+        compression,
+        extended_l2,
+        backing,
+        backing_format,
+    })
+}
+
+/// What the header extensions say.
+#[derive(Default)]
+struct Extensions {
+    backing_format: Option<String>,
+    /// (feature type, bit, name) from the feature name table.
+    feature_names: Vec<(u8, u8, String)>,
+}
+
+/// Decodes the header extensions in `first[header_length..ext_end]`, refusing those kiln does not
+/// read (an external data file, encryption).
+fn parse_extensions(
+    first: &[u8],
+    header_length: usize,
+    ext_end: usize,
+    path: &Path,
+) -> Result<Extensions> {
+    let mut x = Extensions::default();
+    let mut pos = header_length;
+    while pos.checked_add(8).is_some_and(|e| e <= ext_end) {
+        let (Some(ty), Some(len)) = (be32(first, pos), be32(first, pos + 4)) else {
+            break;
+        };
+        if ty == EXT_END {
+            break;
+        }
+        let data_start = pos + 8;
+        let data_end = data_start
+            .checked_add(len as usize)
+            .filter(|&e| e <= ext_end)
+            .ok_or_else(|| {
+                Error::corrupt(
+                    path,
+                    format!("header extension 0x{ty:08x} at byte {pos} ({len} bytes) runs past the header area"),
+                )
+            })?;
+        let data = &first[data_start..data_end];
+        match ty {
+            EXT_BACKING_FORMAT => {
+                if len > MAX_BACKING_NAME {
+                    return Err(Error::corrupt(
+                        path,
+                        format!("the backing format name is {len} bytes long"),
+                    ));
+                }
+                let s = String::from_utf8_lossy(data);
+                x.backing_format = Some(s.trim_end_matches('\0').to_string());
+            }
+            EXT_FEATURE_TABLE => {
+                for e in data.chunks_exact(48) {
+                    let name = &e[2..];
+                    let n = name.iter().position(|&c| c == 0).unwrap_or(name.len());
+                    x.feature_names
+                        .push((e[0], e[1], String::from_utf8_lossy(&name[..n]).into()));
+                }
+            }
+            EXT_DATA_FILE => {
+                return Err(Error::unsupported(
+                    path,
+                    "images with an external data file are not supported",
+                ));
+            }
+            EXT_CRYPTO => {
+                return Err(Error::unsupported(
+                    path,
+                    "encrypted images are not supported (the image has a crypto header extension)",
+                ));
+            }
+            EXT_BITMAPS => {}
+            _ => {}
+        }
+        pos = match align8(len as usize).and_then(|l| data_start.checked_add(l)) {
+            Some(p) => p,
+            None => break,
+        };
+    }
+    Ok(x)
+}
+
+/// Where the header puts the snapshot table: bounded in count, cluster aligned, past the header
+/// cluster, and with room for every entry's fixed part before the end of the file.
+fn check_snapshot_table_place(
+    nb_snapshots: u32,
+    snapshots_offset: u64,
+    cs: u64,
+    file_size: u64,
+    path: &Path,
+) -> Result<()> {
     if nb_snapshots > MAX_SNAPSHOTS {
         return Err(Error::corrupt(
             path,
@@ -397,11 +446,19 @@ fn parse_header(first: &[u8], file_size: u64, path: &Path) -> Result<Header> {
             ));
         }
     }
+    Ok(())
+}
 
-    // The refcount table: kiln never reads refcounts, but a table that cannot exist means the
-    // header is damaged (qemu refuses to open such an image too).
-    let refcount_table_offset = f64(48)?;
-    let refcount_table_clusters = f32(56)?;
+/// The refcount table: kiln never reads refcounts, but a table that cannot exist means the header
+/// is damaged (qemu refuses to open such an image too).
+fn check_refcount_table(
+    refcount_table_offset: u64,
+    refcount_table_clusters: u32,
+    cluster_bits: u32,
+    file_size: u64,
+    path: &Path,
+) -> Result<()> {
+    let cs = 1u64 << cluster_bits;
     let max_clusters = MAX_REFCOUNT_TABLE >> cluster_bits;
     let why = if refcount_table_clusters == 0 {
         Some("refcount_table_clusters is 0 (the image has no refcount table)".to_string())
@@ -430,20 +487,7 @@ fn parse_header(first: &[u8], file_size: u64, path: &Path) -> Result<Header> {
     if let Some(why) = why {
         return Err(Error::corrupt(path, why));
     }
-
-    Ok(Header {
-        version,
-        cluster_bits,
-        size,
-        l1_size,
-        l1_table_offset,
-        nb_snapshots,
-        snapshots_offset,
-        compression,
-        extended_l2,
-        backing,
-        backing_format,
-    })
+    Ok(())
 }
 
 /// Checks that an L1 table covers `size`, is not too large, and lies aligned inside the file. `what`
@@ -502,7 +546,13 @@ fn file_size(file: &File, path: &Path) -> Result<u64> {
 }
 
 /// Reads exactly `len` bytes at `offset`; a short read means the file is truncated.
-fn read_exact(file: &File, path: &Path, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
+pub(super) fn read_exact(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    len: usize,
+    what: &str,
+) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
     let n = format::read_full_at(file, &mut buf, offset)
         .map_err(|e| Error::io(path, &format!("reading {what}"), e))?;
@@ -544,81 +594,6 @@ fn check_l2_tables_distinct(path: &Path, l1: &[u64], snapshot: Option<&str>) -> 
         path,
         format!("L1 entries {a} and {b} of {table} both point at the L2 table at {dup}"),
     ))
-}
-
-/// One internal snapshot, as the table describes it.
-#[derive(Debug, Clone)]
-struct Snapshot {
-    id: String,
-    name: String,
-    l1_offset: u64,
-    l1_size: u32,
-    disk_size: Option<u64>,
-}
-
-fn read_snapshots(file: &File, path: &Path, h: &Header, fsize: u64) -> Result<Vec<Snapshot>> {
-    let mut out = Vec::with_capacity(h.nb_snapshots.min(1024) as usize);
-    let mut pos = h.snapshots_offset;
-    let mut total: u64 = 0;
-    for i in 0..h.nb_snapshots {
-        let fixed = read_exact(file, path, pos, SNAPSHOT_FIXED, "a snapshot table entry")?;
-        let bad = || Error::corrupt(path, format!("snapshot table entry {i} is truncated"));
-        let l1_offset = be64(&fixed, 0).ok_or_else(bad)?;
-        let l1_size = be32(&fixed, 8).ok_or_else(bad)?;
-        let id_size = be16(&fixed, 12).ok_or_else(bad)? as usize;
-        let name_size = be16(&fixed, 14).ok_or_else(bad)? as usize;
-        let extra_size = be32(&fixed, 36).ok_or_else(bad)? as u64;
-        if extra_size > MAX_SNAPSHOT_EXTRA {
-            return Err(Error::corrupt(
-                path,
-                format!(
-                    "snapshot table entry {i}: extra_data_size {extra_size} is larger than {MAX_SNAPSHOT_EXTRA}"
-                ),
-            ));
-        }
-        let var = extra_size + id_size as u64 + name_size as u64;
-        let entry = (SNAPSHOT_FIXED as u64 + var + 7) & !7;
-        total += entry;
-        if total > MAX_SNAPSHOT_TABLE {
-            return Err(Error::corrupt(
-                path,
-                format!("the snapshot table is larger than {MAX_SNAPSHOT_TABLE} bytes"),
-            ));
-        }
-        // Checked before allocating: the entry's sizes come from the file.
-        if pos
-            .checked_add(SNAPSHOT_FIXED as u64 + var)
-            .is_none_or(|e| e > fsize)
-        {
-            return Err(Error::corrupt(
-                path,
-                format!(
-                    "snapshot table entry {i} at offset {pos} ({var} bytes of extra data, ID and name) runs past the end of the file"
-                ),
-            ));
-        }
-        let data = read_exact(
-            file,
-            path,
-            pos.checked_add(SNAPSHOT_FIXED as u64).ok_or_else(bad)?,
-            var as usize,
-            "a snapshot table entry",
-        )?;
-        let extra = extra_size as usize;
-        let disk_size = if extra >= 16 { be64(&data, 8) } else { None };
-        let id = String::from_utf8_lossy(&data[extra..extra + id_size]).into_owned();
-        let name = String::from_utf8_lossy(&data[extra + id_size..extra + id_size + name_size])
-            .into_owned();
-        out.push(Snapshot {
-            id,
-            name,
-            l1_offset,
-            l1_size,
-            disk_size,
-        });
-        pos = pos.checked_add(entry).ok_or_else(bad)?;
-    }
-    Ok(out)
 }
 
 /// Records a file of the chain: refuses loops and chains deeper than [`MAX_CHAIN_DEPTH`].
@@ -705,7 +680,7 @@ fn open_layer(
     let (l1_offset, l1_size, virtual_size, snap_name) = match snapshot {
         None => (h.l1_table_offset, h.l1_size, h.size, None),
         Some(want) => {
-            let snaps = read_snapshots(&file, path, &h, fsize)?;
+            let snaps = read_snapshots(&file, path, h.nb_snapshots, h.snapshots_offset, fsize)?;
             let s = snaps
                 .iter()
                 .find(|s| s.name == want)

@@ -19,6 +19,8 @@ use flate2::{Compress, FlushCompress, Status};
 
 use super::{MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::error::{Code, Error, Result};
+use crate::format::writer::{DiskWriter, Finished};
+use crate::format::OutputSpec;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -534,6 +536,79 @@ fn refcount_layout(cs: u64, used: u64) -> (u64, u64, u64, u64) {
         }
         blocks = nb;
         table = nt;
+    }
+}
+
+/// The registry's constructor.
+pub(crate) fn create(
+    file: File,
+    path: &Path,
+    virtual_size: u64,
+    spec: &OutputSpec,
+) -> Result<Box<dyn DiskWriter>> {
+    let opts = WriterOptions {
+        cluster_bits: spec.cluster_bits,
+        compression: spec.compression,
+    };
+    Ok(Box::new(Qcow2Writer::create(
+        file,
+        path,
+        virtual_size,
+        &opts,
+    )?))
+}
+
+/// qemu reads a qcow2 disk's size in whole 512-byte sectors, so sizes are rounded up to them.
+pub(crate) fn disk_size(virtual_size: u64) -> u64 {
+    virtual_size.next_multiple_of(SECTOR)
+}
+
+/// Zero detection works on whole clusters; host clusters are handed out in guest order (so the
+/// same input gives the same bytes); with compression, each cluster is compressed in the prepare
+/// step and packed at allocation.
+impl DiskWriter for Qcow2Writer {
+    fn block_size(&self) -> u64 {
+        self.cluster_size()
+    }
+
+    fn prepare_unit(&self) -> Option<u64> {
+        self.compression.map(|_| self.cluster_size())
+    }
+
+    fn prepare(&self, data: &[u8], out: &mut Vec<u8>) -> Result<bool> {
+        self.compress_cluster(data, out)
+    }
+
+    fn in_guest_order(&self) -> bool {
+        true
+    }
+
+    fn allocate(&self, guest_offset: u64, len: u64) -> Result<u64> {
+        Qcow2Writer::allocate(self, guest_offset, len)
+    }
+
+    fn allocate_prepared(&self, guest_offset: u64, stored_len: usize) -> Result<u64> {
+        self.allocate_compressed(guest_offset, stored_len)
+    }
+
+    fn write_at(&self, host_offset: u64, data: &[u8]) -> Result<()> {
+        Qcow2Writer::write_at(self, host_offset, data)
+    }
+
+    fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Compressed clusters are packed byte by byte; kiln has not given them writeback hints.
+    fn writeback_hints(&self) -> bool {
+        self.compression.is_none()
+    }
+
+    fn finish(self: Box<Self>) -> Result<Finished> {
+        Ok(Finished {
+            file: Qcow2Writer::finish(*self)?,
+            sparse: false,
+        })
     }
 }
 

@@ -6,8 +6,57 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use super::{BlockSource, Extent, ExtentKind};
+use super::{BlockSource, ChainEntry, Driver, Extent, ExtentKind, Format, Opened, ReadDriver};
+use super::{SourceInfo, WriteDriver};
 use crate::error::{Code, Error, Result};
+
+pub mod writer;
+
+/// raw's registry entry: probed last, it takes any file.
+pub const DRIVER: Driver = Driver {
+    name: "raw",
+    extension: "raw",
+    read: Some(ReadDriver {
+        format: Format::Raw,
+        probe: |_| true,
+        open,
+    }),
+    write: Some(WriteDriver {
+        create: writer::create,
+        disk_size: |size| size,
+        compresses: false,
+    }),
+};
+
+/// Opens a raw source; a raw file has no internal snapshots and no backing file.
+pub fn open(
+    file: File,
+    path: &Path,
+    snapshot: Option<&str>,
+    _gate: &super::gate::BackingGate,
+) -> Result<Opened> {
+    if let Some(s) = snapshot {
+        return Err(Error::unsupported(
+            path,
+            format!("a raw file has no internal snapshot '{s}'; only qcow2 files do"),
+        ));
+    }
+    let src = RawSource::new(file, path)?;
+    let info = SourceInfo {
+        path: path.to_path_buf(),
+        format: Format::Raw,
+        snapshot: None,
+        virtual_size: src.virtual_size(),
+        chain: vec![ChainEntry {
+            path: path.to_path_buf(),
+            format: Format::Raw,
+        }],
+    };
+    Ok(Opened {
+        source: Box::new(src),
+        info,
+    })
+}
 
 pub struct RawSource {
     file: File,
@@ -38,7 +87,8 @@ impl RawSource {
     }
 }
 
-fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
+/// `lseek(2)` with `SEEK_DATA`/`SEEK_HOLE` (or any `whence`): the one wrapper kiln has.
+pub fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
     let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: lseek on a valid, owned file descriptor has no memory-safety requirements; the file
     // offset it moves is never used by kiln, which reads only with pread.

@@ -112,7 +112,7 @@ fuzz_target!(|data: &[u8]| {
     }
     // The snapshot table, both parsers: inspect's listing, and the reader's lookup (a name no
     // snapshot has makes it parse the whole table).
-    if let Ok(snaps) = kiln::commands::inspect::read_snapshot_table(&path) {
+    if let Ok(snaps) = kiln::format::qcow2::snapshot::read_snapshot_table(&path) {
         for s in snaps.iter().take(MAX_SNAPSHOTS) {
             if let Some(o) = open(&path, Some(&s.id)) {
                 exercise(o.source.as_ref());

@@ -1,0 +1,81 @@
+//! Raw output: the guest disk is the file. Blocks are written at their guest offsets in any
+//! order, and the holes left between them are the disk's zeros.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::format::writer::{DiskWriter, Finished};
+use crate::format::OutputSpec;
+
+/// Zero-detection granularity for raw output (like `qemu-img convert -S 4k`).
+pub const RAW_BLOCK: u64 = 4096;
+
+pub struct RawWriter {
+    file: File,
+    path: PathBuf,
+}
+
+impl RawWriter {
+    /// Sizes `file` (new, empty) to `virtual_size` bytes: one hole until data is written.
+    pub fn create(file: File, path: &Path, virtual_size: u64) -> Result<Self> {
+        file.set_len(virtual_size).map_err(|e| {
+            Error::io(
+                path,
+                &format!("setting the length to {virtual_size} bytes"),
+                e,
+            )
+        })?;
+        Ok(RawWriter {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+/// The registry's constructor.
+pub(crate) fn create(
+    file: File,
+    path: &Path,
+    virtual_size: u64,
+    _spec: &OutputSpec,
+) -> Result<Box<dyn DiskWriter>> {
+    Ok(Box::new(RawWriter::create(file, path, virtual_size)?))
+}
+
+impl DiskWriter for RawWriter {
+    fn block_size(&self) -> u64 {
+        RAW_BLOCK
+    }
+
+    fn in_guest_order(&self) -> bool {
+        false
+    }
+
+    /// Host and guest offsets are the same.
+    fn allocate(&self, guest_offset: u64, _len: u64) -> Result<u64> {
+        Ok(guest_offset)
+    }
+
+    fn write_at(&self, host_offset: u64, data: &[u8]) -> Result<()> {
+        self.file.write_all_at(data, host_offset).map_err(|e| {
+            Error::io(
+                &self.path,
+                &format!("writing {} bytes at offset {host_offset}", data.len()),
+                e,
+            )
+        })
+    }
+
+    fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn finish(self: Box<Self>) -> Result<Finished> {
+        Ok(Finished {
+            file: self.file,
+            sparse: true,
+        })
+    }
+}

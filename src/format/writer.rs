@@ -1,0 +1,80 @@
+//! The writer side of a format: a fresh output disk that the copy engine fills.
+//!
+//! The engine reads a chunk, finds its non-zero blocks (of [`DiskWriter::block_size`] bytes) and
+//! hands them to the writer in three steps, so that any format fits the same loop:
+//!
+//! 1. **prepare** (parallel, optional): when [`DiskWriter::prepare_unit`] is set, each non-zero
+//!    piece of at most that many bytes goes through [`DiskWriter::prepare`] (qcow2 and
+//!    streamOptimized VMDK compress a cluster or grain there);
+//! 2. **allocate** (in guest order when [`DiskWriter::in_guest_order`]): each piece gets its host
+//!    offset from [`DiskWriter::allocate`] or, when prepared, [`DiskWriter::allocate_prepared`].
+//!    The engine calls these through a per-disk turnstile, chunk after chunk, so the layout (and
+//!    the file's hash) depends on the input alone (qcow2, dynamic VHD/VHDX, VMDK);
+//! 3. **write** (parallel, under the disk's write lock): [`DiskWriter::write_at`] at those offsets.
+//!
+//! [`DiskWriter::finish`] then writes what a format keeps for the end (qcow2's tables, a fixed
+//! VHD's footer) and hands the file back for hashing and fsync.
+
+use std::fs::File;
+
+use crate::error::{Code, Error, Result};
+
+/// A fresh output disk being written. Shared by every copy thread, so every method but `finish`
+/// takes `&self`.
+pub trait DiskWriter: Send + Sync {
+    /// Zero-detection granularity: blocks of this size that read as zeros are not written (4 KiB
+    /// for raw, like `qemu-img convert -S 4k`; one cluster for qcow2). Allocation offsets and
+    /// lengths handed to the writer are multiples of it (bar the disk's last block).
+    fn block_size(&self) -> u64;
+
+    /// Largest piece [`DiskWriter::prepare`] takes; None when the writer has no prepare step (runs
+    /// of non-zero blocks are then allocated and written whole).
+    fn prepare_unit(&self) -> Option<u64> {
+        None
+    }
+
+    /// Prepares one piece (at most `prepare_unit` bytes) into `out`, on the copying thread.
+    /// Returns false when the piece is to be stored as it is.
+    fn prepare(&self, _data: &[u8], _out: &mut Vec<u8>) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Whether allocations must come in guest order. The engine then serialises them per disk.
+    fn in_guest_order(&self) -> bool;
+
+    /// Reserves room for guest bytes `[guest_offset, guest_offset + len)` stored as they are, and
+    /// returns the host offset to write them at.
+    fn allocate(&self, guest_offset: u64, len: u64) -> Result<u64>;
+
+    /// Reserves `stored_len` bytes for the prepared form of the piece at `guest_offset`.
+    fn allocate_prepared(&self, guest_offset: u64, stored_len: usize) -> Result<u64> {
+        let _ = stored_len;
+        Err(Error::new(
+            Code::Internal,
+            format!("a prepared piece at guest offset {guest_offset} for a writer without a prepare step"),
+        ))
+    }
+
+    /// Writes bytes at a host offset returned by an allocation.
+    fn write_at(&self, host_offset: u64, data: &[u8]) -> Result<()>;
+
+    /// The output file, for writeback hints: all writes go through the writer.
+    fn file(&self) -> &File;
+
+    /// Whether the engine starts writeback of each chunk's written range right away (a hint; the
+    /// final fsync is what counts).
+    fn writeback_hints(&self) -> bool {
+        true
+    }
+
+    /// Writes what the format keeps for the end and hands the file back, not yet fsynced.
+    fn finish(self: Box<Self>) -> Result<Finished>;
+}
+
+/// A finished output file.
+pub struct Finished {
+    pub file: File,
+    /// Whether hashing should skip the file's holes with `SEEK_DATA` (raw: the disk's holes are
+    /// the file's); false when the file is dense and is read whole (qcow2 packs its clusters).
+    pub sparse: bool,
+}
