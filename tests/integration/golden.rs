@@ -12,9 +12,7 @@
 //! on-disk layout may differ between QEMU versions, but kiln's output depends only on the guest
 //! bytes they hold (which this test writes, byte for byte), not on where qemu-img put them.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::{Path, PathBuf};
 
 fn testdata(name: &str) -> String {

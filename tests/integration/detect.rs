@@ -3,15 +3,11 @@
 //! sgdisk/sfdisk onto sparse files, partitions copied into place. sgdisk -v and qemu-img compare
 //! are the oracles for growth.
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
-
-const MIB: u64 = 1 << 20;
 
 /// A 512-byte stand-in for an EFI loader: a PE header for `machine`.
 fn fake_pe(machine: u16) -> Vec<u8> {
