@@ -469,6 +469,16 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn linux_filesystem_data_is_named() {
+        // 0FC63DAF-8483-4772-8E79-3D69D8477DE4 (sgdisk's 8300) as it lies on disk.
+        let on_disk = Guid([
+            0xAF, 0x3D, 0xC6, 0x0F, 0x83, 0x84, 0x72, 0x47, 0x8E, 0x79, 0x3D, 0x69, 0xD8, 0x47,
+            0x7D, 0xE4,
+        ]);
+        assert_eq!(type_name(&on_disk), Some("Linux filesystem"));
+    }
+
+    #[test]
     fn a_valid_header_parses() {
         let s = header(2048, 1, 2, 0);
         let h = Header::parse(&s, 1, 2048).unwrap();

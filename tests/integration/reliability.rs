@@ -5,12 +5,10 @@
 //! Moments are reached with the debug-build hook `KILN_TEST_STOP_AT=NAME[#N]` (src/testhook.rs):
 //! kiln stops itself there and the test kills it, or changes a file and lets it go on.
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 

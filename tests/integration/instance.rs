@@ -2,13 +2,11 @@
 //! defines a domain from a file and dumps it back, as `virsh dumpxml` prints it for a real VM; kiln
 //! parses that, maps its disks and checks each `<backingStore>` against the chain it reads.
 
-mod common;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{qemu_img, tmp};
+use crate::common::{self, qemu_img, tmp};
 use kiln::error::Code;
 use kiln::format::{self, Format, OpenOptions};
 use kiln::request::instance::{self, Adjustment, Adjustments};

@@ -5,40 +5,18 @@
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
 
+use crate::common::{qemu_img, qemu_io_f, MIB};
 use kiln::error::Code;
 use kiln::format::{self, ExtentKind, Format, OpenOptions, Opened};
 
-const MIB: u64 = 1 << 20;
-
-fn run(dir: &Path, cmd: &str, args: &[&str]) -> Vec<u8> {
-    let o = Command::new(cmd)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o.stdout
-}
-
 fn img(dir: &Path, args: &[&str]) {
-    run(dir, "qemu-img", args);
+    qemu_img(dir, args);
 }
 
 /// Runs qemu-io commands on a qcow2 image.
 fn io(dir: &Path, file: &str, cmds: &[&str]) {
-    let mut a = vec!["-f", "qcow2"];
-    for c in cmds {
-        a.push("-c");
-        a.push(c);
-    }
-    a.push(file);
-    run(dir, "qemu-io", &a);
+    qemu_io_f(dir, "qcow2", file, cmds);
 }
 
 fn open(dir: &Path, name: &str, snapshot: Option<&str>) -> kiln::error::Result<Opened> {
@@ -118,8 +96,8 @@ fn check(dir: &Path, name: &str, snapshot: Option<&str>) -> Opened {
 
 /// Compares kiln's Data/not-Data classification with `qemu-img map` every `unit` bytes.
 fn compare_map(dir: &Path, name: &str, unit: u64) {
-    let out = run(dir, "qemu-img", &["map", "--output=json", name]);
-    let map: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let out = qemu_img(dir, &["map", "--output=json", name]);
+    let map: serde_json::Value = serde_json::from_str(&out).unwrap();
     let o = open(dir, name, None).unwrap();
     let size = o.source.virtual_size();
     let mut qemu = vec![false; (size / unit) as usize];

@@ -6,15 +6,13 @@
 //!
 //! The fuzz target for the same reader is in `tests/fuzz/` (see its README).
 
-mod common;
-
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{qemu_img, qemu_io};
+use crate::common::{self, qemu_img, qemu_io};
 
 /// Wall-clock limit per run of kiln.
 const TIME_LIMIT: Duration = Duration::from_secs(20);

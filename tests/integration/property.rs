@@ -1,9 +1,7 @@
 //! Property test: random layouts of data, written zeros and holes, in raw and qcow2 sources, copied
 //! by kiln to qcow2 and raw, and compared with qemu-img.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]

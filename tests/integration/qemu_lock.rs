@@ -1,14 +1,12 @@
 //! QEMU's image locks, for real: `qemu-io` holding an image open for writing is found (with its pid),
 //! and kiln's `SourceLock` makes `qemu-io` fail to open the image for writing until it is dropped.
 
-mod common;
-
 use std::fs::File;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{qemu_img, tmp};
+use crate::common::{self, qemu_img, tmp};
 use kiln::error::Code;
 use kiln::prepare::qemu_lock::{self, SourceLock};
 

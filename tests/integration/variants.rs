@@ -1,11 +1,9 @@
 //! Every qcow2 variant kiln reads, through the real binary: the image kiln builds from it must be
 //! identical to the source (qemu-img compare) and clean (qemu-img check).
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 /// Builds the system disk with `src` (a file name, maybe with `@SNAP`) and checks it against `reference`,
 /// a file qemu-img reads as the same guest disk.
@@ -163,7 +161,7 @@ fn compressed_zlib_and_zstd() {
             "plain.raw",
             &["write -P 0x41 0 3M", "write -P 0x42 5M 100k"],
         );
-        common::write_at(
+        write_at(
             &d.join("plain.raw"),
             7 << 20,
             &(0..300_000u32)

@@ -3,15 +3,11 @@
 //! sgdisk/sfdisk onto sparse files, partitions copied into place. sgdisk -v and qemu-img compare
 //! are the oracles for growth.
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
-
-const MIB: u64 = 1 << 20;
 
 /// A 512-byte stand-in for an EFI loader: a PE header for `machine`.
 fn fake_pe(machine: u16) -> Vec<u8> {
@@ -294,6 +290,36 @@ fn mbr_with_boot_code_boots_bios() {
     let boot = items(&r).into_iter().find(|i| i.0 == "BootMode").unwrap();
     assert_eq!(boot.1, "Fail");
     assert!(boot.2.contains("--boot-mode BIOS"), "{}", boot.2);
+}
+
+/// The most common Linux partition type (sgdisk 8300, Linux filesystem data) is named, not
+/// `other`, and an ext4 on it is still read for the OS.
+#[test]
+fn a_linux_filesystem_partition_is_named() {
+    let t = tmp();
+    let d = t.path();
+    let args = [
+        "-n1:2048:+1M",
+        "-t1:ef02",
+        "-n2:0:+12M",
+        "-t2:8300",
+        "-c2:data",
+    ];
+    gpt_disk(d, "linux.raw", 32 * MIB, &args);
+    boot_code(d, "linux.raw");
+    let fs = ext4_root(d, "linux.ext4", UBUNTU);
+    place(d, "linux.raw", &fs, 4096);
+    let (status, r) = check(d, &["linux.raw"]);
+    assert_eq!(status, 0, "{r:#}");
+    let part = &r["Partitions"][1];
+    assert_eq!(part["Type"], "Linux filesystem", "{r:#}");
+    assert_eq!(part["TypeId"], "0FC63DAF-8483-4772-8E79-3D69D8477DE4");
+    let item = items(&r)
+        .into_iter()
+        .find(|i| i.0 == "Partition 2")
+        .unwrap();
+    assert!(item.2.starts_with("Linux filesystem 'data'"), "{}", item.2);
+    assert_eq!(r["Platform"], "Ubuntu", "{r:#}");
 }
 
 #[test]

@@ -1,11 +1,12 @@
 //! Helpers for the integration tests: run the real `kiln` binary and `qemu-img`/`qemu-io` on real
 //! files in a temporary directory.
-#![allow(dead_code)]
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+pub const MIB: u64 = 1 << 20;
 
 pub struct Run {
     pub status: i32,
@@ -65,9 +66,18 @@ pub fn qemu_img(dir: &Path, args: &[&str]) -> String {
     tool_in(dir, "qemu-img", args).ok().stdout
 }
 
-/// `qemu-io -c CMD...` on `file` (qcow2 or raw), which must succeed.
+/// `qemu-io -c CMD...` on `file` (qcow2 or raw, probed), which must succeed.
 pub fn qemu_io(dir: &Path, file: &str, cmds: &[&str]) {
-    let mut args = Vec::new();
+    run_qemu_io(dir, &[], file, cmds);
+}
+
+/// `qemu-io -f FMT -c CMD...` on `file`, which must succeed.
+pub fn qemu_io_f(dir: &Path, fmt: &str, file: &str, cmds: &[&str]) {
+    run_qemu_io(dir, &["-f", fmt], file, cmds);
+}
+
+fn run_qemu_io(dir: &Path, opts: &[&str], file: &str, cmds: &[&str]) {
+    let mut args = opts.to_vec();
     for c in cmds {
         args.push("-c");
         args.push(c);

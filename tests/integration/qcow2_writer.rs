@@ -1,13 +1,11 @@
 //! The fresh-image qcow2 writer through the library, checked by qemu-img: `check` clean, `compare`
 //! identical to a raw reference written alongside, `info` sizes.
 
-mod common;
-
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use kiln::format::qcow2::writer::{Compression, Qcow2Writer, WriterOptions};
 
 /// Guest content for cluster `c` seeded by `b`: a fill (b % 3 == 0), a ramp (1), or noise (2) that

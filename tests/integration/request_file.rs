@@ -1,11 +1,9 @@
 //! `kiln create --request FILE`: JSON and TOML request files with CreateImage's parameter names.
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 fn sources(d: &Path) {
     let p = d.join("sys.raw");

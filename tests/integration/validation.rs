@@ -1,11 +1,9 @@
 //! CreateImage's parameter rules through the real binary: one test per code, each asserting the
 //! code, the exit status (2) and that nothing was written (the store is not even created).
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 /// Runs `kiln --json --store st create --snapshot small.raw --format raw ARGS` in a fresh directory
 /// and checks the refusal.

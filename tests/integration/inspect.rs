@@ -1,16 +1,12 @@
 //! `kiln inspect` against qemu-img: the allocation map agrees with `qemu-img map --output=json` on
 //! the data/zero classification of every byte, and the report with `qemu-img info --output=json`.
 
-mod common;
-
 use std::path::Path;
 
-use common::{qemu_img, tmp, tool_in};
+use crate::common::{self, qemu_img, qemu_io_f, tmp, MIB};
 use kiln::commands::inspect::{self, InspectOptions};
 use kiln::format::Format;
 use serde_json::Value;
-
-const MIB: u64 = 1 << 20;
 
 /// (start, length, data, zero) runs from a qemu-img-style JSON map.
 fn runs(v: &Value) -> Vec<(u64, u64, bool, bool)> {
@@ -82,27 +78,12 @@ fn assert_same_classes(
     }
 }
 
-fn io(dir: &Path, fmt: &str, file: &str, cmds: &[&str]) {
-    let mut a = vec!["-f", fmt];
-    for c in cmds {
-        a.push("-c");
-        a.push(c);
-    }
-    a.push(file);
-    let r = tool_in(dir, "qemu-io", &a).ok();
-    assert!(
-        !r.stdout.contains("error") && !r.stdout.contains("failed"),
-        "{}",
-        r.stdout
-    );
-}
-
 #[test]
 fn raw_sparse_and_data() {
     let t = tmp();
     let d = t.path();
     qemu_img(d, &["create", "-q", "-f", "raw", "d.raw", "8M"]);
-    io(
+    qemu_io_f(
         d,
         "raw",
         "d.raw",
@@ -147,7 +128,7 @@ fn qcow2_plain_and_zero_clusters() {
     let t = tmp();
     let d = t.path();
     qemu_img(d, &["create", "-q", "-f", "qcow2", "p.qcow2", "16M"]);
-    io(
+    qemu_io_f(
         d,
         "qcow2",
         "p.qcow2",
@@ -174,7 +155,7 @@ fn qcow2_with_backing_files() {
     let t = tmp();
     let d = t.path();
     qemu_img(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "8M"]);
-    io(
+    qemu_io_f(
         d,
         "qcow2",
         "base.qcow2",
@@ -195,7 +176,7 @@ fn qcow2_with_backing_files() {
             "12M",
         ],
     );
-    io(
+    qemu_io_f(
         d,
         "qcow2",
         "top.qcow2",
@@ -216,7 +197,7 @@ fn qcow2_with_backing_files() {
 
     // A raw backing file: its holes are present in qemu-img's eyes, and still zero.
     qemu_img(d, &["create", "-q", "-f", "raw", "base.raw", "4M"]);
-    io(d, "raw", "base.raw", &["write -P 9 1M 64k"]);
+    qemu_io_f(d, "raw", "base.raw", &["write -P 9 1M 64k"]);
     qemu_img(
         d,
         &[
@@ -232,7 +213,7 @@ fn qcow2_with_backing_files() {
             "6M",
         ],
     );
-    io(d, "qcow2", "over.qcow2", &["write -P 8 2M 64k"]);
+    qemu_io_f(d, "qcow2", "over.qcow2", &["write -P 8 2M 64k"]);
     compare_map(d, "over.qcow2");
 }
 
@@ -241,7 +222,7 @@ fn qcow2_compressed() {
     let t = tmp();
     let d = t.path();
     qemu_img(d, &["create", "-q", "-f", "raw", "src.raw", "4M"]);
-    io(
+    qemu_io_f(
         d,
         "raw",
         "src.raw",
@@ -260,9 +241,9 @@ fn qcow2_internal_snapshots_are_listed_like_qemu_img() {
     let t = tmp();
     let d = t.path();
     qemu_img(d, &["create", "-q", "-f", "qcow2", "s.qcow2", "8M"]);
-    io(d, "qcow2", "s.qcow2", &["write -P 1 0 1M"]);
+    qemu_io_f(d, "qcow2", "s.qcow2", &["write -P 1 0 1M"]);
     qemu_img(d, &["snapshot", "-c", "first", "s.qcow2"]);
-    io(d, "qcow2", "s.qcow2", &["write -P 2 2M 1M"]);
+    qemu_io_f(d, "qcow2", "s.qcow2", &["write -P 2 2M 1M"]);
     qemu_img(d, &["snapshot", "-c", "second", "s.qcow2"]);
     let r = inspect::inspect(&d.join("s.qcow2")).unwrap();
     let info = common::info(d, "s.qcow2");

@@ -1,11 +1,9 @@
 //! `kiln create` end to end: the real binary on real files, qemu-img as the oracle.
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 /// A 64 MiB qcow2 with data, a zero range and data at the very end.
 fn make_base(dir: &Path, name: &str) {

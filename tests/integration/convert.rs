@@ -1,8 +1,6 @@
 //! `kiln convert`: qemu-img's option names, the same engine; outputs checked with qemu-img.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 fn source(d: &std::path::Path) {
     let p = d.join("src.raw");

@@ -1,15 +1,13 @@
 //! The image store end to end: create into the store, describe, delete, verify, the status
 //! lifecycle seen from a second process, idempotency, dry runs that write nothing, locking.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// A 16 MiB sparse raw file with a little data.
 fn small_raw(dir: &Path, name: &str) {
