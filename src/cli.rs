@@ -64,12 +64,12 @@ pub struct InspectArgs {
     pub file: PathBuf,
     /// Also print the allocation map (like `qemu-img map`).
     #[arg(long)]
-    pub map: bool,
+    pub(crate) map: bool,
     /// The format (detected when not given).
     #[arg(short = 'f', long = "format", value_name = "raw|qcow2")]
-    pub format: Option<String>,
+    pub(crate) format: Option<String>,
     #[command(flatten)]
-    pub backing: BackingArgs,
+    pub(crate) backing: BackingArgs,
 }
 
 impl InspectArgs {
@@ -88,21 +88,21 @@ pub struct CheckArgs {
     /// An ImageId in the store, an image directory (its system disk is checked), or a disk file
     /// (`FILE@SNAP` for a qcow2 internal snapshot).
     #[arg(value_name = "IMAGE_ID|DIR|FILE")]
-    pub target: String,
+    pub(crate) target: String,
     /// The boot mode to check against (an image's own by default): BIOS, UEFI or UEFI-Preferred.
     #[arg(long)]
-    pub boot_mode: Option<String>,
+    pub(crate) boot_mode: Option<String>,
     /// The architecture to check against (an image's own by default): i386, x86_64 or arm64.
     #[arg(long = "arch")]
-    pub architecture: Option<String>,
+    pub(crate) architecture: Option<String>,
     /// The platform to check against (an image's own by default).
     #[arg(long)]
-    pub platform: Option<String>,
+    pub(crate) platform: Option<String>,
     /// The disk file's format (detected when not given).
     #[arg(short = 'f', long = "format", value_name = "raw|qcow2")]
-    pub format: Option<String>,
+    pub(crate) format: Option<String>,
     #[command(flatten)]
-    pub backing: BackingArgs,
+    pub(crate) backing: BackingArgs,
 }
 
 impl CheckArgs {
@@ -123,19 +123,19 @@ impl CheckArgs {
 pub struct DescribeArgs {
     /// Image IDs (all images when none is given).
     #[arg(value_name = "IMAGE_ID")]
-    pub ids: Vec<String>,
+    pub(crate) ids: Vec<String>,
     /// Only images with this name.
     #[arg(long)]
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
     /// The newest Available image of this family.
     #[arg(long)]
-    pub family: Option<String>,
+    pub(crate) family: Option<String>,
     /// Only images in this status: Creating, Available or CreateFailed.
     #[arg(long)]
-    pub status: Option<String>,
+    pub(crate) status: Option<String>,
     /// Only images carrying this tag (KEY=VALUE, or KEY for any value; repeatable).
     #[arg(long = "tag", value_name = "KEY=VALUE")]
-    pub tags: Vec<String>,
+    pub(crate) tags: Vec<String>,
 }
 
 impl DescribeArgs {
@@ -160,10 +160,10 @@ pub struct DeleteArgs {
 pub struct VerifyArgs {
     /// An ImageId in the store, or an image directory.
     #[arg(value_name = "IMAGE_ID|DIR")]
-    pub target: String,
+    pub(crate) target: String,
     /// No progress bar.
     #[arg(short, long)]
-    pub quiet: bool,
+    pub(crate) quiet: bool,
 }
 
 impl VerifyArgs {
@@ -181,7 +181,7 @@ impl VerifyArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ShellArg {
+pub(crate) enum ShellArg {
     Bash,
     Zsh,
     Fish,
@@ -190,7 +190,7 @@ pub enum ShellArg {
 #[derive(Debug, Args)]
 pub struct CompletionsArgs {
     #[arg(value_enum)]
-    pub shell: ShellArg,
+    pub(crate) shell: ShellArg,
 }
 
 impl CompletionsArgs {
@@ -205,7 +205,7 @@ impl CompletionsArgs {
 }
 
 /// `--tag` filters of describe: (key, Some(value)) or (key, None) for any value.
-pub fn tag_filters(tags: &[String]) -> Vec<(String, Option<String>)> {
+pub(crate) fn tag_filters(tags: &[String]) -> Vec<(String, Option<String>)> {
     tags.iter()
         .map(|t| match t.split_once('=') {
             Some((k, v)) => (k.to_string(), Some(v.to_string())),
@@ -216,7 +216,7 @@ pub fn tag_filters(tags: &[String]) -> Vec<(String, Option<String>)> {
 
 /// An output format flag's value (`--format`, `-O`): a name from the format registry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OutFormat(pub OutputFormat);
+pub(crate) struct OutFormat(pub OutputFormat);
 
 fn out_format() -> impl clap::builder::TypedValueParser<Value = OutFormat> {
     use clap::builder::TypedValueParser;
@@ -228,13 +228,13 @@ fn out_format() -> impl clap::builder::TypedValueParser<Value = OutFormat> {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum CompressArg {
+pub(crate) enum CompressArg {
     Zlib,
     Zstd,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ProgressArg {
+pub(crate) enum ProgressArg {
     /// Bars when stderr is a terminal.
     Auto,
     /// JSON lines on stderr.
@@ -248,69 +248,69 @@ pub struct CreateArgs {
     /// A request file (JSON, or TOML by its .toml extension) with CreateImage's parameter names;
     /// flags override it.
     #[arg(long, value_name = "FILE")]
-    pub request: Option<PathBuf>,
+    pub(crate) request: Option<PathBuf>,
     /// The image name (2 to 128 characters, starting with a letter or a CJK character).
     #[arg(long)]
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
     /// The image family (same rules as the name).
     #[arg(long)]
-    pub family: Option<String>,
+    pub(crate) family: Option<String>,
     /// The image version (1 to 40 characters).
     #[arg(long)]
-    pub image_version: Option<String>,
+    pub(crate) image_version: Option<String>,
     /// A description of the image (2 to 256 characters).
     #[arg(long)]
-    pub description: Option<String>,
+    pub(crate) description: Option<String>,
     /// The OS platform recorded in the manifest [default: Others Linux].
     #[arg(long)]
-    pub platform: Option<String>,
+    pub(crate) platform: Option<String>,
     /// i386, x86_64 or arm64 [default: x86_64].
     #[arg(long = "arch")]
-    pub architecture: Option<String>,
+    pub(crate) architecture: Option<String>,
     /// BIOS, UEFI or UEFI-Preferred [default: BIOS].
     #[arg(long)]
-    pub boot_mode: Option<String>,
+    pub(crate) boot_mode: Option<String>,
     /// A tag KEY=VALUE (repeatable).
     #[arg(long = "tag", value_name = "KEY=VALUE")]
-    pub tags: Vec<String>,
+    pub(crate) tags: Vec<String>,
     /// A disk: snapshot=FILE[@SNAP],device=/dev/xvdX,size=SIZE,type=system|data,format=raw|qcow2 (repeatable).
     #[arg(long = "disk", value_name = "SPEC")]
-    pub disks: Vec<String>,
+    pub(crate) disks: Vec<String>,
     /// The system disk's source, when no --disk is given.
     #[arg(long, value_name = "FILE[@SNAP]")]
-    pub snapshot: Option<PathBuf>,
+    pub(crate) snapshot: Option<PathBuf>,
     /// A libvirt domain XML (`virsh dumpxml`), or `-` for stdin: the image takes the instance's
     /// disks; `--disk device=vdX,...` entries then grow or add disks.
     #[arg(long, value_name = "FILE|-")]
-    pub instance: Option<PathBuf>,
+    pub(crate) instance: Option<PathBuf>,
     /// With --instance: leave out the disk with this target (repeatable), e.g. `vdc`.
     #[arg(long, value_name = "TARGET")]
-    pub exclude: Vec<String>,
+    pub(crate) exclude: Vec<String>,
     /// Copy sources that a process has open for writing (the copy may be inconsistent).
     #[arg(long)]
-    pub allow_running: bool,
+    pub(crate) allow_running: bool,
     #[command(flatten)]
-    pub backing: BackingArgs,
+    pub(crate) backing: BackingArgs,
     /// An image of data disks only (no system disk): `--disk` entries become /dev/xvdb, ...
     #[arg(long)]
-    pub data_image: bool,
+    pub(crate) data_image: bool,
     /// Where the image goes, outside the store; must not exist or be empty.
     #[arg(long, value_name = "DIR")]
-    pub output_dir: Option<PathBuf>,
+    pub(crate) output_dir: Option<PathBuf>,
     /// Idempotency token: the same token and request return the same image (ASCII, up to 64).
     #[arg(long)]
-    pub client_token: Option<String>,
+    pub(crate) client_token: Option<String>,
     /// Check everything and print the plan; copy and write nothing.
     #[arg(long)]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Check the system disk as written (DetectionStrategy Standard): partition table, partitions,
     /// boot mode and architecture, OS; the report goes into the manifest (Detection).
     #[arg(long)]
-    pub detect: bool,
+    pub(crate) detect: bool,
     /// When a disk with a GPT grows, move its backup header and entries to the new end (as
     /// `sgdisk -e` does), so the table stays valid.
     #[arg(long)]
-    pub relocate_gpt: bool,
+    pub(crate) relocate_gpt: bool,
     #[command(flatten)]
     pub out: OutputArgs,
 }
@@ -319,19 +319,19 @@ pub struct CreateArgs {
 pub struct OutputArgs {
     /// Output disk format.
     #[arg(long = "format", value_parser = out_format(), default_value = "qcow2")]
-    pub format: OutFormat,
+    pub(crate) format: OutFormat,
     /// qcow2 cluster size (512 to 2M, a power of two).
     #[arg(long, default_value = "64K")]
-    pub cluster_size: String,
+    pub(crate) cluster_size: String,
     /// Write compressed qcow2 clusters.
     #[arg(long, value_enum)]
-    pub compress: Option<CompressArg>,
+    pub(crate) compress: Option<CompressArg>,
     /// Copy threads (default: all cores).
     #[arg(short = 'j', long = "threads")]
-    pub threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// Progress display.
     #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
-    pub progress: ProgressArg,
+    pub(crate) progress: ProgressArg,
     /// No progress and no summary.
     #[arg(short, long)]
     pub quiet: bool,
@@ -341,46 +341,46 @@ pub struct OutputArgs {
 pub struct ConvertArgs {
     /// Source format (detected when not given).
     #[arg(short = 'f', value_name = "FMT")]
-    pub source_format: Option<String>,
+    pub(crate) source_format: Option<String>,
     /// Output format.
     #[arg(short = 'O', value_parser = out_format(), default_value = "raw")]
-    pub output_format: OutFormat,
+    pub(crate) output_format: OutFormat,
     /// Compress qcow2 output; `-c zstd` picks zstd (zlib otherwise).
     #[arg(short = 'c')]
-    pub compress: bool,
+    pub(crate) compress: bool,
     /// Copy threads (default: all cores).
     #[arg(short = 'j', long = "threads")]
-    pub threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// Show progress.
     #[arg(short = 'p')]
-    pub progress: bool,
+    pub(crate) progress: bool,
     /// qcow2 cluster size.
     #[arg(long, default_value = "64K")]
-    pub cluster_size: String,
+    pub(crate) cluster_size: String,
     /// Print the output's SHA-256.
     #[arg(long)]
-    pub sha256: bool,
+    pub(crate) sha256: bool,
     /// Copy a source that a process has open for writing (the copy may be inconsistent).
     #[arg(long)]
-    pub allow_running: bool,
+    pub(crate) allow_running: bool,
     #[command(flatten)]
-    pub backing: BackingArgs,
+    pub(crate) backing: BackingArgs,
     /// [zlib|zstd] SRC[@SNAP] DST
     #[arg(num_args = 2..=3, value_name = "ARGS", required = true)]
-    pub args: Vec<String>,
+    pub(crate) args: Vec<String>,
 }
 
 /// `--backing-dir`, shared by every command that opens sources.
 #[derive(Debug, Args)]
-pub struct BackingArgs {
+pub(crate) struct BackingArgs {
     /// Also follow qcow2 backing files under DIR (repeatable); by default only those inside the
     /// named image's directory tree are followed.
     #[arg(long = "backing-dir", value_name = "DIR")]
-    pub backing_dirs: Vec<PathBuf>,
+    pub(crate) backing_dirs: Vec<PathBuf>,
 }
 
 impl BackingArgs {
-    pub fn gate(&self) -> BackingGate {
+    pub(crate) fn gate(&self) -> BackingGate {
         BackingGate::new(self.backing_dirs.clone())
     }
 }
@@ -418,7 +418,7 @@ fn threads(j: Option<usize>) -> Result<usize> {
 
 /// `64K` → 16; a power of two between 512 B and 2 MiB. A bare number is bytes here, as in
 /// qemu-img's `cluster_size`.
-pub fn cluster_bits(text: &str) -> Result<u32> {
+pub(crate) fn cluster_bits(text: &str) -> Result<u32> {
     let bytes = if !text.is_empty() && text.bytes().all(|c| c.is_ascii_digit()) {
         text.parse().map_err(|_| bad_cluster(text))?
     } else {
@@ -472,7 +472,7 @@ fn output_spec(
 }
 
 impl CreateArgs {
-    pub fn progress_mode(&self) -> ProgressMode {
+    pub(crate) fn progress_mode(&self) -> ProgressMode {
         progress_mode(self.out.quiet, self.out.progress)
     }
 

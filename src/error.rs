@@ -142,7 +142,7 @@ pub struct Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub fn new(code: Code, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: Code, message: impl Into<String>) -> Self {
         Error {
             code,
             message: message.into(),
@@ -152,7 +152,7 @@ impl Error {
 
     /// An I/O failure on `path` while doing `what` (e.g. "reading at offset 4096").
     /// ENOSPC and EDQUOT become InsufficientSpace.
-    pub fn io(path: &Path, what: &str, err: io::Error) -> Self {
+    pub(crate) fn io(path: &Path, what: &str, err: io::Error) -> Self {
         let code = match err.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => Code::InsufficientSpace,
             _ => Code::IoError,
@@ -165,7 +165,7 @@ impl Error {
     }
 
     /// A source file that is not what it claims to be.
-    pub fn corrupt(path: &Path, what: impl fmt::Display) -> Self {
+    pub(crate) fn corrupt(path: &Path, what: impl fmt::Display) -> Self {
         Error::new(
             Code::SnapshotCorrupt,
             format!(
@@ -177,16 +177,11 @@ impl Error {
     }
 
     /// A source file using a feature kiln does not read.
-    pub fn unsupported(path: &Path, what: impl fmt::Display) -> Self {
+    pub(crate) fn unsupported(path: &Path, what: impl fmt::Display) -> Self {
         Error::new(
             Code::SnapshotUnsupported,
             format!("{}: {}", path.display(), what),
         )
-    }
-
-    pub fn with_source(mut self, err: io::Error) -> Self {
-        self.source = Some(err);
-        self
     }
 
     pub fn code(&self) -> Code {
@@ -198,7 +193,7 @@ impl Error {
     }
 
     /// The message followed by its cause, as printed to users.
-    pub fn full_message(&self) -> String {
+    pub(crate) fn full_message(&self) -> String {
         match &self.source {
             Some(src) => format!("{}: {}", self.message, src),
             None => self.message.clone(),

@@ -15,21 +15,21 @@ use crate::request::validate;
 #[derive(Debug, Clone, Default)]
 pub struct CheckRequest {
     /// An ImageId, an image directory, or a disk file (`FILE@SNAP`).
-    pub target: String,
+    pub(crate) target: String,
     /// Which qcow2 backing files may be followed (`--backing-dir`).
-    pub gate: crate::format::gate::BackingGate,
+    pub(crate) gate: crate::format::gate::BackingGate,
     /// The file's format (detected otherwise); ignored for images, whose manifest says.
-    pub format: Option<Format>,
-    pub boot_mode: Option<String>,
-    pub architecture: Option<String>,
-    pub platform: Option<String>,
+    pub(crate) format: Option<Format>,
+    pub(crate) boot_mode: Option<String>,
+    pub(crate) architecture: Option<String>,
+    pub(crate) platform: Option<String>,
 }
 
 #[derive(Debug, Clone)]
 pub struct CheckOutcome {
     /// The disk file checked.
-    pub disk: PathBuf,
-    pub report: Report,
+    pub(crate) disk: PathBuf,
+    pub(crate) report: Report,
 }
 
 impl CheckOutcome {

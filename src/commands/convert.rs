@@ -16,26 +16,26 @@ use crate::prepare::{self, CopySource};
 
 #[derive(Debug, Clone)]
 pub struct ConvertRequest {
-    pub source: PathBuf,
-    pub source_format: Option<Format>,
-    pub destination: PathBuf,
-    pub output: OutputSpec,
-    pub threads: usize,
-    pub progress: ProgressMode,
+    pub(crate) source: PathBuf,
+    pub(crate) source_format: Option<Format>,
+    pub(crate) destination: PathBuf,
+    pub(crate) output: OutputSpec,
+    pub(crate) threads: usize,
+    pub(crate) progress: ProgressMode,
     /// Also compute the output's SHA-256.
-    pub sha256: bool,
+    pub(crate) sha256: bool,
     /// Which qcow2 backing files may be followed (`--backing-dir`).
-    pub gate: crate::format::gate::BackingGate,
+    pub(crate) gate: crate::format::gate::BackingGate,
     /// `--allow-running`: copy a source open for writing, with a warning.
-    pub allow_running: bool,
+    pub(crate) allow_running: bool,
 }
 
 #[derive(Debug, Clone)]
 pub struct ConvertOutcome {
-    pub virtual_size: u64,
-    pub stats: CopyStats,
-    pub sha256: Option<String>,
-    pub elapsed: Duration,
+    pub(crate) virtual_size: u64,
+    pub(crate) stats: CopyStats,
+    pub(crate) sha256: Option<String>,
+    pub(crate) elapsed: Duration,
 }
 
 /// Converts one disk; `warn` receives each warning (a writer let through by `--allow-running`).

@@ -8,7 +8,7 @@ use crate::image::store::{self, Record, Store};
 /// The images deleted, in the order named.
 #[derive(Debug, Clone)]
 pub struct DeleteOutcome {
-    pub deleted: Vec<Record>,
+    pub(crate) deleted: Vec<Record>,
 }
 
 /// Deletes images by ID; a malformed ID is reported as not found before anything is deleted.

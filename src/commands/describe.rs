@@ -10,20 +10,20 @@ use crate::image::store::{self, Record, Store};
 #[derive(Debug, Clone, Default)]
 pub struct DescribeRequest {
     /// Image IDs (all images when empty).
-    pub ids: Vec<String>,
-    pub name: Option<String>,
+    pub(crate) ids: Vec<String>,
+    pub(crate) name: Option<String>,
     /// The newest Available image of this family (DescribeImageFromFamily).
-    pub family: Option<String>,
+    pub(crate) family: Option<String>,
     /// Creating, Available or CreateFailed.
-    pub status: Option<String>,
+    pub(crate) status: Option<String>,
     /// (key, Some(value)) or (key, None) for any value.
-    pub tags: Vec<(String, Option<String>)>,
+    pub(crate) tags: Vec<(String, Option<String>)>,
 }
 
 /// The images found, newest first.
 #[derive(Debug, Clone)]
 pub struct DescribeOutcome {
-    pub images: Vec<Record>,
+    pub(crate) images: Vec<Record>,
 }
 
 /// Lists the store's images that match `req`. `store` is the global `--store`.

@@ -23,18 +23,18 @@ const MAP_STEP: u64 = 1 << 40;
 /// One run of `qemu-img map --output=json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct MapEntry {
-    pub start: u64,
-    pub length: u64,
+    pub(crate) start: u64,
+    pub(crate) length: u64,
     /// Which chain element holds the range (0: the file itself). Only given when it is exact: for a
     /// file without backing file. With a backing chain kiln's reader answers for the whole chain.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub depth: Option<u32>,
+    pub(crate) depth: Option<u32>,
     /// Allocated somewhere (qemu-img: "present"); a raw file is present everywhere.
-    pub present: bool,
+    pub(crate) present: bool,
     /// Reads as zeros without reading (a hole, a zero cluster, nothing allocated).
-    pub zero: bool,
+    pub(crate) zero: bool,
     /// Holds data that must be read.
-    pub data: bool,
+    pub(crate) data: bool,
 }
 
 /// An internal qcow2 snapshot, as `qemu-img info --output=json` lists it.
@@ -43,35 +43,35 @@ pub struct SnapshotInfo {
     pub id: String,
     pub name: String,
     #[serde(rename = "vm-state-size")]
-    pub vm_state_size: u64,
+    pub(crate) vm_state_size: u64,
     #[serde(rename = "date-sec")]
     pub date_sec: u32,
     #[serde(rename = "date-nsec")]
-    pub date_nsec: u32,
+    pub(crate) date_nsec: u32,
     #[serde(rename = "vm-clock-sec")]
-    pub vm_clock_sec: u64,
+    pub(crate) vm_clock_sec: u64,
     #[serde(rename = "vm-clock-nsec")]
-    pub vm_clock_nsec: u32,
+    pub(crate) vm_clock_nsec: u32,
 }
 
 /// A backing file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ChainFile {
-    pub filename: PathBuf,
-    pub format: Format,
+    pub(crate) filename: PathBuf,
+    pub(crate) format: Format,
     #[serde(rename = "actual-size")]
-    pub actual_size: u64,
+    pub(crate) actual_size: u64,
     #[serde(rename = "cluster-size", skip_serializing_if = "Option::is_none")]
-    pub cluster_size: Option<u64>,
+    pub(crate) cluster_size: Option<u64>,
     /// A process holding it open for writing (QEMU's write lock), if any.
     #[serde(rename = "writer", skip_serializing_if = "Option::is_none")]
-    pub writer: Option<Holder>,
+    pub(crate) writer: Option<Holder>,
 }
 
 /// What `kiln inspect` prints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct InspectReport {
-    pub filename: PathBuf,
+    pub(crate) filename: PathBuf,
     pub format: Format,
     /// The internal snapshot read (`FILE@SNAP`), by its name.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -101,7 +101,7 @@ pub struct InspectReport {
     pub snapshots: Vec<SnapshotInfo>,
     /// A process holding the file open for writing (QEMU's write lock), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub writer: Option<Holder>,
+    pub(crate) writer: Option<Holder>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub map: Option<Vec<MapEntry>>,
 }
@@ -203,7 +203,7 @@ fn be32(b: &[u8]) -> u32 {
 }
 /// The qcow2 snapshot table as `qemu-img info` lists it, read by the qcow2 format's snapshot
 /// module.
-pub fn read_snapshot_table(path: &Path) -> Result<Vec<SnapshotInfo>> {
+pub(crate) fn read_snapshot_table(path: &Path) -> Result<Vec<SnapshotInfo>> {
     Ok(qcow2::snapshot::read_snapshot_table(path)?
         .into_iter()
         .map(|s| SnapshotInfo {
@@ -218,15 +218,9 @@ pub fn read_snapshot_table(path: &Path) -> Result<Vec<SnapshotInfo>> {
         .collect())
 }
 
-/// The allocation map of any source, merged into runs: `Data` is data, `Zero` and `Unallocated` read
-/// as zeros; `present` is false for unallocated ranges; `depth` is not known here.
-pub fn map(source: &dyn BlockSource) -> Result<Vec<MapEntry>> {
-    map_inner(source, None, 0)
-}
-
 /// The map of an opened source, as `qemu-img map` gives it: `depth` for a file without backing, and
 /// `present` for the holes of a raw file (QEMU counts a raw file as present everywhere).
-pub fn map_opened(opened: &Opened) -> Result<Vec<MapEntry>> {
+pub(crate) fn map_opened(opened: &Opened) -> Result<Vec<MapEntry>> {
     let info = &opened.info;
     let depth = (info.chain.len() == 1).then_some(0);
     // QEMU counts every byte of a raw file as present: that of the bottom of the chain, up to its size.
@@ -298,9 +292,6 @@ fn map_inner(
     Ok(out)
 }
 
-/// The text lives with every other command's output.
-pub use crate::output::inspect::render_text;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,7 +331,7 @@ mod tests {
             ],
             50,
         );
-        let m = map(&src).unwrap();
+        let m = map_inner(&src, None, 0).unwrap();
         let got: Vec<_> = m
             .iter()
             .map(|e| (e.start, e.length, e.data, e.zero, e.present))
@@ -464,7 +455,7 @@ mod tests {
         assert!(map
             .iter()
             .any(|m| m.data && m.start <= 65536 && 65536 < m.start + m.length));
-        let text = render_text(&r);
+        let text = crate::output::inspect::render_text(&r);
         assert!(
             text.contains("file format: raw") && text.contains("map:"),
             "{text}"

@@ -7,5 +7,5 @@ pub mod create;
 pub mod delete;
 pub mod describe;
 pub mod inspect;
-pub mod target;
+pub(crate) mod target;
 pub mod verify;

@@ -9,7 +9,7 @@ use crate::image::store::{self, Store};
 
 /// Which command resolves the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TargetUse {
+pub(crate) enum TargetUse {
     /// `verify`: an image only ([`image_dir`]); an ImageId is looked up even when a file of that
     /// name exists.
     Verify,
@@ -30,7 +30,7 @@ impl TargetUse {
 
 /// A resolved target.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
+pub(crate) enum Target {
     /// An image directory (given, or the store's directory of an ImageId).
     ImageDir(PathBuf),
     /// A disk file (`check` only), `FILE@SNAP` as given.
@@ -39,7 +39,7 @@ pub enum Target {
 
 /// Resolves `target`: a directory is an image directory, an ImageId is looked up in the store
 /// (`store` is the global `--store`, located only then), anything else is a file.
-pub fn resolve(target: &str, store: Option<&Path>, use_: TargetUse) -> Result<Target> {
+pub(crate) fn resolve(target: &str, store: Option<&Path>, use_: TargetUse) -> Result<Target> {
     let path = Path::new(target);
     if path.is_dir() {
         return Ok(Target::ImageDir(path.to_path_buf()));
@@ -53,7 +53,7 @@ pub fn resolve(target: &str, store: Option<&Path>, use_: TargetUse) -> Result<Ta
 
 /// `verify`'s target: an image directory, or an ImageId's; anything else is
 /// InvalidImageId.NotFound.
-pub fn image_dir(target: &str, store: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn image_dir(target: &str, store: Option<&Path>) -> Result<PathBuf> {
     match resolve(target, store, TargetUse::Verify)? {
         Target::ImageDir(d) => Ok(d),
         Target::File(_) => Err(Error::new(

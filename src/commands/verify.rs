@@ -10,14 +10,14 @@ use crate::image::verify::{self, VerifyReport};
 #[derive(Debug, Clone)]
 pub struct VerifyRequest {
     /// An ImageId in the store, or an image directory.
-    pub target: String,
-    pub progress: ProgressMode,
+    pub(crate) target: String,
+    pub(crate) progress: ProgressMode,
 }
 
 /// Every file's check; [`VerifyOutcome::result`] says whether the image passed.
 #[derive(Debug, Clone)]
 pub struct VerifyOutcome {
-    pub report: VerifyReport,
+    pub(crate) report: VerifyReport,
 }
 
 impl VerifyOutcome {

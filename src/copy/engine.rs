@@ -20,38 +20,38 @@ use crate::error::{Code, Error, Result};
 use crate::format::{BlockSource, DiskWriter, ExtentKind};
 
 pub use crate::copy::hash::{hash_file, hex};
-pub use crate::copy::stats::CopyStats;
-pub use crate::format::{OutputFormat, OutputSpec};
+pub(crate) use crate::copy::stats::CopyStats;
+pub(crate) use crate::format::{OutputFormat, OutputSpec};
 
 /// Bytes a worker claims at a time: large enough to amortise syscalls, small enough that 16 workers
 /// stay far below the 256 MiB memory goal. A multiple of every cluster size.
-pub const CHUNK: u64 = 4 << 20;
+pub(crate) const CHUNK: u64 = 4 << 20;
 /// One disk to produce.
-pub struct DiskJob {
+pub(crate) struct DiskJob {
     /// The device name, for messages.
-    pub name: String,
+    pub(crate) name: String,
     /// None for an empty disk.
-    pub source: Option<Box<dyn BlockSource>>,
+    pub(crate) source: Option<Box<dyn BlockSource>>,
     /// The output's virtual size (at least the source's).
-    pub virtual_size: u64,
+    pub(crate) virtual_size: u64,
     /// The file to create; it must not exist.
-    pub out_path: PathBuf,
+    pub(crate) out_path: PathBuf,
     /// Compute the output file's SHA-256 once it is written.
-    pub hash: bool,
+    pub(crate) hash: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskResult {
-    pub path: PathBuf,
+pub(crate) struct DiskResult {
+    pub(crate) path: PathBuf,
     /// The output's virtual size: the job's, rounded up to 512 bytes for qcow2 (qemu reads qcow2
     /// sizes in whole sectors).
-    pub virtual_size: u64,
+    pub(crate) virtual_size: u64,
     /// Lowercase hex SHA-256 of the output file, when the job asked for it.
-    pub sha256: Option<String>,
-    pub file_size: u64,
+    pub(crate) sha256: Option<String>,
+    pub(crate) file_size: u64,
     /// Bytes the filesystem allocated to the file.
-    pub allocated_bytes: u64,
-    pub stats: CopyStats,
+    pub(crate) allocated_bytes: u64,
+    pub(crate) stats: CopyStats,
 }
 
 type Sink = Arc<Box<dyn DiskWriter>>;
@@ -104,7 +104,7 @@ struct Shared<'a> {
 
 /// Copies every job on `threads` workers. Output files are created here; on error they are left
 /// for the caller (the publisher) to remove with its temporary directory.
-pub fn copy_disks(
+pub(crate) fn copy_disks(
     jobs: Vec<DiskJob>,
     spec: &OutputSpec,
     threads: usize,

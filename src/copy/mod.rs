@@ -2,6 +2,6 @@
 //! hashing of finished outputs.
 
 pub mod engine;
-pub mod hash;
-pub mod progress;
-pub mod stats;
+pub(crate) mod hash;
+pub(crate) mod progress;
+pub(crate) mod stats;

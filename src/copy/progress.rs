@@ -11,7 +11,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::copy::stats::CopyStats;
 
 /// Receives progress from the copy threads; must be cheap and never block for long.
-pub trait Progress: Sync {
+pub(crate) trait Progress: Sync {
     /// `bytes` more of disk `disk`'s virtual size are done (copied or skipped).
     fn advance(&self, disk: usize, bytes: u64);
     /// Disk `disk` is written, hashed and flushed; `stats` says what its copy did.
@@ -19,7 +19,7 @@ pub trait Progress: Sync {
 }
 
 /// Reports nothing.
-pub struct NoProgress;
+pub(crate) struct NoProgress;
 
 impl Progress for NoProgress {
     fn advance(&self, _: usize, _: u64) {}
@@ -27,7 +27,7 @@ impl Progress for NoProgress {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProgressMode {
+pub(crate) enum ProgressMode {
     /// Bars when stderr is a terminal, nothing otherwise.
     Auto,
     /// JSON lines on stderr.
@@ -37,7 +37,7 @@ pub enum ProgressMode {
 }
 
 /// The reporter for `mode`, given each disk's name and virtual size.
-pub fn reporter(mode: ProgressMode, disks: &[(String, u64)]) -> Box<dyn Progress> {
+pub(crate) fn reporter(mode: ProgressMode, disks: &[(String, u64)]) -> Box<dyn Progress> {
     match mode {
         ProgressMode::Off => Box::new(NoProgress),
         ProgressMode::Json => Box::new(JsonProgress::new(disks)),
@@ -47,14 +47,14 @@ pub fn reporter(mode: ProgressMode, disks: &[(String, u64)]) -> Box<dyn Progress
 }
 
 /// indicatif bars: one per disk and a total with throughput and ETA.
-pub struct Bars {
+pub(crate) struct Bars {
     _multi: MultiProgress,
     disks: Vec<ProgressBar>,
     total: ProgressBar,
 }
 
 impl Bars {
-    pub fn new(disks: &[(String, u64)]) -> Self {
+    pub(crate) fn new(disks: &[(String, u64)]) -> Self {
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(8));
         let style = ProgressStyle::with_template(
             "{prefix:>10} [{bar:30}] {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} eta {eta}",
@@ -102,7 +102,7 @@ impl Progress for Bars {
 /// JSON lines on stderr: `{"Device":..,"Done":..,"Total":..,"Elapsed":..,"Finished":..}`, at most
 /// ~4 a second per disk, plus a last line when each disk is finished. Keys are PascalCase, like
 /// every other JSON kiln prints.
-pub struct JsonProgress {
+pub(crate) struct JsonProgress {
     start: Instant,
     names: Vec<String>,
     totals: Vec<u64>,
@@ -111,7 +111,7 @@ pub struct JsonProgress {
 }
 
 impl JsonProgress {
-    pub fn new(disks: &[(String, u64)]) -> Self {
+    pub(crate) fn new(disks: &[(String, u64)]) -> Self {
         let start = Instant::now();
         JsonProgress {
             start,

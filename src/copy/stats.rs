@@ -2,20 +2,20 @@
 
 /// What the copy did, in bytes of guest data.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct CopyStats {
+pub(crate) struct CopyStats {
     /// Non-zero data written.
     #[serde(rename = "BytesCopied")]
-    pub copied: u64,
+    pub(crate) copied: u64,
     /// Ranges skipped without reading: holes, unallocated and zero clusters, growth.
     #[serde(rename = "HolesSkipped")]
-    pub holes: u64,
+    pub(crate) holes: u64,
     /// Data read and found to be all zeros (not written).
     #[serde(rename = "ZerosDetected")]
-    pub zeros: u64,
+    pub(crate) zeros: u64,
 }
 
 impl CopyStats {
-    pub fn add(&mut self, o: &CopyStats) {
+    pub(crate) fn add(&mut self, o: &CopyStats) {
         self.copied += o.copied;
         self.holes += o.holes;
         self.zeros += o.zeros;

@@ -9,10 +9,10 @@ use crate::format::BlockSource;
 use super::fs::PartReader;
 
 /// Directory entries kiln looks at in one FAT directory (a damaged one may seem endless).
-pub const MAX_DIR_ENTRIES: usize = 4096;
+pub(crate) const MAX_DIR_ENTRIES: usize = 4096;
 
 /// The removable-media loader names and the architecture each boots.
-pub const LOADERS: &[(&str, &str)] = &[
+pub(crate) const LOADERS: &[(&str, &str)] = &[
     ("BOOTX64.EFI", "x86_64"),
     ("BOOTAA64.EFI", "arm64"),
     ("BOOTIA32.EFI", "i386"),
@@ -20,19 +20,19 @@ pub const LOADERS: &[(&str, &str)] = &[
 
 /// A loader found on the ESP.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Loader {
+pub(crate) struct Loader {
     /// `\EFI\BOOT\BOOTX64.EFI`, in the canonical spelling whatever the case on disk.
-    pub path: String,
+    pub(crate) path: String,
     /// The architecture its name implies.
-    pub arch: &'static str,
-    pub size: u64,
+    pub(crate) arch: &'static str,
+    pub(crate) size: u64,
     /// The PE header's machine, when the file starts with a PE image (0x8664 x86_64, 0xAA64 arm64,
     /// 0x014C i386).
-    pub pe_machine: Option<u16>,
+    pub(crate) pe_machine: Option<u16>,
 }
 
 /// The architecture a PE machine field names.
-pub fn pe_arch(machine: u16) -> Option<&'static str> {
+pub(crate) fn pe_arch(machine: u16) -> Option<&'static str> {
     match machine {
         0x8664 => Some("x86_64"),
         0xAA64 => Some("arm64"),
@@ -43,7 +43,11 @@ pub fn pe_arch(machine: u16) -> Option<&'static str> {
 
 /// The loaders in `\EFI\BOOT` of the FAT filesystem at bytes `start..start + len` of `src`. The
 /// error says why the filesystem could not be read.
-pub fn loaders(src: Arc<dyn BlockSource>, start: u64, len: u64) -> Result<Vec<Loader>, String> {
+pub(crate) fn loaders(
+    src: Arc<dyn BlockSource>,
+    start: u64,
+    len: u64,
+) -> Result<Vec<Loader>, String> {
     let disk = PartReader::new(src, start, len);
     let fs = fatfs::FileSystem::new(disk, fatfs::FsOptions::new())
         .map_err(|e| format!("not a readable FAT filesystem: {e}"))?;
@@ -99,7 +103,7 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// The machine field of a PE image whose headers are in `head` (`MZ`, then `PE\0\0` at e_lfanew).
-pub fn pe_machine(head: &[u8]) -> Option<u16> {
+pub(crate) fn pe_machine(head: &[u8]) -> Option<u16> {
     if head.len() < 0x40 || &head[..2] != b"MZ" {
         return None;
     }

@@ -11,13 +11,13 @@ use crate::format::BlockSource;
 use super::gpt::read_vec;
 
 /// Bytes one filesystem reader may read through a [`PartReader`].
-pub const READ_BUDGET: u64 = 64 << 20;
+pub(crate) const READ_BUDGET: u64 = 64 << 20;
 
 /// Bytes read from a partition's start to recognise its filesystem (Btrfs's superblock is at 64 KiB).
 const PROBE_LEN: u64 = 68 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FsKind {
+pub(crate) enum FsKind {
     Ext2,
     Ext3,
     Ext4,
@@ -33,7 +33,7 @@ pub enum FsKind {
 }
 
 impl FsKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             FsKind::Ext2 => "ext2",
             FsKind::Ext3 => "ext3",
@@ -50,18 +50,14 @@ impl FsKind {
         }
     }
 
-    pub fn is_fat(self) -> bool {
-        matches!(self, FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32)
-    }
-
-    pub fn is_ext(self) -> bool {
+    pub(crate) fn is_ext(self) -> bool {
         matches!(self, FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4)
     }
 }
 
 /// Recognises the filesystem in `b`, the first bytes of a partition (up to 68 KiB; shorter for a
 /// small partition).
-pub fn identify(b: &[u8]) -> Option<FsKind> {
+pub(crate) fn identify(b: &[u8]) -> Option<FsKind> {
     let at = |off: usize, sig: &[u8]| b.len() >= off + sig.len() && &b[off..off + sig.len()] == sig;
     let le16 = |off: usize| u16::from_le_bytes([b[off], b[off + 1]]);
     let le32 = |off: usize| u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]]);
@@ -120,7 +116,7 @@ pub fn identify(b: &[u8]) -> Option<FsKind> {
 }
 
 /// Reads the start of the partition at `start` (bytes, `len` long) and recognises its filesystem.
-pub fn probe(src: &dyn BlockSource, start: u64, len: u64) -> Result<Option<FsKind>> {
+pub(crate) fn probe(src: &dyn BlockSource, start: u64, len: u64) -> Result<Option<FsKind>> {
     let n = len
         .min(PROBE_LEN)
         .min(src.virtual_size().saturating_sub(start));
@@ -132,7 +128,7 @@ pub fn probe(src: &dyn BlockSource, start: u64, len: u64) -> Result<Option<FsKin
 
 /// A read-only view of bytes `start..start + len` of a disk, as `Read + Seek` (FAT) and
 /// `Ext4Read` (ext4). Writes fail. Reads past [`READ_BUDGET`] in total fail too.
-pub struct PartReader {
+pub(crate) struct PartReader {
     src: Arc<dyn BlockSource>,
     start: u64,
     len: u64,
@@ -142,7 +138,7 @@ pub struct PartReader {
 
 impl PartReader {
     /// The window is clipped to the disk.
-    pub fn new(src: Arc<dyn BlockSource>, start: u64, len: u64) -> PartReader {
+    pub(crate) fn new(src: Arc<dyn BlockSource>, start: u64, len: u64) -> PartReader {
         let len = len.min(src.virtual_size().saturating_sub(start));
         PartReader {
             src,

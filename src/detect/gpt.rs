@@ -14,20 +14,20 @@ use std::fmt;
 use crate::error::{Code, Error, Result};
 use crate::format::BlockSource;
 
-pub const SIGNATURE: &[u8; 8] = b"EFI PART";
+pub(crate) const SIGNATURE: &[u8; 8] = b"EFI PART";
 /// The smallest header the UEFI specification allows (revision 1.0).
-pub const MIN_HEADER_SIZE: u32 = 92;
+pub(crate) const MIN_HEADER_SIZE: u32 = 92;
 /// Largest entry array kiln reads (the usual one is 128 × 128 = 16 KiB).
-pub const MAX_ARRAY_BYTES: u64 = 1 << 20;
+pub(crate) const MAX_ARRAY_BYTES: u64 = 1 << 20;
 /// Largest partition entry kiln reads (the specification's are 128 × 2^n).
-pub const MAX_ENTRY_SIZE: u32 = 4096;
+pub(crate) const MAX_ENTRY_SIZE: u32 = 4096;
 
-pub const ESP: Guid = Guid::from_str_const("C12A7328-F81F-11D2-BA4B-00A0C93EC93B");
-pub const BIOS_BOOT: Guid = Guid::from_str_const("21686148-6449-6E6F-744E-656564454649");
+pub(crate) const ESP: Guid = Guid::from_str_const("C12A7328-F81F-11D2-BA4B-00A0C93EC93B");
+pub(crate) const BIOS_BOOT: Guid = Guid::from_str_const("21686148-6449-6E6F-744E-656564454649");
 
 /// A GUID as stored on disk (the first three fields little-endian).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Guid(pub [u8; 16]);
+pub(crate) struct Guid(pub [u8; 16]);
 
 impl Guid {
     /// Parses the canonical text form at compile time; a malformed constant fails the build.
@@ -57,7 +57,7 @@ impl Guid {
         Guid(out)
     }
 
-    pub fn is_zero(&self) -> bool {
+    pub(crate) fn is_zero(&self) -> bool {
         self.0 == [0; 16]
     }
 }
@@ -87,7 +87,7 @@ impl fmt::Display for Guid {
 }
 
 /// A well-known partition type's name.
-pub fn type_name(t: &Guid) -> Option<&'static str> {
+pub(crate) fn type_name(t: &Guid) -> Option<&'static str> {
     const NAMES: &[(&str, &str)] = &[
         ("C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "EFI System"),
         ("21686148-6449-6E6F-744E-656564454649", "BIOS boot"),
@@ -119,19 +119,19 @@ pub fn type_name(t: &Guid) -> Option<&'static str> {
 
 /// A GPT header, as read and checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Header {
+pub(crate) struct Header {
     /// The whole sector the header was read from (the bytes past `header_size` are kept as they are).
-    pub sector: Vec<u8>,
-    pub header_size: u32,
-    pub my_lba: u64,
-    pub alternate_lba: u64,
-    pub first_usable_lba: u64,
-    pub last_usable_lba: u64,
-    pub disk_guid: Guid,
-    pub entries_lba: u64,
-    pub entry_count: u32,
-    pub entry_size: u32,
-    pub entries_crc: u32,
+    pub(crate) sector: Vec<u8>,
+    pub(crate) header_size: u32,
+    pub(crate) my_lba: u64,
+    pub(crate) alternate_lba: u64,
+    pub(crate) first_usable_lba: u64,
+    pub(crate) last_usable_lba: u64,
+    pub(crate) disk_guid: Guid,
+    pub(crate) entries_lba: u64,
+    pub(crate) entry_count: u32,
+    pub(crate) entry_size: u32,
+    pub(crate) entries_crc: u32,
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -147,7 +147,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 }
 
 /// CRC32 of a header's first `header_size` bytes with its CRC field taken as zero.
-pub fn header_crc(sector: &[u8], header_size: u32) -> u32 {
+pub(crate) fn header_crc(sector: &[u8], header_size: u32) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&sector[..16]);
     h.update(&[0; 4]);
@@ -158,7 +158,7 @@ pub fn header_crc(sector: &[u8], header_size: u32) -> u32 {
 impl Header {
     /// Parses and checks the header in `sector`, read from LBA `at` of a disk of `disk_sectors`
     /// sectors. The error says what is wrong, for a report item.
-    pub fn parse(sector: &[u8], at: u64, disk_sectors: u64) -> Result<Header, String> {
+    pub(crate) fn parse(sector: &[u8], at: u64, disk_sectors: u64) -> Result<Header, String> {
         let ss = sector.len() as u64;
         if sector.len() < MIN_HEADER_SIZE as usize || &sector[..8] != SIGNATURE {
             return Err(format!("no GPT signature at LBA {at}"));
@@ -230,31 +230,31 @@ impl Header {
     }
 
     /// Bytes of the entry array (bounded by [`MAX_ARRAY_BYTES`] once parsed).
-    pub fn array_bytes(&self) -> u64 {
+    pub(crate) fn array_bytes(&self) -> u64 {
         self.entry_count as u64 * self.entry_size as u64
     }
 
     /// Whole sectors the entry array takes.
-    pub fn array_sectors(&self, ss: u64) -> u64 {
+    pub(crate) fn array_sectors(&self, ss: u64) -> u64 {
         self.array_bytes().div_ceil(ss)
     }
 }
 
 /// One used partition entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// 1-based, as `sgdisk` numbers them.
-    pub number: u32,
-    pub type_guid: Guid,
-    pub unique_guid: Guid,
-    pub first_lba: u64,
-    pub last_lba: u64,
-    pub attributes: u64,
-    pub name: String,
+    pub(crate) number: u32,
+    pub(crate) type_guid: Guid,
+    pub(crate) unique_guid: Guid,
+    pub(crate) first_lba: u64,
+    pub(crate) last_lba: u64,
+    pub(crate) attributes: u64,
+    pub(crate) name: String,
 }
 
 /// The used entries of an entry array (type GUID not zero).
-pub fn parse_entries(array: &[u8], entry_size: u32) -> Vec<Entry> {
+pub(crate) fn parse_entries(array: &[u8], entry_size: u32) -> Vec<Entry> {
     let size = entry_size.max(128) as usize;
     array
         .chunks_exact(size)
@@ -288,34 +288,32 @@ pub fn parse_entries(array: &[u8], entry_size: u32) -> Vec<Entry> {
 
 /// A header with its entry array, when both check out.
 #[derive(Debug, Clone)]
-pub struct Table {
-    pub header: Header,
+pub(crate) struct Table {
+    pub(crate) header: Header,
     /// The entry array as read: whole sectors.
-    pub array: Vec<u8>,
+    pub(crate) array: Vec<u8>,
 }
 
 /// What was found of a GPT on a disk.
 #[derive(Debug, Clone)]
-pub struct Gpt {
-    pub sector_size: u64,
-    pub disk_sectors: u64,
+pub(crate) struct Gpt {
+    pub(crate) sector_size: u64,
+    pub(crate) disk_sectors: u64,
     /// The primary header and entries (LBA 1), or what is wrong with them.
-    pub primary: std::result::Result<Table, String>,
+    pub(crate) primary: std::result::Result<Table, String>,
     /// The backup header and entries, or what is wrong with them.
-    pub backup: std::result::Result<Table, String>,
-    /// Where the backup was looked for: the primary's AlternateLBA, else the last LBA.
-    pub backup_lba: u64,
+    pub(crate) backup: std::result::Result<Table, String>,
     /// The used entries, from the primary when it is sound, else from the backup.
-    pub entries: Vec<Entry>,
+    pub(crate) entries: Vec<Entry>,
 }
 
 impl Gpt {
-    pub fn last_lba(&self) -> u64 {
+    pub(crate) fn last_lba(&self) -> u64 {
         self.disk_sectors.saturating_sub(1)
     }
 
     /// The header kiln trusts: the primary, else the backup.
-    pub fn header(&self) -> Option<&Header> {
+    pub(crate) fn header(&self) -> Option<&Header> {
         match (&self.primary, &self.backup) {
             (Ok(t), _) | (Err(_), Ok(t)) => Some(&t.header),
             _ => None,
@@ -324,7 +322,7 @@ impl Gpt {
 }
 
 /// Reads `len` bytes at `offset`, refusing a range past the disk's end.
-pub fn read_vec(src: &dyn BlockSource, offset: u64, len: u64) -> Result<Vec<u8>> {
+pub(crate) fn read_vec(src: &dyn BlockSource, offset: u64, len: u64) -> Result<Vec<u8>> {
     let end = offset.saturating_add(len);
     if end > src.virtual_size() {
         return Err(Error::new(
@@ -372,7 +370,7 @@ fn read_table(
 
 /// Looks for a GPT with 512-byte, then 4096-byte sectors. None when neither LBA 1 nor the last LBA
 /// carries the GPT signature.
-pub fn read(src: &dyn BlockSource) -> Result<Option<Gpt>> {
+pub(crate) fn read(src: &dyn BlockSource) -> Result<Option<Gpt>> {
     let size = src.virtual_size();
     for ss in [512u64, 4096] {
         let disk_sectors = size / ss;
@@ -419,7 +417,6 @@ pub fn read(src: &dyn BlockSource) -> Result<Option<Gpt>> {
             disk_sectors,
             primary,
             backup,
-            backup_lba,
             entries,
         }));
     }

@@ -7,35 +7,35 @@ use crate::format::BlockSource;
 use super::gpt::read_vec;
 
 /// Bytes of boot code before the disk signature.
-pub const BOOT_CODE_LEN: usize = 440;
+pub(crate) const BOOT_CODE_LEN: usize = 440;
 /// Logical partitions kiln follows in an extended partition.
-pub const MAX_LOGICAL: usize = 128;
-pub const PROTECTIVE: u8 = 0xEE;
-pub const ESP_TYPE: u8 = 0xEF;
+pub(crate) const MAX_LOGICAL: usize = 128;
+pub(crate) const PROTECTIVE: u8 = 0xEE;
+pub(crate) const ESP_TYPE: u8 = 0xEF;
 
 /// One MBR partition entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MbrEntry {
+pub(crate) struct MbrEntry {
     /// 1 to 4 for primaries, 5 on for logical partitions (as Linux numbers them).
-    pub number: u32,
-    pub bootable: bool,
-    pub kind: u8,
-    pub start_lba: u64,
-    pub sectors: u64,
+    pub(crate) number: u32,
+    pub(crate) bootable: bool,
+    pub(crate) kind: u8,
+    pub(crate) start_lba: u64,
+    pub(crate) sectors: u64,
 }
 
 /// A boot sector with the 0x55AA signature.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mbr {
+pub(crate) struct Mbr {
     /// Non-zero bytes among the first 440 (boot code).
-    pub boot_code_bytes: usize,
+    pub(crate) boot_code_bytes: usize,
     /// Used primary entries (type not 0).
-    pub primaries: Vec<MbrEntry>,
+    pub(crate) primaries: Vec<MbrEntry>,
 }
 
 impl Mbr {
     /// None without the 0x55AA signature.
-    pub fn parse(sector: &[u8]) -> Option<Mbr> {
+    pub(crate) fn parse(sector: &[u8]) -> Option<Mbr> {
         if sector.len() < 512 || sector[510] != 0x55 || sector[511] != 0xAA {
             return None;
         }
@@ -45,12 +45,8 @@ impl Mbr {
         })
     }
 
-    pub fn has_boot_code(&self) -> bool {
-        self.boot_code_bytes > 0
-    }
-
     /// A protective (or hybrid) MBR: one entry of type 0xEE.
-    pub fn is_protective(&self) -> bool {
+    pub(crate) fn is_protective(&self) -> bool {
         self.primaries.iter().any(|e| e.kind == PROTECTIVE)
     }
 }
@@ -75,14 +71,17 @@ fn entries(sector: &[u8], first: u32, base: u64) -> Vec<MbrEntry> {
         .collect()
 }
 
-pub fn is_extended(kind: u8) -> bool {
+pub(crate) fn is_extended(kind: u8) -> bool {
     matches!(kind, 0x05 | 0x0F | 0x85)
 }
 
 /// The logical partitions inside `ext` (an extended partition), following the EBR chain. Stops at
 /// [`MAX_LOGICAL`] entries, at an EBR outside the extended partition, or at one without the
 /// signature; the second value says why it stopped early, if it did.
-pub fn logical(src: &dyn BlockSource, ext: &MbrEntry) -> Result<(Vec<MbrEntry>, Option<String>)> {
+pub(crate) fn logical(
+    src: &dyn BlockSource,
+    ext: &MbrEntry,
+) -> Result<(Vec<MbrEntry>, Option<String>)> {
     let disk_sectors = src.virtual_size() / 512;
     let ext_end = ext.start_lba.saturating_add(ext.sectors).min(disk_sectors);
     let mut out = Vec::new();
@@ -131,7 +130,7 @@ pub fn logical(src: &dyn BlockSource, ext: &MbrEntry) -> Result<(Vec<MbrEntry>, 
 }
 
 /// A short name for common MBR partition types.
-pub fn type_name(kind: u8) -> &'static str {
+pub(crate) fn type_name(kind: u8) -> &'static str {
     match kind {
         0x01 | 0x04 | 0x06 | 0x0B | 0x0C | 0x0E => "FAT",
         0x05 | 0x0F | 0x85 => "Extended",
@@ -167,7 +166,7 @@ mod tests {
     #[test]
     fn primaries_and_boot_code() {
         let mut s = sector_with(&[(0x80, 0x83, 2048, 4096), (0, 0, 0, 0), (0, 0xEF, 8192, 100)]);
-        assert!(!Mbr::parse(&s).unwrap().has_boot_code());
+        assert_eq!(Mbr::parse(&s).unwrap().boot_code_bytes, 0);
         s[0] = 0xEB;
         s[439] = 1;
         s[440] = 9; // the disk signature is not boot code

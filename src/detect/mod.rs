@@ -8,12 +8,12 @@
 //! and ext4 readers go through a read budget, and a damaged structure becomes a Fail (or Warn) item,
 //! never an abort.
 
-pub mod esp;
-pub mod fs;
-pub mod gpt;
-pub mod mbr;
-pub mod osrelease;
-pub mod relocate;
+pub(crate) mod esp;
+pub(crate) mod fs;
+pub(crate) mod gpt;
+pub(crate) mod mbr;
+pub(crate) mod osrelease;
+pub(crate) mod relocate;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -30,17 +30,17 @@ use fs::FsKind;
 use osrelease::OsRelease;
 
 /// The only strategy there is (the API's `DetectionStrategy: Standard`).
-pub const STANDARD: &str = "Standard";
+pub(crate) const STANDARD: &str = "Standard";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum Status {
+pub(crate) enum Status {
     Pass,
     Warn,
     Fail,
 }
 
 impl Status {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Status::Pass => "Pass",
             Status::Warn => "Warn",
@@ -51,37 +51,37 @@ impl Status {
 
 /// One check and what it found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Item {
+pub(crate) struct Item {
     #[serde(rename = "Check")]
-    pub check: String,
+    pub(crate) check: String,
     #[serde(rename = "Status")]
-    pub status: Status,
+    pub(crate) status: Status,
     #[serde(rename = "Message")]
-    pub message: String,
+    pub(crate) message: String,
 }
 
 /// A partition as found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Partition {
+pub(crate) struct Partition {
     /// 1-based as Linux numbers them; 0 for a filesystem on the whole disk.
     #[serde(rename = "Number")]
-    pub number: u32,
+    pub(crate) number: u32,
     /// Byte offset on the disk.
     #[serde(rename = "Start")]
-    pub start: u64,
+    pub(crate) start: u64,
     #[serde(rename = "Size")]
-    pub size: u64,
+    pub(crate) size: u64,
     /// The type's name (`EFI System`, `Linux filesystem`, ...), or `other`.
     #[serde(rename = "Type")]
-    pub type_name: String,
+    pub(crate) type_name: String,
     /// The GPT type GUID, or the MBR type byte as `0x83`.
     #[serde(rename = "TypeId")]
-    pub type_id: String,
+    pub(crate) type_id: String,
     /// The GPT partition name.
     #[serde(rename = "Name", default, skip_serializing_if = "String::is_empty")]
-    pub name: String,
+    pub(crate) name: String,
     #[serde(rename = "Filesystem")]
-    pub filesystem: Option<String>,
+    pub(crate) filesystem: Option<String>,
     #[serde(skip)]
     fs: Option<FsKind>,
     #[serde(skip)]
@@ -90,42 +90,42 @@ pub struct Partition {
 
 /// What the image is checked against (canonical spellings; None: not checked).
 #[derive(Debug, Clone, Default)]
-pub struct DetectOptions {
-    pub boot_mode: Option<BootMode>,
-    pub architecture: Option<Architecture>,
-    pub platform: Option<Platform>,
+pub(crate) struct DetectOptions {
+    pub(crate) boot_mode: Option<BootMode>,
+    pub(crate) architecture: Option<Architecture>,
+    pub(crate) platform: Option<Platform>,
 }
 
 /// The report: the manifest's `Detection`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Report {
+pub(crate) struct Report {
     #[serde(rename = "Strategy")]
-    pub strategy: String,
+    pub(crate) strategy: String,
     /// The worst item's status.
     #[serde(rename = "Result")]
-    pub result: Status,
+    pub(crate) result: Status,
     /// GPT, MBR or None.
     #[serde(rename = "PartitionTable")]
-    pub partition_table: String,
+    pub(crate) partition_table: String,
     #[serde(rename = "Partitions")]
-    pub partitions: Vec<Partition>,
+    pub(crate) partitions: Vec<Partition>,
     /// The boot modes the disk supports: BIOS, UEFI, both, or none.
     #[serde(rename = "BootModes")]
-    pub boot_modes: Vec<String>,
+    pub(crate) boot_modes: Vec<String>,
     /// The architectures the ESP's loaders are for.
     #[serde(rename = "Architectures")]
-    pub architectures: Vec<String>,
+    pub(crate) architectures: Vec<String>,
     #[serde(rename = "Os")]
-    pub os: Option<OsRelease>,
+    pub(crate) os: Option<OsRelease>,
     /// The Platform the OS maps to (None when no os-release was found).
     #[serde(rename = "Platform")]
-    pub platform: Option<Platform>,
+    pub(crate) platform: Option<Platform>,
     #[serde(rename = "Items")]
-    pub items: Vec<Item>,
+    pub(crate) items: Vec<Item>,
 }
 
 impl Report {
-    pub fn has_fail(&self) -> bool {
+    pub(crate) fn has_fail(&self) -> bool {
         self.result == Status::Fail
     }
 
@@ -140,7 +140,7 @@ impl Report {
 
 /// Runs every check on `src`. Only an I/O error reading the disk is an `Err`; anything wrong in
 /// the disk's contents is an item.
-pub fn detect(src: Arc<dyn BlockSource>, opts: &DetectOptions) -> Result<Report> {
+pub(crate) fn detect(src: Arc<dyn BlockSource>, opts: &DetectOptions) -> Result<Report> {
     let mut r = Report {
         strategy: STANDARD.into(),
         result: Status::Pass,
@@ -654,7 +654,7 @@ fn os_item(r: &mut Report, src: &Arc<dyn BlockSource>, opts: &DetectOptions) {
 }
 
 /// Opens a disk file (`FILE@SNAP` for a qcow2 internal snapshot) read-only and checks it.
-pub fn detect_file(
+pub(crate) fn detect_file(
     path: &std::path::Path,
     format: Option<crate::format::Format>,
     gate: &crate::format::gate::BackingGate,

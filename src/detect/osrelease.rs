@@ -12,31 +12,31 @@ use crate::format::BlockSource;
 use super::fs::PartReader;
 
 /// Largest os-release kiln reads (real ones are well under 1 KiB).
-pub const MAX_LEN: u64 = 64 * 1024;
+pub(crate) const MAX_LEN: u64 = 64 * 1024;
 
 /// The os-release fields kiln records.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OsRelease {
+pub(crate) struct OsRelease {
     #[serde(rename = "Id")]
-    pub id: String,
+    pub(crate) id: String,
     #[serde(rename = "Name")]
-    pub name: String,
+    pub(crate) name: String,
     #[serde(rename = "VersionId")]
-    pub version_id: String,
+    pub(crate) version_id: String,
     #[serde(rename = "PrettyName")]
-    pub pretty_name: String,
+    pub(crate) pretty_name: String,
     #[serde(rename = "IdLike", default, skip_serializing_if = "String::is_empty")]
-    pub id_like: String,
+    pub(crate) id_like: String,
     #[serde(
         rename = "VariantId",
         default,
         skip_serializing_if = "String::is_empty"
     )]
-    pub variant_id: String,
+    pub(crate) variant_id: String,
 }
 
 /// Parses os-release text: `KEY=value` lines, values optionally quoted, `#` comments.
-pub fn parse(text: &str) -> OsRelease {
+pub(crate) fn parse(text: &str) -> OsRelease {
     let mut r = OsRelease::default();
     for line in text.lines() {
         let line = line.trim();
@@ -80,7 +80,7 @@ fn unquote(v: &str) -> String {
 }
 
 /// The CreateImage Platform for an OS.
-pub fn platform(os: &OsRelease) -> Platform {
+pub(crate) fn platform(os: &OsRelease) -> Platform {
     Platform::parse(platform_name(os)).unwrap_or_default()
 }
 
@@ -124,7 +124,11 @@ fn platform_name(os: &OsRelease) -> &'static str {
 
 /// Reads `/etc/os-release` (else `/usr/lib/os-release`) from the ext filesystem at bytes
 /// `start..start + len`. Ok(None) when the filesystem has neither; Err says why it could not be read.
-pub fn read(src: Arc<dyn BlockSource>, start: u64, len: u64) -> Result<Option<OsRelease>, String> {
+pub(crate) fn read(
+    src: Arc<dyn BlockSource>,
+    start: u64,
+    len: u64,
+) -> Result<Option<OsRelease>, String> {
     let reader = PartReader::new(src, start, len);
     let fs = ext4_view::Ext4::load(Box::new(reader))
         .map_err(|e| format!("not a readable ext2/3/4 filesystem: {e}"))?;

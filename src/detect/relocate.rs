@@ -24,17 +24,17 @@ use super::mbr::{Mbr, PROTECTIVE};
 
 /// Sectors to patch, and what was changed, in words for the manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Relocation {
+pub(crate) struct Relocation {
     /// (byte offset, bytes), sorted, not overlapping, whole sectors.
-    pub patches: Vec<(u64, Vec<u8>)>,
-    pub changes: Vec<String>,
+    pub(crate) patches: Vec<(u64, Vec<u8>)>,
+    pub(crate) changes: Vec<String>,
 }
 
 /// Plans the relocation for `src` grown to `new_size` bytes. Ok(Err(why)) when the disk has no
 /// valid primary GPT to relocate (the caller warns and copies the disk as it is); Ok(Ok(None))
 /// when there is nothing to do (the disk does not grow by a whole sector, or the backup is already
 /// at the new end).
-pub fn plan(
+pub(crate) fn plan(
     src: &dyn BlockSource,
     new_size: u64,
 ) -> Result<std::result::Result<Option<Relocation>, String>> {
@@ -149,7 +149,7 @@ fn chs(lba: u64) -> [u8; 3] {
 }
 
 /// A source grown to a new size with sectors patched; see the module's description.
-pub struct Relocated {
+pub(crate) struct Relocated {
     inner: Box<dyn BlockSource>,
     size: u64,
     patches: Vec<(u64, Vec<u8>)>,
@@ -157,7 +157,7 @@ pub struct Relocated {
 
 impl Relocated {
     /// `patches` must lie inside `size`, be sorted and not overlap ([`plan`]'s do).
-    pub fn new(
+    pub(crate) fn new(
         inner: Box<dyn BlockSource>,
         size: u64,
         patches: Vec<(u64, Vec<u8>)>,

@@ -23,18 +23,18 @@ use crate::util::safe_fs;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BackingGate {
     /// Extra trusted directories (`--backing-dir`), as the user gave them.
-    pub dirs: Vec<PathBuf>,
+    pub(crate) dirs: Vec<PathBuf>,
 }
 
 impl BackingGate {
-    pub fn new(dirs: Vec<PathBuf>) -> BackingGate {
+    pub(crate) fn new(dirs: Vec<PathBuf>) -> BackingGate {
         BackingGate { dirs }
     }
 
     /// Resolves the backing file `name` stored in `overlay` and opens it read-only, or refuses it.
     /// `top` is the file the user named (the chain's first). Returns the path as named (for messages
     /// and the manifest) and the open file.
-    pub fn open(&self, top: &Path, overlay: &Path, name: &[u8]) -> Result<(PathBuf, File)> {
+    pub(crate) fn open(&self, top: &Path, overlay: &Path, name: &[u8]) -> Result<(PathBuf, File)> {
         let shown = String::from_utf8_lossy(name).into_owned();
         if let Some(proto) = protocol_prefix(name) {
             return Err(denied(

@@ -6,12 +6,12 @@
 //! probe, how to open it for reading and how to create it for writing. Detection, the CLI's format
 //! names and the copy engine all go through that table.
 
-pub mod gate;
+pub(crate) mod gate;
 pub mod qcow2;
-pub mod raw;
-pub mod writer;
+pub(crate) mod raw;
+pub(crate) mod writer;
 
-pub use writer::{DiskWriter, Finished};
+pub(crate) use writer::{DiskWriter, Finished};
 
 use std::fs::File;
 use std::io;
@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Code, Error, Result};
 
 /// Longest backing chain kiln follows (the overlay counts as one).
-pub const MAX_CHAIN_DEPTH: usize = 16;
+pub(crate) const MAX_CHAIN_DEPTH: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -31,7 +31,7 @@ pub enum Format {
 }
 
 impl Format {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
@@ -39,7 +39,7 @@ impl Format {
     }
 
     /// A readable format by its registry name, in any case.
-    pub fn parse(s: &str) -> Option<Format> {
+    pub(crate) fn parse(s: &str) -> Option<Format> {
         driver_named(s)?.read.as_ref().map(|r| r.format)
     }
 
@@ -53,75 +53,71 @@ impl Format {
 /// One disk format: what kiln knows of it, and the functions that read and write it.
 pub struct Driver {
     /// The name users type (`-f`, `-O`, `--format`) and manifests record.
-    pub name: &'static str,
+    pub(crate) name: &'static str,
     /// The output file's extension.
-    pub extension: &'static str,
+    pub(crate) extension: &'static str,
     /// None when kiln only writes the format.
-    pub read: Option<ReadDriver>,
+    pub(crate) read: Option<ReadDriver>,
     /// None when kiln only reads the format.
-    pub write: Option<WriteDriver>,
+    pub(crate) write: Option<WriteDriver>,
 }
 
-pub struct ReadDriver {
-    pub format: Format,
+pub(crate) struct ReadDriver {
+    pub(crate) format: Format,
     /// True when a file starting with these bytes (up to [`PROBE_BYTES`], fewer for a short file)
     /// is in this format. Drivers are probed in table order; the last one (raw) takes anything.
-    pub probe: fn(&[u8]) -> bool,
+    pub(crate) probe: fn(&[u8]) -> bool,
     /// Opens a source (and its backing chain), at an internal snapshot when one is named.
-    pub open: fn(File, &Path, Option<&str>, &gate::BackingGate) -> Result<Opened>,
+    pub(crate) open: fn(File, &Path, Option<&str>, &gate::BackingGate) -> Result<Opened>,
 }
 
 /// A format's writer constructor: (new empty file, its path, virtual size, output options).
-pub type CreateFn = fn(File, &Path, u64, &OutputSpec) -> Result<Box<dyn DiskWriter>>;
+pub(crate) type CreateFn = fn(File, &Path, u64, &OutputSpec) -> Result<Box<dyn DiskWriter>>;
 
 pub struct WriteDriver {
     /// Starts a fresh disk of `virtual_size` (already passed through `disk_size`) in a new,
     /// empty file open for reading and writing.
-    pub create: CreateFn,
+    pub(crate) create: CreateFn,
     /// The size a disk of the given virtual size gets in this format.
-    pub disk_size: fn(u64) -> u64,
+    pub(crate) disk_size: fn(u64) -> u64,
     /// Whether `--compress`/`-c` applies.
-    pub compresses: bool,
+    pub(crate) compresses: bool,
 }
 
 /// Every format kiln knows, in probe order (qcow2's magic before raw, which takes anything); the
 /// CLI lists output formats in this order too.
-pub static DRIVERS: &[Driver] = &[qcow2::DRIVER, raw::DRIVER];
+pub(crate) static DRIVERS: &[Driver] = &[qcow2::DRIVER, raw::DRIVER];
 
 /// Bytes read from the start of a file for the probes.
-pub const PROBE_BYTES: usize = 4;
+pub(crate) const PROBE_BYTES: usize = 4;
 
 /// The driver named `name`, in any case.
-pub fn driver_named(name: &str) -> Option<&'static Driver> {
+pub(crate) fn driver_named(name: &str) -> Option<&'static Driver> {
     DRIVERS.iter().find(|d| d.name.eq_ignore_ascii_case(name))
 }
 
 /// The names of the formats kiln writes, in table order.
-pub fn output_names() -> impl Iterator<Item = &'static str> {
+pub(crate) fn output_names() -> impl Iterator<Item = &'static str> {
     DRIVERS.iter().filter(|d| d.write.is_some()).map(|d| d.name)
 }
 
 /// An output format: a registry entry that can write.
 #[derive(Clone, Copy)]
-pub struct OutputFormat(&'static Driver, &'static WriteDriver);
+pub(crate) struct OutputFormat(&'static Driver, &'static WriteDriver);
 
 impl OutputFormat {
     /// The output format named `name` (any case); None when kiln does not write it.
-    pub fn named(name: &str) -> Option<OutputFormat> {
+    pub(crate) fn named(name: &str) -> Option<OutputFormat> {
         let d = driver_named(name)?;
         d.write.as_ref().map(|w| OutputFormat(d, w))
     }
 
-    pub fn name(self) -> &'static str {
-        self.0.name
-    }
-
-    pub fn extension(self) -> &'static str {
+    pub(crate) fn extension(self) -> &'static str {
         self.0.extension
     }
 
     /// Whether compressed output is possible.
-    pub fn compresses(self) -> bool {
+    pub(crate) fn compresses(self) -> bool {
         self.1.compresses
     }
 }
@@ -142,23 +138,23 @@ impl std::fmt::Debug for OutputFormat {
 
 /// How output disks are written.
 #[derive(Debug, Clone)]
-pub struct OutputSpec {
-    pub format: OutputFormat,
+pub(crate) struct OutputSpec {
+    pub(crate) format: OutputFormat,
     /// qcow2 cluster size as a power of two (16 = 64 KiB).
-    pub cluster_bits: u32,
+    pub(crate) cluster_bits: u32,
     /// Compress every cluster that shrinks (formats that compress only).
-    pub compression: Option<qcow2::writer::Compression>,
+    pub(crate) compression: Option<qcow2::writer::Compression>,
 }
 
 impl OutputSpec {
     /// The size a disk of `virtual_size` bytes gets in this output (qcow2 rounds up to whole
     /// 512-byte sectors; raw keeps it).
-    pub fn disk_size(&self, virtual_size: u64) -> u64 {
+    pub(crate) fn disk_size(&self, virtual_size: u64) -> u64 {
         (self.format.1.disk_size)(virtual_size)
     }
 
     /// Starts a fresh disk of `virtual_size` bytes (as returned by `disk_size`) in `file`.
-    pub fn create(
+    pub(crate) fn create(
         &self,
         file: File,
         path: &Path,
@@ -228,7 +224,7 @@ pub struct ChainEntry {
 /// Describes an opened source for plans and the manifest.
 #[derive(Debug, Clone)]
 pub struct SourceInfo {
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     pub format: Format,
     /// The internal snapshot read (`file.qcow2@NAME`), by the name it has in the file.
     pub snapshot: Option<String>,
@@ -266,7 +262,7 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Opened> {
 }
 
 /// Opens `file` as `format` through the registry.
-pub fn open_as(
+pub(crate) fn open_as(
     format: Format,
     file: File,
     path: &Path,
@@ -297,7 +293,7 @@ fn split_snapshot(path: &Path, snapshot: Option<String>) -> (PathBuf, Option<Str
 }
 
 /// Opens a file read-only; sources are never opened for writing.
-pub fn open_read_only(path: &Path) -> Result<File> {
+pub(crate) fn open_read_only(path: &Path) -> Result<File> {
     File::open(path)
         .map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => Error::new(
@@ -323,7 +319,7 @@ pub fn open_read_only(path: &Path) -> Result<File> {
 /// What a source file looked like when it was opened, to tell afterwards whether it changed while
 /// it was copied (shrunk, grown, rewritten, replaced): the copy is then refused, not published.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stamp {
+pub(crate) struct Stamp {
     dev: u64,
     ino: u64,
     size: u64,
@@ -333,11 +329,11 @@ pub struct Stamp {
 
 /// Stamps of every file of some chains, taken before a copy.
 #[derive(Debug, Clone, Default)]
-pub struct SourceStamps(Vec<(PathBuf, Stamp)>);
+pub(crate) struct SourceStamps(Vec<(PathBuf, Stamp)>);
 
 impl SourceStamps {
     /// Stamps each file of `chain`.
-    pub fn add(&mut self, chain: &[ChainEntry]) -> Result<()> {
+    pub(crate) fn add(&mut self, chain: &[ChainEntry]) -> Result<()> {
         for c in chain {
             let s = stamp(&c.path)?;
             self.0.push((c.path.clone(), s));
@@ -346,12 +342,12 @@ impl SourceStamps {
     }
 
     /// Takes over another set's stamps.
-    pub fn extend(&mut self, other: SourceStamps) {
+    pub(crate) fn extend(&mut self, other: SourceStamps) {
         self.0.extend(other.0);
     }
 
     /// Fails with InvalidSnapshot.Changed naming the first file that is not as it was.
-    pub fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         for (path, before) in &self.0 {
             let now = stamp(path).ok();
             if now.as_ref() == Some(before) {
@@ -396,7 +392,7 @@ pub(crate) mod testing {
     use crate::error::Result;
 
     /// A disk held in memory, all of it data.
-    pub struct Mem(pub Vec<u8>);
+    pub(crate) struct Mem(pub Vec<u8>);
 
     impl BlockSource for Mem {
         fn virtual_size(&self) -> u64 {
@@ -418,7 +414,7 @@ pub(crate) mod testing {
 
 /// The first readable format in [`DRIVERS`] whose probe accepts the file's first bytes: qcow2 when
 /// the file starts with the qcow2 magic, raw otherwise (what qemu-img does for these two).
-pub fn detect(file: &File, path: &Path) -> Result<Format> {
+pub(crate) fn detect(file: &File, path: &Path) -> Result<Format> {
     let mut head = [0u8; PROBE_BYTES];
     let n = read_full_at(file, &mut head, 0)
         .map_err(|e| Error::io(path, "reading the header of", e))?;
@@ -430,7 +426,7 @@ pub fn detect(file: &File, path: &Path) -> Result<Format> {
 }
 
 /// Reads until `buf` is full or end of file; returns the bytes read.
-pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+pub(crate) fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], offset + done as u64) {

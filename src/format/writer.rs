@@ -21,7 +21,7 @@ use crate::error::{Code, Error, Result};
 
 /// A fresh output disk being written. Shared by every copy thread, so every method but `finish`
 /// takes `&self`.
-pub trait DiskWriter: Send + Sync {
+pub(crate) trait DiskWriter: Send + Sync {
     /// Zero-detection granularity: blocks of this size that read as zeros are not written (4 KiB
     /// for raw, like `qemu-img convert -S 4k`; one cluster for qcow2). Allocation offsets and
     /// lengths handed to the writer are multiples of it (bar the disk's last block).
@@ -72,9 +72,9 @@ pub trait DiskWriter: Send + Sync {
 }
 
 /// A finished output file.
-pub struct Finished {
-    pub file: File,
+pub(crate) struct Finished {
+    pub(crate) file: File,
     /// Whether hashing should skip the file's holes with `SEEK_DATA` (raw: the disk's holes are
     /// the file's); false when the file is dense and is read whole (qcow2 packs its clusters).
-    pub sparse: bool,
+    pub(crate) sparse: bool,
 }

@@ -28,6 +28,8 @@ macro_rules! api_enum {
             }
 
             /// The value spelled `s` ignoring ASCII case and surrounding white space.
+            // Every api_enum has the same API; those never typed by users (Status) do not use it.
+            #[allow(dead_code)]
             pub fn parse_loose(s: &str) -> Option<$name> {
                 Self::ALL.iter().copied().find(|v| v.as_str().eq_ignore_ascii_case(s.trim()))
             }
@@ -166,10 +168,10 @@ impl Default for Platform {
 /// A tag (`Key`, `Value`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct Tag {
-    pub key: String,
+pub(crate) struct Tag {
+    pub(crate) key: String,
     #[serde(default)]
-    pub value: String,
+    pub(crate) value: String,
 }
 
 /// What the manifest and the store's record both say of an image, in the API's field names and
@@ -177,24 +179,24 @@ pub struct Tag {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct ImageAttributes {
-    pub image_id: String,
-    pub image_name: String,
+    pub(crate) image_id: String,
+    pub(crate) image_name: String,
     #[serde(default)]
-    pub image_type: ImageType,
+    pub(crate) image_type: ImageType,
     #[serde(default)]
-    pub image_family: Option<String>,
+    pub(crate) image_family: Option<String>,
     #[serde(default)]
-    pub image_version: Option<String>,
+    pub(crate) image_version: Option<String>,
     #[serde(default)]
-    pub description: String,
+    pub(crate) description: String,
     #[serde(default)]
-    pub platform: Platform,
+    pub(crate) platform: Platform,
     #[serde(default)]
-    pub architecture: Architecture,
+    pub(crate) architecture: Architecture,
     #[serde(default)]
-    pub boot_mode: BootMode,
+    pub(crate) boot_mode: BootMode,
     #[serde(default)]
-    pub tags: Vec<Tag>,
+    pub(crate) tags: Vec<Tag>,
 }
 
 #[cfg(test)]

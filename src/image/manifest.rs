@@ -8,16 +8,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::copy::engine::CopyStats;
 use crate::format::ChainEntry;
-pub use crate::image::attributes::Tag;
 use crate::image::attributes::{ImageAttributes, Status};
 use crate::request::plan::{Device, DiskType};
 
 /// One file read while opening a source.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct FileRead {
-    pub path: PathBuf,
-    pub format: String,
+pub(crate) struct FileRead {
+    pub(crate) path: PathBuf,
+    pub(crate) format: String,
 }
 
 impl From<&ChainEntry> for FileRead {
@@ -31,78 +30,78 @@ impl From<&ChainEntry> for FileRead {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct SourceRecord {
+pub(crate) struct SourceRecord {
     /// The file named by the user, made absolute.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// The internal snapshot read, if any.
     #[serde(default)]
-    pub snapshot_name: Option<String>,
-    pub format: String,
-    pub virtual_size: u64,
+    pub(crate) snapshot_name: Option<String>,
+    pub(crate) format: String,
+    pub(crate) virtual_size: u64,
     /// Every file read, overlay first.
     #[serde(default)]
-    pub files_read: Vec<FileRead>,
+    pub(crate) files_read: Vec<FileRead>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct InstanceRecord {
-    pub name: String,
+pub(crate) struct InstanceRecord {
+    pub(crate) name: String,
     #[serde(default)]
-    pub uuid: Option<String>,
+    pub(crate) uuid: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct DiskRecord {
-    pub device: Device,
+pub(crate) struct DiskRecord {
+    pub(crate) device: Device,
     /// The instance's target name for this disk (`vda`), with `--instance`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub original_target: Option<String>,
-    pub disk_type: DiskType,
+    pub(crate) original_target: Option<String>,
+    pub(crate) disk_type: DiskType,
     /// The disk file, relative to the image directory.
-    pub file: String,
-    pub format: String,
-    pub virtual_size: u64,
+    pub(crate) file: String,
+    pub(crate) format: String,
+    pub(crate) virtual_size: u64,
     /// GiB, rounded up (the API's Size).
     #[serde(rename = "Size")]
-    pub size_gib: u64,
-    pub allocated_bytes: u64,
-    pub file_size: u64,
-    pub sha256: String,
+    pub(crate) size_gib: u64,
+    pub(crate) allocated_bytes: u64,
+    pub(crate) file_size: u64,
+    pub(crate) sha256: String,
     /// None for an empty disk.
     #[serde(default)]
-    pub source: Option<SourceRecord>,
+    pub(crate) source: Option<SourceRecord>,
     #[serde(rename = "CopyStats", default)]
-    pub stats: CopyStats,
+    pub(crate) stats: CopyStats,
     /// What kiln changed in the guest's bytes (`--relocate-gpt`); empty when it copied them as they are.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub changes: Vec<String>,
+    pub(crate) changes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct Manifest {
+pub(crate) struct Manifest {
     /// ImageId, ImageName, ImageType, ..., Tags: what the store's record says too.
     #[serde(flatten)]
-    pub attributes: ImageAttributes,
-    pub creation_time: String,
-    pub status: Status,
+    pub(crate) attributes: ImageAttributes,
+    pub(crate) creation_time: String,
+    pub(crate) status: Status,
     /// The idempotency token the image was created with, if any.
     #[serde(default)]
-    pub client_token: Option<String>,
+    pub(crate) client_token: Option<String>,
     #[serde(rename = "Size")]
-    pub size_gib: u64,
+    pub(crate) size_gib: u64,
     #[serde(default)]
-    pub kiln_version: String,
+    pub(crate) kiln_version: String,
     /// The libvirt domain the image was made from, with `--instance`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instance: Option<InstanceRecord>,
+    pub(crate) instance: Option<InstanceRecord>,
     #[serde(rename = "DiskDeviceMappings")]
-    pub disks: Vec<DiskRecord>,
+    pub(crate) disks: Vec<DiskRecord>,
     /// The image check of the system disk (`--detect`, DetectionStrategy Standard).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub detection: Option<crate::detect::Report>,
+    pub(crate) detection: Option<crate::detect::Report>,
 }
 
 /// The shared attributes read as the manifest's own fields (`manifest.image_id`), as they are in
@@ -121,21 +120,21 @@ impl std::ops::DerefMut for Manifest {
 }
 
 impl Manifest {
-    pub fn to_json(&self) -> Vec<u8> {
+    pub(crate) fn to_json(&self) -> Vec<u8> {
         let mut v = serde_json::to_vec_pretty(self).unwrap_or_default();
         v.push(b'\n');
         v
     }
 
     /// A manifest as kiln wrote it (older kilns' manifests too: later fields default).
-    pub fn from_json(bytes: &[u8]) -> serde_json::Result<Manifest> {
+    pub(crate) fn from_json(bytes: &[u8]) -> serde_json::Result<Manifest> {
         serde_json::from_slice(bytes)
     }
 }
 
 /// `SHA256SUMS` text: one `HEX  NAME` line per file, in the order given. Names are kiln's own
 /// (device names and `manifest.json`), so they never need sha256sum's escaping.
-pub fn sha256sums(entries: &[(String, String)]) -> String {
+pub(crate) fn sha256sums(entries: &[(String, String)]) -> String {
     entries
         .iter()
         .map(|(hash, name)| format!("{hash}  {name}\n"))
@@ -143,7 +142,7 @@ pub fn sha256sums(entries: &[(String, String)]) -> String {
 }
 
 /// `m-` and 20 lowercase letters and digits, from the kernel's random source.
-pub fn new_image_id() -> String {
+pub(crate) fn new_image_id() -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut bytes = [0u8; 20];
     let got = std::fs::File::open("/dev/urandom").and_then(|mut f| {
@@ -170,7 +169,7 @@ pub fn new_image_id() -> String {
 }
 
 /// RFC 3339 UTC time (`2026-11-23T03:15:31Z`) for a Unix timestamp.
-pub fn rfc3339(unix_secs: u64) -> String {
+pub(crate) fn rfc3339(unix_secs: u64) -> String {
     let days = (unix_secs / 86_400) as i64;
     let rem = unix_secs % 86_400;
     let (y, m, d) = civil_from_days(days);
@@ -182,7 +181,7 @@ pub fn rfc3339(unix_secs: u64) -> String {
     )
 }
 
-pub fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -14,7 +14,7 @@ use crate::error::{Code, Error, Result};
 /// A staging directory; removed on drop unless committed. Its creator holds an flock on it, so a
 /// later create can tell a dead creator's leftovers from a live one's work.
 #[derive(Debug)]
-pub struct Staging {
+pub(crate) struct Staging {
     dir: PathBuf,
     target: PathBuf,
     committed: bool,
@@ -24,7 +24,7 @@ pub struct Staging {
 impl Staging {
     /// Checks that `target` does not exist or is an empty directory, and creates the staging
     /// directory beside it.
-    pub fn new(target: &Path) -> Result<Staging> {
+    pub(crate) fn new(target: &Path) -> Result<Staging> {
         check_target(target)?;
         let parent = parent_of(target);
         let base = target
@@ -57,16 +57,12 @@ impl Staging {
         })
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
-    pub fn target(&self) -> &Path {
-        &self.target
-    }
-
     /// Writes `name` in the staging directory (new file, fsynced).
-    pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn write_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
         let path = self.dir.join(name);
         let mut f = OpenOptions::new()
             .write(true)
@@ -81,7 +77,7 @@ impl Staging {
     }
 
     /// Renames the staging directory to the target and makes the rename durable.
-    pub fn commit(mut self) -> Result<PathBuf> {
+    pub(crate) fn commit(mut self) -> Result<PathBuf> {
         sync_dir(&self.dir)?;
         // rename(2) replaces an empty directory atomically and fails on a non-empty one.
         fs::rename(&self.dir, &self.target).map_err(|e| match e.raw_os_error() {
@@ -163,7 +159,7 @@ fn parent_of(p: &Path) -> PathBuf {
 }
 
 /// `--output-dir` must not exist, or be an empty directory; its parent must exist.
-pub fn check_target(target: &Path) -> Result<()> {
+pub(crate) fn check_target(target: &Path) -> Result<()> {
     match fs::symlink_metadata(target) {
         Ok(m) if m.is_dir() => {
             let mut entries = fs::read_dir(target).map_err(|e| Error::io(target, "listing", e))?;
@@ -202,7 +198,7 @@ pub fn check_target(target: &Path) -> Result<()> {
     }
 }
 
-pub fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     let f = File::open(dir).map_err(|e| Error::io(dir, "opening the directory to flush it", e))?;
     f.sync_all()
         .map_err(|e| Error::io(dir, "flushing the directory (fsync)", e))

@@ -42,38 +42,38 @@ use crate::util::safe_fs;
 pub struct Record {
     /// ImageId, ImageName, ImageType, ..., Tags: what the manifest says too.
     #[serde(flatten)]
-    pub attributes: ImageAttributes,
-    pub status: Status,
+    pub(crate) attributes: ImageAttributes,
+    pub(crate) status: Status,
     /// `"0%"` to `"100%"`, as the API spells it.
-    pub progress: String,
+    pub(crate) progress: String,
     #[serde(default)]
-    pub client_token: Option<String>,
+    pub(crate) client_token: Option<String>,
     /// SHA-256 of the normalised request, for idempotency.
-    pub request_digest: String,
-    pub creation_time: String,
+    pub(crate) request_digest: String,
+    pub(crate) creation_time: String,
     /// Nanoseconds since the epoch at creation, to order images created in the same second.
     #[serde(rename = "CreationTimeNanos", default)]
-    pub creation_nanos: u128,
+    pub(crate) creation_nanos: u128,
     /// The creating process.
     #[serde(default)]
-    pub pid: u32,
+    pub(crate) pid: u32,
     /// Sum of the disks' sizes in GiB (known once Available).
     #[serde(rename = "Size", default)]
-    pub size_gib: u64,
+    pub(crate) size_gib: u64,
     /// The image directory, once Available.
     #[serde(default)]
-    pub directory: Option<PathBuf>,
+    pub(crate) directory: Option<PathBuf>,
     /// The manifest's disks, once Available.
     #[serde(rename = "DiskDeviceMappings", default)]
-    pub disks: Vec<DiskRecord>,
+    pub(crate) disks: Vec<DiskRecord>,
     /// The manifest's image check, once Available (`--detect`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub detection: Option<Report>,
+    pub(crate) detection: Option<Report>,
     /// Why a create failed, when kiln saw it fail (a killed create has none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error_code: Option<String>,
+    pub(crate) error_code: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error_message: Option<String>,
+    pub(crate) error_message: Option<String>,
 }
 
 /// The shared attributes read as the record's own fields (`record.image_name`), as they are in its
@@ -93,7 +93,7 @@ impl std::ops::DerefMut for Record {
 
 /// The store directory: `flag`, else `$KILN_STORE`, else `$XDG_DATA_HOME/kiln`, else
 /// `~/.local/share/kiln`.
-pub fn locate(flag: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn locate(flag: Option<&Path>) -> Result<PathBuf> {
     locate_relative(flag).map(|p| std::path::absolute(&p).unwrap_or(p))
 }
 
@@ -118,7 +118,7 @@ fn locate_relative(flag: Option<&Path>) -> Result<PathBuf> {
 }
 
 /// True for `m-` followed by 20 lowercase letters and digits.
-pub fn is_image_id(s: &str) -> bool {
+pub(crate) fn is_image_id(s: &str) -> bool {
     s.len() == 22
         && s.starts_with("m-")
         && s[2..]
@@ -127,18 +127,18 @@ pub fn is_image_id(s: &str) -> bool {
 }
 
 #[derive(Debug, Clone)]
-pub struct Store {
+pub(crate) struct Store {
     root: PathBuf,
 }
 
 /// The store-wide lock, released on drop.
-pub struct StoreLock {
+pub(crate) struct StoreLock {
     _lock: Option<Flock<File>>,
 }
 
 /// What the store says about a create request's token and name.
 #[derive(Debug)]
-pub enum Admission {
+pub(crate) enum Admission {
     /// Go ahead.
     New,
     /// The same token and the same request: this image, nothing to do.
@@ -146,19 +146,15 @@ pub enum Admission {
 }
 
 impl Store {
-    pub fn at(root: impl Into<PathBuf>) -> Store {
+    pub(crate) fn at(root: impl Into<PathBuf>) -> Store {
         Store { root: root.into() }
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    pub fn images_dir(&self) -> PathBuf {
+    pub(crate) fn images_dir(&self) -> PathBuf {
         self.root.join("images")
     }
 
-    pub fn image_dir(&self, id: &str) -> PathBuf {
+    pub(crate) fn image_dir(&self, id: &str) -> PathBuf {
         self.images_dir().join(id)
     }
 
@@ -179,7 +175,7 @@ impl Store {
     }
 
     /// Creates the store's directories (only writers call this).
-    pub fn ensure(&self) -> Result<()> {
+    pub(crate) fn ensure(&self) -> Result<()> {
         self.check_layout()?;
         for d in [self.images_dir(), self.records_dir(), self.locks_dir()] {
             fs::create_dir_all(&d).map_err(|e| Error::io(&d, "creating the store directory", e))?;
@@ -190,7 +186,7 @@ impl Store {
     /// Refuses a store whose own directories were replaced by symlinks (or files): every path kiln
     /// builds below the root goes through them. Files inside are opened with `O_NOFOLLOW` or
     /// created with `O_EXCL`; image ids are checked before they become part of a path.
-    pub fn check_layout(&self) -> Result<()> {
+    pub(crate) fn check_layout(&self) -> Result<()> {
         for d in [self.images_dir(), self.records_dir(), self.locks_dir()] {
             safe_fs::check_real_dir(&d)?;
         }
@@ -198,7 +194,7 @@ impl Store {
     }
 
     /// The directory of an existing image, refused when it is a symlink.
-    pub fn checked_image_dir(&self, id: &str) -> Result<PathBuf> {
+    pub(crate) fn checked_image_dir(&self, id: &str) -> Result<PathBuf> {
         if !is_image_id(id) {
             return Err(not_found(id));
         }
@@ -209,7 +205,7 @@ impl Store {
     }
 
     /// Takes the store-wide lock, waiting for other kiln processes. Creates the lock file.
-    pub fn lock(&self) -> Result<StoreLock> {
+    pub(crate) fn lock(&self) -> Result<StoreLock> {
         self.ensure()?;
         let path = self.root.join(".lock");
         let f = OpenOptions::new()
@@ -232,7 +228,7 @@ impl Store {
 
     /// Every record, with its status as it really is (a dead creator's Creating reads CreateFailed),
     /// oldest first. A store that does not exist is empty.
-    pub fn list(&self) -> Result<Vec<Record>> {
+    pub(crate) fn list(&self) -> Result<Vec<Record>> {
         self.check_layout()?;
         let dir = self.records_dir();
         let entries = match fs::read_dir(&dir) {
@@ -259,7 +255,7 @@ impl Store {
     }
 
     /// One record with its real status; None when there is no such image.
-    pub fn get(&self, id: &str) -> Result<Option<Record>> {
+    pub(crate) fn get(&self, id: &str) -> Result<Option<Record>> {
         let Some(mut r) = self.read_record(id)? else {
             return Ok(None);
         };
@@ -318,7 +314,7 @@ impl Store {
     /// answer): the same token and digest → Existing; the same token, another digest →
     /// IdempotenceParamNotMatch; a name used by an image that is not CreateFailed → Duplicated.
     /// A token whose image is CreateFailed may be used again.
-    pub fn admit(&self, name: &str, token: Option<&str>, digest: &str) -> Result<Admission> {
+    pub(crate) fn admit(&self, name: &str, token: Option<&str>, digest: &str) -> Result<Admission> {
         let records = self.list()?;
         if let Some(t) = token {
             if let Some(r) = records
@@ -356,7 +352,7 @@ impl Store {
 
     /// Starts a create: takes the image's lock (held until the returned handle drops) and writes its
     /// Creating record. Call under the store lock, after [`Store::admit`].
-    pub fn begin(&self, record: Record) -> Result<Creating> {
+    pub(crate) fn begin(&self, record: Record) -> Result<Creating> {
         let lock_path = self.lock_path(&record.image_id);
         let f = OpenOptions::new()
             .create_new(true)
@@ -415,7 +411,7 @@ impl Store {
 
     /// Removes images: refuses an unknown id (InvalidImageId.NotFound) and one whose create is still
     /// running (IncorrectImageStatus). Every id is checked before anything is removed.
-    pub fn delete(&self, ids: &[String]) -> Result<Vec<Record>> {
+    pub(crate) fn delete(&self, ids: &[String]) -> Result<Vec<Record>> {
         let _guard = self.lock()?;
         let mut records = Vec::with_capacity(ids.len());
         for id in ids {
@@ -467,7 +463,7 @@ impl Store {
     }
 }
 
-pub fn not_found(id: &str) -> Error {
+pub(crate) fn not_found(id: &str) -> Error {
     Error::new(
         Code::InvalidImageIdNotFound,
         format!("no image {id} in the store; `kiln describe` lists them"),
@@ -475,17 +471,13 @@ pub fn not_found(id: &str) -> Error {
 }
 
 /// A create in progress: holds the image's lock, owns its record.
-pub struct Creating {
+pub(crate) struct Creating {
     store: Store,
     record: Mutex<Record>,
     _lock: Flock<File>,
 }
 
 impl Creating {
-    pub fn image_id(&self) -> String {
-        self.lock_record().image_id.clone()
-    }
-
     fn lock_record(&self) -> std::sync::MutexGuard<'_, Record> {
         self.record.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -497,7 +489,7 @@ impl Creating {
 
     /// Records progress (0 to 99: 100% is for Available). Best effort: an error is ignored, the
     /// copy matters more than the number.
-    pub fn set_progress(&self, percent: u64) {
+    pub(crate) fn set_progress(&self, percent: u64) {
         {
             let mut r = self.lock_record();
             let p = format!("{}%", percent.min(99));
@@ -510,7 +502,7 @@ impl Creating {
     }
 
     /// The image is published: Available, 100%.
-    pub fn finish(self, update: impl FnOnce(&mut Record)) -> Result<Record> {
+    pub(crate) fn finish(self, update: impl FnOnce(&mut Record)) -> Result<Record> {
         {
             let mut r = self.lock_record();
             update(&mut r);
@@ -522,7 +514,7 @@ impl Creating {
     }
 
     /// The create failed: CreateFailed, with the error.
-    pub fn fail(self, err: &Error) {
+    pub(crate) fn fail(self, err: &Error) {
         {
             let mut r = self.lock_record();
             r.status = Status::CreateFailed;
@@ -535,7 +527,7 @@ impl Creating {
 
 /// A Progress that forwards to `inner` and keeps the record's Progress up to date, at most twice a
 /// second.
-pub struct RecordProgress<'a> {
+pub(crate) struct RecordProgress<'a> {
     inner: &'a dyn crate::copy::progress::Progress,
     creating: &'a Creating,
     total: u64,
@@ -544,7 +536,7 @@ pub struct RecordProgress<'a> {
 }
 
 impl<'a> RecordProgress<'a> {
-    pub fn new(
+    pub(crate) fn new(
         inner: &'a dyn crate::copy::progress::Progress,
         creating: &'a Creating,
         total: u64,

@@ -14,37 +14,37 @@ use crate::image::manifest::Manifest;
 
 /// One file's check.
 #[derive(Debug, Clone, Serialize)]
-pub struct FileCheck {
+pub(crate) struct FileCheck {
     #[serde(rename = "File")]
-    pub file: String,
+    pub(crate) file: String,
     /// From SHA256SUMS.
     #[serde(rename = "Expected")]
-    pub expected: Option<String>,
+    pub(crate) expected: Option<String>,
     /// From the manifest (disks only).
     #[serde(rename = "ManifestSha256")]
-    pub manifest: Option<String>,
+    pub(crate) manifest: Option<String>,
     /// None when the file could not be read.
     #[serde(rename = "Actual")]
-    pub actual: Option<String>,
+    pub(crate) actual: Option<String>,
     #[serde(rename = "Ok")]
-    pub ok: bool,
+    pub(crate) ok: bool,
     #[serde(rename = "Problem", skip_serializing_if = "Option::is_none")]
-    pub problem: Option<String>,
+    pub(crate) problem: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct VerifyReport {
+pub(crate) struct VerifyReport {
     #[serde(rename = "Directory")]
-    pub directory: PathBuf,
+    pub(crate) directory: PathBuf,
     #[serde(rename = "Files")]
-    pub files: Vec<FileCheck>,
+    pub(crate) files: Vec<FileCheck>,
     #[serde(rename = "Ok")]
-    pub ok: bool,
+    pub(crate) ok: bool,
 }
 
 impl VerifyReport {
     /// ChecksumMismatch naming each file that differs, when any does.
-    pub fn to_error(&self) -> Option<Error> {
+    pub(crate) fn to_error(&self) -> Option<Error> {
         let bad: Vec<String> = self
             .files
             .iter()
@@ -66,7 +66,7 @@ impl VerifyReport {
 }
 
 /// Verifies the image directory `dir`.
-pub fn verify_dir(dir: &Path, mode: ProgressMode) -> Result<VerifyReport> {
+pub(crate) fn verify_dir(dir: &Path, mode: ProgressMode) -> Result<VerifyReport> {
     let sums_path = dir.join("SHA256SUMS");
     let sums_text = crate::util::safe_fs::read_regular(&sums_path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())

@@ -19,7 +19,7 @@ pub fn check(out: &CheckOutcome, json: bool) -> Rendered {
 }
 
 /// A table for people: one line per item, then the result.
-pub fn report_text(r: &Report) -> String {
+pub(crate) fn report_text(r: &Report) -> String {
     let w = r
         .items
         .iter()

@@ -70,7 +70,7 @@ fn existing(r: &Record, json: bool, quiet: bool) -> Rendered {
 
 /// The plan: a table of disks, the image check, the space check, and DryRunOperation's line; with
 /// `--json`, `{"Code","Message","Plan"}`.
-pub fn dry_run(r: &DryRunReport, json: bool) -> Rendered {
+pub(crate) fn dry_run(r: &DryRunReport, json: bool) -> Rendered {
     let code = Code::DryRunOperation;
     let message = match &r.existing_image_id {
         Some(id) => format!(

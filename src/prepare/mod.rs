@@ -20,7 +20,7 @@ use crate::format::{self, BlockSource, ExtentKind, Format, OpenOptions, Opened, 
 
 /// Opens a user-named source (`FILE@SNAP` for a qcow2 internal snapshot) read-only; `format` when
 /// stated, detected otherwise.
-pub fn open(path: &Path, format: Option<Format>, gate: &BackingGate) -> Result<Opened> {
+pub(crate) fn open(path: &Path, format: Option<Format>, gate: &BackingGate) -> Result<Opened> {
     format::open(
         path,
         &OpenOptions {
@@ -33,28 +33,32 @@ pub fn open(path: &Path, format: Option<Format>, gate: &BackingGate) -> Result<O
 
 /// How a copy's source is opened.
 #[derive(Debug, Clone)]
-pub struct CopySource<'a> {
-    pub format: Option<Format>,
-    pub gate: &'a BackingGate,
+pub(crate) struct CopySource<'a> {
+    pub(crate) format: Option<Format>,
+    pub(crate) gate: &'a BackingGate,
     /// The error when a writer holds a file: `IncorrectInstanceStatus` for an instance's disks,
     /// `SnapshotNotReady` otherwise.
-    pub busy_code: Code,
+    pub(crate) busy_code: Code,
     /// `--allow-running`: a writer is a warning, not an error.
-    pub allow_running: bool,
+    pub(crate) allow_running: bool,
 }
 
 /// A source opened for a copy: keep it (and its locks) until the copy is done, then check `stamps`.
-pub struct Locked {
-    pub opened: Opened,
+pub(crate) struct Locked {
+    pub(crate) opened: Opened,
     /// QEMU-compatible locks on every file read.
-    pub locks: Vec<qemu_lock::SourceLock>,
+    pub(crate) locks: Vec<qemu_lock::SourceLock>,
     /// Every file read, as it was when opened.
-    pub stamps: SourceStamps,
+    pub(crate) stamps: SourceStamps,
 }
 
 /// Opens, stamps and locks a source, then checks it for writers; each warning (a writer allowed by
 /// `allow_running`) goes to `warn`.
-pub fn open_locked(path: &Path, how: &CopySource, warn: &mut dyn FnMut(&str)) -> Result<Locked> {
+pub(crate) fn open_locked(
+    path: &Path,
+    how: &CopySource,
+    warn: &mut dyn FnMut(&str),
+) -> Result<Locked> {
     let opened = open(path, how.format, how.gate)?;
     let mut stamps = SourceStamps::default();
     stamps.add(&opened.info.chain)?;
@@ -73,7 +77,7 @@ pub fn open_locked(path: &Path, how: &CopySource, warn: &mut dyn FnMut(&str)) ->
 /// Wraps a source growing to `size` bytes so its GPT's backup ends up at the new end (see
 /// [`crate::detect::relocate`]), with what changes in the guest's bytes; a disk without a valid GPT
 /// is copied as it is, with a warning naming `device`.
-pub fn relocate_gpt(
+pub(crate) fn relocate_gpt(
     o: Opened,
     size: u64,
     device: &str,
@@ -101,7 +105,7 @@ pub fn relocate_gpt(
 }
 
 /// Sum of a source's Data extents: the bytes a copy reads.
-pub fn data_bytes(src: &dyn BlockSource) -> Result<u64> {
+pub(crate) fn data_bytes(src: &dyn BlockSource) -> Result<u64> {
     let size = src.virtual_size();
     let (mut pos, mut data) = (0u64, 0u64);
     while pos < size {

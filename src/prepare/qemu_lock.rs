@@ -15,19 +15,19 @@ use std::fs::{self, File};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::error::{Code, Error, Result};
 use crate::format::{open_read_only, ChainEntry};
 
 /// QEMU's lock byte for holding "consistent read" (`BLK_PERM_CONSISTENT_READ`, bit 0).
-pub const PERM_CONSISTENT_READ_BYTE: i64 = 100;
+pub(crate) const PERM_CONSISTENT_READ_BYTE: i64 = 100;
 /// QEMU's lock byte for holding "write" (`BLK_PERM_WRITE`, bit 1).
-pub const PERM_WRITE_BYTE: i64 = 101;
+pub(crate) const PERM_WRITE_BYTE: i64 = 101;
 /// QEMU's lock byte for refusing to share "consistent read" with others.
-pub const SHARED_CONSISTENT_READ_BYTE: i64 = 200;
+pub(crate) const SHARED_CONSISTENT_READ_BYTE: i64 = 200;
 /// QEMU's lock byte for refusing to share "write" with others.
-pub const SHARED_WRITE_BYTE: i64 = 201;
+pub(crate) const SHARED_WRITE_BYTE: i64 = 201;
 
 /// Most `/proc` entries looked at when finding a lock's holder (bounds the scan on busy hosts).
 const MAX_PROC_ENTRIES: usize = 1 << 20;
@@ -271,7 +271,6 @@ pub fn check_not_written<P: AsRef<Path>>(
 #[derive(Debug)]
 pub struct SourceLock {
     file: File,
-    path: PathBuf,
 }
 
 impl SourceLock {
@@ -281,7 +280,7 @@ impl SourceLock {
     }
 
     /// Locks an already open descriptor (its own open file description: the locks go when it closes).
-    pub fn on_file(file: File, path: &Path) -> Result<SourceLock> {
+    pub(crate) fn on_file(file: File, path: &Path) -> Result<SourceLock> {
         // QEMU refuses to open an image whose consistent-read sharing someone refused (byte 200):
         // its contents are in flux (e.g. a block job is rewriting it).
         match test_lock(&file, SHARED_CONSISTENT_READ_BYTE, libc::F_WRLCK) {
@@ -296,10 +295,7 @@ impl SourceLock {
             }
             Ok(None) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOLCK)) => {
-                return Ok(SourceLock {
-                    file,
-                    path: path.to_path_buf(),
-                })
+                return Ok(SourceLock { file })
             }
             Err(e) => return Err(Error::io(path, "testing QEMU's lock bytes on", e)),
         }
@@ -322,14 +318,7 @@ impl SourceLock {
                 });
             }
         }
-        Ok(SourceLock {
-            file,
-            path: path.to_path_buf(),
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(SourceLock { file })
     }
 
     /// The locked descriptor (read-only); usable for reading too.

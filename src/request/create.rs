@@ -15,7 +15,7 @@ use crate::request::validate;
 
 /// Where a create puts its image.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Destination {
+pub(crate) enum Destination {
     /// `--output-dir DIR`: must not exist or be empty.
     Dir(PathBuf),
     /// The image store at this root.
@@ -26,59 +26,59 @@ pub enum Destination {
 /// [`crate::commands::create::create`] checks every rule before anything is written.
 #[derive(Debug, Clone)]
 pub struct CreateRequest {
-    pub name: String,
-    pub family: Option<String>,
-    pub image_version: Option<String>,
-    pub description: Option<String>,
+    pub(crate) name: String,
+    pub(crate) family: Option<String>,
+    pub(crate) image_version: Option<String>,
+    pub(crate) description: Option<String>,
     /// None: the API's default (Others Linux, x86_64, BIOS).
-    pub platform: Option<Platform>,
-    pub architecture: Option<Architecture>,
-    pub boot_mode: Option<BootMode>,
-    pub tags: Vec<(String, String)>,
+    pub(crate) platform: Option<Platform>,
+    pub(crate) architecture: Option<Architecture>,
+    pub(crate) boot_mode: Option<BootMode>,
+    pub(crate) tags: Vec<(String, String)>,
     /// `--disk` entries, in the order given.
-    pub disks: Vec<DiskSpec>,
+    pub(crate) disks: Vec<DiskSpec>,
     /// `--snapshot`: the short form, a system disk only.
-    pub snapshot: Option<PathBuf>,
-    pub destination: Destination,
+    pub(crate) snapshot: Option<PathBuf>,
+    pub(crate) destination: Destination,
     /// Idempotency token (store only).
-    pub client_token: Option<String>,
+    pub(crate) client_token: Option<String>,
     /// Check everything, copy nothing, write nothing.
-    pub dry_run: bool,
-    pub output: OutputSpec,
+    pub(crate) dry_run: bool,
+    pub(crate) output: OutputSpec,
     /// Copy threads (at least 1).
-    pub threads: usize,
-    pub progress: ProgressMode,
+    pub(crate) threads: usize,
+    pub(crate) progress: ProgressMode,
     /// `--instance`: the libvirt domain the disks came from (its disks are in `disks` already).
-    pub instance: Option<InstanceSource>,
+    pub(crate) instance: Option<InstanceSource>,
     /// `--allow-running`: copy sources open for writing, with a warning.
-    pub allow_running: bool,
+    pub(crate) allow_running: bool,
     /// Which qcow2 backing files may be followed (`--backing-dir`).
-    pub gate: BackingGate,
+    pub(crate) gate: BackingGate,
     /// Notes to show the user (skipped CD-ROMs, ignored flags).
-    pub notes: Vec<String>,
+    pub(crate) notes: Vec<String>,
     /// `--data-image`: an image of data disks only.
-    pub data_image: bool,
+    pub(crate) data_image: bool,
     /// `--detect` (DetectionStrategy Standard): check the system disk as written and put the
     /// report in the manifest; without a platform, the one detected is recorded.
-    pub detect: bool,
+    pub(crate) detect: bool,
     /// `--relocate-gpt`: a disk with a GPT that grows gets its backup table moved to the new end.
-    pub relocate_gpt: bool,
+    pub(crate) relocate_gpt: bool,
 }
 
 /// The instance an image is made from.
 #[derive(Debug, Clone)]
-pub struct InstanceSource {
-    pub name: String,
-    pub uuid: Option<String>,
+pub(crate) struct InstanceSource {
+    pub(crate) name: String,
+    pub(crate) uuid: Option<String>,
     /// Each image device with the instance target it came from.
-    pub targets: Vec<(Device, String)>,
+    pub(crate) targets: Vec<(Device, String)>,
     /// The domain's disks, for checking `<backingStore>` against what kiln reads.
-    pub disks: Vec<InstanceDisk>,
+    pub(crate) disks: Vec<InstanceDisk>,
 }
 
 impl InstanceSource {
     /// The instance target (`vda`) the image device `device` came from.
-    pub fn target_of(&self, device: &str) -> Option<&str> {
+    pub(crate) fn target_of(&self, device: &str) -> Option<&str> {
         self.targets
             .iter()
             .find(|t| t.0.as_str() == device)
@@ -87,7 +87,7 @@ impl InstanceSource {
 }
 
 /// The image name, required: from the flag, else the request file.
-pub fn required_name(name: Option<String>) -> Result<String> {
+pub(crate) fn required_name(name: Option<String>) -> Result<String> {
     name.ok_or_else(missing_name)
 }
 
@@ -100,7 +100,7 @@ fn missing_name() -> Error {
 
 impl CreateRequest {
     /// The request with CreateImage's parameter rules applied and the API's defaults filled in.
-    pub fn normalised(&self) -> Result<CreateRequest> {
+    pub(crate) fn normalised(&self) -> Result<CreateRequest> {
         let mut r = self.clone();
         // A name that is only blanks is as good as none.
         if r.name.trim().is_empty() {
@@ -132,7 +132,7 @@ impl CreateRequest {
     }
 
     /// What the manifest and the record say of the image, with the platform to record.
-    pub fn attributes(&self, image_id: &str, platform: Platform) -> ImageAttributes {
+    pub(crate) fn attributes(&self, image_id: &str, platform: Platform) -> ImageAttributes {
         ImageAttributes {
             image_id: image_id.to_string(),
             image_name: self.name.clone(),
@@ -160,16 +160,16 @@ impl CreateRequest {
 }
 
 /// An instance's disks as create requests them.
-pub struct InstanceDisks {
-    pub instance: InstanceSource,
-    pub specs: Vec<DiskSpec>,
+pub(crate) struct InstanceDisks {
+    pub(crate) instance: InstanceSource,
+    pub(crate) specs: Vec<DiskSpec>,
     /// Disks left out (CD-ROMs, floppies), for the user.
-    pub skipped: Vec<String>,
+    pub(crate) skipped: Vec<String>,
 }
 
 /// Reads the domain XML at `xml_path` (`-` for stdin) and turns its disks, adjusted by `exclude`
 /// (targets to leave out) and `entries` (`--disk device=vdX,...` texts), into disk specs.
-pub fn instance_disks(
+pub(crate) fn instance_disks(
     xml_path: &Path,
     exclude: &[String],
     entries: &[String],

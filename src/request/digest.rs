@@ -11,7 +11,7 @@ use crate::request::plan::DiskLayout;
 
 /// SHA-256 over the normalised request: every attribute, the disk layout, the output settings, and
 /// each source by canonical path, size and modification time. Threads and progress do not count.
-pub fn request_digest(req: &CreateRequest, layout: &DiskLayout) -> String {
+pub(crate) fn request_digest(req: &CreateRequest, layout: &DiskLayout) -> String {
     let mut tags = req.tags.clone();
     tags.sort();
     let disks: Vec<serde_json::Value> = layout

@@ -21,7 +21,7 @@ use crate::request::plan::{Device, DiskSpec, DiskType};
 use crate::util::size;
 
 /// Top-level keys a request file may hold.
-pub const KEYS: &[&str] = &[
+pub(crate) const KEYS: &[&str] = &[
     "ImageName",
     "ImageFamily",
     "ImageVersion",
@@ -39,33 +39,33 @@ pub const KEYS: &[&str] = &[
     "RelocateGpt",
 ];
 /// Keys of a DiskDeviceMapping entry (`Format` is kiln's: the source's format, detected otherwise).
-pub const DISK_KEYS: &[&str] = &["SnapshotId", "Device", "Size", "DiskType", "Format"];
-pub const TAG_KEYS: &[&str] = &["Key", "Value"];
+pub(crate) const DISK_KEYS: &[&str] = &["SnapshotId", "Device", "Size", "DiskType", "Format"];
+pub(crate) const TAG_KEYS: &[&str] = &["Key", "Value"];
 
 /// What a request file says; None for each key it does not have.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct RequestFile {
-    pub image_name: Option<String>,
-    pub image_family: Option<String>,
-    pub image_version: Option<String>,
-    pub description: Option<String>,
-    pub platform: Option<String>,
-    pub architecture: Option<String>,
-    pub boot_mode: Option<String>,
+pub(crate) struct RequestFile {
+    pub(crate) image_name: Option<String>,
+    pub(crate) image_family: Option<String>,
+    pub(crate) image_version: Option<String>,
+    pub(crate) description: Option<String>,
+    pub(crate) platform: Option<String>,
+    pub(crate) architecture: Option<String>,
+    pub(crate) boot_mode: Option<String>,
     /// The short form: the system disk's snapshot.
-    pub snapshot: Option<PathBuf>,
-    pub disks: Option<Vec<DiskSpec>>,
-    pub tags: Option<Vec<(String, String)>>,
-    pub client_token: Option<String>,
-    pub dry_run: Option<bool>,
+    pub(crate) snapshot: Option<PathBuf>,
+    pub(crate) disks: Option<Vec<DiskSpec>>,
+    pub(crate) tags: Option<Vec<(String, String)>>,
+    pub(crate) client_token: Option<String>,
+    pub(crate) dry_run: Option<bool>,
     /// `DetectionStrategy: "Standard"`: check the system disk (`--detect`).
-    pub detect: Option<bool>,
+    pub(crate) detect: Option<bool>,
     /// kiln's `RelocateGpt: true` (`--relocate-gpt`).
-    pub relocate_gpt: Option<bool>,
+    pub(crate) relocate_gpt: Option<bool>,
 }
 
 /// Reads `path` (JSON, or TOML when it ends in `.toml`).
-pub fn load(path: &Path) -> Result<RequestFile> {
+pub(crate) fn load(path: &Path) -> Result<RequestFile> {
     let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::new(
             Code::InvalidParameter,
@@ -169,7 +169,7 @@ fn text(t: Option<Text>) -> Option<String> {
 }
 
 /// Interprets a parsed request; `base` resolves relative snapshot paths.
-pub fn parse(v: &Value, path: &Path, base: &Path) -> Result<RequestFile> {
+pub(crate) fn parse(v: &Value, path: &Path, base: &Path) -> Result<RequestFile> {
     let obj = v.as_object().ok_or_else(|| {
         bad(
             path,
@@ -355,7 +355,7 @@ fn check_keys(o: &Map<String, Value>, known: &[&str], prefix: &str, path: &Path)
 }
 
 /// The known key closest to `k` (case-insensitive edit distance), if reasonably close.
-pub fn nearest<'a>(k: &str, known: &[&'a str]) -> Option<&'a str> {
+pub(crate) fn nearest<'a>(k: &str, known: &[&'a str]) -> Option<&'a str> {
     let k = k.to_lowercase();
     known
         .iter()
@@ -366,7 +366,7 @@ pub fn nearest<'a>(k: &str, known: &[&'a str]) -> Option<&'a str> {
 }
 
 /// Levenshtein distance over characters.
-pub fn edit_distance(a: &str, b: &str) -> usize {
+pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {

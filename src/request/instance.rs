@@ -15,7 +15,7 @@ use crate::format::{ChainEntry, Format};
 use crate::request::plan::{Device, DiskSpec, DiskType, MAX_DATA_DISKS, SYSTEM_DEVICE};
 
 /// Largest domain XML accepted (libvirt's own limit for a domain definition is 10 MiB).
-pub const MAX_XML_LEN: usize = 16 << 20;
+pub(crate) const MAX_XML_LEN: usize = 16 << 20;
 /// Most `<disk>` elements read from one domain (libvirt domains rarely carry more than a few dozen).
 const MAX_DISKS: usize = 1024;
 /// XML nodes parsed at most (bounds memory on hostile input).
@@ -35,7 +35,7 @@ pub struct Instance {
 }
 
 /// `<backingStore>` entries, outermost first: each backing file and its stated format.
-pub type BackingStore = Vec<(PathBuf, Option<Format>)>;
+pub(crate) type BackingStore = Vec<(PathBuf, Option<Format>)>;
 
 /// Whether a disk's source is a file or a block device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +55,7 @@ pub struct InstanceDisk {
     /// `<target dev=...>`, e.g. `vda`.
     pub target_dev: String,
     /// `<target bus=...>`, e.g. `virtio`.
-    pub bus: Option<String>,
+    pub(crate) bus: Option<String>,
     /// `<boot order=...>` on this disk.
     pub boot_order: Option<u32>,
     /// `<backingStore>` elements, outermost first: each backing file and its stated format.
@@ -323,10 +323,10 @@ fn target_key(t: &str) -> (usize, &str) {
 /// image device (`xvdc`, `/dev/xvdc`), or a new name; the rest is as in [`DiskSpec`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Adjustment {
-    pub device: Option<String>,
-    pub snapshot: Option<PathBuf>,
-    pub size: Option<u64>,
-    pub format: Option<Format>,
+    pub(crate) device: Option<String>,
+    pub(crate) snapshot: Option<PathBuf>,
+    pub(crate) size: Option<u64>,
+    pub(crate) format: Option<Format>,
 }
 
 impl Adjustment {

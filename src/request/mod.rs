@@ -1,9 +1,9 @@
 //! The request stage: flags, request files and libvirt instances become one request, checked
 //! against the API's rules, with a device plan for its disks.
 
-pub mod create;
-pub mod digest;
-pub mod file;
+pub(crate) mod create;
+pub(crate) mod digest;
+pub(crate) mod file;
 pub mod instance;
 pub mod plan;
-pub mod validate;
+pub(crate) mod validate;

@@ -8,10 +8,10 @@ use crate::format::Format;
 use crate::util::size::{self, GIB};
 
 /// Data disks an image may carry besides its system disk.
-pub const MAX_DATA_DISKS: usize = 16;
+pub(crate) const MAX_DATA_DISKS: usize = 16;
 /// Size of a disk given without a snapshot or a size (the API's default).
-pub const DEFAULT_EMPTY_DISK_SIZE: u64 = 5 * GIB;
-pub const SYSTEM_DEVICE: &str = "/dev/xvda";
+pub(crate) const DEFAULT_EMPTY_DISK_SIZE: u64 = 5 * GIB;
+pub(crate) const SYSTEM_DEVICE: &str = "/dev/xvda";
 
 crate::image::attributes::api_enum! {
     /// The system disk, or a data disk.
@@ -27,13 +27,13 @@ pub struct DiskSpec {
     pub snapshot: Option<PathBuf>,
     pub device: Option<Device>,
     pub size: Option<u64>,
-    pub disk_type: Option<DiskType>,
+    pub(crate) disk_type: Option<DiskType>,
     pub format: Option<Format>,
 }
 
 impl DiskSpec {
     /// Parses `snapshot=base.qcow2,device=/dev/xvda,type=system,size=40G,format=qcow2`.
-    pub fn parse(text: &str) -> Result<DiskSpec> {
+    pub(crate) fn parse(text: &str) -> Result<DiskSpec> {
         let mut spec = DiskSpec::default();
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (key, value) = part.split_once('=').ok_or_else(|| {
@@ -89,7 +89,7 @@ pub struct Device(String);
 
 impl Device {
     /// `xvdb` → `/dev/xvdb`; anything but `/dev/xvd[a-z]` is malformed.
-    pub fn parse(text: &str) -> Result<Device> {
+    pub(crate) fn parse(text: &str) -> Result<Device> {
         let name = text.strip_prefix("/dev/").unwrap_or(text);
         let ok =
             name.len() == 4 && name.starts_with("xvd") && name.as_bytes()[3].is_ascii_lowercase();
@@ -103,31 +103,31 @@ impl Device {
     }
 
     /// The system disk's device.
-    pub fn system() -> Device {
+    pub(crate) fn system() -> Device {
         Device(SYSTEM_DEVICE.to_string())
     }
 
     /// The `i`-th data device: `/dev/xvdb` for 1 ... `/dev/xvdz` for 25.
-    pub fn data(i: usize) -> Device {
+    pub(crate) fn data(i: usize) -> Device {
         debug_assert!((1..=25).contains(&i));
         Device(format!("/dev/xvd{}", (b'a' + i as u8) as char))
     }
 
     /// The first data device (`/dev/xvdb` on) that `used` does not hold.
-    pub fn first_free(used: impl Fn(&Device) -> bool) -> Option<Device> {
+    pub(crate) fn first_free(used: impl Fn(&Device) -> bool) -> Option<Device> {
         (1..=25).map(Device::data).find(|d| !used(d))
     }
 
-    pub fn is_system(&self) -> bool {
+    pub(crate) fn is_system(&self) -> bool {
         self.0 == SYSTEM_DEVICE
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 
     /// `xvdb` for `/dev/xvdb`: the output file's stem.
-    pub fn short_name(&self) -> &str {
+    pub(crate) fn short_name(&self) -> &str {
         self.0.trim_start_matches("/dev/")
     }
 }
@@ -154,16 +154,16 @@ impl PartialEq<&str> for Device {
 /// A disk with its device settled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedDisk {
-    pub device: Device,
-    pub disk_type: DiskType,
-    pub snapshot: Option<PathBuf>,
-    pub format: Option<Format>,
-    pub size: Option<u64>,
+    pub(crate) device: Device,
+    pub(crate) disk_type: DiskType,
+    pub(crate) snapshot: Option<PathBuf>,
+    pub(crate) format: Option<Format>,
+    pub(crate) size: Option<u64>,
 }
 
 impl PlannedDisk {
     /// `xvdb` for `/dev/xvdb`: the output file's stem.
-    pub fn short_name(&self) -> &str {
+    pub(crate) fn short_name(&self) -> &str {
         self.device.short_name()
     }
 }
@@ -173,7 +173,7 @@ impl PlannedDisk {
 pub struct DiskLayout {
     /// The system disk first, then data disks by device name.
     pub disks: Vec<PlannedDisk>,
-    pub warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
 }
 
 /// Applies the API's device rules: `--disk` mappings win over `--snapshot` (with a warning), exactly one
@@ -296,7 +296,7 @@ pub fn assign_devices(disks: &[DiskSpec], snapshot: Option<&PathBuf>) -> Result<
 
 /// A data-disk image (Huawei's data_images): only data disks, on /dev/xvdb../dev/xvdz in the order
 /// given unless `device=` says otherwise; no system disk.
-pub fn assign_data_devices(disks: &[DiskSpec]) -> Result<DiskLayout> {
+pub(crate) fn assign_data_devices(disks: &[DiskSpec]) -> Result<DiskLayout> {
     if disks.is_empty() {
         return Err(Error::new(
             Code::MissingParameter,

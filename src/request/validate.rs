@@ -6,16 +6,16 @@ use crate::error::{Code, Error, Result};
 use crate::image::attributes::{Architecture, BootMode, Platform};
 
 /// Longest image name or family, in characters.
-pub const MAX_NAME_CHARS: usize = 128;
-pub const MAX_VERSION_CHARS: usize = 40;
-pub const MAX_DESCRIPTION_CHARS: usize = 256;
-pub const MAX_TAGS: usize = 20;
-pub const MAX_TAG_KEY_CHARS: usize = 128;
-pub const MAX_TAG_VALUE_CHARS: usize = 128;
-pub const MAX_CLIENT_TOKEN_CHARS: usize = 64;
+pub(crate) const MAX_NAME_CHARS: usize = 128;
+pub(crate) const MAX_VERSION_CHARS: usize = 40;
+pub(crate) const MAX_DESCRIPTION_CHARS: usize = 256;
+pub(crate) const MAX_TAGS: usize = 20;
+pub(crate) const MAX_TAG_KEY_CHARS: usize = 128;
+pub(crate) const MAX_TAG_VALUE_CHARS: usize = 128;
+pub(crate) const MAX_CLIENT_TOKEN_CHARS: usize = 64;
 
 /// CJK ideographs (with extensions and compatibility forms), kana and Hangul syllables.
-pub fn is_cjk(c: char) -> bool {
+pub(crate) fn is_cjk(c: char) -> bool {
     matches!(c as u32,
         0x3040..=0x30FF      // Hiragana, Katakana
         | 0x3400..=0x4DBF    // CJK Extension A
@@ -63,7 +63,7 @@ fn name_like(what: &str, flag: &str, value: &str, code: Code) -> Result<()> {
     Ok(())
 }
 
-pub fn image_name(value: &str) -> Result<()> {
+pub(crate) fn image_name(value: &str) -> Result<()> {
     name_like(
         "an image name",
         "--name",
@@ -72,7 +72,7 @@ pub fn image_name(value: &str) -> Result<()> {
     )
 }
 
-pub fn image_family(value: &str) -> Result<()> {
+pub(crate) fn image_family(value: &str) -> Result<()> {
     name_like(
         "an image family",
         "--family",
@@ -81,7 +81,7 @@ pub fn image_family(value: &str) -> Result<()> {
     )
 }
 
-pub fn image_version(value: &str) -> Result<()> {
+pub(crate) fn image_version(value: &str) -> Result<()> {
     let n = value.chars().count();
     if !(1..=MAX_VERSION_CHARS).contains(&n) {
         return Err(Error::new(
@@ -92,7 +92,7 @@ pub fn image_version(value: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn description(value: &str) -> Result<()> {
+pub(crate) fn description(value: &str) -> Result<()> {
     let n = value.chars().count();
     if !(2..=MAX_DESCRIPTION_CHARS).contains(&n) {
         return Err(Error::new(
@@ -121,7 +121,7 @@ fn one_of<T>(
         .ok_or_else(|| Error::new(code, format!("{flag} '{value}' is not one of: {}", list())))
 }
 
-pub fn platform(value: &str) -> Result<Platform> {
+pub(crate) fn platform(value: &str) -> Result<Platform> {
     one_of(
         value,
         Platform::parse_loose,
@@ -131,7 +131,7 @@ pub fn platform(value: &str) -> Result<Platform> {
     )
 }
 
-pub fn architecture(value: &str) -> Result<Architecture> {
+pub(crate) fn architecture(value: &str) -> Result<Architecture> {
     one_of(
         value,
         Architecture::parse_loose,
@@ -141,7 +141,7 @@ pub fn architecture(value: &str) -> Result<Architecture> {
     )
 }
 
-pub fn boot_mode(value: &str) -> Result<BootMode> {
+pub(crate) fn boot_mode(value: &str) -> Result<BootMode> {
     one_of(
         value,
         BootMode::parse_loose,
@@ -153,7 +153,7 @@ pub fn boot_mode(value: &str) -> Result<BootMode> {
 
 /// At most 20 tags; keys 1 to 128 characters without http:// or https://; values 0 to 128
 /// characters; each key once.
-pub fn tags(tags: &[(String, String)]) -> Result<()> {
+pub(crate) fn tags(tags: &[(String, String)]) -> Result<()> {
     if tags.len() > MAX_TAGS {
         return Err(Error::new(
             Code::QuotaExceedTags,
@@ -193,7 +193,7 @@ pub fn tags(tags: &[(String, String)]) -> Result<()> {
 }
 
 /// ASCII (printable), 1 to 64 characters.
-pub fn client_token(value: &str) -> Result<()> {
+pub(crate) fn client_token(value: &str) -> Result<()> {
     let ok = !value.is_empty()
         && value.len() <= MAX_CLIENT_TOKEN_CHARS
         && value.bytes().all(|b| b.is_ascii_graphic() || b == b' ');

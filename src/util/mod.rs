@@ -1,5 +1,5 @@
 //! Small helpers with no knowledge of images: sizes, safe file opening, test checkpoints.
 
-pub mod safe_fs;
-pub mod size;
-pub mod testhook;
+pub(crate) mod safe_fs;
+pub(crate) mod size;
+pub(crate) mod testhook;

@@ -10,7 +10,7 @@ use crate::error::{Code, Error, Result};
 
 /// Opens `path` read-only with `O_NOFOLLOW` (a symlink as the last component fails with ELOOP) and
 /// `O_NONBLOCK` (a FIFO does not block), then requires a regular file (else `InvalidInput`).
-pub fn open_regular(path: &Path) -> io::Result<File> {
+pub(crate) fn open_regular(path: &Path) -> io::Result<File> {
     let f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
@@ -25,7 +25,7 @@ pub fn open_regular(path: &Path) -> io::Result<File> {
 }
 
 /// The whole of a regular file, opened as [`open_regular`] does.
-pub fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
+pub(crate) fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
     let mut f = open_regular(path)?;
     let mut v = Vec::new();
     f.read_to_end(&mut v)?;
@@ -33,7 +33,7 @@ pub fn read_regular(path: &Path) -> io::Result<Vec<u8>> {
 }
 
 /// Refuses `path` when it is a symlink (or anything but a directory); a missing path is fine.
-pub fn check_real_dir(path: &Path) -> Result<()> {
+pub(crate) fn check_real_dir(path: &Path) -> Result<()> {
     match fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_dir() => Ok(()),
         Ok(m) if m.file_type().is_symlink() => Err(Error::new(

@@ -3,15 +3,15 @@
 
 use crate::error::{Code, Error, Result};
 
-pub const KIB: u64 = 1 << 10;
-pub const MIB: u64 = 1 << 20;
-pub const GIB: u64 = 1 << 30;
-pub const TIB: u64 = 1 << 40;
+pub(crate) const KIB: u64 = 1 << 10;
+pub(crate) const MIB: u64 = 1 << 20;
+pub(crate) const GIB: u64 = 1 << 30;
+pub(crate) const TIB: u64 = 1 << 40;
 
 /// Largest disk kiln creates: 32 TiB, the clouds' data-disk limit (32768 GiB).
-pub const MAX_DISK_SIZE: u64 = 32 * TIB;
+pub(crate) const MAX_DISK_SIZE: u64 = 32 * TIB;
 
-pub fn parse_size(text: &str) -> Result<u64> {
+pub(crate) fn parse_size(text: &str) -> Result<u64> {
     let bad = |why: &str| {
         Error::new(
             Code::InvalidSize,
@@ -48,12 +48,12 @@ pub fn parse_size(text: &str) -> Result<u64> {
 }
 
 /// Whole GiB, rounded up (the API's `Size`).
-pub fn gib_rounded_up(bytes: u64) -> u64 {
+pub(crate) fn gib_rounded_up(bytes: u64) -> u64 {
     bytes.div_ceil(GIB)
 }
 
 /// `1.5 GiB`-style text for messages and summaries.
-pub fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut i = 0;

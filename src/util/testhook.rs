@@ -12,7 +12,7 @@
 
 /// Passes the checkpoint `name`.
 #[inline]
-pub fn checkpoint(name: &str) {
+pub(crate) fn checkpoint(name: &str) {
     #[cfg(debug_assertions)]
     imp::checkpoint(name);
     #[cfg(not(debug_assertions))]
@@ -35,7 +35,7 @@ mod imp {
         })
     }
 
-    pub fn checkpoint(name: &str) {
+    pub(crate) fn checkpoint(name: &str) {
         let Some((want, nth)) = target() else {
             return;
         };

@@ -278,7 +278,7 @@ fn qcow2_internal_snapshots_are_listed_like_qemu_img() {
     let map = runs(&serde_json::to_value(snap.map.unwrap()).unwrap());
     assert_eq!(class_at(&map, 0), Some((true, false)));
     assert_eq!(class_at(&map, 2 * MIB), Some((false, true)));
-    let text = inspect::render_text(&r);
+    let text = kiln::output::inspect::render_text(&r);
     assert!(
         text.contains("second") && text.contains("cluster_size: 65536"),
         "{text}"

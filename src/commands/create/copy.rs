@@ -15,11 +15,11 @@ use crate::util::size;
 
 /// The copied disks.
 pub(super) struct Copied {
-    pub disks: Vec<DiskRecord>,
+    pub(crate) disks: Vec<DiskRecord>,
     /// All disks' numbers together.
-    pub stats: CopyStats,
+    pub(crate) stats: CopyStats,
     /// (SHA-256, file name) of each disk, for `SHA256SUMS`.
-    pub sums: Vec<(String, String)>,
+    pub(crate) sums: Vec<(String, String)>,
 }
 
 /// Copies every disk into `dir`; a store create's record follows the progress. The sources stay

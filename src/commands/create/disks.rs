@@ -14,19 +14,19 @@ use crate::request::plan::{self, DiskLayout, PlannedDisk};
 
 /// A disk with its source open and its output settled.
 pub(super) struct PreparedDisk {
-    pub planned: PlannedDisk,
-    pub opened: Option<Opened>,
-    pub virtual_size: u64,
-    pub file: String,
-    pub source: Option<SourceRecord>,
+    pub(crate) planned: PlannedDisk,
+    pub(crate) opened: Option<Opened>,
+    pub(crate) virtual_size: u64,
+    pub(crate) file: String,
+    pub(crate) source: Option<SourceRecord>,
     /// Allocated source bytes (the copy reads these).
-    pub data_bytes: u64,
+    pub(crate) data_bytes: u64,
     /// QEMU-compatible locks on every file read, held until the copy is done.
-    pub locks: Vec<qemu_lock::SourceLock>,
+    pub(crate) locks: Vec<qemu_lock::SourceLock>,
     /// Every file read, as it was when opened: checked again once the copy is done.
-    pub stamps: format::SourceStamps,
+    pub(crate) stamps: format::SourceStamps,
     /// What kiln changes in the guest's bytes (`--relocate-gpt`), for the manifest.
-    pub changes: Vec<String>,
+    pub(crate) changes: Vec<String>,
 }
 
 /// Opens every source and sizes every disk. A source another process writes to is refused unless

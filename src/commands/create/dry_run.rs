@@ -17,45 +17,45 @@ use crate::util::testhook;
 
 /// One disk of a dry run's plan.
 #[derive(Debug, Clone, Serialize)]
-pub struct PlannedDiskReport {
+pub(crate) struct PlannedDiskReport {
     #[serde(rename = "Device")]
-    pub device: String,
+    pub(crate) device: String,
     #[serde(rename = "DiskType")]
-    pub disk_type: String,
+    pub(crate) disk_type: String,
     /// None for an empty disk.
     #[serde(rename = "Source")]
-    pub source: Option<PathBuf>,
+    pub(crate) source: Option<PathBuf>,
     #[serde(rename = "SourceFormat")]
-    pub source_format: Option<String>,
+    pub(crate) source_format: Option<String>,
     #[serde(rename = "Format")]
-    pub format: String,
+    pub(crate) format: String,
     #[serde(rename = "VirtualSize")]
-    pub virtual_size: u64,
+    pub(crate) virtual_size: u64,
     /// Allocated source data: what the copy reads (zeros among it are then not written).
     #[serde(rename = "BytesToCopy")]
-    pub bytes_to_copy: u64,
+    pub(crate) bytes_to_copy: u64,
 }
 
 /// What `--dry-run` found: the real run would start.
 #[derive(Debug, Clone, Serialize)]
 pub struct DryRunReport {
     #[serde(rename = "ImageName")]
-    pub image_name: String,
+    pub(crate) image_name: String,
     /// The directory the image would be published to (the store's images directory for a store).
     #[serde(rename = "Target")]
-    pub target: PathBuf,
+    pub(crate) target: PathBuf,
     /// Set when the client token names an existing image that the real run would return.
     #[serde(rename = "ExistingImageId", skip_serializing_if = "Option::is_none")]
-    pub existing_image_id: Option<String>,
+    pub(crate) existing_image_id: Option<String>,
     #[serde(rename = "Disks")]
-    pub disks: Vec<PlannedDiskReport>,
+    pub(crate) disks: Vec<PlannedDiskReport>,
     #[serde(rename = "Space")]
-    pub space: SpaceCheck,
+    pub(crate) space: SpaceCheck,
     #[serde(rename = "Warnings")]
-    pub warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
     /// `--detect`: the check of the system disk as it would be written.
     #[serde(rename = "Detection", skip_serializing_if = "Option::is_none")]
-    pub detection: Option<detect::Report>,
+    pub(crate) detection: Option<detect::Report>,
 }
 
 /// The dry run of a create publishing to `target` (an output directory, or the store's images

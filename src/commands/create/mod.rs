@@ -15,7 +15,7 @@ mod copy;
 mod disks;
 mod dry_run;
 mod publish;
-pub mod space;
+pub(crate) mod space;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -29,22 +29,20 @@ use crate::request::digest::request_digest;
 use crate::request::plan::{self, DiskLayout};
 use crate::util::testhook;
 
-pub use self::dry_run::{DryRunReport, PlannedDiskReport};
-pub use self::space::SpaceCheck;
-pub use crate::request::create::{CreateRequest, Destination, InstanceSource};
+pub use self::dry_run::DryRunReport;
+use crate::request::create::{CreateRequest, Destination};
 
 /// What a finished create reports.
 #[derive(Debug, Clone)]
 pub struct CreateOutcome {
-    pub manifest: Manifest,
-    pub output_dir: PathBuf,
-    pub warnings: Vec<String>,
-    pub stats: CopyStats,
+    pub(crate) manifest: Manifest,
+    pub(crate) output_dir: PathBuf,
+    pub(crate) stats: CopyStats,
     /// Sum of the output disks' virtual sizes.
-    pub virtual_bytes: u64,
-    pub elapsed: Duration,
+    pub(crate) virtual_bytes: u64,
+    pub(crate) elapsed: Duration,
     /// The store's record (store creates only).
-    pub record: Option<Record>,
+    pub(crate) record: Option<Record>,
 }
 
 /// How a create ended.
@@ -107,7 +105,6 @@ fn to_dir(
     let staging = Staging::new(dir)?;
     let out = build(
         req,
-        layout,
         prepared,
         staging,
         &manifest::new_image_id(),
@@ -147,17 +144,8 @@ fn to_store(
     let image_id = manifest::new_image_id();
     let creating = store.begin(publish::new_record(req, &image_id, &digest))?;
     drop(guard);
-    let built = Staging::new(&store.image_dir(&image_id)).and_then(|staging| {
-        build(
-            req,
-            layout,
-            prepared,
-            staging,
-            &image_id,
-            Some(&creating),
-            started,
-        )
-    });
+    let built = Staging::new(&store.image_dir(&image_id))
+        .and_then(|staging| build(req, prepared, staging, &image_id, Some(&creating), started));
     match built {
         Ok(mut out) => {
             out.record = Some(publish::finish_record(creating, &out)?);
@@ -174,7 +162,6 @@ fn to_store(
 /// Copies into `staging`, then publishes.
 fn build(
     req: &CreateRequest,
-    layout: &DiskLayout,
     prepared: Vec<disks::PreparedDisk>,
     staging: Staging,
     image_id: &str,
@@ -183,7 +170,7 @@ fn build(
 ) -> Result<CreateOutcome> {
     testhook::checkpoint("staging");
     let copied = copy::copy(req, prepared, staging.dir(), creating)?;
-    publish::publish(req, layout, copied, staging, image_id, started)
+    publish::publish(req, copied, staging, image_id, started)
 }
 
 /// What the prepared disks need on disk.

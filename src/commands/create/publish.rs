@@ -16,13 +16,12 @@ use crate::image::publish::Staging;
 use crate::image::store::{Creating, Record};
 use crate::request::create::CreateRequest;
 use crate::request::digest::sha256_of;
-use crate::request::plan::{self, DiskLayout};
+use crate::request::plan;
 use crate::util::testhook;
 
 /// Writes the manifest and `SHA256SUMS` beside the copied disks and publishes the image.
 pub(super) fn publish(
     req: &CreateRequest,
-    layout: &DiskLayout,
     copied: Copied,
     staging: Staging,
     image_id: &str,
@@ -72,7 +71,6 @@ pub(super) fn publish(
     Ok(CreateOutcome {
         manifest,
         output_dir,
-        warnings: layout.warnings.clone(),
         stats,
         virtual_bytes,
         elapsed: started.elapsed(),

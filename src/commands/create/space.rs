@@ -9,26 +9,26 @@ use crate::util::size::{self, MIB};
 
 /// The free-space check.
 #[derive(Debug, Clone, Serialize)]
-pub struct SpaceCheck {
+pub(crate) struct SpaceCheck {
     /// The mount point (device, type) the image goes to.
     #[serde(rename = "Filesystem")]
-    pub filesystem: String,
+    pub(crate) filesystem: String,
     #[serde(rename = "NeedBytes")]
-    pub need: u64,
+    pub(crate) need: u64,
     #[serde(rename = "FreeBytes")]
-    pub free: u64,
+    pub(crate) free: u64,
 }
 
 /// Estimated bytes an image needs on disk: `data` bytes to copy over `disks` disks, ~1% of the data
 /// for metadata, and 1 MiB per disk (headers, tables, manifest).
-pub fn estimate(data: u64, disks: usize) -> u64 {
+pub(crate) fn estimate(data: u64, disks: usize) -> u64 {
     data + data / 100 + MIB * disks as u64
 }
 
 /// Refuses with InsufficientSpace when `dir`'s filesystem has less free space than `need`. In
 /// debug builds (the tests' binary) `KILN_TEST_FREE_BYTES` replaces the free space measured;
 /// release builds ignore it.
-pub fn check(dir: &Path, need: u64) -> Result<SpaceCheck> {
+pub(crate) fn check(dir: &Path, need: u64) -> Result<SpaceCheck> {
     let hook = if cfg!(debug_assertions) {
         std::env::var("KILN_TEST_FREE_BYTES").ok()
     } else {
@@ -101,7 +101,7 @@ fn filesystem_of(dir: &Path) -> String {
 }
 
 /// The nearest existing directory at or above `p` (where a not-yet-created directory would live).
-pub fn existing_ancestor(p: &Path) -> PathBuf {
+pub(crate) fn existing_ancestor(p: &Path) -> PathBuf {
     let abs = super::absolute(p);
     let mut cur: &Path = &abs;
     loop {

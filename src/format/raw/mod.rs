@@ -10,10 +10,10 @@ use super::{BlockSource, ChainEntry, Driver, Extent, ExtentKind, Format, Opened,
 use super::{SourceInfo, WriteDriver};
 use crate::error::{Code, Error, Result};
 
-pub mod writer;
+pub(crate) mod writer;
 
 /// raw's registry entry: probed last, it takes any file.
-pub const DRIVER: Driver = Driver {
+pub(crate) const DRIVER: Driver = Driver {
     name: "raw",
     extension: "raw",
     read: Some(ReadDriver {
@@ -29,7 +29,7 @@ pub const DRIVER: Driver = Driver {
 };
 
 /// Opens a raw source; a raw file has no internal snapshots and no backing file.
-pub fn open(
+pub(crate) fn open(
     file: File,
     path: &Path,
     snapshot: Option<&str>,
@@ -58,7 +58,7 @@ pub fn open(
     })
 }
 
-pub struct RawSource {
+pub(crate) struct RawSource {
     file: File,
     path: PathBuf,
     size: u64,
@@ -67,7 +67,7 @@ pub struct RawSource {
 }
 
 impl RawSource {
-    pub fn new(mut file: File, path: &Path) -> Result<Self> {
+    pub(crate) fn new(mut file: File, path: &Path) -> Result<Self> {
         // Seeking to the end also sizes block devices, whose metadata says 0.
         let size = file
             .seek(SeekFrom::End(0))
@@ -88,7 +88,7 @@ impl RawSource {
 }
 
 /// `lseek(2)` with `SEEK_DATA`/`SEEK_HOLE` (or any `whence`): the one wrapper kiln has.
-pub fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
+pub(crate) fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
     let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: lseek on a valid, owned file descriptor has no memory-safety requirements; the file
     // offset it moves is never used by kiln, which reads only with pread.

@@ -10,16 +10,16 @@ use crate::format::writer::{DiskWriter, Finished};
 use crate::format::OutputSpec;
 
 /// Zero-detection granularity for raw output (like `qemu-img convert -S 4k`).
-pub const RAW_BLOCK: u64 = 4096;
+pub(crate) const RAW_BLOCK: u64 = 4096;
 
-pub struct RawWriter {
+pub(crate) struct RawWriter {
     file: File,
     path: PathBuf,
 }
 
 impl RawWriter {
     /// Sizes `file` (new, empty) to `virtual_size` bytes: one hole until data is written.
-    pub fn create(file: File, path: &Path, virtual_size: u64) -> Result<Self> {
+    pub(crate) fn create(file: File, path: &Path, virtual_size: u64) -> Result<Self> {
         file.set_len(virtual_size).map_err(|e| {
             Error::io(
                 path,
