@@ -194,8 +194,8 @@ pub struct CompletionsArgs {
 }
 
 impl CompletionsArgs {
-    pub fn shell(&self) -> crate::commands::completions::Shell {
-        use crate::commands::completions::Shell;
+    pub fn shell(&self) -> clap_complete::Shell {
+        use clap_complete::Shell;
         match self.shell {
             ShellArg::Bash => Shell::Bash,
             ShellArg::Zsh => Shell::Zsh,

@@ -1,7 +1,7 @@
 //! `kiln completions SHELL`: the one command that knows clap, since completions are generated from
 //! the flag definitions in [`crate::cli`].
 
-pub(crate) use clap_complete::Shell;
+use clap_complete::Shell;
 
 /// The completion script for `shell`.
 pub fn completions(shell: Shell) -> Vec<u8> {

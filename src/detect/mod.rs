@@ -161,106 +161,12 @@ pub(crate) fn detect(src: Arc<dyn BlockSource>, opts: &DetectOptions) -> Result<
     };
     let mbr = sector0.as_deref().and_then(mbr::Mbr::parse);
     let mut bios_boot_partition = None;
-
     if let Some(g) = gpt::read(disk)? {
-        r.partition_table = "GPT".into();
-        gpt_items(&mut r, &g, mbr.as_ref());
-        let ss = g.sector_size;
-        for e in &g.entries {
-            let start = e.first_lba.saturating_mul(ss);
-            let len = e
-                .last_lba
-                .saturating_sub(e.first_lba)
-                .saturating_add(1)
-                .saturating_mul(ss);
-            let type_name = gpt::type_name(&e.type_guid).unwrap_or("other");
-            if e.type_guid == gpt::BIOS_BOOT {
-                bios_boot_partition = Some(e.number);
-            }
-            let mut p = Partition {
-                number: e.number,
-                start,
-                size: len,
-                type_name: type_name.into(),
-                type_id: e.type_guid.to_string(),
-                name: e.name.clone(),
-                filesystem: None,
-                fs: None,
-                esp: e.type_guid == gpt::ESP,
-            };
-            let inside = g.header().is_none_or(|h| {
-                e.first_lba >= h.first_usable_lba
-                    && e.last_lba <= h.last_usable_lba
-                    && e.first_lba <= e.last_lba
-            });
-            partition_item(&mut r, &mut p, disk, inside)?;
-            r.partitions.push(p);
-        }
+        bios_boot_partition = gpt_partitions(&mut r, &g, mbr.as_ref(), disk)?;
     } else if let Some(m) = mbr.as_ref().filter(|m| plausible_mbr(m, size)) {
-        r.partition_table = "MBR".into();
-        r.push(
-            "PartitionTable",
-            Status::Pass,
-            format!("MBR with {} primary partition(s)", m.primaries.len()),
-        );
-        let mut list = m.primaries.clone();
-        for e in &m.primaries {
-            if mbr::is_extended(e.kind) {
-                let (logical, stopped) = mbr::logical(disk, e)?;
-                list.extend(logical);
-                if let Some(why) = stopped {
-                    r.push(
-                        format!("Partition {}", e.number),
-                        Status::Warn,
-                        format!(
-                            "extended partition: {why}; later logical partitions were not read"
-                        ),
-                    );
-                }
-            }
-        }
-        for e in list.iter().filter(|e| !mbr::is_extended(e.kind)) {
-            let mut p = Partition {
-                number: e.number,
-                start: e.start_lba.saturating_mul(512),
-                size: e.sectors.saturating_mul(512),
-                type_name: mbr::type_name(e.kind).into(),
-                type_id: format!("{:#04x}", e.kind),
-                name: String::new(),
-                filesystem: None,
-                fs: None,
-                esp: e.kind == mbr::ESP_TYPE,
-            };
-            let inside = e.start_lba >= 1 && e.sectors > 0;
-            partition_item(&mut r, &mut p, disk, inside)?;
-            r.partitions.push(p);
-        }
+        mbr_partitions(&mut r, m, disk)?;
     } else {
-        let whole = fs::probe(disk, 0, size)?;
-        r.push(
-            "PartitionTable",
-            Status::Warn,
-            match whole {
-                Some(k) => format!(
-                    "no partition table: a {} filesystem on the whole disk; firmware and most boot loaders expect a table",
-                    k.as_str()
-                ),
-                None => "no partition table and no filesystem signature".into(),
-            },
-        );
-        if let Some(k) = whole {
-            r.partitions.push(Partition {
-                number: 0,
-                start: 0,
-                size,
-                type_name: "whole disk".into(),
-                type_id: String::new(),
-                name: String::new(),
-                filesystem: Some(k.as_str().into()),
-                fs: Some(k),
-                esp: false,
-            });
-        }
+        whole_disk(&mut r, disk, size)?;
     }
 
     boot_items(&mut r, &src, mbr.as_ref(), bios_boot_partition, opts);
@@ -272,6 +178,121 @@ pub(crate) fn detect(src: Arc<dyn BlockSource>, opts: &DetectOptions) -> Result<
         .max()
         .unwrap_or(Status::Pass);
     Ok(r)
+}
+
+/// The partitions of a GPT disk, each checked; the BIOS boot partition's number, if any.
+fn gpt_partitions(
+    r: &mut Report,
+    g: &gpt::Gpt,
+    mbr: Option<&mbr::Mbr>,
+    disk: &dyn BlockSource,
+) -> Result<Option<u32>> {
+    let mut bios_boot_partition = None;
+    r.partition_table = "GPT".into();
+    gpt_items(r, g, mbr);
+    let ss = g.sector_size;
+    for e in &g.entries {
+        let start = e.first_lba.saturating_mul(ss);
+        let len = e
+            .last_lba
+            .saturating_sub(e.first_lba)
+            .saturating_add(1)
+            .saturating_mul(ss);
+        let type_name = gpt::type_name(&e.type_guid).unwrap_or("other");
+        if e.type_guid == gpt::BIOS_BOOT {
+            bios_boot_partition = Some(e.number);
+        }
+        let mut p = Partition {
+            number: e.number,
+            start,
+            size: len,
+            type_name: type_name.into(),
+            type_id: e.type_guid.to_string(),
+            name: e.name.clone(),
+            filesystem: None,
+            fs: None,
+            esp: e.type_guid == gpt::ESP,
+        };
+        let inside = g.header().is_none_or(|h| {
+            e.first_lba >= h.first_usable_lba
+                && e.last_lba <= h.last_usable_lba
+                && e.first_lba <= e.last_lba
+        });
+        partition_item(r, &mut p, disk, inside)?;
+        r.partitions.push(p);
+    }
+    Ok(bios_boot_partition)
+}
+
+/// The primary and logical partitions of an MBR disk, each checked.
+fn mbr_partitions(r: &mut Report, m: &mbr::Mbr, disk: &dyn BlockSource) -> Result<()> {
+    r.partition_table = "MBR".into();
+    r.push(
+        "PartitionTable",
+        Status::Pass,
+        format!("MBR with {} primary partition(s)", m.primaries.len()),
+    );
+    let mut list = m.primaries.clone();
+    for e in &m.primaries {
+        if mbr::is_extended(e.kind) {
+            let (logical, stopped) = mbr::logical(disk, e)?;
+            list.extend(logical);
+            if let Some(why) = stopped {
+                r.push(
+                    format!("Partition {}", e.number),
+                    Status::Warn,
+                    format!("extended partition: {why}; later logical partitions were not read"),
+                );
+            }
+        }
+    }
+    for e in list.iter().filter(|e| !mbr::is_extended(e.kind)) {
+        let mut p = Partition {
+            number: e.number,
+            start: e.start_lba.saturating_mul(512),
+            size: e.sectors.saturating_mul(512),
+            type_name: mbr::type_name(e.kind).into(),
+            type_id: format!("{:#04x}", e.kind),
+            name: String::new(),
+            filesystem: None,
+            fs: None,
+            esp: e.kind == mbr::ESP_TYPE,
+        };
+        let inside = e.start_lba >= 1 && e.sectors > 0;
+        partition_item(r, &mut p, disk, inside)?;
+        r.partitions.push(p);
+    }
+    Ok(())
+}
+
+/// A disk with no partition table: a filesystem on the whole disk, or nothing known.
+fn whole_disk(r: &mut Report, disk: &dyn BlockSource, size: u64) -> Result<()> {
+    let whole = fs::probe(disk, 0, size)?;
+    r.push(
+        "PartitionTable",
+        Status::Warn,
+        match whole {
+            Some(k) => format!(
+                "no partition table: a {} filesystem on the whole disk; firmware and most boot loaders expect a table",
+                k.as_str()
+            ),
+            None => "no partition table and no filesystem signature".into(),
+        },
+    );
+    if let Some(k) = whole {
+        r.partitions.push(Partition {
+            number: 0,
+            start: 0,
+            size,
+            type_name: "whole disk".into(),
+            type_id: String::new(),
+            name: String::new(),
+            filesystem: Some(k.as_str().into()),
+            fs: Some(k),
+            esp: false,
+        });
+    }
+    Ok(())
 }
 
 /// An MBR whose used entries start inside the disk (a FAT boot sector on a whole disk has 0x55AA
@@ -428,9 +449,29 @@ fn boot_items(
     bios_boot_partition: Option<u32>,
     opts: &DetectOptions,
 ) {
+    let bios = bios_item(r, mbr, bios_boot_partition);
+    let loaders = uefi_items(r, src);
+    let uefi = !loaders.is_empty();
+    if bios {
+        r.boot_modes.push("BIOS".into());
+    }
+    if uefi {
+        r.boot_modes.push("UEFI".into());
+    }
+    for l in &loaders {
+        if !r.architectures.iter().any(|a| a == l.arch) {
+            r.architectures.push(l.arch.into());
+        }
+    }
+    boot_mode_item(r, opts.boot_mode, bios, uefi);
+    architecture_item(r, opts.architecture);
+}
+
+/// BiosBoot: whether BIOS can boot the disk.
+fn bios_item(r: &mut Report, mbr: Option<&mbr::Mbr>, bios_boot_partition: Option<u32>) -> bool {
     // BIOS: boot code in sector 0 (a protective MBR's counts), or a BIOS boot partition for GRUB.
     let code = mbr.map_or(0, |m| m.boot_code_bytes);
-    let bios = match (code, bios_boot_partition) {
+    match (code, bios_boot_partition) {
         (0, None) => {
             r.push(
                 "BiosBoot",
@@ -450,8 +491,11 @@ fn boot_items(
             r.push("BiosBoot", Status::Pass, parts.join(" and "));
             true
         }
-    };
+    }
+}
 
+/// UefiBoot, one item per ESP: the removable-media loaders found.
+fn uefi_items(r: &mut Report, src: &Arc<dyn BlockSource>) -> Vec<esp::Loader> {
     // UEFI: an ESP whose FAT holds \EFI\BOOT\BOOT<arch>.EFI.
     let esps: Vec<(u32, u64, u64)> = r
         .partitions
@@ -512,53 +556,48 @@ fn boot_items(
             ),
         }
     }
-    let uefi = !loaders.is_empty();
-    if bios {
-        r.boot_modes.push("BIOS".into());
-    }
-    if uefi {
-        r.boot_modes.push("UEFI".into());
-    }
-    for l in &loaders {
-        if !r.architectures.iter().any(|a| a == l.arch) {
-            r.architectures.push(l.arch.into());
-        }
-    }
+    loaders
+}
 
+/// BootMode: whether the disk boots the way the image says it does.
+fn boot_mode_item(r: &mut Report, boot_mode: Option<BootMode>, bios: bool, uefi: bool) {
     let found = match (bios, uefi) {
         (true, true) => "BIOS and UEFI (hybrid)",
         (true, false) => "BIOS only",
         (false, true) => "UEFI only",
         (false, false) => "neither BIOS nor UEFI",
     };
-    let (status, message) = match (opts.boot_mode.map(BootMode::as_str), bios, uefi) {
+    use BootMode::{Bios, Uefi, UefiPreferred};
+    let (status, message) = match (boot_mode, bios, uefi) {
         (_, false, false) => (
             Status::Fail,
             "nothing boots the disk: no MBR boot code or BIOS boot partition, and no ESP with a loader".to_string(),
         ),
         (None, _, _) => (Status::Pass, format!("the disk boots with {found}")),
-        (Some("BIOS"), true, _) | (Some("UEFI"), _, true) | (Some("UEFI-Preferred"), true, true) => (
+        (Some(m @ Bios), true, _) | (Some(m @ Uefi), _, true) | (Some(m @ UefiPreferred), true, true) => (
             Status::Pass,
-            format!("the disk boots with {found}; BootMode {} fits", opts.boot_mode.map(BootMode::as_str).unwrap_or("")),
+            format!("the disk boots with {found}; BootMode {m} fits"),
         ),
-        (Some("BIOS"), false, true) => (
+        (Some(Bios), false, true) => (
             Status::Fail,
             "the disk boots with UEFI only, but BootMode is BIOS: create with --boot-mode UEFI".into(),
         ),
-        (Some("UEFI"), true, false) => (
+        (Some(Uefi), true, false) => (
             Status::Fail,
             "the disk boots with BIOS only, but BootMode is UEFI: create with --boot-mode BIOS".into(),
         ),
-        (Some("UEFI-Preferred"), _, _) => (
+        (Some(UefiPreferred), _, _) => (
             Status::Warn,
             format!("the disk boots with {found}; BootMode UEFI-Preferred needs both to boot on every instance type"),
         ),
-        (Some(m), _, _) => (Status::Warn, format!("the disk boots with {found}; BootMode {m} is not one kiln knows")),
     };
     r.push("BootMode", status, message);
+}
 
+/// Architecture: whether the ESP's loaders are for the image's architecture.
+fn architecture_item(r: &mut Report, architecture: Option<Architecture>) {
     let (status, message) = match (
-        opts.architecture.map(Architecture::as_str),
+        architecture.map(Architecture::as_str),
         r.architectures.is_empty(),
     ) {
         (_, true) => (

@@ -397,26 +397,7 @@ pub fn to_disk_specs(inst: &Instance, adj: &Adjustments) -> Result<(Vec<MappedDi
         .get(inst.boot)
         .map(|d| d.target_dev.as_str())
         .ok_or_else(|| Error::new(Code::Internal, "instance boot disk index out of range"))?;
-    let known: Vec<&str> = inst.disks.iter().map(|d| d.target_dev.as_str()).collect();
-    for ex in &adj.exclude {
-        let ex = ex.trim();
-        if !known.contains(&ex) {
-            return Err(Error::new(
-                Code::InvalidParameter,
-                format!(
-                    "--exclude {ex}: instance {} has no disk {ex} (its disks: {})",
-                    inst.name,
-                    known.join(", ")
-                ),
-            ));
-        }
-        if ex == boot_target {
-            return Err(Error::new(
-                Code::InvalidParameter,
-                format!("--exclude {ex}: {ex} is the instance's boot disk, which becomes the system disk; it cannot be left out"),
-            ));
-        }
-    }
+    check_excludes(inst, adj, boot_target)?;
     let excluded = |t: &str| adj.exclude.iter().any(|e| e.trim() == t);
 
     // System disk, then the kept data disks in target order, each on the next device.
@@ -438,7 +419,41 @@ pub fn to_disk_specs(inst: &Instance, adj: &Adjustments) -> Result<(Vec<MappedDi
         out.push(instance_entry(d, Device::data(i + 1), DiskType::Data));
     }
 
-    // Grow and add.
+    let added = adjust(inst, adj, &mut out)?;
+    place_added(inst, adj, &mut out, added)?;
+    out[1..].sort_by(|a, b| a.spec.device.cmp(&b.spec.device));
+    Ok((out, warnings))
+}
+
+/// Every `--exclude` names a disk of the instance, and not its boot disk.
+fn check_excludes(inst: &Instance, adj: &Adjustments, boot_target: &str) -> Result<()> {
+    let known: Vec<&str> = inst.disks.iter().map(|d| d.target_dev.as_str()).collect();
+    for ex in &adj.exclude {
+        let ex = ex.trim();
+        if !known.contains(&ex) {
+            return Err(Error::new(
+                Code::InvalidParameter,
+                format!(
+                    "--exclude {ex}: instance {} has no disk {ex} (its disks: {})",
+                    inst.name,
+                    known.join(", ")
+                ),
+            ));
+        }
+        if ex == boot_target {
+            return Err(Error::new(
+                Code::InvalidParameter,
+                format!("--exclude {ex}: {ex} is the instance's boot disk, which becomes the system disk; it cannot be left out"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Applies `--disk device=...` entries: a disk of the instance grows; any other entry is a new
+/// disk, returned to be placed.
+fn adjust(inst: &Instance, adj: &Adjustments, out: &mut [MappedDisk]) -> Result<Vec<MappedDisk>> {
+    let excluded = |t: &str| adj.exclude.iter().any(|e| e.trim() == t);
     let mut added = Vec::new();
     for (n, a) in adj.entries.iter().enumerate() {
         let label = a.device.as_deref().unwrap_or("(no device)");
@@ -523,6 +538,17 @@ pub fn to_disk_specs(inst: &Instance, adj: &Adjustments) -> Result<(Vec<MappedDi
             }
         }
     }
+    Ok(added)
+}
+
+/// Puts the added disks on devices: explicit devices must be free; the rest take the next free
+/// names.
+fn place_added(
+    inst: &Instance,
+    adj: &Adjustments,
+    out: &mut Vec<MappedDisk>,
+    added: Vec<MappedDisk>,
+) -> Result<()> {
     if out.len() - 1 + added.len() > MAX_DATA_DISKS {
         return Err(too_many(inst, out.len() - 1 + added.len(), adj));
     }
@@ -544,8 +570,7 @@ pub fn to_disk_specs(inst: &Instance, adj: &Adjustments) -> Result<(Vec<MappedDi
         a.spec.device = Some(free);
         out.push(a);
     }
-    out[1..].sort_by(|a, b| a.spec.device.cmp(&b.spec.device));
-    Ok((out, warnings))
+    Ok(())
 }
 
 fn too_many(inst: &Instance, n: usize, adj: &Adjustments) -> Error {
