@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::commands::convert::ConvertRequest;
-use crate::copy::engine::{OutputFormat, OutputSpec};
 use crate::copy::progress::ProgressMode;
 use crate::error::{Code, Error, Result};
 use crate::format::gate::BackingGate;
 use crate::format::qcow2::writer::Compression;
 use crate::format::qcow2::{MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 use crate::format::Format;
+use crate::format::{OutputFormat, OutputSpec};
 use crate::image::store;
 use crate::request::create::{self as create_request, CreateRequest, Destination};
 use crate::request::file::{self as request_file, RequestFile};
@@ -326,6 +326,9 @@ pub struct OutputArgs {
     /// Write compressed qcow2 clusters.
     #[arg(long, value_enum)]
     pub(crate) compress: Option<CompressArg>,
+    /// Format-specific output options, as qemu-img's `-o`: KEY=VALUE[,KEY=VALUE...].
+    #[arg(long = "output-options", value_name = "OPTIONS", default_value = "")]
+    pub(crate) output_options: String,
     /// Copy threads (default: all cores).
     #[arg(short = 'j', long = "threads")]
     pub(crate) threads: Option<usize>,
@@ -348,6 +351,9 @@ pub struct ConvertArgs {
     /// Compress qcow2 output; `-c zstd` picks zstd (zlib otherwise).
     #[arg(short = 'c')]
     pub(crate) compress: bool,
+    /// Format-specific output options: KEY=VALUE[,KEY=VALUE...] (as qemu-img's -o).
+    #[arg(short = 'o', value_name = "OPTIONS", default_value = "")]
+    pub(crate) options: String,
     /// Copy threads (default: all cores).
     #[arg(short = 'j', long = "threads")]
     pub(crate) threads: Option<usize>,
@@ -456,6 +462,7 @@ fn output_spec(
     format: OutFormat,
     cluster_size: &str,
     compress: Option<Compression>,
+    options: &str,
 ) -> Result<OutputSpec> {
     let format = format.0;
     if compress.is_some() && !format.compresses() {
@@ -464,11 +471,7 @@ fn output_spec(
             "compression needs qcow2 output: drop the compression flag or use qcow2",
         ));
     }
-    Ok(OutputSpec {
-        format,
-        cluster_bits: cluster_bits(cluster_size)?,
-        compression: compress,
-    })
+    OutputSpec::new(format, cluster_bits(cluster_size)?, compress, options)
 }
 
 impl CreateArgs {
@@ -569,6 +572,7 @@ impl CreateArgs {
                 self.out.format,
                 &self.out.cluster_size,
                 compression(self.out.compress),
+                &self.out.output_options,
             )?,
             threads: threads(self.out.threads)?,
             progress: self.progress_mode(),
@@ -619,7 +623,12 @@ impl ConvertArgs {
             source: PathBuf::from(src),
             source_format,
             destination: PathBuf::from(dst),
-            output: output_spec(self.output_format, &self.cluster_size, compress)?,
+            output: output_spec(
+                self.output_format,
+                &self.cluster_size,
+                compress,
+                &self.options,
+            )?,
             threads: threads(self.threads)?,
             progress: if self.progress {
                 ProgressMode::Auto

@@ -8,10 +8,12 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::copy::engine::{self, CopyStats, DiskJob, OutputSpec};
+use crate::copy::engine::{self, DiskJob};
 use crate::copy::progress::{self, ProgressMode};
+use crate::copy::stats::CopyStats;
 use crate::error::{Code, Error, Result};
 use crate::format::Format;
+use crate::format::OutputSpec;
 use crate::prepare::{self, CopySource};
 
 #[derive(Debug, Clone)]

@@ -15,13 +15,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use crate::copy::hash::hash_file;
 use crate::copy::progress::Progress;
+use crate::copy::stats::CopyStats;
 use crate::error::{Code, Error, Result};
-use crate::format::{BlockSource, DiskWriter, ExtentKind};
-
-pub use crate::copy::hash::{hash_file, hex};
-pub(crate) use crate::copy::stats::CopyStats;
-pub(crate) use crate::format::{OutputFormat, OutputSpec};
+use crate::format::{BlockSource, DiskWriter, ExtentKind, OutputSpec};
 
 /// Bytes a worker claims at a time: large enough to amortise syscalls, small enough that 16 workers
 /// stay far below the 256 MiB memory goal. A multiple of every cluster size.
@@ -648,7 +646,7 @@ mod tests {
             });
         }
         let spec = OutputSpec {
-            format: OutputFormat::named("raw").unwrap(),
+            format: crate::format::OutputFormat::named("raw").unwrap(),
             ..OutputSpec::default()
         };
         let e = copy_disks(jobs, &spec, 2, &crate::copy::progress::NoProgress).unwrap_err();

@@ -2,6 +2,6 @@
 //! hashing of finished outputs.
 
 pub mod engine;
-pub(crate) mod hash;
+pub mod hash;
 pub(crate) mod progress;
 pub(crate) mod stats;

@@ -75,6 +75,9 @@ pub(crate) struct ReadDriver {
 pub(crate) type CreateFn = fn(File, &Path, u64, &OutputSpec) -> Result<Box<dyn DiskWriter>>;
 
 pub struct WriteDriver {
+    /// The format-specific options it takes (`-o KEY=VALUE`, as qemu-img's `-o`), with what each
+    /// means; any other key is refused before anything is written.
+    pub(crate) options: &'static [(&'static str, &'static str)],
     /// Starts a fresh disk of `virtual_size` (already passed through `disk_size`) in a new,
     /// empty file open for reading and writing.
     pub(crate) create: CreateFn,
@@ -144,9 +147,63 @@ pub(crate) struct OutputSpec {
     pub(crate) cluster_bits: u32,
     /// Compress every cluster that shrinks (formats that compress only).
     pub(crate) compression: Option<qcow2::writer::Compression>,
+    /// Format-specific options (`-o subformat=dynamic`), in the order given; each key is one the
+    /// format's [`WriteDriver::options`] lists (checked by [`OutputSpec::new`]).
+    pub(crate) options: Vec<(String, String)>,
 }
 
 impl OutputSpec {
+    /// An output spec whose options the format takes; `options` is qemu-img's `-o` text
+    /// (`KEY=VALUE[,KEY=VALUE...]`), empty for none.
+    pub(crate) fn new(
+        format: OutputFormat,
+        cluster_bits: u32,
+        compression: Option<qcow2::writer::Compression>,
+        options: &str,
+    ) -> Result<OutputSpec> {
+        let mut parsed: Vec<(String, String)> = Vec::new();
+        for part in options.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let known = format.1.options;
+            let list = || {
+                if known.is_empty() {
+                    format!("{} output takes no -o options", format.0.name)
+                } else {
+                    let keys: Vec<String> = known
+                        .iter()
+                        .map(|(k, what)| format!("{k} ({what})"))
+                        .collect();
+                    format!("{} output takes: {}", format.0.name, keys.join("; "))
+                }
+            };
+            let Some((k, v)) = part.split_once('=') else {
+                return Err(Error::new(
+                    Code::InvalidParameter,
+                    format!("-o '{part}' is not KEY=VALUE; {}", list()),
+                ));
+            };
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
+            if !known.iter().any(|(name, _)| *name == k) {
+                return Err(Error::new(
+                    Code::InvalidParameter,
+                    format!("-o {k}: unknown option; {}", list()),
+                ));
+            }
+            if parsed.iter().any(|(p, _)| *p == k) {
+                return Err(Error::new(
+                    Code::InvalidParameter,
+                    format!("-o {k} is given twice"),
+                ));
+            }
+            parsed.push((k, v));
+        }
+        Ok(OutputSpec {
+            format,
+            cluster_bits,
+            compression,
+            options: parsed,
+        })
+    }
+
     /// The size a disk of `virtual_size` bytes gets in this output (qcow2 rounds up to whole
     /// 512-byte sectors; raw keeps it).
     pub(crate) fn disk_size(&self, virtual_size: u64) -> u64 {
@@ -170,6 +227,7 @@ impl Default for OutputSpec {
             format: OutputFormat(&qcow2::DRIVER, &qcow2::WRITE),
             cluster_bits: 16,
             compression: None,
+            options: Vec::new(),
         }
     }
 }
@@ -442,6 +500,21 @@ pub(crate) fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_options_are_checked_against_the_format() {
+        let raw = OutputFormat::named("raw").unwrap();
+        let spec = OutputSpec::new(raw, 16, None, "").unwrap();
+        assert!(spec.options.is_empty());
+        let e = OutputSpec::new(raw, 16, None, "subformat=fixed").unwrap_err();
+        assert_eq!(e.code(), Code::InvalidParameter);
+        assert!(
+            e.message().contains("raw output takes no -o options"),
+            "{e}"
+        );
+        let e = OutputSpec::new(raw, 16, None, "nonsense").unwrap_err();
+        assert!(e.message().contains("not KEY=VALUE"), "{e}");
+    }
 
     #[test]
     fn snapshot_suffix_is_split_only_when_the_file_is_missing() {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::copy::engine::CopyStats;
+use crate::copy::stats::CopyStats;
 use crate::format::ChainEntry;
 use crate::image::attributes::{ImageAttributes, Status};
 use crate::request::plan::{Device, DiskType};

@@ -572,7 +572,7 @@ impl crate::copy::progress::Progress for RecordProgress<'_> {
         }
     }
 
-    fn disk_done(&self, disk: usize, stats: &crate::copy::engine::CopyStats) {
+    fn disk_done(&self, disk: usize, stats: &crate::copy::stats::CopyStats) {
         self.inner.disk_done(disk, stats);
     }
 }

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::copy::engine;
 use crate::copy::progress::{self, ProgressMode};
 use crate::error::{Code, Error, Result};
 use crate::image::manifest::Manifest;
@@ -124,10 +123,12 @@ pub(crate) fn verify_dir(dir: &Path, mode: ProgressMode) -> Result<VerifyReport>
             } else {
                 crate::util::safe_fs::open_regular(&path)
                     .map_err(|e| e.to_string())
-                    .and_then(|f| engine::hash_file(&f, &path, true).map_err(|e| e.full_message()))
+                    .and_then(|f| {
+                        crate::copy::hash::hash_file(&f, &path, true).map_err(|e| e.full_message())
+                    })
             };
             reporter.advance(i, sizes[i].1);
-            reporter.disk_done(i, &crate::copy::engine::CopyStats::default());
+            reporter.disk_done(i, &crate::copy::stats::CopyStats::default());
             let exp = expected.get(name).cloned();
             let man = from_manifest.get(name).cloned();
             let (actual, problem) = match actual {

@@ -14,7 +14,7 @@ pub mod verify;
 
 use serde::Serialize;
 
-use crate::copy::engine::CopyStats;
+use crate::copy::stats::CopyStats;
 use crate::error::Error;
 use crate::util::size::human;
 

@@ -4,10 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::copy::engine::OutputSpec;
 use crate::copy::progress::ProgressMode;
 use crate::error::{Code, Error, Result};
 use crate::format::gate::BackingGate;
+use crate::format::OutputSpec;
 use crate::image::attributes::{Architecture, BootMode, ImageAttributes, ImageType, Platform, Tag};
 use crate::request::instance::{self, InstanceDisk};
 use crate::request::plan::{Device, DiskSpec};

@@ -4,7 +4,6 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::copy::engine;
 use crate::detect;
 use crate::request::create::CreateRequest;
 use crate::request::plan::DiskLayout;
@@ -48,7 +47,16 @@ pub(crate) fn request_digest(req: &CreateRequest, layout: &DiskLayout) -> String
     if req.relocate_gpt {
         v["RelocateGpt"] = true.into();
     }
-    engine::hex(&sha256_of(v.to_string().as_bytes()))
+    if !req.output.options.is_empty() {
+        let opts: Vec<String> = req
+            .output
+            .options
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        v["OutputOptions"] = opts.into();
+    }
+    crate::copy::hash::hex(&sha256_of(v.to_string().as_bytes()))
 }
 
 /// A source as (canonical path[@snapshot], size, mtime in ns); the path as given when it cannot

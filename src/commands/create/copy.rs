@@ -4,8 +4,9 @@
 use std::path::Path;
 
 use super::disks::PreparedDisk;
-use crate::copy::engine::{self, CopyStats, DiskJob};
+use crate::copy::engine::{self, DiskJob};
 use crate::copy::progress::{self, Progress};
+use crate::copy::stats::CopyStats;
 use crate::error::Result;
 use crate::format;
 use crate::image::manifest::DiskRecord;

@@ -20,7 +20,7 @@ pub(crate) mod space;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::copy::engine::CopyStats;
+use crate::copy::stats::CopyStats;
 use crate::error::{Code, Error, Result};
 use crate::image::manifest::{self, Manifest};
 use crate::image::publish::{self as staging, Staging};

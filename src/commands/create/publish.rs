@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use super::copy::Copied;
 use super::CreateOutcome;
-use crate::copy::engine;
 use crate::detect;
 use crate::error::Result;
 use crate::format::gate::BackingGate;
@@ -63,7 +62,10 @@ pub(super) fn publish(
     let json = manifest.to_json();
     staging.write_file("manifest.json", &json)?;
     testhook::checkpoint("manifest");
-    sums.push((engine::hex(&sha256_of(&json)), "manifest.json".into()));
+    sums.push((
+        crate::copy::hash::hex(&sha256_of(&json)),
+        "manifest.json".into(),
+    ));
     staging.write_file("SHA256SUMS", manifest::sha256sums(&sums).as_bytes())?;
     testhook::checkpoint("sums");
     let output_dir = staging.commit()?;

@@ -30,6 +30,7 @@ pub const DRIVER: Driver = Driver {
 };
 
 pub const WRITE: WriteDriver = WriteDriver {
+    options: &[],
     create: writer::create,
     disk_size: writer::disk_size,
     compresses: true,

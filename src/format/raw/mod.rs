@@ -22,6 +22,7 @@ pub(crate) const DRIVER: Driver = Driver {
         open,
     }),
     write: Some(WriteDriver {
+        options: &[],
         create: writer::create,
         disk_size: |size| size,
         compresses: false,
