@@ -465,3 +465,50 @@ fn check_l2_tables_distinct(
         format!("L1 entries {a} and {b} of {table} both point at the L2 table at {dup}"),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::ExtentKind;
+
+    fn one_byte(at: u64, kind: ExtentKind) -> Result<Extent> {
+        Ok(Extent {
+            start: at,
+            len: 1,
+            kind,
+        })
+    }
+
+    #[test]
+    fn an_extent_merges_at_most_max_merged_runs() {
+        let e = merge_runs(10, 1000, |at| one_byte(at, ExtentKind::Data)).unwrap();
+        assert_eq!((e.start, e.len), (10, u64::from(MAX_MERGED_RUNS)));
+    }
+
+    #[test]
+    fn an_extent_stops_at_a_run_of_another_kind_or_the_limit() {
+        let kind = |at| {
+            if at < 13 {
+                ExtentKind::Zero
+            } else {
+                ExtentKind::Data
+            }
+        };
+        let e = merge_runs(10, 1000, |at| one_byte(at, kind(at))).unwrap();
+        assert_eq!((e.len, e.kind), (3, ExtentKind::Zero));
+        let e = merge_runs(10, 12, |at| one_byte(at, ExtentKind::Data)).unwrap();
+        assert_eq!(e.len, 2);
+    }
+
+    #[test]
+    fn merging_follows_the_mode() {
+        let h = |o| Seg::Host(HostOffset(o));
+        let mut first = None;
+        assert!(merge(&mut first, h(4096), 0, 0, Mode::Read));
+        assert!(merge(&mut first, h(8192), 0, 4096, Mode::Read));
+        assert!(!merge(&mut first, h(4096), 0, 4096, Mode::Read));
+        assert!(!merge(&mut first, Seg::Compressed(0), 0, 4096, Mode::Read));
+        assert!(merge(&mut first, Seg::Compressed(0), 0, 4096, Mode::Extent));
+        assert!(!merge(&mut first, Seg::Zero, 0, 4096, Mode::Extent));
+    }
+}

@@ -82,7 +82,9 @@ pub fn open(file: File, path: &Path, snapshot: Option<&str>, gate: &BackingGate)
 }
 
 /// The header cluster (at most 2 MiB): the first 512 bytes, then, when they name a larger valid
-/// cluster size, the whole first cluster; cut at the end of the file.
+/// cluster size, the whole first cluster; cut at the end of the file. The look at the magic and
+/// `cluster_bits` here only sizes the read: the header checks then run on what was read, and a
+/// header that fails them fails before anything past the first 512 bytes matters.
 fn read_header_cluster(file: &ImageFile) -> Result<Vec<u8>> {
     let read = |len: u64| {
         let mut buf = vec![0u8; len.min(file.size) as usize];
@@ -128,6 +130,8 @@ fn open_layer(
     note_file(path, Format::Qcow2, chain, seen)?;
     let file = ImageFile::new(file, path)?;
     let h = parse_header(&read_header_cluster(&file)?, file.size, path)?;
+    // Reads the header has made safe, each followed by its own checks (the module docs say why
+    // these stay after the header's): the snapshot table, the L1 table, the backing file.
     let table = match snapshot {
         None => Table {
             l1_offset: h.l1_table_offset,
