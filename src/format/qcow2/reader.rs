@@ -1,600 +1,32 @@
-//! The qcow2 reader: versions 2 and 3, cluster sizes 512 B to 2 MiB, every refcount width, both
-//! zero-cluster forms, zlib and zstd compressed clusters, extended L2 entries (subclusters), backing
-//! chains (qcow2 or raw, flattened) and internal snapshots.
+//! Opening a qcow2 file and its backing chain, and reading it: the [`BlockSource`] of a chain.
 //!
-//! Everything in the file is untrusted: every size and count is bounded before it is used to
-//! allocate or loop, every offset is checked against the file, and arithmetic is checked. A damaged
-//! image gives `InvalidSnapshot.Corrupt` naming what is wrong (and the guest offset, for mapping
-//! errors); a feature kiln does not read gives `InvalidSnapshot.Unsupported`. Never garbage.
+//! [`open`] reads the header cluster, decodes and validates the header ([`super::header`]), picks
+//! the L1 table (the active one, or an internal snapshot's, [`super::snapshot`]), reads it
+//! ([`super::map`]), then opens the backing file through the gate. [`Qcow2Source`] answers
+//! "what is at this guest offset" from the mapping, resolving unallocated runs through the backing
+//! file, and reads guest bytes (host data, [`super::decompress`]ed clusters, zeros, backing).
 //!
-//! Reads use `pread` only, so one [`Qcow2Source`] serves every copy thread; L2 tables are cached in a
-//! bounded map keyed by their host offset.
-//!
-//! # Allocation bounds
-//!
-//! Nothing read from the file makes the reader allocate more than these, per file of the chain
-//! (a chain has at most `MAX_CHAIN_DEPTH` files), and each table must also lie inside the file, so
-//! no allocation is larger than the file itself plus one cluster. Bounds (the constants below):
-//!
-//! | what | bound | checked in |
-//! |---|---|---|
-//! | header cluster (header, extensions, backing name) | one cluster, at most 2 MiB (`cluster_bits` 9..=21) | `open_layer` |
-//! | backing file name | `MAX_BACKING_NAME` = 1023 bytes (`backing_file_size`), inside the header cluster | `parse_header` |
-//! | backing format name, feature table | inside the header cluster | `parse_header` |
-//! | L1 table (active or a snapshot's) | `MAX_L1_ENTRIES` = 4 Mi entries (32 MiB, `l1_size`), plus a sorted copy of its offsets to refuse shared L2 tables | `check_l1`, `check_l2_tables_distinct` |
-//! | refcount table | never read; `refcount_table_clusters` at most `MAX_REFCOUNT_TABLE` = 8 MiB | `parse_header` |
-//! | snapshot table | `MAX_SNAPSHOTS` = 65536 entries (`nb_snapshots`), `MAX_SNAPSHOT_TABLE` = 64 MiB in all; extra data at most `MAX_SNAPSHOT_EXTRA` = 1 KiB, ID and name at most 64 KiB each (16-bit sizes), read one entry at a time | `snapshot::read_snapshots` |
-//! | L2 tables | one cluster each; the cache holds at most `L2_CACHE_BYTES` = 64 MiB | `Qcow2Source::l2_table` |
-//! | compressed cluster | its stored length is at most 2^(`cluster_bits` - 8) sectors (two clusters, 4 MiB), cut at the end of the file; it decompresses into one cluster | `Qcow2Source::decompress` |
-//!
-//! Work is bounded too: one mapping run looks at most at `MAX_WALK_STEPS` = 64 Ki L1/L2 entries,
-//! and one extent merges at most `MAX_MERGED_RUNS` = 64 runs, before a shorter extent is returned;
-//! mapping the whole disk takes one step per L1 entry (at most 4 Mi) and per L2 entry present in
-//! the file (L2 tables are distinct); one step per snapshot table entry; a chain of at most 16
-//! files with no loops.
+//! The order of the checks on open is fixed (tests pin which error a damaged file gives): the
+//! chain (loop, depth), the header (all of it, in [`super::header`]'s order), then the selected
+//! snapshot's table entries and L1 placement, then the L1 table's contents, then the backing file.
+//! Those later steps stay after the header checks because each needs a read that the header
+//! validated first: the snapshot table is read only once `nb_snapshots` and `snapshots_offset` are
+//! checked, the L1 table only once its place is, the backing file only once this file is sound.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
 
-use super::snapshot::{read_snapshots, MAX_SNAPSHOTS, SNAPSHOT_FIXED};
-use super::{
-    L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, OFLAG_COMPRESSED,
-    OFLAG_ZERO,
-};
+use super::decompress::{self, Compression};
+use super::file::{GuestOffset, HostOffset, ImageFile};
+use super::header::{check_l1, parse_header, Header, MAX_VIRTUAL_SIZE};
+use super::map::{merge_runs, Geometry, Mapping, Mode, Seg};
+use super::snapshot::{read_snapshots, Snapshot};
+use super::{MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 use crate::error::{Code, Error, Result};
 use crate::format::{
     self, gate::BackingGate, raw::RawSource, BlockSource, ChainEntry, Extent, ExtentKind, Format,
     Opened, SourceInfo, MAX_CHAIN_DEPTH,
 };
-
-const EXT_END: u32 = 0;
-const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
-const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
-const EXT_BITMAPS: u32 = 0x2385_2875;
-const EXT_DATA_FILE: u32 = 0x4441_5441;
-const EXT_CRYPTO: u32 = 0x0537_be77;
-
-const INCOMPAT_DIRTY: u64 = 1 << 0;
-const INCOMPAT_CORRUPT: u64 = 1 << 1;
-const INCOMPAT_DATA_FILE: u64 = 1 << 2;
-const INCOMPAT_COMPRESSION: u64 = 1 << 3;
-const INCOMPAT_EXTL2: u64 = 1 << 4;
-const INCOMPAT_KNOWN: u64 =
-    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
-
-/// Length of a version 2 header, and the least a version 3 header may declare.
-const V2_HEADER_LEN: usize = 72;
-const V3_HEADER_MIN: u32 = 104;
-/// At most 32 MiB of L1 entries.
-const MAX_L1_ENTRIES: u64 = 4 << 20;
-/// Largest refcount table accepted (qemu's limit too); never read.
-const MAX_REFCOUNT_TABLE: u64 = 8 << 20;
-const MAX_BACKING_NAME: u32 = 1023;
-const MAX_VIRTUAL_SIZE: u64 = 1 << 63;
-/// L1 and L2 entries one mapping run looks at before it ends (the extent is cut there). Small in
-/// unit tests, so that small images show the cut.
-const MAX_WALK_STEPS: u32 = if cfg!(test) { 1 << 8 } else { 1 << 16 };
-/// Runs (each resolved through the backing file) merged into one extent.
-const MAX_MERGED_RUNS: u32 = 64;
-/// Bytes of L2 tables cached per image before the cache is emptied.
-const L2_CACHE_BYTES: u64 = 64 << 20;
-/// Bits of an L1 entry that must be zero (0-8, 56-62).
-const L1E_RESERVED: u64 = 0x7f00_0000_0000_01ff;
-/// Bits of a standard (not compressed) L2 entry that must be zero (1-8, 56-61).
-const L2E_RESERVED: u64 = 0x3f00_0000_0000_01fe;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Compression {
-    Zlib,
-    Zstd,
-}
-
-/// What the header says (after validation).
-#[derive(Debug)]
-struct Header {
-    version: u32,
-    cluster_bits: u32,
-    size: u64,
-    l1_size: u32,
-    l1_table_offset: u64,
-    nb_snapshots: u32,
-    snapshots_offset: u64,
-    compression: Compression,
-    extended_l2: bool,
-    backing: Option<Vec<u8>>,
-    backing_format: Option<String>,
-}
-
-fn be32(b: &[u8], off: usize) -> Option<u32> {
-    let s = b.get(off..off.checked_add(4)?)?;
-    Some(u32::from_be_bytes(s.try_into().ok()?))
-}
-
-fn be64(b: &[u8], off: usize) -> Option<u64> {
-    let s = b.get(off..off.checked_add(8)?)?;
-    Some(u64::from_be_bytes(s.try_into().ok()?))
-}
-
-fn align8(n: usize) -> Option<usize> {
-    n.checked_add(7).map(|v| v & !7)
-}
-
-/// Entries per L2 table, as a power of two.
-fn l2_bits(cluster_bits: u32, extended_l2: bool) -> u32 {
-    cluster_bits - if extended_l2 { 4 } else { 3 }
-}
-
-/// Parses and validates the header from the start of the file (`first`: the first cluster, or the
-/// whole file when shorter). `file_size` bounds every offset.
-fn parse_header(first: &[u8], file_size: u64, path: &Path) -> Result<Header> {
-    let short = || Error::corrupt(path, "the file is too short for a qcow2 header");
-    if first.len() < V2_HEADER_LEN {
-        return Err(short());
-    }
-    let f32 = |off: usize| be32(first, off).ok_or_else(short);
-    let f64 = |off: usize| be64(first, off).ok_or_else(short);
-    if f32(0)? != MAGIC {
-        return Err(Error::corrupt(path, "not a qcow2 file (bad magic)"));
-    }
-    let version = f32(4)?;
-    if version != 2 && version != 3 {
-        return Err(Error::unsupported(
-            path,
-            format!("qcow2 version {version} is not supported (kiln reads versions 2 and 3)"),
-        ));
-    }
-    let cluster_bits = f32(20)?;
-    if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
-        return Err(Error::unsupported(
-            path,
-            format!(
-                "cluster_bits {cluster_bits} is not supported (qcow2 allows {MIN_CLUSTER_BITS} to {MAX_CLUSTER_BITS}: 512 B to 2 MiB clusters)"
-            ),
-        ));
-    }
-    let cs = 1u64 << cluster_bits;
-    let crypt_method = f32(32)?;
-    if crypt_method != 0 {
-        return Err(Error::unsupported(
-            path,
-            format!(
-                "encrypted images are not supported (crypt_method {crypt_method}); decrypt it first, e.g. with `qemu-img convert --object secret,... --image-opts ... -O qcow2`"
-            ),
-        ));
-    }
-
-    let (incompatible, refcount_order, header_length) = if version == 3 {
-        if first.len() < V3_HEADER_MIN as usize {
-            return Err(short());
-        }
-        let hl = f32(100)?;
-        if hl < V3_HEADER_MIN {
-            return Err(Error::corrupt(
-                path,
-                format!(
-                    "header_length {hl} is below the {V3_HEADER_MIN} bytes of a version 3 header"
-                ),
-            ));
-        }
-        if u64::from(hl) > cs {
-            return Err(Error::corrupt(
-                path,
-                format!("header_length {hl} is larger than the {cs}-byte cluster"),
-            ));
-        }
-        (f64(72)?, f32(96)?, hl as usize)
-    } else {
-        (0, 4, V2_HEADER_LEN)
-    };
-    if refcount_order > 6 {
-        return Err(Error::corrupt(
-            path,
-            format!("refcount_order {refcount_order} is out of range (0 to 6)"),
-        ));
-    }
-
-    // Backing file name: inside the first cluster, at most 1023 bytes.
-    let backing_file_offset = f64(8)?;
-    let backing_file_size = f32(16)?;
-    let mut backing = None;
-    if backing_file_offset != 0 {
-        if backing_file_size > MAX_BACKING_NAME {
-            return Err(Error::corrupt(
-                path,
-                format!(
-                    "the backing file name is {backing_file_size} bytes long (backing_file_size; at most {MAX_BACKING_NAME})"
-                ),
-            ));
-        }
-        let end = backing_file_offset
-            .checked_add(u64::from(backing_file_size))
-            .filter(|&e| e <= cs && e <= first.len() as u64)
-            .ok_or_else(|| {
-                Error::corrupt(
-                    path,
-                    format!(
-                        "the backing file name at byte {backing_file_offset} (backing_file_offset) lies outside the header cluster"
-                    ),
-                )
-            })?;
-        if backing_file_size > 0 {
-            backing = Some(first[backing_file_offset as usize..end as usize].to_vec());
-        }
-    }
-
-    // Header extensions: after the header, before the backing file name, inside the first cluster.
-    let mut ext_end = (cs as usize).min(first.len());
-    if backing_file_offset != 0 && (backing_file_offset as usize) < ext_end {
-        ext_end = backing_file_offset as usize;
-    }
-    let Extensions {
-        backing_format,
-        feature_names,
-    } = parse_extensions(first, header_length, ext_end, path)?;
-
-    if incompatible & INCOMPAT_CORRUPT != 0 {
-        return Err(Error::corrupt(
-            path,
-            "the image is marked corrupt (incompatible feature bit 1)",
-        ));
-    }
-    if incompatible & INCOMPAT_DATA_FILE != 0 {
-        return Err(Error::unsupported(
-            path,
-            "images with an external data file (incompatible feature bit 2) are not supported",
-        ));
-    }
-    let unknown = incompatible & !INCOMPAT_KNOWN;
-    if unknown != 0 {
-        let bit = unknown.trailing_zeros();
-        let name = feature_names
-            .iter()
-            .find(|(t, b, _)| *t == 0 && u32::from(*b) == bit)
-            .map(|(_, _, n)| format!(" ({n})"))
-            .unwrap_or_default();
-        return Err(Error::unsupported(
-            path,
-            format!(
-                "unknown incompatible feature bit {bit}{name} is set; kiln cannot read this image"
-            ),
-        ));
-    }
-    let ctype = if header_length > V3_HEADER_MIN as usize {
-        *first.get(104).ok_or_else(short)?
-    } else {
-        0
-    };
-    let compression = match ctype {
-        0 => Compression::Zlib,
-        1 => Compression::Zstd,
-        t => {
-            return Err(Error::unsupported(
-                path,
-                format!("compression type {t} is not supported (kiln reads zlib and zstd)"),
-            ))
-        }
-    };
-    if (ctype != 0) != (incompatible & INCOMPAT_COMPRESSION != 0) {
-        return Err(Error::corrupt(
-            path,
-            format!("compression type {ctype} disagrees with incompatible feature bit 3"),
-        ));
-    }
-    let extended_l2 = incompatible & INCOMPAT_EXTL2 != 0;
-
-    let size = f64(24)?;
-    if size > MAX_VIRTUAL_SIZE {
-        return Err(Error::corrupt(
-            path,
-            format!("size (the virtual size) {size} is larger than 2^63"),
-        ));
-    }
-    let l1_size = f32(36)?;
-    let l1_table_offset = f64(40)?;
-    check_l1(
-        path,
-        "",
-        l1_size,
-        l1_table_offset,
-        size,
-        cluster_bits,
-        extended_l2,
-        file_size,
-    )?;
-
-    let nb_snapshots = f32(60)?;
-    let snapshots_offset = f64(64)?;
-    check_snapshot_table_place(nb_snapshots, snapshots_offset, cs, file_size, path)?;
-
-    let refcount_table_offset = f64(48)?;
-    let refcount_table_clusters = f32(56)?;
-    check_refcount_table(
-        refcount_table_offset,
-        refcount_table_clusters,
-        cluster_bits,
-        file_size,
-        path,
-    )?;
-
-    Ok(Header {
-        version,
-        cluster_bits,
-        size,
-        l1_size,
-        l1_table_offset,
-        nb_snapshots,
-        snapshots_offset,
-        compression,
-        extended_l2,
-        backing,
-        backing_format,
-    })
-}
-
-/// What the header extensions say.
-#[derive(Default)]
-struct Extensions {
-    backing_format: Option<String>,
-    /// (feature type, bit, name) from the feature name table.
-    feature_names: Vec<(u8, u8, String)>,
-}
-
-/// Decodes the header extensions in `first[header_length..ext_end]`, refusing those kiln does not
-/// read (an external data file, encryption).
-fn parse_extensions(
-    first: &[u8],
-    header_length: usize,
-    ext_end: usize,
-    path: &Path,
-) -> Result<Extensions> {
-    let mut x = Extensions::default();
-    let mut pos = header_length;
-    while pos.checked_add(8).is_some_and(|e| e <= ext_end) {
-        let (Some(ty), Some(len)) = (be32(first, pos), be32(first, pos + 4)) else {
-            break;
-        };
-        if ty == EXT_END {
-            break;
-        }
-        let data_start = pos + 8;
-        let data_end = data_start
-            .checked_add(len as usize)
-            .filter(|&e| e <= ext_end)
-            .ok_or_else(|| {
-                Error::corrupt(
-                    path,
-                    format!("header extension 0x{ty:08x} at byte {pos} ({len} bytes) runs past the header area"),
-                )
-            })?;
-        let data = &first[data_start..data_end];
-        match ty {
-            EXT_BACKING_FORMAT => {
-                if len > MAX_BACKING_NAME {
-                    return Err(Error::corrupt(
-                        path,
-                        format!("the backing format name is {len} bytes long"),
-                    ));
-                }
-                let s = String::from_utf8_lossy(data);
-                x.backing_format = Some(s.trim_end_matches('\0').to_string());
-            }
-            EXT_FEATURE_TABLE => {
-                for e in data.chunks_exact(48) {
-                    let name = &e[2..];
-                    let n = name.iter().position(|&c| c == 0).unwrap_or(name.len());
-                    x.feature_names
-                        .push((e[0], e[1], String::from_utf8_lossy(&name[..n]).into()));
-                }
-            }
-            EXT_DATA_FILE => {
-                return Err(Error::unsupported(
-                    path,
-                    "images with an external data file are not supported",
-                ));
-            }
-            EXT_CRYPTO => {
-                return Err(Error::unsupported(
-                    path,
-                    "encrypted images are not supported (the image has a crypto header extension)",
-                ));
-            }
-            EXT_BITMAPS => {}
-            _ => {}
-        }
-        pos = match align8(len as usize).and_then(|l| data_start.checked_add(l)) {
-            Some(p) => p,
-            None => break,
-        };
-    }
-    Ok(x)
-}
-
-/// Where the header puts the snapshot table: bounded in count, cluster aligned, past the header
-/// cluster, and with room for every entry's fixed part before the end of the file.
-fn check_snapshot_table_place(
-    nb_snapshots: u32,
-    snapshots_offset: u64,
-    cs: u64,
-    file_size: u64,
-    path: &Path,
-) -> Result<()> {
-    if nb_snapshots > MAX_SNAPSHOTS {
-        return Err(Error::corrupt(
-            path,
-            format!("nb_snapshots {nb_snapshots} is larger than {MAX_SNAPSHOTS}"),
-        ));
-    }
-    if nb_snapshots > 0 {
-        // Each entry takes at least its fixed part, so the whole table must fit in the file.
-        let min_end = snapshots_offset.checked_add(u64::from(nb_snapshots) * SNAPSHOT_FIXED as u64);
-        let why = if !snapshots_offset.is_multiple_of(cs) {
-            Some("is not aligned to a cluster")
-        } else if snapshots_offset == 0 {
-            Some("is in the header cluster")
-        } else if min_end.is_none_or(|e| e > file_size) {
-            Some("leaves no room for the snapshot table before the end of the file")
-        } else {
-            None
-        };
-        if let Some(why) = why {
-            return Err(Error::corrupt(
-                path,
-                format!("snapshots_offset {snapshots_offset} (nb_snapshots {nb_snapshots}) {why}"),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// The refcount table: kiln never reads refcounts, but a table that cannot exist means the header
-/// is damaged (qemu refuses to open such an image too).
-fn check_refcount_table(
-    refcount_table_offset: u64,
-    refcount_table_clusters: u32,
-    cluster_bits: u32,
-    file_size: u64,
-    path: &Path,
-) -> Result<()> {
-    let cs = 1u64 << cluster_bits;
-    let max_clusters = MAX_REFCOUNT_TABLE >> cluster_bits;
-    let why = if refcount_table_clusters == 0 {
-        Some("refcount_table_clusters is 0 (the image has no refcount table)".to_string())
-    } else if u64::from(refcount_table_clusters) > max_clusters {
-        Some(format!(
-            "refcount_table_clusters {refcount_table_clusters} is larger than {max_clusters} ({MAX_REFCOUNT_TABLE} bytes)"
-        ))
-    } else if !refcount_table_offset.is_multiple_of(cs) {
-        Some(format!(
-            "refcount_table_offset {refcount_table_offset} is not aligned to a cluster"
-        ))
-    } else if refcount_table_offset == 0 {
-        Some(format!(
-            "refcount_table_offset {refcount_table_offset} is in the header cluster"
-        ))
-    } else if refcount_table_offset
-        .checked_add(u64::from(refcount_table_clusters) << cluster_bits)
-        .is_none_or(|e| e > file_size)
-    {
-        Some(format!(
-            "refcount_table_offset {refcount_table_offset} (refcount_table_clusters {refcount_table_clusters}) runs past the end of the file"
-        ))
-    } else {
-        None
-    };
-    if let Some(why) = why {
-        return Err(Error::corrupt(path, why));
-    }
-    Ok(())
-}
-
-/// Checks that an L1 table covers `size`, is not too large, and lies aligned inside the file. `what`
-/// prefixes the field names in messages ("" for the header's, "snapshot 'NAME': " for a snapshot's).
-#[allow(clippy::too_many_arguments)]
-fn check_l1(
-    path: &Path,
-    what: &str,
-    l1_size: u32,
-    l1_offset: u64,
-    size: u64,
-    cluster_bits: u32,
-    extended_l2: bool,
-    file_size: u64,
-) -> Result<()> {
-    let cs = 1u64 << cluster_bits;
-    let n = u64::from(l1_size);
-    if n > MAX_L1_ENTRIES {
-        return Err(Error::corrupt(
-            path,
-            format!("{what}l1_size {n} is larger than {MAX_L1_ENTRIES} entries (32 MiB)"),
-        ));
-    }
-    let shift = cluster_bits + l2_bits(cluster_bits, extended_l2);
-    let needed = (size >> shift) + u64::from(size & ((1u64 << shift) - 1) != 0);
-    if n < needed {
-        return Err(Error::corrupt(
-            path,
-            format!(
-                "{what}l1_size {n} is too small: the virtual size {size} needs {needed} entries"
-            ),
-        ));
-    }
-    if n > 0 {
-        let why = if !l1_offset.is_multiple_of(cs) {
-            "is not aligned to a cluster"
-        } else if l1_offset == 0 {
-            "is in the header cluster"
-        } else if l1_offset.checked_add(n * 8).is_none_or(|e| e > file_size) {
-            "runs past the end of the file"
-        } else {
-            return Ok(());
-        };
-        return Err(Error::corrupt(
-            path,
-            format!("{what}l1_table_offset {l1_offset} (l1_size {n}) {why}"),
-        ));
-    }
-    Ok(())
-}
-
-fn file_size(file: &File, path: &Path) -> Result<u64> {
-    file.metadata()
-        .map(|m| m.len())
-        .map_err(|e| Error::io(path, "reading metadata of", e))
-}
-
-/// Reads exactly `len` bytes at `offset`; a short read means the file is truncated.
-pub(super) fn read_exact(
-    file: &File,
-    path: &Path,
-    offset: u64,
-    len: usize,
-    what: &str,
-) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    let n = format::read_full_at(file, &mut buf, offset)
-        .map_err(|e| Error::io(path, &format!("reading {what}"), e))?;
-    if n < len {
-        return Err(Error::corrupt(
-            path,
-            format!("{what} at offset {offset} runs past the end of the file"),
-        ));
-    }
-    Ok(buf)
-}
-
-/// Refuses an L1 table in which two entries point at the same L2 table. qemu never writes one (an
-/// L2 table is shared only between L1 tables, by snapshots); allowing it would let a small file
-/// describe an exabyte of data clusters by repeating one table, and make mapping it take forever.
-/// With distinct tables, walking the whole disk costs at most one step per L1 entry plus one per
-/// L2 entry present in the file.
-fn check_l2_tables_distinct(path: &Path, l1: &[u64], snapshot: Option<&str>) -> Result<()> {
-    let mut offs: Vec<u64> = l1
-        .iter()
-        .map(|e| e & L1E_OFFSET_MASK)
-        .filter(|&o| o != 0)
-        .collect();
-    offs.sort_unstable();
-    let Some(dup) = offs.windows(2).find(|w| w[0] == w[1]).map(|w| w[0]) else {
-        return Ok(());
-    };
-    let mut at = l1
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| *e & L1E_OFFSET_MASK == dup)
-        .map(|(i, _)| i);
-    let (a, b) = (at.next().unwrap_or(0), at.next().unwrap_or(0));
-    let table = match snapshot {
-        Some(s) => format!("the L1 table of snapshot '{s}'"),
-        None => "the L1 table".to_string(),
-    };
-    Err(Error::corrupt(
-        path,
-        format!("L1 entries {a} and {b} of {table} both point at the L2 table at {dup}"),
-    ))
-}
 
 /// Records a file of the chain: refuses loops and chains deeper than [`MAX_CHAIN_DEPTH`].
 fn note_file(
@@ -649,6 +81,44 @@ pub fn open(file: File, path: &Path, snapshot: Option<&str>, gate: &BackingGate)
     })
 }
 
+/// The header cluster (at most 2 MiB): the first 512 bytes, then, when they name a larger valid
+/// cluster size, the whole first cluster; cut at the end of the file. The look at the magic and
+/// `cluster_bits` here only sizes the read: the header checks then run on what was read, and a
+/// header that fails them fails before anything past the first 512 bytes matters.
+fn read_header_cluster(file: &ImageFile) -> Result<Vec<u8>> {
+    let read = |len: u64| {
+        let mut buf = vec![0u8; len.min(file.size) as usize];
+        let n = file
+            .read_at(HostOffset(0), &mut buf)
+            .map_err(|e| Error::io(&file.path, "reading the header of", e))?;
+        buf.truncate(n);
+        Ok::<_, Error>(buf)
+    };
+    let first = read(512)?;
+    let be32 = |off: usize| {
+        first
+            .get(off..off + 4)
+            .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+    };
+    match be32(20) {
+        Some(cb)
+            if (MIN_CLUSTER_BITS + 1..=MAX_CLUSTER_BITS).contains(&cb)
+                && be32(0) == Some(MAGIC) =>
+        {
+            read(1u64 << cb)
+        }
+        _ => Ok(first),
+    }
+}
+
+/// The L1 table to read: the active one, or a snapshot's.
+struct Table {
+    l1_offset: u64,
+    l1_size: u32,
+    virtual_size: u64,
+    snapshot: Option<String>,
+}
+
 fn open_layer(
     file: File,
     path: &Path,
@@ -658,82 +128,31 @@ fn open_layer(
     gate: &BackingGate,
 ) -> Result<(Qcow2Source, Option<String>)> {
     note_file(path, Format::Qcow2, chain, seen)?;
-    let fsize = file_size(&file, path)?;
-    // The header fixes the cluster size; then the whole first cluster holds extensions and names.
-    let mut first = vec![0u8; 512.min(fsize) as usize];
-    let n = format::read_full_at(&file, &mut first, 0)
-        .map_err(|e| Error::io(path, "reading the header of", e))?;
-    first.truncate(n);
-    if let Some(cb) = be32(&first, 20) {
-        if (MIN_CLUSTER_BITS + 1..=MAX_CLUSTER_BITS).contains(&cb) && be32(&first, 0) == Some(MAGIC)
-        {
-            let len = (1u64 << cb).min(fsize) as usize;
-            first = vec![0u8; len];
-            let n = format::read_full_at(&file, &mut first, 0)
-                .map_err(|e| Error::io(path, "reading the header of", e))?;
-            first.truncate(n);
-        }
-    }
-    let h = parse_header(&first, fsize, path)?;
-    drop(first);
-
-    let (l1_offset, l1_size, virtual_size, snap_name) = match snapshot {
-        None => (h.l1_table_offset, h.l1_size, h.size, None),
-        Some(want) => {
-            let snaps = read_snapshots(&file, path, h.nb_snapshots, h.snapshots_offset, fsize)?;
-            let s = snaps
-                .iter()
-                .find(|s| s.name == want)
-                .or_else(|| snaps.iter().find(|s| s.id == want))
-                .ok_or_else(|| {
-                    let list = if snaps.is_empty() {
-                        "it has none".to_string()
-                    } else {
-                        let l: Vec<String> = snaps
-                            .iter()
-                            .map(|s| format!("'{}' (ID {})", s.name, s.id))
-                            .collect();
-                        format!("available: {}", l.join(", "))
-                    };
-                    Error::new(
-                        Code::SnapshotNotFound,
-                        format!(
-                            "{}: no internal snapshot named or numbered '{want}'; {list}",
-                            path.display()
-                        ),
-                    )
-                })?;
-            let size = s.disk_size.unwrap_or(h.size);
-            if size > MAX_VIRTUAL_SIZE {
-                return Err(Error::corrupt(
-                    path,
-                    format!(
-                        "snapshot '{}' has virtual size {size}, larger than 2^63",
-                        s.name
-                    ),
-                ));
-            }
-            check_l1(
-                path,
-                &format!("snapshot '{}': ", s.name),
-                s.l1_size,
-                s.l1_offset,
-                size,
-                h.cluster_bits,
-                h.extended_l2,
-                fsize,
-            )?;
-            (s.l1_offset, s.l1_size, size, Some(s.name.clone()))
-        }
+    let file = ImageFile::new(file, path)?;
+    let h = parse_header(&read_header_cluster(&file)?, file.size, path)?;
+    // Reads the header has made safe, each followed by its own checks (the module docs say why
+    // these stay after the header's): the snapshot table, the L1 table, the backing file.
+    let table = match snapshot {
+        None => Table {
+            l1_offset: h.l1_table_offset,
+            l1_size: h.l1_size,
+            virtual_size: h.size,
+            snapshot: None,
+        },
+        Some(want) => select_snapshot(&file, &h, want)?,
     };
-    let raw_l1 = read_exact(&file, path, l1_offset, l1_size as usize * 8, "the L1 table")?;
-    let l1: Vec<u64> = raw_l1
-        .chunks_exact(8)
-        .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-        .collect();
-    drop(raw_l1);
-    check_l2_tables_distinct(path, &l1, snap_name.as_deref())?;
-
+    let geo = Geometry {
+        cluster_bits: h.cluster_bits,
+        extended_l2: h.extended_l2,
+        zero_flag: h.version >= 3 && !h.extended_l2,
+    };
+    let map = Mapping::load(
+        &file,
+        geo,
+        table.l1_offset,
+        table.l1_size,
+        table.snapshot.as_deref(),
+    )?;
     let backing = match &h.backing {
         None => None,
         Some(name) => Some(open_backing(
@@ -745,23 +164,77 @@ fn open_layer(
             gate,
         )?),
     };
+    let src = Qcow2Source {
+        file,
+        map,
+        compression: h.compression,
+        virtual_size: table.virtual_size,
+        backing,
+    };
+    Ok((src, table.snapshot))
+}
 
-    Ok((
-        Qcow2Source {
-            file,
-            path: path.to_path_buf(),
-            file_size: fsize,
-            cluster_bits: h.cluster_bits,
-            extended_l2: h.extended_l2,
-            zero_flag: h.version >= 3 && !h.extended_l2,
-            compression: h.compression,
-            virtual_size,
-            l1,
-            backing,
-            l2_cache: RwLock::new(HashMap::new()),
-        },
-        snap_name,
-    ))
+/// Reads the snapshot table and picks the snapshot named `want` (by name first, then by ID); its
+/// virtual size and L1 table are checked like the header's.
+fn select_snapshot(file: &ImageFile, h: &Header, want: &str) -> Result<Table> {
+    let path = file.path.as_path();
+    let snaps = read_snapshots(
+        &file.file,
+        path,
+        h.nb_snapshots,
+        h.snapshots_offset,
+        file.size,
+    )?;
+    let s = snaps
+        .iter()
+        .find(|s| s.name == want)
+        .or_else(|| snaps.iter().find(|s| s.id == want))
+        .ok_or_else(|| snapshot_not_found(path, want, &snaps))?;
+    let size = s.disk_size.unwrap_or(h.size);
+    if size > MAX_VIRTUAL_SIZE {
+        return Err(Error::corrupt(
+            path,
+            format!(
+                "snapshot '{}' has virtual size {size}, larger than 2^63",
+                s.name
+            ),
+        ));
+    }
+    check_l1(
+        path,
+        &format!("snapshot '{}': ", s.name),
+        s.l1_size,
+        s.l1_offset,
+        size,
+        h.cluster_bits,
+        h.extended_l2,
+        file.size,
+    )?;
+    Ok(Table {
+        l1_offset: s.l1_offset,
+        l1_size: s.l1_size,
+        virtual_size: size,
+        snapshot: Some(s.name.clone()),
+    })
+}
+
+fn snapshot_not_found(path: &Path, want: &str, snaps: &[Snapshot]) -> Error {
+    let list = if snaps.is_empty() {
+        "it has none".to_string()
+    } else {
+        let l: Vec<String> = snaps
+            .iter()
+            .map(|s| format!("'{}' (ID {})", s.name, s.id))
+            .collect();
+        format!("available: {}", l.join(", "))
+    };
+    Error::new(
+        Code::SnapshotNotFound,
+        format!(
+            "{}: no internal snapshot named or numbered '{want}'; {list}",
+            path.display()
+        ),
+    )
 }
 
 fn open_backing(
@@ -806,292 +279,25 @@ fn open_backing(
     }
 }
 
-/// A run of guest bytes with one mapping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Seg {
-    /// Stored at this host offset (for the run's first byte); contiguous in the file.
-    Host(u64),
-    /// One compressed cluster (its L2 entry).
-    Compressed(u64),
-    /// Reads as zeros.
-    Zero,
-    /// Not allocated in this file: read through the backing file.
-    Unalloc,
-}
-
-impl Seg {
-    fn class(self) -> u8 {
-        match self {
-            Seg::Host(_) | Seg::Compressed(_) => 0,
-            Seg::Zero => 1,
-            Seg::Unalloc => 2,
-        }
-    }
-}
-
-/// Grows the run started at `start` by `seg` found at `at`, if they go together: same class when
-/// classifying extents; contiguous host bytes, zeros or unallocated when reading.
-fn merge(first: &mut Option<Seg>, seg: Seg, start: u64, at: u64, extent_mode: bool) -> bool {
-    match *first {
-        None => {
-            *first = Some(seg);
-            true
-        }
-        Some(f) if extent_mode => f.class() == seg.class(),
-        Some(Seg::Host(h0)) => match seg {
-            Seg::Host(h) => h0.checked_add(at - start) == Some(h),
-            _ => false,
-        },
-        Some(Seg::Zero) => seg == Seg::Zero,
-        Some(Seg::Unalloc) => seg == Seg::Unalloc,
-        Some(Seg::Compressed(_)) => false,
-    }
-}
-
-thread_local! {
-    static ZSTD: RefCell<Option<zstd::stream::raw::Decoder<'static>>> = const { RefCell::new(None) };
-}
-
 /// An opened qcow2 file (one layer of a chain; its backing file below it).
 pub struct Qcow2Source {
-    file: File,
-    path: PathBuf,
-    file_size: u64,
-    cluster_bits: u32,
-    extended_l2: bool,
-    /// Version 3 without extended L2: bit 0 of an L2 entry means "reads as zeros".
-    zero_flag: bool,
+    file: ImageFile,
+    map: Mapping,
     compression: Compression,
     virtual_size: u64,
-    /// The L1 table read (the active one, or the selected snapshot's).
-    l1: Vec<u64>,
     backing: Option<Box<dyn BlockSource>>,
-    l2_cache: RwLock<HashMap<u64, Arc<[u64]>>>,
 }
 
 impl Qcow2Source {
-    fn cluster_size(&self) -> u64 {
-        1u64 << self.cluster_bits
-    }
-
-    fn corrupt_at(&self, guest: u64, what: impl std::fmt::Display) -> Error {
-        Error::corrupt(&self.path, format!("guest offset {guest}: {what}"))
-    }
-
-    /// The L2 table at host offset `off` (as u64 entries; pairs for extended L2).
-    fn l2_table(&self, off: u64, guest: u64) -> Result<Arc<[u64]>> {
-        {
-            let cache = self.l2_cache.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(t) = cache.get(&off) {
-                return Ok(t.clone());
-            }
-        }
-        let cs = self.cluster_size();
-        if !off.is_multiple_of(cs) {
-            return Err(self.corrupt_at(
-                guest,
-                format!("its L1 entry's L2 table offset {off} is not aligned to a cluster"),
-            ));
-        }
-        if off.checked_add(cs).is_none_or(|e| e > self.file_size) {
-            return Err(self.corrupt_at(
-                guest,
-                format!("its L1 entry's L2 table offset {off} runs past the end of the file"),
-            ));
-        }
-        let mut buf = vec![0u8; cs as usize];
-        let n = format::read_full_at(&self.file, &mut buf, off)
-            .map_err(|e| Error::io(&self.path, &format!("reading the L2 table at {off}"), e))?;
-        if n < buf.len() {
-            return Err(self.corrupt_at(
-                guest,
-                format!("its L2 table at {off} runs past the end of the file"),
-            ));
-        }
-        let table: Arc<[u64]> = buf
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect();
-        let mut cache = self.l2_cache.write().unwrap_or_else(|e| e.into_inner());
-        let max = (L2_CACHE_BYTES / cs).max(1) as usize;
-        if cache.len() >= max {
-            cache.clear();
-        }
-        cache.insert(off, table.clone());
-        Ok(table)
-    }
-
-    fn check_host(&self, host: u64, guest: u64) -> Result<()> {
-        if !host.is_multiple_of(self.cluster_size()) {
-            return Err(self.corrupt_at(
-                guest,
-                format!("its L2 entry has the unaligned host offset {host}"),
-            ));
-        }
-        if host >= self.file_size {
-            return Err(self.corrupt_at(
-                guest,
-                format!(
-                    "its L2 entry points at host offset {host}, past the end of the file ({} bytes)",
-                    self.file_size
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Host offset and stored length of a compressed cluster.
-    fn compressed_loc(&self, entry: u64, guest: u64) -> Result<(u64, u64)> {
-        let x = 62 - (self.cluster_bits - 8);
-        let off = entry & ((1u64 << x) - 1);
-        let sectors = (entry >> x) & ((1u64 << (self.cluster_bits - 8)) - 1);
-        let len = (sectors + 1) * 512 - (off & 511);
-        if off < self.cluster_size() {
-            return Err(self.corrupt_at(
-                guest,
-                format!("its compressed cluster at host offset {off} lies in the header cluster"),
-            ));
-        }
-        if off >= self.file_size {
-            return Err(self.corrupt_at(
-                guest,
-                format!("its compressed cluster at host offset {off} is past the end of the file"),
-            ));
-        }
-        Ok((off, len))
-    }
-
-    /// The longest run from `pos` (before `limit`) with one mapping in this file. In extent mode,
-    /// runs of one class merge (all data, all zero, all unallocated); when reading, only
-    /// host-contiguous data, zeros or unallocated ranges merge, and a compressed cluster stands alone.
-    fn walk(&self, pos: u64, limit: u64, extent_mode: bool) -> Result<(Seg, u64)> {
-        let cb = self.cluster_bits;
-        let cs = self.cluster_size();
-        let l2b = l2_bits(cb, self.extended_l2);
-        let l1_shift = cb + l2b;
-        let n_l2 = 1usize << l2b;
-        let mut first: Option<Seg> = None;
-        let mut cur = pos;
-        // L1 and L2 entries looked at: a run ends after MAX_WALK_STEPS of them (shorter extents are
-        // always allowed), so one call's work is bounded whatever the table says.
-        let mut steps = 0u32;
-        'outer: while cur < limit {
-            if steps >= MAX_WALK_STEPS && cur > pos {
-                break;
-            }
-            steps += 1;
-            let l1_idx = cur >> l1_shift;
-            let l1e = usize::try_from(l1_idx)
-                .ok()
-                .and_then(|i| self.l1.get(i))
-                .copied()
-                .ok_or_else(|| self.corrupt_at(cur, "no L1 entry covers it"))?;
-            if l1e & L1E_RESERVED != 0 {
-                return Err(self.corrupt_at(
-                    cur,
-                    format!("its L1 entry 0x{l1e:016x} (L2 table offset) has reserved bits set"),
-                ));
-            }
-            let l2_off = l1e & L1E_OFFSET_MASK;
-            if l2_off == 0 {
-                if !merge(&mut first, Seg::Unalloc, pos, cur, extent_mode) {
-                    break;
-                }
-                cur = ((l1_idx + 1) << l1_shift).min(limit);
-                continue;
-            }
-            let l2 = self.l2_table(l2_off, cur)?;
-            let mut idx = ((cur >> cb) as usize) & (n_l2 - 1);
-            while cur < limit && idx < n_l2 {
-                if steps >= MAX_WALK_STEPS && cur > pos {
-                    break 'outer;
-                }
-                steps += 1;
-                let cstart = cur & !(cs - 1);
-                let cend = cstart.saturating_add(cs).min(limit);
-                let (entry, bitmap) = if self.extended_l2 {
-                    (l2[2 * idx], l2[2 * idx + 1])
-                } else {
-                    (l2[idx], 0)
-                };
-                if entry & OFLAG_COMPRESSED != 0 {
-                    self.compressed_loc(entry, cur)?;
-                    if !merge(&mut first, Seg::Compressed(entry), pos, cur, extent_mode) {
-                        break 'outer;
-                    }
-                    cur = cend;
-                    idx += 1;
-                    continue;
-                }
-                if entry & L2E_RESERVED != 0 {
-                    return Err(self.corrupt_at(
-                        cur,
-                        format!("its L2 entry 0x{entry:016x} has reserved bits set"),
-                    ));
-                }
-                let host = entry & L2E_OFFSET_MASK;
-                if !self.extended_l2 {
-                    let seg = if self.zero_flag && entry & OFLAG_ZERO != 0 {
-                        Seg::Zero
-                    } else if host == 0 {
-                        Seg::Unalloc
-                    } else {
-                        self.check_host(host, cur)?;
-                        Seg::Host(host + (cur - cstart))
-                    };
-                    if !merge(&mut first, seg, pos, cur, extent_mode) {
-                        break 'outer;
-                    }
-                    cur = cend;
-                    idx += 1;
-                    continue;
-                }
-                // Extended L2: 32 subclusters, allocation bits 0-31, zero bits 32-63.
-                let sc_bits = cb - 5;
-                while cur < cend {
-                    let sc = (cur - cstart) >> sc_bits;
-                    let alloc = (bitmap >> sc) & 1 != 0;
-                    let zero = (bitmap >> (32 + sc)) & 1 != 0;
-                    let seg = match (alloc, zero) {
-                        (true, true) => {
-                            return Err(self.corrupt_at(
-                                cur,
-                                "its subcluster is marked both allocated and zero",
-                            ))
-                        }
-                        (false, true) => Seg::Zero,
-                        (true, false) => {
-                            if host == 0 {
-                                return Err(self.corrupt_at(
-                                    cur,
-                                    "its subcluster is allocated but the cluster has no host offset",
-                                ));
-                            }
-                            self.check_host(host, cur)?;
-                            Seg::Host(host + (cur - cstart))
-                        }
-                        (false, false) => Seg::Unalloc,
-                    };
-                    if !merge(&mut first, seg, pos, cur, extent_mode) {
-                        break 'outer;
-                    }
-                    cur = (cstart + ((sc + 1) << sc_bits)).min(cend);
-                }
-                idx += 1;
-            }
-        }
-        match first {
-            Some(s) if cur > pos => Ok((s, cur)),
-            _ => Err(Error::new(
-                Code::Internal,
-                format!("{}: empty mapping run at {pos}", self.path.display()),
-            )),
-        }
-    }
-
     /// One extent from `pos`: this file's run, resolved through the backing file where unallocated.
     fn extent_once(&self, pos: u64, limit: u64) -> Result<Extent> {
-        let (seg, end) = self.walk(pos, limit, true)?;
+        let (seg, end) = self.map.walk(
+            &self.file,
+            GuestOffset(pos),
+            GuestOffset(limit),
+            Mode::Extent,
+        )?;
+        let end = end.0;
         let kind = match seg {
             Seg::Host(_) | Seg::Compressed(_) => ExtentKind::Data,
             Seg::Zero => ExtentKind::Zero,
@@ -1119,16 +325,16 @@ impl Qcow2Source {
         })
     }
 
-    fn read_host(&self, host: u64, out: &mut [u8], guest: u64) -> Result<()> {
-        let n = format::read_full_at(&self.file, out, host).map_err(|e| {
+    fn read_host(&self, host: HostOffset, out: &mut [u8], guest: GuestOffset) -> Result<()> {
+        let n = self.file.read_at(host, out).map_err(|e| {
             Error::io(
-                &self.path,
+                &self.file.path,
                 &format!("reading {} bytes at host offset {host}", out.len()),
                 e,
             )
         })?;
         if n == 0 && !out.is_empty() {
-            return Err(self.corrupt_at(
+            return Err(self.file.corrupt_at(
                 guest,
                 format!("its data at host offset {host} is past the end of the file"),
             ));
@@ -1156,76 +362,6 @@ impl Qcow2Source {
         }
         Ok(())
     }
-
-    /// Decompresses the cluster of `entry` (guest cluster at `guest`) into `out` (one cluster).
-    fn decompress(&self, entry: u64, guest: u64, out: &mut [u8]) -> Result<()> {
-        let (off, len) = self.compressed_loc(entry, guest)?;
-        let avail = len.min(self.file_size - off) as usize;
-        let mut input = vec![0u8; avail];
-        let n = format::read_full_at(&self.file, &mut input, off).map_err(|e| {
-            Error::io(
-                &self.path,
-                &format!("reading the compressed cluster at {off}"),
-                e,
-            )
-        })?;
-        input.truncate(n);
-        let cap = out.len();
-        let fail = |why: String| {
-            self.corrupt_at(
-                guest,
-                format!(
-                    "its compressed cluster (host offset {off}, {len} bytes) does not decompress to one {cap}-byte cluster: {why}"
-                ),
-            )
-        };
-        match self.compression {
-            Compression::Zlib => {
-                let mut d = flate2::Decompress::new(false);
-                match d.decompress(&input, out, flate2::FlushDecompress::Finish) {
-                    Ok(_) if d.total_out() == out.len() as u64 => Ok(()),
-                    Ok(_) => Err(fail(format!(
-                        "deflate data ended after {} bytes",
-                        d.total_out()
-                    ))),
-                    Err(e) => Err(fail(format!("deflate error: {e}"))),
-                }
-            }
-            Compression::Zstd => ZSTD.with(|cell| {
-                use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
-                let mut slot = cell.borrow_mut();
-                if slot.is_none() {
-                    *slot = Some(Decoder::new().map_err(|e| fail(format!("zstd: {e}")))?);
-                }
-                let Some(dec) = slot.as_mut() else {
-                    return Err(fail("zstd decoder unavailable".into()));
-                };
-                dec.reinit().map_err(|e| fail(format!("zstd: {e}")))?;
-                let mut inb = InBuffer::around(&input);
-                let mut outb = OutBuffer::around(&mut *out);
-                let mut hint = 1usize;
-                while outb.pos() < cap {
-                    let (li, lo) = (inb.pos(), outb.pos());
-                    hint = match dec.run(&mut inb, &mut outb) {
-                        Ok(h) => h,
-                        Err(e) => {
-                            // The decoder may hold a half-decoded frame: start afresh next time.
-                            *slot = None;
-                            return Err(fail(format!("zstd error: {e}")));
-                        }
-                    };
-                    if inb.pos() <= li && outb.pos() <= lo {
-                        let got = outb.pos();
-                        return Err(fail(format!("zstd data ended after {got} bytes")));
-                    }
-                }
-                if hint > 0 {
-                    return Err(fail("the zstd frame is longer than one cluster".into()));
-                }
-                Ok(())
-            }),
-        }
-    }
 }
 
 impl BlockSource for Qcow2Source {
@@ -1240,27 +376,11 @@ impl BlockSource for Qcow2Source {
                 Code::Internal,
                 format!(
                     "{}: extent asked at {offset} past the end",
-                    self.path.display()
+                    self.file.path.display()
                 ),
             ));
         }
-        let first = self.extent_once(offset, limit)?;
-        let mut end = first.end();
-        for _ in 1..MAX_MERGED_RUNS {
-            if end >= limit {
-                break;
-            }
-            let next = self.extent_once(end, limit)?;
-            if next.kind != first.kind {
-                break;
-            }
-            end = next.end();
-        }
-        Ok(Extent {
-            start: offset,
-            len: end - offset,
-            kind: first.kind,
-        })
+        merge_runs(offset, limit, |at| self.extent_once(at, limit))
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -1272,24 +392,34 @@ impl BlockSource for Qcow2Source {
                     Code::Internal,
                     format!(
                         "{}: read of {} bytes at {offset} passes the virtual size {}",
-                        self.path.display(),
+                        self.file.path.display(),
                         buf.len(),
                         self.virtual_size
                     ),
                 )
             })?;
-        let cs = self.cluster_size();
+        let cs = self.map.cluster_size();
         let mut cluster: Vec<u8> = Vec::new();
         let mut pos = offset;
         while pos < end {
-            let (seg, seg_end) = self.walk(pos, end, false)?;
+            let (seg, seg_end) =
+                self.map
+                    .walk(&self.file, GuestOffset(pos), GuestOffset(end), Mode::Read)?;
+            let seg_end = seg_end.0;
             let out = &mut buf[(pos - offset) as usize..(seg_end - offset) as usize];
             match seg {
-                Seg::Host(h) => self.read_host(h, out, pos)?,
+                Seg::Host(h) => self.read_host(h, out, GuestOffset(pos))?,
                 Seg::Compressed(e) => {
                     cluster.resize(cs as usize, 0);
                     let cstart = pos & !(cs - 1);
-                    self.decompress(e, cstart, &mut cluster)?;
+                    decompress::decompress(
+                        &self.file,
+                        self.compression,
+                        self.map.geo.cluster_bits,
+                        e,
+                        GuestOffset(cstart),
+                        &mut cluster,
+                    )?;
                     let at = (pos - cstart) as usize;
                     out.copy_from_slice(&cluster[at..at + out.len()]);
                 }
@@ -1306,6 +436,13 @@ impl BlockSource for Qcow2Source {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    use super::super::header::{
+        EXT_DATA_FILE, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT,
+        INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
+    };
+    use super::super::snapshot::MAX_SNAPSHOTS;
+    use super::super::{OFLAG_COMPRESSED, OFLAG_ZERO};
 
     const CB: u32 = 16;
     const CS: usize = 1 << CB;

@@ -122,7 +122,7 @@ pub(super) fn read_snapshots(
     offset: u64,
     fsize: u64,
 ) -> Result<Vec<Snapshot>> {
-    let read_exact = super::reader::read_exact;
+    let read_exact = super::file::read_exact;
     let mut out = Vec::with_capacity(count.min(1024) as usize);
     let mut pos = offset;
     let mut total: u64 = 0;
@@ -246,16 +246,8 @@ pub(crate) fn read_listing(
     len: usize,
     what: &str,
 ) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    let n = format::read_full_at(file, &mut buf, offset)
-        .map_err(|e| Error::io(path, &format!("reading {what} at offset {offset} of"), e))?;
-    if n < len {
-        return Err(Error::corrupt(
-            path,
-            format!("{what} at offset {offset} runs past the end of the file"),
-        ));
-    }
-    Ok(buf)
+    let io_what = format!("reading {what} at offset {offset} of");
+    super::file::read_exact_io(file, path, offset, len, what, &io_what)
 }
 
 #[cfg(test)]
