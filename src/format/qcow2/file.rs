@@ -30,14 +30,14 @@ impl fmt::Display for HostOffset {
 
 /// An opened image file.
 pub(super) struct ImageFile {
-    pub file: File,
-    pub path: PathBuf,
+    pub(crate) file: File,
+    pub(crate) path: PathBuf,
     /// Its length when opened; every host offset is checked against it.
-    pub size: u64,
+    pub(crate) size: u64,
 }
 
 impl ImageFile {
-    pub fn new(file: File, path: &Path) -> Result<ImageFile> {
+    pub(crate) fn new(file: File, path: &Path) -> Result<ImageFile> {
         let size = file
             .metadata()
             .map(|m| m.len())
@@ -50,12 +50,12 @@ impl ImageFile {
     }
 
     /// A damaged image, at a guest offset.
-    pub fn corrupt_at(&self, guest: GuestOffset, what: impl fmt::Display) -> Error {
+    pub(crate) fn corrupt_at(&self, guest: GuestOffset, what: impl fmt::Display) -> Error {
         Error::corrupt(&self.path, format!("guest offset {guest}: {what}"))
     }
 
     /// Reads as much of `buf` as the file has at `host` (short only at the end of the file).
-    pub fn read_at(&self, host: HostOffset, buf: &mut [u8]) -> std::io::Result<usize> {
+    pub(crate) fn read_at(&self, host: HostOffset, buf: &mut [u8]) -> std::io::Result<usize> {
         format::read_full_at(&self.file, buf, host.0)
     }
 }

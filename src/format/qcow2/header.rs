@@ -60,67 +60,67 @@ fn align8(n: usize) -> Option<usize> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct QcowHeader<'a> {
     /// 0..4: "QFI\xfb".
-    pub magic: u32,
+    pub(crate) magic: u32,
     /// 4..8: 2 or 3.
-    pub version: u32,
+    pub(crate) version: u32,
     /// 8..16: where the backing file name starts (0: no backing file).
-    pub backing_file_offset: u64,
+    pub(crate) backing_file_offset: u64,
     /// 16..20: its length in bytes.
-    pub backing_file_size: u32,
+    pub(crate) backing_file_size: u32,
     /// 20..24: the cluster size, as a power of two.
-    pub cluster_bits: u32,
+    pub(crate) cluster_bits: u32,
     /// 24..32: the virtual size in bytes.
-    pub size: u64,
+    pub(crate) size: u64,
     /// 32..36: 0 (none), 1 (AES), 2 (LUKS).
-    pub crypt_method: u32,
+    pub(crate) crypt_method: u32,
     /// 36..40, 40..48: the active L1 table.
-    pub l1_size: u32,
-    pub l1_table_offset: u64,
+    pub(crate) l1_size: u32,
+    pub(crate) l1_table_offset: u64,
     /// 48..56, 56..60: the refcount table.
-    pub refcount_table_offset: u64,
-    pub refcount_table_clusters: u32,
+    pub(crate) refcount_table_offset: u64,
+    pub(crate) refcount_table_clusters: u32,
     /// 60..64, 64..72: the snapshot table.
-    pub nb_snapshots: u32,
-    pub snapshots_offset: u64,
+    pub(crate) nb_snapshots: u32,
+    pub(crate) snapshots_offset: u64,
     /// 72..104 (version 3 and later); `None` in version 2, or when the bytes are not there.
-    pub v3: Option<V3Fields>,
+    pub(crate) v3: Option<V3Fields>,
     /// The backing file name's bytes, when `backing_file_offset` is set and the name lies inside
     /// the bytes decoded.
-    pub backing_name: Option<&'a [u8]>,
+    pub(crate) backing_name: Option<&'a [u8]>,
     /// The header extensions, from the end of the header up to the backing file name (or the end
     /// of the cluster), in file order, up to the end marker.
-    pub extensions: Vec<RawExtension<'a>>,
+    pub(crate) extensions: Vec<RawExtension<'a>>,
 }
 
 /// The version 3 part of the header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct V3Fields {
     /// 72..80, 80..88, 88..96.
-    pub incompatible_features: u64,
-    pub compatible_features: u64,
-    pub autoclear_features: u64,
+    pub(crate) incompatible_features: u64,
+    pub(crate) compatible_features: u64,
+    pub(crate) autoclear_features: u64,
     /// 96..100: refcount width, as a power of two (bits).
-    pub refcount_order: u32,
+    pub(crate) refcount_order: u32,
     /// 100..104: where the header ends and the extensions begin.
-    pub header_length: u32,
+    pub(crate) header_length: u32,
     /// 104: 0 (zlib) or 1 (zstd); `None` when `header_length` leaves it out (or the bytes end).
-    pub compression_type: Option<u8>,
+    pub(crate) compression_type: Option<u8>,
 }
 
 /// One header extension: type, where it starts, declared length, and its data (`None` when the
 /// length runs past the header area; decoding stops after such an extension).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct RawExtension<'a> {
-    pub ty: u32,
-    pub at: usize,
-    pub len: u32,
-    pub data: Option<&'a [u8]>,
+    pub(crate) ty: u32,
+    pub(crate) at: usize,
+    pub(crate) len: u32,
+    pub(crate) data: Option<&'a [u8]>,
 }
 
 impl<'a> QcowHeader<'a> {
     /// Decodes the header from `first` (the header cluster, or the whole file when shorter).
     /// `None` when `first` is shorter than a version 2 header.
-    pub fn decode(first: &'a [u8]) -> Option<QcowHeader<'a>> {
+    pub(crate) fn decode(first: &'a [u8]) -> Option<QcowHeader<'a>> {
         if first.len() < V2_HEADER_LEN {
             return None;
         }
@@ -220,17 +220,17 @@ fn decode_extensions(first: &[u8], start: usize, end: usize) -> Vec<RawExtension
 /// What the header says (after validation).
 #[derive(Debug)]
 pub(super) struct Header {
-    pub version: u32,
-    pub cluster_bits: u32,
-    pub size: u64,
-    pub l1_size: u32,
-    pub l1_table_offset: u64,
-    pub nb_snapshots: u32,
-    pub snapshots_offset: u64,
-    pub compression: Compression,
-    pub extended_l2: bool,
-    pub backing: Option<Vec<u8>>,
-    pub backing_format: Option<String>,
+    pub(crate) version: u32,
+    pub(crate) cluster_bits: u32,
+    pub(crate) size: u64,
+    pub(crate) l1_size: u32,
+    pub(crate) l1_table_offset: u64,
+    pub(crate) nb_snapshots: u32,
+    pub(crate) snapshots_offset: u64,
+    pub(crate) compression: Compression,
+    pub(crate) extended_l2: bool,
+    pub(crate) backing: Option<Vec<u8>>,
+    pub(crate) backing_format: Option<String>,
 }
 
 fn too_short(path: &Path) -> Error {

@@ -114,15 +114,15 @@ impl Run {
 /// Cluster size and L2 entry format of a file.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Geometry {
-    pub cluster_bits: u32,
-    pub extended_l2: bool,
+    pub(crate) cluster_bits: u32,
+    pub(crate) extended_l2: bool,
     /// Version 3 without extended L2: bit 0 of an L2 entry means "reads as zeros".
-    pub zero_flag: bool,
+    pub(crate) zero_flag: bool,
 }
 
 /// One file's mapping: its L1 table and a cache of its L2 tables.
 pub(super) struct Mapping {
-    pub geo: Geometry,
+    pub(crate) geo: Geometry,
     /// The L1 table read (the active one, or the selected snapshot's).
     l1: Vec<u64>,
     l2_cache: RwLock<HashMap<HostOffset, Arc<[u64]>>>,
@@ -131,7 +131,7 @@ pub(super) struct Mapping {
 impl Mapping {
     /// Reads the L1 table of `l1_size` entries at `l1_offset` (placed by `header::check_l1`) and
     /// refuses one that shares L2 tables; `snapshot` names the snapshot whose table it is.
-    pub fn load(
+    pub(crate) fn load(
         file: &ImageFile,
         geo: Geometry,
         l1_offset: u64,
@@ -158,7 +158,7 @@ impl Mapping {
         })
     }
 
-    pub fn cluster_size(&self) -> u64 {
+    pub(crate) fn cluster_size(&self) -> u64 {
         1u64 << self.geo.cluster_bits
     }
 
@@ -233,7 +233,7 @@ impl Mapping {
 
     /// The longest run from `pos` (before `limit`) with one mapping in this file, and where it
     /// ends; what merges depends on `mode`.
-    pub fn walk(
+    pub(crate) fn walk(
         &self,
         file: &ImageFile,
         pos: GuestOffset,

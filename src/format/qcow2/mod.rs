@@ -55,16 +55,16 @@ mod decompress;
 mod file;
 mod header;
 mod map;
-pub mod reader;
-pub mod snapshot;
+pub(crate) mod reader;
+pub(crate) mod snapshot;
 pub mod writer;
 
-pub use reader::open;
+pub(crate) use reader::open;
 
 use super::{Driver, ReadDriver, WriteDriver};
 
 /// qcow2's registry entry.
-pub const DRIVER: Driver = Driver {
+pub(crate) const DRIVER: Driver = Driver {
     name: "qcow2",
     extension: "qcow2",
     read: Some(ReadDriver {
@@ -75,7 +75,7 @@ pub const DRIVER: Driver = Driver {
     write: Some(WRITE),
 };
 
-pub const WRITE: WriteDriver = WriteDriver {
+pub(crate) const WRITE: WriteDriver = WriteDriver {
     options: &[],
     create: writer::create,
     disk_size: writer::disk_size,
@@ -83,18 +83,18 @@ pub const WRITE: WriteDriver = WriteDriver {
 };
 
 /// "QFI\xfb"
-pub const MAGIC: u32 = 0x5146_49fb;
+pub(crate) const MAGIC: u32 = 0x5146_49fb;
 
 /// L1/L2 entry: refcount is exactly one (informational for readers).
-pub const OFLAG_COPIED: u64 = 1 << 63;
+pub(crate) const OFLAG_COPIED: u64 = 1 << 63;
 /// L2 entry: the cluster is compressed.
-pub const OFLAG_COMPRESSED: u64 = 1 << 62;
+pub(crate) const OFLAG_COMPRESSED: u64 = 1 << 62;
 /// L2 entry (v3): the cluster reads as zeros.
-pub const OFLAG_ZERO: u64 = 1;
+pub(crate) const OFLAG_ZERO: u64 = 1;
 /// Host offset bits of a standard L1/L2 entry.
-pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-pub const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub(crate) const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub(crate) const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 
 /// Smallest and largest cluster sizes qcow2 allows (512 B to 2 MiB).
-pub const MIN_CLUSTER_BITS: u32 = 9;
-pub const MAX_CLUSTER_BITS: u32 = 21;
+pub(crate) const MIN_CLUSTER_BITS: u32 = 9;
+pub(crate) const MAX_CLUSTER_BITS: u32 = 21;

@@ -64,7 +64,12 @@ fn note_file(
 
 /// Opens a qcow2 source (and its backing chain) read-only; `snapshot` names an internal snapshot
 /// by name or ID.
-pub fn open(file: File, path: &Path, snapshot: Option<&str>, gate: &BackingGate) -> Result<Opened> {
+pub(crate) fn open(
+    file: File,
+    path: &Path,
+    snapshot: Option<&str>,
+    gate: &BackingGate,
+) -> Result<Opened> {
     let mut chain = Vec::new();
     let mut seen = Vec::new();
     let (src, snap) = open_layer(file, path, snapshot, &mut chain, &mut seen, gate)?;
@@ -280,7 +285,7 @@ fn open_backing(
 }
 
 /// An opened qcow2 file (one layer of a chain; its backing file below it).
-pub struct Qcow2Source {
+pub(crate) struct Qcow2Source {
     file: ImageFile,
     map: Mapping,
     compression: Compression,

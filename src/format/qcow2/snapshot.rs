@@ -14,31 +14,31 @@ use crate::format;
 
 /// QEMU's limits on the snapshot table (`QCOW_MAX_SNAPSHOTS`, `QCOW_MAX_SNAPSHOT_EXTRA_DATA`,
 /// `QCOW_MAX_SNAPSHOTS_SIZE`).
-pub const MAX_SNAPSHOTS: u32 = 65536;
-pub const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
+pub(crate) const MAX_SNAPSHOTS: u32 = 65536;
+pub(crate) const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
 /// Extra data kiln reads (QEMU's own limit, `QCOW_MAX_SNAPSHOT_EXTRA_DATA`).
-pub const MAX_SNAPSHOT_EXTRA: u32 = 1024;
+pub(crate) const MAX_SNAPSHOT_EXTRA: u32 = 1024;
 /// The fixed part of an entry.
-pub const SNAPSHOT_FIXED: usize = 40;
+pub(crate) const SNAPSHOT_FIXED: usize = 40;
 
 /// The fixed part of a table entry, decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EntryHead {
-    pub l1_offset: u64,
-    pub l1_size: u32,
-    pub id_size: u16,
-    pub name_size: u16,
-    pub date_sec: u32,
-    pub date_nsec: u32,
+pub(crate) struct EntryHead {
+    pub(crate) l1_offset: u64,
+    pub(crate) l1_size: u32,
+    pub(crate) id_size: u16,
+    pub(crate) name_size: u16,
+    pub(crate) date_sec: u32,
+    pub(crate) date_nsec: u32,
     /// Guest clock at the snapshot, in nanoseconds.
-    pub vm_clock_nsec: u64,
+    pub(crate) vm_clock_nsec: u64,
     /// The 32-bit VM state size (the extra data's 64-bit one wins when present).
-    pub vm_state_size32: u32,
-    pub extra_size: u32,
+    pub(crate) vm_state_size32: u32,
+    pub(crate) extra_size: u32,
 }
 
 impl EntryHead {
-    pub fn decode(b: &[u8; SNAPSHOT_FIXED]) -> EntryHead {
+    pub(crate) fn decode(b: &[u8; SNAPSHOT_FIXED]) -> EntryHead {
         let u16_at = |o: usize| u16::from_be_bytes([b[o], b[o + 1]]);
         let u32_at = |o: usize| u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         let u64_at = |o: usize| (u64::from(u32_at(o)) << 32) | u64::from(u32_at(o + 4));
@@ -56,34 +56,34 @@ impl EntryHead {
     }
 
     /// Bytes after the fixed part: extra data, ID and name.
-    pub fn var_len(&self) -> u64 {
+    pub(crate) fn var_len(&self) -> u64 {
         u64::from(self.extra_size) + u64::from(self.id_size) + u64::from(self.name_size)
     }
 
     /// The whole entry, padded to 8 bytes.
-    pub fn entry_len(&self) -> u64 {
+    pub(crate) fn entry_len(&self) -> u64 {
         (SNAPSHOT_FIXED as u64 + self.var_len()).next_multiple_of(8)
     }
 }
 
 /// One internal snapshot, as the table describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Snapshot {
-    pub id: String,
-    pub name: String,
-    pub l1_offset: u64,
-    pub l1_size: u32,
+pub(crate) struct Snapshot {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) l1_offset: u64,
+    pub(crate) l1_size: u32,
     /// The guest disk's size at the snapshot (extra data bytes 8..16), when recorded.
-    pub disk_size: Option<u64>,
-    pub vm_state_size: u64,
-    pub date_sec: u32,
-    pub date_nsec: u32,
-    pub vm_clock_nsec: u64,
+    pub(crate) disk_size: Option<u64>,
+    pub(crate) vm_state_size: u64,
+    pub(crate) date_sec: u32,
+    pub(crate) date_nsec: u32,
+    pub(crate) vm_clock_nsec: u64,
 }
 
 impl Snapshot {
     /// An entry from its fixed part and the `head.var_len()` bytes that follow it.
-    pub fn decode(head: &EntryHead, var: &[u8]) -> Snapshot {
+    pub(crate) fn decode(head: &EntryHead, var: &[u8]) -> Snapshot {
         let extra_len = head.extra_size as usize;
         let id_end = extra_len + head.id_size as usize;
         let extra = &var[..extra_len];
@@ -174,7 +174,7 @@ pub(super) fn read_snapshots(
 }
 
 /// The listing `kiln inspect` prints: the whole table of the qcow2 file at `path`.
-pub fn read_snapshot_table(path: &Path) -> Result<Vec<Snapshot>> {
+pub(crate) fn read_snapshot_table(path: &Path) -> Result<Vec<Snapshot>> {
     let file = format::open_read_only(path)?;
     let h = read_listing(&file, path, 0, 72, "the qcow2 header")?;
     let count = u32::from_be_bytes([h[60], h[61], h[62], h[63]]);

@@ -146,17 +146,8 @@ impl Qcow2Writer {
         })
     }
 
-    /// The image file (for writeback hints; all writes go through this writer).
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
-    pub fn cluster_size(&self) -> u64 {
+    pub(crate) fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
-    }
-
-    pub fn compression(&self) -> Option<Compression> {
-        self.compression
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Alloc> {
