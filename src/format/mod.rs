@@ -64,9 +64,9 @@ pub struct Driver {
 
 pub(crate) struct ReadDriver {
     pub(crate) format: Format,
-    /// True when a file starting with these bytes (up to [`PROBE_BYTES`], fewer for a short file)
-    /// is in this format. Drivers are probed in table order; the last one (raw) takes anything.
-    pub(crate) probe: fn(&[u8]) -> bool,
+    /// True when the file is in this format, judged from its first and last bytes ([`Probe`]).
+    /// Drivers are probed in table order; the last one (raw) takes anything.
+    pub(crate) probe: fn(&Probe<'_>) -> bool,
     /// Opens a source (and its backing chain), at an internal snapshot when one is named.
     pub(crate) open: fn(File, &Path, Option<&str>, &gate::BackingGate) -> Result<Opened>,
 }
@@ -91,8 +91,23 @@ pub struct WriteDriver {
 /// CLI lists output formats in this order too.
 pub(crate) static DRIVERS: &[Driver] = &[qcow2::DRIVER, raw::DRIVER];
 
-/// Bytes read from the start of a file for the probes.
-pub(crate) const PROBE_BYTES: usize = 4;
+/// Bytes read from the start of a file for the probes (magic numbers and text descriptors).
+pub(crate) const PROBE_BYTES: usize = 4096;
+/// Bytes read from the end of a file for the probes (a fixed VHD's footer is its last 512 bytes).
+pub(crate) const PROBE_TAIL_BYTES: usize = 512;
+
+/// What a format probe sees of a file.
+pub(crate) struct Probe<'a> {
+    /// The first [`PROBE_BYTES`] bytes (fewer for a short file).
+    pub(crate) head: &'a [u8],
+    /// The last [`PROBE_TAIL_BYTES`] bytes (fewer for a short file; overlaps `head` then).
+    // For formats recognised by a footer (fixed VHD); unread until one is registered.
+    #[allow(dead_code)]
+    pub(crate) tail: &'a [u8],
+    /// The file's size in bytes.
+    #[allow(dead_code)]
+    pub(crate) size: u64,
+}
 
 /// The driver named `name`, in any case.
 pub(crate) fn driver_named(name: &str) -> Option<&'static Driver> {
@@ -470,16 +485,31 @@ pub(crate) mod testing {
     }
 }
 
-/// The first readable format in [`DRIVERS`] whose probe accepts the file's first bytes: qcow2 when
-/// the file starts with the qcow2 magic, raw otherwise (what qemu-img does for these two).
+/// The first readable format in [`DRIVERS`] whose probe accepts the file: qcow2 when the file
+/// starts with the qcow2 magic, raw otherwise (what qemu-img does for these two).
 pub(crate) fn detect(file: &File, path: &Path) -> Result<Format> {
-    let mut head = [0u8; PROBE_BYTES];
+    let size = file
+        .metadata()
+        .map_err(|e| Error::io(path, "reading metadata of", e))?
+        .len();
+    let mut head = vec![0u8; PROBE_BYTES];
     let n = read_full_at(file, &mut head, 0)
         .map_err(|e| Error::io(path, "reading the header of", e))?;
+    head.truncate(n);
+    let tail_len = size.min(PROBE_TAIL_BYTES as u64) as usize;
+    let mut tail = vec![0u8; tail_len];
+    let n = read_full_at(file, &mut tail, size - tail_len as u64)
+        .map_err(|e| Error::io(path, "reading the end of", e))?;
+    tail.truncate(n);
+    let probe = Probe {
+        head: &head,
+        tail: &tail,
+        size,
+    };
     Ok(DRIVERS
         .iter()
         .filter_map(|d| d.read.as_ref())
-        .find(|r| (r.probe)(&head[..n]))
+        .find(|r| (r.probe)(&probe))
         .map_or(Format::Raw, |r| r.format))
 }
 

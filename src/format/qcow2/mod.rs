@@ -69,7 +69,7 @@ pub(crate) const DRIVER: Driver = Driver {
     extension: "qcow2",
     read: Some(ReadDriver {
         format: super::Format::Qcow2,
-        probe: |head| head.starts_with(&MAGIC.to_be_bytes()),
+        probe: |p| p.head.starts_with(&MAGIC.to_be_bytes()),
         open,
     }),
     write: Some(WRITE),
