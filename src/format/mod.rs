@@ -6,6 +6,7 @@
 //! probe, how to open it for reading and how to create it for writing. Detection, the CLI's format
 //! names and the copy engine all go through that table.
 
+pub(crate) mod chain;
 pub(crate) mod gate;
 pub mod qcow2;
 pub(crate) mod raw;
@@ -48,6 +49,16 @@ impl Format {
             .iter()
             .find(|d| d.read.as_ref().is_some_and(|r| r.format == self))
     }
+
+    /// The format's read side in the registry.
+    fn reader(self) -> Result<&'static ReadDriver> {
+        self.driver().and_then(|d| d.read.as_ref()).ok_or_else(|| {
+            Error::new(
+                Code::Internal,
+                format!("no reader for format {}", self.as_str()),
+            )
+        })
+    }
 }
 
 /// One disk format: what kiln knows of it, and the functions that read and write it.
@@ -69,7 +80,14 @@ pub(crate) struct ReadDriver {
     pub(crate) probe: fn(&Probe<'_>) -> bool,
     /// Opens a source (and its backing chain), at an internal snapshot when one is named.
     pub(crate) open: fn(File, &Path, Option<&str>, &gate::BackingGate) -> Result<Opened>,
+    /// Opens a file as one layer of a chain another file names as its backing file (recording it
+    /// in the chain first, with [`chain::Chain::note`]).
+    pub(crate) open_layer: OpenLayerFn,
 }
+
+/// A format's chain-layer opener: (file, its path, the chain so far, the gate).
+pub(crate) type OpenLayerFn =
+    fn(File, &Path, &mut chain::Chain, &gate::BackingGate) -> Result<Box<dyn BlockSource>>;
 
 /// A format's writer constructor: (new empty file, its path, virtual size, output options).
 pub(crate) type CreateFn = fn(File, &Path, u64, &OutputSpec) -> Result<Box<dyn DiskWriter>>;
@@ -342,12 +360,19 @@ pub(crate) fn open_as(
     snapshot: Option<&str>,
     gate: &gate::BackingGate,
 ) -> Result<Opened> {
-    match format.driver().and_then(|d| d.read.as_ref()) {
-        Some(r) => (r.open)(file, path, snapshot, gate),
-        None => Err(Error::new(
-            Code::Internal,
-            format!("no reader for format {}", format.as_str()),
-        )),
+    (format.reader()?.open)(file, path, snapshot, gate)
+}
+
+/// The formats kiln reads, for messages: `qcow2 and raw`.
+pub(crate) fn readable_list() -> String {
+    let names: Vec<&str> = DRIVERS
+        .iter()
+        .filter(|d| d.read.is_some())
+        .map(|d| d.name)
+        .collect();
+    match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => names.concat(),
     }
 }
 

@@ -71,6 +71,10 @@ pub(crate) const DRIVER: Driver = Driver {
         format: super::Format::Qcow2,
         probe: |p| p.head.starts_with(&MAGIC.to_be_bytes()),
         open,
+        open_layer: |file, path, chain, gate| {
+            let (src, _) = reader::open_layer(file, path, None, chain, gate)?;
+            Ok(Box::new(src))
+        },
     }),
     write: Some(WRITE),
 };

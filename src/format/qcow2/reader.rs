@@ -14,7 +14,7 @@
 //! checked, the L1 table only once its place is, the backing file only once this file is sound.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::decompress::{self, Compression};
 use super::file::{GuestOffset, HostOffset, ImageFile};
@@ -23,44 +23,10 @@ use super::map::{merge_runs, Geometry, Mapping, Mode, Seg};
 use super::snapshot::{read_snapshots, Snapshot};
 use super::{MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 use crate::error::{Code, Error, Result};
+use crate::format::chain::{self, Chain};
 use crate::format::{
-    self, gate::BackingGate, raw::RawSource, BlockSource, ChainEntry, Extent, ExtentKind, Format,
-    Opened, SourceInfo, MAX_CHAIN_DEPTH,
+    gate::BackingGate, BlockSource, Extent, ExtentKind, Format, Opened, SourceInfo,
 };
-
-/// Records a file of the chain: refuses loops and chains deeper than [`MAX_CHAIN_DEPTH`].
-fn note_file(
-    path: &Path,
-    format: Format,
-    chain: &mut Vec<ChainEntry>,
-    seen: &mut Vec<PathBuf>,
-) -> Result<()> {
-    let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    if seen.contains(&canon) {
-        return Err(Error::corrupt(
-            path,
-            format!(
-                "backing chain loop: {} is reached again through its own backing chain",
-                canon.display()
-            ),
-        ));
-    }
-    if chain.len() >= MAX_CHAIN_DEPTH {
-        return Err(Error::unsupported(
-            path,
-            format!(
-                "the backing chain is deeper than {MAX_CHAIN_DEPTH} files (this file would be number {}); flatten it first with `qemu-img convert`",
-                chain.len() + 1
-            ),
-        ));
-    }
-    seen.push(canon);
-    chain.push(ChainEntry {
-        path: path.to_path_buf(),
-        format,
-    });
-    Ok(())
-}
 
 /// Opens a qcow2 source (and its backing chain) read-only; `snapshot` names an internal snapshot
 /// by name or ID.
@@ -70,15 +36,14 @@ pub(crate) fn open(
     snapshot: Option<&str>,
     gate: &BackingGate,
 ) -> Result<Opened> {
-    let mut chain = Vec::new();
-    let mut seen = Vec::new();
-    let (src, snap) = open_layer(file, path, snapshot, &mut chain, &mut seen, gate)?;
+    let mut chain = Chain::new();
+    let (src, snap) = open_layer(file, path, snapshot, &mut chain, gate)?;
     let info = SourceInfo {
         path: path.to_path_buf(),
         format: Format::Qcow2,
         snapshot: snap,
         virtual_size: src.virtual_size,
-        chain,
+        chain: chain.into_files(),
     };
     Ok(Opened {
         source: Box::new(src),
@@ -124,15 +89,14 @@ struct Table {
     snapshot: Option<String>,
 }
 
-fn open_layer(
+pub(crate) fn open_layer(
     file: File,
     path: &Path,
     snapshot: Option<&str>,
-    chain: &mut Vec<ChainEntry>,
-    seen: &mut Vec<PathBuf>,
+    chain: &mut Chain,
     gate: &BackingGate,
 ) -> Result<(Qcow2Source, Option<String>)> {
-    note_file(path, Format::Qcow2, chain, seen)?;
+    chain.note(path, Format::Qcow2)?;
     let file = ImageFile::new(file, path)?;
     let h = parse_header(&read_header_cluster(&file)?, file.size, path)?;
     // Reads the header has made safe, each followed by its own checks (the module docs say why
@@ -160,12 +124,11 @@ fn open_layer(
     )?;
     let backing = match &h.backing {
         None => None,
-        Some(name) => Some(open_backing(
+        Some(name) => Some(chain::open_backing(
             path,
             name,
             h.backing_format.as_deref(),
             chain,
-            seen,
             gate,
         )?),
     };
@@ -240,48 +203,6 @@ fn snapshot_not_found(path: &Path, want: &str, snaps: &[Snapshot]) -> Error {
             path.display()
         ),
     )
-}
-
-fn open_backing(
-    overlay: &Path,
-    name: &[u8],
-    backing_format: Option<&str>,
-    chain: &mut Vec<ChainEntry>,
-    seen: &mut Vec<PathBuf>,
-    gate: &BackingGate,
-) -> Result<Box<dyn BlockSource>> {
-    let shown = String::from_utf8_lossy(name).into_owned();
-    if chain.len() >= MAX_CHAIN_DEPTH {
-        return Err(Error::unsupported(
-            overlay,
-            format!(
-                "the backing chain is deeper than {MAX_CHAIN_DEPTH} files (backing file '{shown}' would be number {}); flatten it first with `qemu-img convert`",
-                chain.len() + 1
-            ),
-        ));
-    }
-    // Every backing file passes the gate: local, regular, inside an allowed directory.
-    let top = chain.first().map_or(overlay, |c| c.path.as_path());
-    let (bpath, file) = gate.open(top, overlay, name)?;
-    let fmt = match backing_format {
-        Some(f) => Format::parse(f).ok_or_else(|| {
-            Error::unsupported(
-                overlay,
-                format!("backing file format '{f}' is not supported (kiln reads raw and qcow2)"),
-            )
-        })?,
-        None => format::detect(&file, &bpath)?,
-    };
-    match fmt {
-        Format::Raw => {
-            note_file(&bpath, Format::Raw, chain, seen)?;
-            Ok(Box::new(RawSource::new(file, &bpath)?))
-        }
-        Format::Qcow2 => {
-            let (src, _) = open_layer(file, &bpath, None, chain, seen, gate)?;
-            Ok(Box::new(src))
-        }
-    }
 }
 
 /// An opened qcow2 file (one layer of a chain; its backing file below it).

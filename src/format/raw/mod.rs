@@ -20,6 +20,10 @@ pub(crate) const DRIVER: Driver = Driver {
         format: Format::Raw,
         probe: |_| true,
         open,
+        open_layer: |file, path, chain, _gate| {
+            chain.note(path, Format::Raw)?;
+            Ok(Box::new(RawSource::new(file, path)?))
+        },
     }),
     write: Some(WriteDriver {
         options: &[],
