@@ -32,11 +32,9 @@ pub enum Format {
 }
 
 impl Format {
+    /// Its registry name.
     pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Format::Raw => "raw",
-            Format::Qcow2 => "qcow2",
-        }
+        self.driver().map_or("unknown", |d| d.name)
     }
 
     /// A readable format by its registry name, in any case.
