@@ -31,7 +31,7 @@ pub(crate) fn parse(v: &Value, path: &Path, base: &Path, opts: &LoadOptions) -> 
                     s.display()
                 ));
             }
-            Some(instance(&id, base, opts.connect.as_deref())?)
+            Some(instance(&id, "InstanceId", base, opts.connect.as_deref())?)
         }
     };
     let record = (!f.recorded.is_empty()).then(|| DialectRecord {
@@ -49,9 +49,14 @@ pub(crate) fn parse(v: &Value, path: &Path, base: &Path, opts: &LoadOptions) -> 
     })
 }
 
-/// The instance `id` names: a domain XML path (relative to the request file), or with `connect`
-/// a libvirt domain dumped by `virsh`.
-pub(crate) fn instance(id: &str, base: &Path, connect: Option<&str>) -> Result<InstanceDisks> {
+/// The instance `id` (the request's parameter `param`) names: a domain XML path (relative to the
+/// request file), or with `connect` a libvirt domain dumped by `virsh`.
+pub(crate) fn instance(
+    id: &str,
+    param: &str,
+    base: &Path,
+    connect: Option<&str>,
+) -> Result<InstanceDisks> {
     match connect {
         Some(uri) => {
             let xml = virsh_dumpxml(uri, id)?;
@@ -64,8 +69,9 @@ pub(crate) fn instance(id: &str, base: &Path, connect: Option<&str>) -> Result<I
                 return Err(Error::new(
                     Code::InstanceNotFound,
                     format!(
-                        "InstanceId {id}: no domain XML at {} (give the path of `virsh dumpxml` output, or --connect URI to name a libvirt domain)",
-                        p.display()
+                        "{param} {id}: no domain XML at {} (give the path of `virsh dumpxml` output{})",
+                        p.display(),
+                        if param == "InstanceId" { ", or --connect URI to name a libvirt domain" } else { "" }
                     ),
                 ));
             }

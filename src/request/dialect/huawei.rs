@@ -177,7 +177,7 @@ pub(crate) fn parse(line: Option<&str>, v: &Value, base: &Path) -> Result<Loaded
     let (instance, data_image) = match form {
         Form::Instance => {
             let id = f.string("instance_id")?.unwrap_or_default();
-            let mut inst = super::alibaba::instance(&id, base, None)?;
+            let mut inst = super::alibaba::instance(&id, "instance_id", base, None)?;
             let dropped = inst.specs.len() - 1;
             inst.specs.retain(|s| s.disk_type == Some(DiskType::System));
             inst.instance.targets.retain(|(d, _)| d.is_system());

@@ -130,18 +130,6 @@ pub(crate) fn parse(
     for e in entries.iter().filter(|e| !e.recorded.is_empty()) {
         parameters.insert(format!("dataDisks.{}", e.device), e.recorded.clone().into());
     }
-    let targets = disks
-        .specs
-        .iter()
-        .filter_map(|s| {
-            let d = s.device.clone()?;
-            let t = inst
-                .disks
-                .iter()
-                .find(|i| Some(&i.source) == s.snapshot.as_ref())?;
-            Some((d, t.target_dev.clone()))
-        })
-        .collect();
     Ok(Loaded {
         dialect: Dialect::JdCloud,
         file: RequestFile {
@@ -149,16 +137,7 @@ pub(crate) fn parse(
             description,
             ..RequestFile::default()
         },
-        instance: Some(InstanceDisks {
-            instance: InstanceSource {
-                name: inst.name.clone(),
-                uuid: inst.uuid.clone(),
-                targets,
-                disks: inst.disks.clone(),
-            },
-            specs: disks.specs,
-            skipped: Vec::new(),
-        }),
+        instance: Some(disks),
         record: Some(DialectRecord {
             dialect: Dialect::JdCloud.as_str().into(),
             parameters,
@@ -429,25 +408,25 @@ fn disk_spec(
 }
 
 /// The image's disks: the instance's boot disk as `vda`, its data disks less `noDevice` ones (grown
-/// where `diskSizeGB` says), and the new ones, in JD's device order on `/dev/xvdb` on.
+/// where `diskSizeGB` says), and the new ones, in JD's device order on `/dev/xvdb` on; with each
+/// image device's JD name.
 fn plan(inst: &Instance, entries: &[Entry]) -> Result<(InstanceDisks, BTreeMap<String, String>)> {
     let boot = &inst.disks[inst.boot];
-    let mut data: BTreeMap<(usize, String), DiskSpec> = BTreeMap::new();
+    // JD name (in libvirt's order) → the disk, and whether it is the instance's own.
+    let mut data: BTreeMap<(usize, String), (DiskSpec, bool)> = BTreeMap::new();
     let others = inst
         .disks
         .iter()
         .enumerate()
         .filter(|(i, _)| *i != inst.boot);
     for (_, d) in others {
-        data.insert(
-            (d.target_dev.len(), d.target_dev.clone()),
-            DiskSpec {
-                snapshot: Some(d.source.clone()),
-                format: d.format,
-                disk_type: Some(DiskType::Data),
-                ..DiskSpec::default()
-            },
-        );
+        let spec = DiskSpec {
+            snapshot: Some(d.source.clone()),
+            format: d.format,
+            disk_type: Some(DiskType::Data),
+            ..DiskSpec::default()
+        };
+        data.insert((d.target_dev.len(), d.target_dev.clone()), (spec, true));
     }
     let key = |d: &str| (d.len(), d.to_string());
     for e in entries.iter().filter(|e| e.no_device) {
@@ -463,7 +442,7 @@ fn plan(inst: &Instance, entries: &[Entry]) -> Result<(InstanceDisks, BTreeMap<S
     for e in entries.iter().filter(|e| !e.no_device) {
         let replaced = entries.iter().any(|o| o.no_device && o.device == e.device);
         match data.get_mut(&key(&e.device)) {
-            Some(spec) if !replaced => {
+            Some((spec, _)) if !replaced => {
                 if e.snapshot.is_some() {
                     return Err(invalid(format!("Parameter snapshotId: {} is a disk of the instance; exclude it with noDevice first to put a new disk in its place", e.device)));
                 }
@@ -483,15 +462,13 @@ fn plan(inst: &Instance, entries: &[Entry]) -> Result<(InstanceDisks, BTreeMap<S
                         "DataDisks.CloudDiskSpec.DiskSizeGB out of range",
                     ));
                 }
-                data.insert(
-                    key(&e.device),
-                    DiskSpec {
-                        snapshot: e.snapshot.clone(),
-                        size: e.size_gib.map(|g| g << 30),
-                        disk_type: Some(DiskType::Data),
-                        ..DiskSpec::default()
-                    },
-                );
+                let spec = DiskSpec {
+                    snapshot: e.snapshot.clone(),
+                    size: e.size_gib.map(|g| g << 30),
+                    disk_type: Some(DiskType::Data),
+                    ..DiskSpec::default()
+                };
+                data.insert(key(&e.device), (spec, false));
             }
         }
     }
@@ -512,20 +489,26 @@ fn plan(inst: &Instance, entries: &[Entry]) -> Result<(InstanceDisks, BTreeMap<S
         format: boot.format,
         size: None,
     }];
-    for (i, ((_, name), mut spec)) in data.into_iter().enumerate() {
+    // The instance's own disks keep their target as the manifest's OriginalTarget.
+    let mut targets = vec![(Device::system(), boot.target_dev.clone())];
+    for (i, ((_, name), (mut spec, own))) in data.into_iter().enumerate() {
         let dev = Device::data(i + 1);
-        names.insert(dev.as_str().to_string(), name);
+        names.insert(dev.as_str().to_string(), name.clone());
+        if own {
+            targets.push((dev.clone(), name));
+        }
         spec.device = Some(dev);
         specs.push(spec);
     }
+    let instance = InstanceSource {
+        name: inst.name.clone(),
+        uuid: inst.uuid.clone(),
+        targets,
+        disks: inst.disks.clone(),
+    };
     Ok((
         InstanceDisks {
-            instance: InstanceSource {
-                name: inst.name.clone(),
-                uuid: inst.uuid.clone(),
-                targets: Vec::new(),
-                disks: Vec::new(),
-            },
+            instance,
             specs,
             skipped: Vec::new(),
         },
