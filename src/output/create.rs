@@ -55,6 +55,9 @@ fn created(out: &CreateOutcome, json: bool, quiet: bool) -> Rendered {
             "{}",
             summary(&out.stats, out.virtual_bytes, out.elapsed)
         );
+        if let Some(job) = m.request_dialect.as_ref().and_then(|d| d.job_id.as_deref()) {
+            let _ = writeln!(stderr, "kiln: IMS job {job} (kiln describe --job {job})");
+        }
     }
     if let (Some(d), false, false) = (&m.detection, json, quiet) {
         let _ = write!(

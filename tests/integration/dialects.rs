@@ -799,6 +799,8 @@ fn alibaba_invalid_requests_are_refused_with_alibaba_codes() {
         ("a.json", r#"{"ImageName": "ok-name", "InstanceId": "gone.xml"}"#, "InvalidInstanceId.NotFound"),
         ("a.json", r#"{"ImageName": "ok-name", "SnapshotId": "sys.raw", "Action": "DeleteImage"}"#, "InvalidParameter"),
         ("a.json", r#"{"ImageName": "ok-name", "SnapshotId": "sys.raw", "Platform": "Plan9"}"#, "InvalidPlatform.Malformed"),
+        // A lower-case typo of an Alibaba key stays Alibaba's (not JD's shape).
+        ("a.json", r#"{"imageName": "ok-name", "SnapshotId": "sys.raw"}"#, "InvalidParameter"),
         ("a.txt", "ImageName=ok-name&DiskDeviceMapping.1.SnapshotId=sys.raw&DiskDeviceMapping.1.Device=/dev/sda", "InvalidDevice.Malformed"),
         ("a.txt", "ImageName=ok-name&DiskDeviceMapping.18.SnapshotId=sys.raw", "InvalidParameter"),
         ("a.txt", "ImageName=ok-name&SnapshotId=sys.raw&Tag.1.Value=v", "MissingParameter"),

@@ -411,7 +411,14 @@ fn disk_spec(
 /// where `diskSizeGB` says), and the new ones, in JD's device order on `/dev/xvdb` on; with each
 /// image device's JD name.
 fn plan(inst: &Instance, entries: &[Entry]) -> Result<(InstanceDisks, BTreeMap<String, String>)> {
-    let boot = &inst.disks[inst.boot];
+    let boot = inst.disks.get(inst.boot).ok_or_else(|| {
+        jd(
+            Code::NoSystemDisk,
+            "FAILED_PRECONDITION",
+            400,
+            "System disk not found",
+        )
+    })?;
     // JD name (in libvirt's order) → the disk, and whether it is the instance's own.
     let mut data: BTreeMap<(usize, String), (DiskSpec, bool)> = BTreeMap::new();
     let others = inst

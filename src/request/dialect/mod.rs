@@ -217,18 +217,16 @@ pub(crate) fn detect(line: Option<&str>, v: &Value) -> Dialect {
     let Some(obj) = v.as_object() else {
         return Dialect::Alibaba;
     };
+    let has = |keys: &[&str], k: &str| keys.contains(&k);
+    // Huawei's own keys first (it shares `name` and `description` with JD); a key neither knows is
+    // Alibaba's, so an Alibaba typo (`imageName`) is answered with its nearest Alibaba key.
     if obj
         .keys()
-        .any(|k| huawei::KEYS.contains(&k.as_str()) && k.contains('_'))
-        || obj.contains_key("tags")
-        || obj.contains_key("type")
+        .any(|k| has(huawei::KEYS, k) && !has(jdcloud::KEYS, k))
     {
         return Dialect::Huawei;
     }
-    let starts_lower = obj
-        .keys()
-        .any(|k| k.chars().next().is_some_and(|c| c.is_ascii_lowercase()));
-    if starts_lower {
+    if obj.keys().any(|k| has(jdcloud::KEYS, k)) {
         return Dialect::JdCloud;
     }
     Dialect::Alibaba
@@ -280,6 +278,11 @@ mod tests {
         );
         assert_eq!(
             detect(None, &json!({"data_images": [{"volume_id": "x"}]})),
+            Dialect::Huawei
+        );
+        assert_eq!(detect(None, &json!({"imageName": "a"})), Dialect::Alibaba);
+        assert_eq!(
+            detect(None, &json!({"name": "a", "type": "ECS"})),
             Dialect::Huawei
         );
         assert_eq!(
