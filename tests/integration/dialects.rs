@@ -905,3 +905,92 @@ fn describe_prints_each_vendors_shape() {
         (2, Some("IMG.0004"))
     );
 }
+
+#[test]
+fn huawei_jobs_run_then_fail_when_their_create_dies() {
+    let t = tmp();
+    let d = t.path();
+    huawei_lab(d);
+    fs::write(
+        d.join("v.json"),
+        r#"{"name": "dies", "volume_id": "volume.qcow2", "os_version": "Ubuntu 22.04 server 64bit"}"#,
+    )
+    .unwrap();
+    let args = ["--store", "st", "create", "--request", "v.json", "-q"];
+    let mut child = crate::common::kiln_stopped_at(d, &args, "staging");
+    let records = json(&kiln_in(d, &["--json", "--store", "st", "describe"]).ok());
+    let job = records[0]["RequestDialect"]["JobId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let running = json(&kiln_in(d, &["--store", "st", "describe", "--job", &job]).ok());
+    assert_eq!(running["status"], "RUNNING", "{running}");
+    assert!(running["end_time"].is_null());
+    crate::common::signal(&child, nix::sys::signal::Signal::SIGKILL);
+    child.wait().unwrap();
+    let failed = json(&kiln_in(d, &["--store", "st", "describe", "--job", &job]).ok());
+    assert_eq!(failed["status"], "FAIL", "{failed}");
+    assert_eq!(failed["entities"]["image_id"], records[0]["ImageId"]);
+}
+
+#[test]
+fn huawei_volume_without_os_version_detects_the_os() {
+    let t = tmp();
+    let d = t.path();
+    huawei_lab(d);
+    fs::write(
+        d.join("v.json"),
+        r#"{"name": "detected", "volume_id": "volume.qcow2"}"#,
+    )
+    .unwrap();
+    let r = kiln_in(
+        d,
+        &["create", "--request", "v.json", "--output-dir", "out", "-q"],
+    )
+    .ok();
+    assert!(r.stderr.contains("os_version not given"), "{}", r.stderr);
+    let m = manifest(&d.join("out"));
+    assert!(m["Detection"].is_object(), "{m}");
+    // No OS on this volume: the platform recorded is the default.
+    assert_eq!(m["Platform"], "Others Linux");
+    assert_same(d, "volume.qcow2", "out/xvda.qcow2");
+}
+
+#[test]
+fn jd_replaces_a_disk_excluded_and_added_under_its_name() {
+    let t = tmp();
+    let d = t.path();
+    jd_lab(d);
+    fs::write(
+        d.join("r.json"),
+        r#"/v1/regions/cn-north-1/instances/vm.xml:createImage
+        {"name": "replace", "dataDisks": [{"deviceName": "vdb", "noDevice": true},
+          {"deviceName": "vdb", "cloudDiskSpec": {"snapshotId": "snap.raw"}}]}"#,
+    )
+    .unwrap();
+    kiln_in(
+        d,
+        &["create", "--request", "r.json", "--output-dir", "out", "-q"],
+    )
+    .ok();
+    let m = manifest(&d.join("out"));
+    assert_eq!(m["RequestDialect"]["DeviceNames"]["/dev/xvdb"], "vdb");
+    assert!(m["DiskDeviceMappings"][1]["OriginalTarget"].is_null());
+    assert_same(d, "snap.raw", "out/xvdb.qcow2");
+    assert_same(d, "vdc.qcow2", "out/xvdc.qcow2");
+    // In text mode the error is JD's code and words on stderr, still exit 2.
+    fs::write(
+        d.join("dup.json"),
+        r#"/v1/regions/cn-north-1/instances/vm.xml:createImage
+        {"name": "dup", "dataDisks": [{"deviceName": "vdx", "cloudDiskSpec": {"snapshotId": "snap.raw"}},
+          {"deviceName": "vdx", "cloudDiskSpec": {"snapshotId": "snap.raw"}}]}"#,
+    )
+    .unwrap();
+    let r = kiln_in(
+        d,
+        &["create", "--request", "dup.json", "--output-dir", "out2"],
+    );
+    assert_eq!(r.status, 2);
+    assert_eq!(r.stderr, "kiln: error: DUPLICATE: Duplicate deviceName\n");
+    assert!(!d.join("out2").exists());
+}
