@@ -15,10 +15,11 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use super::fields::Fields;
 use super::{request_id, request_target, resolve, Dialect, Loaded};
 use crate::error::{Code, Error, Result, VendorCode};
 use crate::image::attributes::{Architecture, BootMode, DialectRecord, Platform};
-use crate::request::file::{nearest, RequestFile};
+use crate::request::file::RequestFile;
 use crate::request::plan::{DiskSpec, DiskType};
 use crate::request::validate::is_cjk;
 
@@ -109,51 +110,20 @@ pub(crate) fn label(e: Error) -> Error {
     })
 }
 
-/// A Huawei request's fields, typed.
-struct Fields<'a> {
-    o: &'a Map<String, Value>,
-    at: &'a str,
+fn invalid_text(m: String) -> Error {
+    invalid(m)
 }
 
-impl Fields<'_> {
-    fn string(&self, k: &str) -> Result<Option<String>> {
-        match self.o.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(invalid(format!("{}{k} must be a string", self.at))),
-        }
-    }
-    fn boolean(&self, k: &str) -> Result<Option<bool>> {
-        match self.o.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(_) => Err(invalid(format!("{}{k} must be true or false", self.at))),
-        }
-    }
-    fn integer(&self, k: &str) -> Result<Option<u64>> {
-        match self.o.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| invalid(format!("{}{k} must be a whole number", self.at))),
-        }
+/// `o`'s fields, at `at`, with IMS's errors.
+fn fields<'a>(o: &'a Map<String, Value>, at: &'a str) -> Fields<'a> {
+    Fields {
+        o,
+        at,
+        invalid: invalid_text,
     }
 }
 
-fn check_keys(o: &Map<String, Value>, known: &[&str], at: &str) -> Result<()> {
-    for k in o.keys() {
-        if !known.contains(&k.as_str()) {
-            let hint = nearest(k, known)
-                .map(|n| format!("; did you mean '{at}{n}'?"))
-                .unwrap_or_default();
-            return Err(invalid(format!(
-                "{at}{k} is not a parameter of IMS CreateImage{hint}"
-            )));
-        }
-    }
-    Ok(())
-}
+const API: &str = "IMS CreateImage";
 
 /// Reads an IMS CreateImage request.
 pub(crate) fn parse(line: Option<&str>, v: &Value, base: &Path) -> Result<Loaded> {
@@ -167,8 +137,8 @@ pub(crate) fn parse(line: Option<&str>, v: &Value, base: &Path) -> Result<Loaded
     let o = v
         .as_object()
         .ok_or_else(|| invalid("the request body must be a JSON object"))?;
-    check_keys(o, KEYS, "")?;
-    let f = Fields { o, at: "" };
+    let f = fields(o, "");
+    f.check_keys(KEYS, API)?;
     let form = form(o)?;
     let mut parameters = Map::new();
     let mut file = RequestFile::default();
@@ -391,7 +361,8 @@ fn tags(f: &Fields) -> Result<Option<Vec<(String, String)>>> {
                     f.at
                 ))
             })?;
-            check_keys(o, &["key", "value"], &format!("{}image_tags.", f.at))?;
+            let at = format!("{}image_tags.", f.at);
+            fields(o, &at).check_keys(&["key", "value"], API)?;
             let get = |k: &str| o.get(k).and_then(Value::as_str).map(str::to_string);
             let key = get("key")
                 .ok_or_else(|| invalid(format!("{}image_tags: a tag without a key", f.at)))?;
@@ -423,11 +394,8 @@ fn data_volume(
     let eo = entry
         .as_object()
         .ok_or_else(|| invalid("data_images[1] must be an object"))?;
-    check_keys(eo, DATA_KEYS, "data_images[1].")?;
-    let f = Fields {
-        o: eo,
-        at: "data_images[1].",
-    };
+    let f = fields(eo, "data_images[1].");
+    f.check_keys(DATA_KEYS, API)?;
     if eo.contains_key("image_url") || eo.contains_key("min_disk") {
         return Err(conflict("data_images[1]: image_url and min_disk belong to the external-file form (with a top-level image_url)"));
     }
@@ -531,8 +499,8 @@ fn external_files(f: &Fields, base: &Path, p: &mut Map<String, Value>) -> Result
         let o = d
             .as_object()
             .ok_or_else(|| invalid(format!("{at} must be an object")))?;
-        check_keys(o, DATA_KEYS, &at)?;
-        let df = Fields { o, at: &at };
+        let df = fields(o, &at);
+        df.check_keys(DATA_KEYS, API)?;
         if o.contains_key("volume_id") {
             return Err(conflict(format!("{at}volume_id belongs to the data-volume form; an external file's data disks are image_url files")));
         }

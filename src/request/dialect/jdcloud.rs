@@ -13,11 +13,12 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use super::fields::Fields;
 use super::{request_target, resolve, Dialect, LoadOptions, Loaded};
 use crate::error::{Code, Error, Result, VendorCode};
 use crate::image::attributes::DialectRecord;
 use crate::request::create::{self, InstanceDisks, InstanceSource};
-use crate::request::file::{nearest, RequestFile};
+use crate::request::file::RequestFile;
 use crate::request::instance::{self, Instance};
 use crate::request::plan::{Device, DiskSpec, DiskType, MAX_DATA_DISKS};
 use crate::request::validate::is_cjk;
@@ -92,11 +93,14 @@ pub(crate) fn parse(
     let obj = v
         .as_object()
         .ok_or_else(|| invalid("the request body must be a JSON object"))?;
-    check_keys(obj, KEYS, "")?;
+    let top = fields(obj, "");
+    top.check_keys(KEYS, API)?;
     let (region, instance_path) = instance_of(line, base, opts)?;
-    let name = string(obj, "name", "")?.ok_or_else(|| invalid("Parameter name missing"))?;
+    let name = top
+        .string("name")?
+        .ok_or_else(|| invalid("Parameter name missing"))?;
     check_name(&name)?;
-    let description = string(obj, "description", "")?;
+    let description = top.string("description")?;
     if let Some(d) = &description {
         if d.chars().count() > 256 {
             return Err(invalid(format!(
@@ -178,46 +182,20 @@ fn instance_of(
     Ok((Some(region.to_string()), resolve(base, id)))
 }
 
-/// Unknown keys are refused with the nearest known one.
-fn check_keys(o: &Map<String, Value>, known: &[&str], prefix: &str) -> Result<()> {
-    for k in o.keys() {
-        if !known.contains(&k.as_str()) {
-            let hint = nearest(k, known)
-                .map(|n| format!("; did you mean '{prefix}{n}'?"))
-                .unwrap_or_default();
-            return Err(invalid(format!(
-                "Parameter {prefix}{k} is not a createImage parameter{hint}"
-            )));
-        }
-    }
-    Ok(())
+fn invalid_text(m: String) -> Error {
+    invalid(format!("Parameter {m}"))
 }
 
-fn string(o: &Map<String, Value>, k: &str, at: &str) -> Result<Option<String>> {
-    match o.get(k) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(invalid(format!("Parameter {at}{k} must be a string"))),
+/// `o`'s fields, at `at`, with JD's errors.
+fn fields<'a>(o: &'a Map<String, Value>, at: &'a str) -> Fields<'a> {
+    Fields {
+        o,
+        at,
+        invalid: invalid_text,
     }
 }
 
-fn boolean(o: &Map<String, Value>, k: &str, at: &str) -> Result<Option<bool>> {
-    match o.get(k) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(_) => Err(invalid(format!("Parameter {at}{k} must be true or false"))),
-    }
-}
-
-fn integer(o: &Map<String, Value>, k: &str, at: &str) -> Result<Option<u64>> {
-    match o.get(k) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| invalid(format!("Parameter {at}{k} must be a whole number"))),
-    }
-}
+const API: &str = "createImage";
 
 /// JD's name rule: 2 to 32 characters of CJK, letters, digits, `_`, `-` and `.`.
 pub(crate) fn check_name(name: &str) -> Result<()> {
@@ -296,8 +274,10 @@ fn entry(item: &Value, n: usize, base: &Path, notes: &mut Vec<String>) -> Result
             )));
         }
     }
-    check_keys(&o, DISK_KEYS, &at)?;
-    let device = string(&o, "deviceName", &at)?
+    let f = fields(&o, &at);
+    f.check_keys(DISK_KEYS, API)?;
+    let device = f
+        .string("deviceName")?
         .ok_or_else(|| invalid(format!("Parameter {at}deviceName missing")))?;
     if device == "vda" {
         return Err(invalid(format!(
@@ -311,17 +291,17 @@ fn entry(item: &Value, n: usize, base: &Path, notes: &mut Vec<String>) -> Result
     }
     let mut e = Entry {
         device,
-        no_device: boolean(&o, "noDevice", &at)?.unwrap_or(false),
+        no_device: f.boolean("noDevice")?.unwrap_or(false),
         ..Entry::default()
     };
-    if let Some(c) = string(&o, "diskCategory", &at)? {
+    if let Some(c) = f.string("diskCategory")? {
         if c != "cloud" {
             return Err(invalid(format!(
                 "Parameter {at}diskCategory '{c}' is invalid: data disks are cloud disks only"
             )));
         }
     }
-    if let Some(a) = boolean(&o, "autoDelete", &at)? {
+    if let Some(a) = f.boolean("autoDelete")? {
         e.recorded.insert("autoDelete".into(), a.into());
     }
     let spec = match o.get("cloudDiskSpec") {
@@ -353,14 +333,15 @@ fn disk_spec(
     e: &mut Entry,
     notes: &mut Vec<String>,
 ) -> Result<()> {
-    check_keys(s, SPEC_KEYS, at)?;
+    let f = fields(s, at);
+    f.check_keys(SPEC_KEYS, API)?;
     for k in IGNORED_SPEC_KEYS.iter().filter(|k| s.contains_key(**k)) {
         notes.push(format!(
             "{at}{k} was ignored: JD Cloud ignores it when making an image"
         ));
     }
-    e.snapshot = string(s, "snapshotId", at)?.map(|p| resolve(base, &p));
-    if let Some(g) = integer(s, "diskSizeGB", at)? {
+    e.snapshot = f.string("snapshotId")?.map(|p| resolve(base, &p));
+    if let Some(g) = f.integer("diskSizeGB")? {
         if !(20..=16000).contains(&g) || g % 10 != 0 {
             return Err(jd(
                 Code::InvalidSize,
@@ -371,7 +352,7 @@ fn disk_spec(
         }
         e.size_gib = Some(g);
     }
-    if let Some(t) = string(s, "diskType", at)? {
+    if let Some(t) = f.string("diskType")? {
         if !DISK_TYPES.contains(&t.as_str()) {
             return Err(invalid(format!(
                 "Parameter {at}diskType '{t}' is invalid: one of {}",
@@ -381,7 +362,7 @@ fn disk_spec(
         e.recorded.insert("diskType".into(), t.clone().into());
         e.disk_type = Some(t);
     }
-    if let Some(iops) = integer(s, "iops", at)? {
+    if let Some(iops) = f.integer("iops")? {
         let max = e.size_gib.map_or(32000, |g| (g * 50).min(32000));
         if e.disk_type.as_deref() != Some("ssd.io1")
             || !(200..=max).contains(&iops)
@@ -396,7 +377,7 @@ fn disk_spec(
         }
         e.recorded.insert("iops".into(), iops.into());
     }
-    if boolean(s, "encrypt", at)? == Some(true) {
+    if f.boolean("encrypt")? == Some(true) {
         return Err(jd(
             Code::Unsupported,
             "INVALID_ARGUMENT",

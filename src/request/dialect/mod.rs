@@ -9,6 +9,7 @@
 //! so the documents' examples run as written.
 
 pub(crate) mod alibaba;
+pub(crate) mod fields;
 pub(crate) mod huawei;
 pub(crate) mod jdcloud;
 pub(crate) mod query;
