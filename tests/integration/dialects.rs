@@ -284,6 +284,8 @@ fn jd_invalid_requests_are_refused_with_jd_codes() {
         "NOT_FOUND",
     );
     assert_eq!(v["error"]["code"], 404);
+    // A body that is not JSON under JD's request line is still answered in JD's terms.
+    jd_refused(d, &format!("{line}{{\"name\": }}"), "INVALID_ARGUMENT");
     // Without a request line or --instance, the instanceId is missing.
     jd_refused(d, r#"{"name": "ok", "dataDisks": []}"#, "INVALID_ARGUMENT");
 }
@@ -466,6 +468,8 @@ fn huawei_invalid_requests_are_refused_with_ims_errors() {
     let d = t.path();
     huawei_lab(d);
     let cases: &[(&str, &str)] = &[
+        // Not JSON, under --dialect huawei
+        ("{not json", "IMG.0001"),
         // tags and image_tags together
         (
             r#"{"name": "a", "instance_id": "ecs.xml", "tags": ["a.1"], "image_tags": [{"key": "a", "value": "1"}]}"#,

@@ -104,8 +104,17 @@ impl Loaded {
     }
 }
 
-/// Reads the request file at `path` in its dialect.
+/// Reads the request file at `path` in its dialect. Errors are the dialect's: the one given, or
+/// the one detected once the file could be read.
 pub(crate) fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
+    let no_names = BTreeMap::new();
+    read(path, opts).map_err(|e| match opts.dialect {
+        Some(d) => d.label(e, &no_names),
+        None => e,
+    })
+}
+
+fn read(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let text = read_bounded(path)?;
     let base = path
         .parent()
@@ -120,16 +129,17 @@ pub(crate) fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
             toml::from_str(&text).map_err(|e| bad(path, format!("not valid TOML: {e}")))?;
         serde_json::to_value(t).map_err(|e| bad(path, format!("cannot read its TOML: {e}")))?
     } else if body.trim_start().starts_with('{') {
-        serde_json::from_str(body).map_err(|e| bad(path, format!("not valid JSON: {e}")))?
+        serde_json::from_str(body).map_err(|e| {
+            // A request line still says whose body it is.
+            detect(line, &Value::Null)
+                .label(bad(path, format!("not valid JSON: {e}")), &BTreeMap::new())
+        })?
     } else {
         // Not JSON: Alibaba's flattened query form (the HTTP API's own shape).
         if let Some(d) = opts.dialect.filter(|d| *d != Dialect::Alibaba) {
-            return Err(d.label(
-                bad(
-                    path,
-                    format!("not JSON; a {} request is a JSON body", d.as_str()),
-                ),
-                &BTreeMap::new(),
+            return Err(bad(
+                path,
+                format!("not JSON; a {} request is a JSON body", d.as_str()),
             ));
         }
         let mut loaded = alibaba::parse(&query::to_json(&text, path)?, path, base, opts)?;
