@@ -15,7 +15,7 @@ use crate::format::Format;
 use crate::format::{OutputFormat, OutputSpec};
 use crate::image::store;
 use crate::request::create::{self as create_request, CreateRequest, Destination};
-use crate::request::file::{self as request_file, RequestFile};
+use crate::request::dialect::{self, Dialect, LoadOptions, Loaded};
 use crate::request::plan::DiskSpec;
 use crate::request::validate;
 
@@ -136,6 +136,12 @@ pub struct DescribeArgs {
     /// Only images carrying this tag (KEY=VALUE, or KEY for any value; repeatable).
     #[arg(long = "tag", value_name = "KEY=VALUE")]
     pub(crate) tags: Vec<String>,
+    /// Print the images in this vendor's DescribeImages shape (with --json).
+    #[arg(long, value_enum)]
+    pub(crate) dialect: Option<DialectArg>,
+    /// The Huawei IMS job with this ID, as IMS's job query reports it.
+    #[arg(long, value_name = "JOB_ID", conflicts_with_all = ["ids", "name", "family", "status", "tags", "dialect"])]
+    pub(crate) job: Option<String>,
 }
 
 impl DescribeArgs {
@@ -146,7 +152,16 @@ impl DescribeArgs {
             family: self.family.clone(),
             status: self.status.clone(),
             tags: tag_filters(&self.tags),
+            job: self.job.clone(),
         }
+    }
+
+    /// The vendor shape to print in (`--dialect`; Huawei's job shape with `--job`).
+    pub fn dialect(&self) -> Option<Dialect> {
+        if self.job.is_some() {
+            return Some(Dialect::Huawei);
+        }
+        self.dialect.map(DialectArg::dialect)
     }
 }
 
@@ -243,12 +258,37 @@ pub(crate) enum ProgressArg {
     None,
 }
 
+/// `--dialect`: a vendor's CreateImage shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum DialectArg {
+    Alibaba,
+    Jdcloud,
+    Huawei,
+}
+
+impl DialectArg {
+    fn dialect(self) -> Dialect {
+        match self {
+            DialectArg::Alibaba => Dialect::Alibaba,
+            DialectArg::Jdcloud => Dialect::JdCloud,
+            DialectArg::Huawei => Dialect::Huawei,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct CreateArgs {
-    /// A request file (JSON, or TOML by its .toml extension) with CreateImage's parameter names;
-    /// flags override it.
+    /// A request file: Alibaba CreateImage parameters (JSON, TOML by its .toml extension, or the
+    /// query form), a JD Cloud createImage or a Huawei IMS request; flags override it.
     #[arg(long, value_name = "FILE")]
     pub(crate) request: Option<PathBuf>,
+    /// The request file's dialect (detected from its shape when not given); `--json` then answers
+    /// in that vendor's response shape.
+    #[arg(long, value_enum)]
+    pub(crate) dialect: Option<DialectArg>,
+    /// A libvirt URI: an Alibaba request's InstanceId is then a domain name, read with `virsh`.
+    #[arg(long, value_name = "URI")]
+    pub(crate) connect: Option<String>,
     /// The image name (2 to 128 characters, starting with a letter or a CJK character).
     #[arg(long)]
     pub(crate) name: Option<String>,
@@ -479,86 +519,76 @@ impl CreateArgs {
         progress_mode(self.out.quiet, self.out.progress)
     }
 
-    /// The request: the request file (if any), then the flags over it. `store` is the global
-    /// `--store`, used when there is no `--output-dir`.
+    /// The request: the request file (if any, in its dialect), then the flags over it. `store` is
+    /// the global `--store`, used when there is no `--output-dir`. Errors are in the request's
+    /// dialect.
     pub fn to_request(&self, store: Option<&Path>) -> Result<CreateRequest> {
-        let file = match &self.request {
-            Some(p) => request_file::load(p)?,
-            None => RequestFile::default(),
+        let loaded = match &self.request {
+            Some(p) => dialect::load(
+                p,
+                &LoadOptions {
+                    dialect: self.dialect.map(DialectArg::dialect),
+                    connect: self.connect.clone(),
+                    instance: self.instance.clone(),
+                },
+            )?,
+            None => {
+                if self.connect.is_some() {
+                    return Err(Error::new(
+                        Code::InvalidParameter,
+                        "--connect names the libvirt behind a request file's InstanceId: give --request",
+                    ));
+                }
+                Loaded {
+                    dialect: self.dialect.map_or(Dialect::Alibaba, DialectArg::dialect),
+                    explicit: self.dialect.is_some(),
+                    ..Loaded::default()
+                }
+            }
         };
+        let (d, names) = (loaded.dialect, loaded.device_names());
+        self.with_file(loaded, store)
+            .map_err(|e| d.label(e, &names))
+    }
+
+    fn with_file(&self, loaded: Loaded, store: Option<&Path>) -> Result<CreateRequest> {
+        let file = loaded.file;
         let name = create_request::required_name(self.name.clone().or(file.image_name))?;
         let tags = if self.tags.is_empty() {
             file.tags.unwrap_or_default()
         } else {
-            let mut tags = Vec::new();
-            for t in &self.tags {
-                let (k, v) = t.split_once('=').ok_or_else(|| {
-                    Error::new(
-                        Code::InvalidParameter,
-                        format!("--tag '{t}' is not KEY=VALUE"),
-                    )
-                })?;
-                tags.push((k.to_string(), v.to_string()));
-            }
-            tags
+            flag_tags(&self.tags)?
         };
-        let mut notes = Vec::new();
-        let mut instance = None;
-        // --instance wins over --disk mappings, which then adjust it, and over --snapshot.
-        let (disks, snapshot) = if let Some(xml_path) = &self.instance {
-            let from = create_request::instance_disks(xml_path, &self.exclude, &self.disks)?;
-            if let Some(s) = &self.snapshot {
-                notes.push(format!(
-                    "--snapshot {} was ignored: --instance takes priority",
-                    s.display()
-                ));
-            }
-            notes.extend(from.skipped);
-            instance = Some(from.instance);
-            (from.specs, None)
-        } else if !self.exclude.is_empty() {
-            return Err(Error::new(
-                Code::InvalidParameter,
-                "--exclude needs --instance",
-            ));
-        // Disks on the command line (either form) replace the file's.
-        } else if self.disks.is_empty() && self.snapshot.is_none() {
-            (file.disks.unwrap_or_default(), file.snapshot)
-        } else {
-            let disks = self
-                .disks
-                .iter()
-                .map(|d| DiskSpec::parse(d))
-                .collect::<Result<Vec<_>>>()?;
-            (disks, self.snapshot.clone())
-        };
+        let mut notes = loaded.notes;
+        // JD Cloud's reader took --instance as its request's instanceId already.
+        let instance_flag = self
+            .instance
+            .as_deref()
+            .filter(|_| loaded.dialect != Dialect::JdCloud || self.request.is_none());
+        let (disks, snapshot, instance) = self.disks(
+            instance_flag,
+            (file.disks, file.snapshot, loaded.instance),
+            &mut notes,
+        )?;
         let destination = match &self.output_dir {
             Some(d) => Destination::Dir(d.clone()),
             None => Destination::Store(store::locate(store)?),
         };
+        let pick = |flag: &Option<String>, file: Option<String>| flag.clone().or(file);
         Ok(CreateRequest {
             name,
             family: self.family.clone().or(file.image_family),
             image_version: self.image_version.clone().or(file.image_version),
             description: self.description.clone().or(file.description),
-            platform: self
-                .platform
-                .clone()
-                .or(file.platform)
+            platform: pick(&self.platform, file.platform)
                 .as_deref()
                 .map(validate::platform)
                 .transpose()?,
-            architecture: self
-                .architecture
-                .clone()
-                .or(file.architecture)
+            architecture: pick(&self.architecture, file.architecture)
                 .as_deref()
                 .map(validate::architecture)
                 .transpose()?,
-            boot_mode: self
-                .boot_mode
-                .clone()
-                .or(file.boot_mode)
+            boot_mode: pick(&self.boot_mode, file.boot_mode)
                 .as_deref()
                 .map(validate::boot_mode)
                 .transpose()?,
@@ -580,11 +610,85 @@ impl CreateArgs {
             allow_running: self.allow_running,
             gate: self.backing.gate(),
             notes,
-            data_image: self.data_image,
+            data_image: self.data_image || loaded.data_image,
             detect: self.detect || file.detect.unwrap_or(false),
             relocate_gpt: self.relocate_gpt || file.relocate_gpt.unwrap_or(false),
+            dialect: loaded.dialect,
+            respond_in_dialect: loaded.explicit,
+            dialect_record: loaded.record,
         })
     }
+
+    /// The disks: `--instance` (adjusted by `--disk`), else `--disk`/`--snapshot`, else the request
+    /// file's instance, else its disks. An instance wins over disk mappings and snapshots, with a
+    /// note naming what was ignored.
+    #[allow(clippy::type_complexity)]
+    fn disks(
+        &self,
+        instance_flag: Option<&Path>,
+        file: (
+            Option<Vec<DiskSpec>>,
+            Option<PathBuf>,
+            Option<create_request::InstanceDisks>,
+        ),
+        notes: &mut Vec<String>,
+    ) -> Result<(
+        Vec<DiskSpec>,
+        Option<PathBuf>,
+        Option<create_request::InstanceSource>,
+    )> {
+        let (file_disks, file_snapshot, file_instance) = file;
+        // --instance wins over --disk mappings, which then adjust it, and over --snapshot.
+        if let Some(xml_path) = instance_flag {
+            let from = create_request::instance_disks(xml_path, &self.exclude, &self.disks)?;
+            if let Some(s) = &self.snapshot {
+                notes.push(format!(
+                    "--snapshot {} was ignored: --instance takes priority",
+                    s.display()
+                ));
+            }
+            notes.extend(from.skipped);
+            return Ok((from.specs, None, Some(from.instance)));
+        }
+        if !self.exclude.is_empty() {
+            return Err(Error::new(
+                Code::InvalidParameter,
+                "--exclude needs --instance",
+            ));
+        }
+        // Disks on the command line (either form) replace the file's, its instance included.
+        if !self.disks.is_empty() || self.snapshot.is_some() {
+            let disks = self
+                .disks
+                .iter()
+                .map(|d| DiskSpec::parse(d))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok((disks, self.snapshot.clone(), None));
+        }
+        match file_instance {
+            Some(from) => {
+                notes.extend(from.skipped);
+                Ok((from.specs, None, Some(from.instance)))
+            }
+            None => Ok((file_disks.unwrap_or_default(), file_snapshot, None)),
+        }
+    }
+}
+
+/// `--tag KEY=VALUE` flags.
+fn flag_tags(flags: &[String]) -> Result<Vec<(String, String)>> {
+    flags
+        .iter()
+        .map(|t| {
+            let (k, v) = t.split_once('=').ok_or_else(|| {
+                Error::new(
+                    Code::InvalidParameter,
+                    format!("--tag '{t}' is not KEY=VALUE"),
+                )
+            })?;
+            Ok((k.to_string(), v.to_string()))
+        })
+        .collect()
 }
 
 fn progress_mode(quiet: bool, p: ProgressArg) -> ProgressMode {

@@ -61,6 +61,14 @@ pub enum Code {
     SourceChanged,
     /// A path inside the store is a symlink or of the wrong type (planted, never made by kiln).
     UnsafePath,
+    /// `InstanceId`: no such domain XML file (or libvirt domain).
+    InstanceNotFound,
+    /// `Features.ImdsSupport` other than v1 or v2.
+    InvalidImdsSupport,
+    /// A malformed `ResourceGroupId`.
+    InvalidResourceGroup,
+    /// A parameter whose meaning needs support kiln does not have yet (encryption).
+    Unsupported,
 }
 
 impl Code {
@@ -107,6 +115,10 @@ impl Code {
             Code::BackingDenied => "InvalidSnapshot.BackingDenied",
             Code::SourceChanged => "InvalidSnapshot.Changed",
             Code::UnsafePath => "InvalidStore.UnsafePath",
+            Code::InstanceNotFound => "InvalidInstanceId.NotFound",
+            Code::InvalidImdsSupport => "InvalidParameter.FeaturesImdsSupport",
+            Code::InvalidResourceGroup => "InvalidResourceGroup.NotFound",
+            Code::Unsupported => "OperationDenied.Unsupported",
         }
     }
 
@@ -137,6 +149,21 @@ pub struct Error {
     code: Code,
     message: String,
     source: Option<io::Error>,
+    /// The request's own dialect's code and message (JD Cloud, Huawei), set at the dialect
+    /// boundary; `code` still decides the exit status.
+    vendor: Option<VendorCode>,
+    /// The image device (`/dev/xvdb`) an error is about, so a dialect can name it its own way.
+    device: Option<String>,
+}
+
+/// An error as a vendor's API answers it: its code (`OUT_OF_RANGE`, `IMS.0002`), its HTTP status
+/// and its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VendorCode {
+    pub dialect: crate::request::dialect::Dialect,
+    pub code: String,
+    pub http_status: u16,
+    pub message: String,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -147,7 +174,29 @@ impl Error {
             code,
             message: message.into(),
             source: None,
+            vendor: None,
+            device: None,
         }
+    }
+
+    /// The same error, about image device `device`.
+    pub(crate) fn on_device(mut self, device: &str) -> Self {
+        self.device = Some(device.to_string());
+        self
+    }
+
+    /// The same error, answered in a vendor's terms.
+    pub(crate) fn with_vendor(mut self, v: VendorCode) -> Self {
+        self.vendor = Some(v);
+        self
+    }
+
+    pub fn vendor(&self) -> Option<&VendorCode> {
+        self.vendor.as_ref()
+    }
+
+    pub(crate) fn device(&self) -> Option<&str> {
+        self.device.as_deref()
     }
 
     /// An I/O failure on `path` while doing `what` (e.g. "reading at offset 4096").
@@ -161,6 +210,8 @@ impl Error {
             code,
             message: format!("{} failed on {}", what, path.display()),
             source: Some(err),
+            vendor: None,
+            device: None,
         }
     }
 

@@ -34,8 +34,15 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
     match cli.command {
         Command::Create(args) => {
             let req = args.to_request(store)?;
-            let result = commands::create::create(&req, &mut warn)?;
-            emit(&output::create::create(&result, json, args.out.quiet));
+            let result = commands::create::create(&req, &mut warn)
+                .map_err(|e| req.dialect().label(e, &req.device_names()))?;
+            let respond = req.respond_in_dialect().then(|| req.dialect());
+            emit(&output::create::create(
+                &result,
+                json,
+                args.out.quiet,
+                respond,
+            ));
         }
         Command::Convert(args) => {
             let req = args.to_request()?;
@@ -43,9 +50,16 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             emit(&output::convert::convert(&req, &out, json));
         }
         Command::Describe(args) => {
-            let out = commands::describe::describe(&args.to_request(), store)?;
+            let dialect = args.dialect();
+            let out =
+                commands::describe::describe(&args.to_request(), store).map_err(
+                    |e| match dialect {
+                        Some(d) => d.label(e, &Default::default()),
+                        None => e,
+                    },
+                )?;
             let tty = std::io::stdout().is_terminal();
-            emit(&output::store::describe(&out, json, tty));
+            emit(&output::store::describe(&out, json, tty, dialect));
         }
         Command::Delete(args) => {
             let out = commands::delete::delete(&args.ids, store)?;

@@ -18,12 +18,16 @@ pub struct DescribeRequest {
     pub(crate) status: Option<String>,
     /// (key, Some(value)) or (key, None) for any value.
     pub(crate) tags: Vec<(String, Option<String>)>,
+    /// `--job`: the image whose Huawei IMS job has this ID.
+    pub(crate) job: Option<String>,
 }
 
 /// The images found, newest first.
 #[derive(Debug, Clone)]
 pub struct DescribeOutcome {
     pub(crate) images: Vec<Record>,
+    /// `--job`: `images` is the one image the job made.
+    pub(crate) job: bool,
 }
 
 /// Lists the store's images that match `req`. `store` is the global `--store`.
@@ -38,6 +42,21 @@ pub fn describe(req: &DescribeRequest, store: Option<&Path>) -> Result<DescribeO
             )
         })?),
     };
+    if let Some(job) = &req.job {
+        let found = store.list()?.into_iter().find(|r| {
+            r.request_dialect.as_ref().and_then(|d| d.job_id.as_deref()) == Some(job.as_str())
+        });
+        return match found {
+            Some(r) => Ok(DescribeOutcome {
+                images: vec![r],
+                job: true,
+            }),
+            None => Err(Error::new(
+                Code::InvalidImageIdNotFound,
+                format!("job {job}: no image in the store was made by this job"),
+            )),
+        };
+    }
     let mut images: Vec<Record> = store
         .list()?
         .into_iter()
@@ -47,7 +66,7 @@ pub fn describe(req: &DescribeRequest, store: Option<&Path>) -> Result<DescribeO
         images = newest_of_family(images, f).into_iter().collect();
     }
     images.reverse(); // newest first
-    Ok(DescribeOutcome { images })
+    Ok(DescribeOutcome { images, job: false })
 }
 
 /// Whether `r` passes the ID, name, status and tag filters.

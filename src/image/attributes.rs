@@ -197,6 +197,28 @@ pub struct ImageAttributes {
     pub(crate) boot_mode: BootMode,
     #[serde(default)]
     pub(crate) tags: Vec<Tag>,
+    /// The dialect of a request written in JD Cloud's or Huawei's shape, or in Alibaba's with
+    /// parameters only recorded: absent otherwise, so older manifests and records read the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) request_dialect: Option<DialectRecord>,
+}
+
+/// What an image keeps of the vendor request it was made from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DialectRecord {
+    /// `alibaba`, `jdcloud` or `huawei`.
+    pub(crate) dialect: String,
+    /// Parameters kiln records without acting on them offline (ResourceGroupId, min_ram, ...), in
+    /// the vendor's names.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub(crate) parameters: serde_json::Map<String, serde_json::Value>,
+    /// Each image device (`/dev/xvdb`) with the vendor's name for it (`vdb`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub(crate) device_names: std::collections::BTreeMap<String, String>,
+    /// Huawei's asynchronous job, which `kiln describe --job` reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) job_id: Option<String>,
 }
 
 #[cfg(test)]

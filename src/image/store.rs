@@ -595,6 +595,7 @@ mod tests {
                 architecture: Architecture::X86_64,
                 boot_mode: BootMode::Bios,
                 tags: vec![],
+                request_dialect: None,
             },
             status: Status::Creating,
             progress: "0%".into(),

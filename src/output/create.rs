@@ -3,19 +3,34 @@
 
 use std::fmt::Write as _;
 
-use super::{check, pretty, summary, Rendered};
+use super::{check, dialect, pretty, summary, Rendered};
 use crate::commands::create::{CreateOutcome, CreateResult, DryRunReport};
 use crate::error::Code;
 use crate::image::store::Record;
+use crate::request::dialect::Dialect;
 use crate::util::size::human;
 
-/// How a create ended. `quiet` (`-q`) leaves out the stderr lines.
-pub fn create(result: &CreateResult, json: bool, quiet: bool) -> Rendered {
-    match result {
+/// How a create ended. `quiet` (`-q`) leaves out the stderr lines. With `respond` (a request in a
+/// vendor's dialect), `--json` prints that vendor's CreateImage response instead of the record.
+pub fn create(
+    result: &CreateResult,
+    json: bool,
+    quiet: bool,
+    respond: Option<Dialect>,
+) -> Rendered {
+    let mut r = match result {
         CreateResult::Created(out) => created(out, json, quiet),
         CreateResult::Existing(r) => existing(r, json, quiet),
-        CreateResult::DryRun(report) => dry_run(report, json),
+        CreateResult::DryRun(report) => return dry_run(report, json),
+    };
+    if let (true, Some(d)) = (json, respond) {
+        r.stdout = match result {
+            CreateResult::Created(out) => dialect::created(d, &out.manifest),
+            CreateResult::Existing(rec) => dialect::created(d, rec),
+            CreateResult::DryRun(_) => r.stdout,
+        };
     }
+    r
 }
 
 fn created(out: &CreateOutcome, json: bool, quiet: bool) -> Rendered {
@@ -40,6 +55,9 @@ fn created(out: &CreateOutcome, json: bool, quiet: bool) -> Rendered {
             "{}",
             summary(&out.stats, out.virtual_bytes, out.elapsed)
         );
+        if let Some(job) = m.request_dialect.as_ref().and_then(|d| d.job_id.as_deref()) {
+            let _ = writeln!(stderr, "kiln: IMS job {job} (kiln describe --job {job})");
+        }
     }
     if let (Some(d), false, false) = (&m.detection, json, quiet) {
         let _ = write!(

@@ -8,6 +8,7 @@
 pub mod check;
 pub mod convert;
 pub mod create;
+pub(crate) mod dialect;
 pub mod inspect;
 pub mod store;
 pub mod verify;
@@ -16,6 +17,7 @@ use serde::Serialize;
 
 use crate::copy::stats::CopyStats;
 use crate::error::Error;
+use crate::request::dialect::{self as request_dialect, Dialect};
 use crate::util::size::human;
 
 /// What a command prints: `stdout` first, then `stderr`.
@@ -42,7 +44,24 @@ impl Rendered {
 }
 
 /// An error: `{"Code","Message"}` on stdout with `--json`, `kiln: error: ...` on stderr otherwise.
+///
+/// An error in a vendor's terms (a JD Cloud or Huawei request) is that vendor's: JD's
+/// `{"requestId","error":{"code","status","message"}}`, IMS's `{"error":{"code","message"}}`.
 pub fn error(e: &Error, json: bool) -> Rendered {
+    if let Some(v) = e.vendor() {
+        if !json {
+            return Rendered::stderr(format!("kiln: error: {}: {}\n", v.code, v.message));
+        }
+        let body = match v.dialect {
+            Dialect::JdCloud => serde_json::json!({
+                "requestId": request_dialect::request_id(),
+                "error": {"code": v.http_status, "status": v.code, "message": v.message},
+            }),
+            Dialect::Huawei => serde_json::json!({"error": {"code": v.code, "message": v.message}}),
+            Dialect::Alibaba => serde_json::json!({"Code": v.code, "Message": v.message}),
+        };
+        return Rendered::stdout(format!("{body}\n"));
+    }
     if json {
         let v = serde_json::json!({"Code": e.code().as_str(), "Message": e.full_message()});
         Rendered::stdout(format!("{v}\n"))

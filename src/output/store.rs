@@ -5,10 +5,25 @@ use std::fmt::Write as _;
 use super::{pretty, Rendered};
 use crate::commands::delete::DeleteOutcome;
 use crate::commands::describe::DescribeOutcome;
+use crate::request::dialect::Dialect;
 
 /// The images as a table, or JSON. An empty list prints nothing, with a note on stderr when
 /// `stdout_is_terminal` (so `kiln describe | wc -l` counts images).
-pub fn describe(out: &DescribeOutcome, json: bool, stdout_is_terminal: bool) -> Rendered {
+///
+/// With a dialect (`--dialect`), `--json` prints that vendor's DescribeImages shape; `--job` prints
+/// IMS's job query, with or without `--json`.
+pub fn describe(
+    out: &DescribeOutcome,
+    json: bool,
+    stdout_is_terminal: bool,
+    dialect: Option<Dialect>,
+) -> Rendered {
+    if let (true, [r]) = (out.job, out.images.as_slice()) {
+        return Rendered::stdout(super::dialect::job(r));
+    }
+    if let (true, Some(d)) = (json, dialect) {
+        return Rendered::stdout(super::dialect::describe(d, &out.images));
+    }
     if json {
         return Rendered::stdout(pretty(&out.images));
     }

@@ -8,7 +8,10 @@ use crate::copy::progress::ProgressMode;
 use crate::error::{Code, Error, Result};
 use crate::format::gate::BackingGate;
 use crate::format::OutputSpec;
-use crate::image::attributes::{Architecture, BootMode, ImageAttributes, ImageType, Platform, Tag};
+use crate::image::attributes::{
+    Architecture, BootMode, DialectRecord, ImageAttributes, ImageType, Platform, Tag,
+};
+use crate::request::dialect::Dialect;
 use crate::request::instance::{self, InstanceDisk};
 use crate::request::plan::{Device, DiskSpec};
 use crate::request::validate;
@@ -63,6 +66,12 @@ pub struct CreateRequest {
     pub(crate) detect: bool,
     /// `--relocate-gpt`: a disk with a GPT that grows gets its backup table moved to the new end.
     pub(crate) relocate_gpt: bool,
+    /// The vendor shape the request was written in: its rules were checked when it was read, its
+    /// codes answer errors, and with `respond_in_dialect` its response shape answers `--json`.
+    pub(crate) dialect: Dialect,
+    pub(crate) respond_in_dialect: bool,
+    /// What the image records of the vendor request (recorded parameters, device names, job).
+    pub(crate) dialect_record: Option<DialectRecord>,
 }
 
 /// The instance an image is made from.
@@ -106,15 +115,19 @@ impl CreateRequest {
         if r.name.trim().is_empty() {
             return Err(missing_name());
         }
-        validate::image_name(&r.name)?;
+        // JD Cloud's and Huawei's own name and description rules were applied when the request
+        // was read; the family and version are Alibaba's parameters (or flags).
+        if r.dialect == Dialect::Alibaba {
+            validate::image_name(&r.name)?;
+            if let Some(d) = &r.description {
+                validate::description(d)?;
+            }
+        }
         if let Some(f) = &r.family {
             validate::image_family(f)?;
         }
         if let Some(v) = &r.image_version {
             validate::image_version(v)?;
-        }
-        if let Some(d) = &r.description {
-            validate::description(d)?;
         }
         // With --detect and no platform, the platform is the one detected (the default otherwise),
         // so it stays None until the system disk has been checked.
@@ -155,7 +168,27 @@ impl CreateRequest {
                     value: v.clone(),
                 })
                 .collect(),
+            request_dialect: self.dialect_record.clone(),
         }
+    }
+
+    /// The dialect the request was written in.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// Whether `--json` answers in the dialect's response shape (the dialect was given, or the
+    /// file is not plain Alibaba JSON/TOML).
+    pub fn respond_in_dialect(&self) -> bool {
+        self.respond_in_dialect
+    }
+
+    /// Image device → the dialect's name for it (JD's `vdb`).
+    pub fn device_names(&self) -> std::collections::BTreeMap<String, String> {
+        self.dialect_record
+            .as_ref()
+            .map(|r| r.device_names.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -175,7 +208,17 @@ pub(crate) fn instance_disks(
     entries: &[String],
 ) -> Result<InstanceDisks> {
     let (xml, dir) = read_domain_xml(xml_path)?;
-    let inst = instance::parse_domain(&xml, &dir)?;
+    instance_disks_from_xml(&xml, &dir, exclude, entries)
+}
+
+/// As [`instance_disks`], for a domain XML already read; relative paths resolve against `dir`.
+pub(crate) fn instance_disks_from_xml(
+    xml: &str,
+    dir: &Path,
+    exclude: &[String],
+    entries: &[String],
+) -> Result<InstanceDisks> {
+    let inst = instance::parse_domain(xml, dir)?;
     let adj = instance::Adjustments {
         exclude: exclude.to_vec(),
         entries: entries
@@ -203,7 +246,7 @@ pub(crate) fn instance_disks(
 
 /// The XML's text, and the directory its relative disk paths are relative to (the current one for
 /// stdin). At most [`instance::MAX_XML_LEN`] bytes are read.
-fn read_domain_xml(xml_path: &Path) -> Result<(String, PathBuf)> {
+pub(crate) fn read_domain_xml(xml_path: &Path) -> Result<(String, PathBuf)> {
     if xml_path == Path::new("-") {
         let mut text = String::new();
         std::io::Read::read_to_string(

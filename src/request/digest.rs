@@ -47,6 +47,14 @@ pub(crate) fn request_digest(req: &CreateRequest, layout: &DiskLayout) -> String
     if req.relocate_gpt {
         v["RelocateGpt"] = true.into();
     }
+    // A vendor request's recorded parameters and device names (never its random job ID).
+    if let Some(d) = &req.dialect_record {
+        v["Dialect"] = serde_json::json!({
+            "Dialect": d.dialect,
+            "Parameters": d.parameters,
+            "DeviceNames": d.device_names,
+        });
+    }
     if !req.output.options.is_empty() {
         let opts: Vec<String> = req
             .output

@@ -37,7 +37,13 @@ pub(crate) const KEYS: &[&str] = &[
     "DryRun",
     "DetectionStrategy",
     "RelocateGpt",
+    "ResourceGroupId",
+    "Features",
+    "RegionId",
+    "Action",
 ];
+/// Keys of `Features`.
+pub(crate) const FEATURE_KEYS: &[&str] = &["ImdsSupport", "NvmeSupport"];
 /// Keys of a DiskDeviceMapping entry (`Format` is kiln's: the source's format, detected otherwise).
 pub(crate) const DISK_KEYS: &[&str] = &["SnapshotId", "Device", "Size", "DiskType", "Format"];
 pub(crate) const TAG_KEYS: &[&str] = &["Key", "Value"];
@@ -62,32 +68,11 @@ pub(crate) struct RequestFile {
     pub(crate) detect: Option<bool>,
     /// kiln's `RelocateGpt: true` (`--relocate-gpt`).
     pub(crate) relocate_gpt: Option<bool>,
-}
-
-/// Reads `path` (JSON, or TOML when it ends in `.toml`).
-pub(crate) fn load(path: &Path) -> Result<RequestFile> {
-    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::new(
-            Code::InvalidParameter,
-            format!("--request {}: no such file", path.display()),
-        ),
-        _ => Error::io(path, "reading the request file", e),
-    })?;
-    let is_toml = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("toml"));
-    let value = if is_toml {
-        let t: toml::Table =
-            toml::from_str(&text).map_err(|e| bad(path, format!("not valid TOML: {e}")))?;
-        serde_json::to_value(t).map_err(|e| bad(path, format!("cannot read its TOML: {e}")))?
-    } else {
-        serde_json::from_str(&text).map_err(|e| bad(path, format!("not valid JSON: {e}")))?
-    };
-    let base = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    parse(&value, path, base)
+    /// `InstanceId`: a libvirt domain XML path (or a domain name with `--connect`).
+    pub(crate) instance_id: Option<String>,
+    /// Parameters recorded without an offline meaning (`ResourceGroupId`, `Features.*`,
+    /// `RegionId`), validated, in the API's names.
+    pub(crate) recorded: Map<String, Value>,
 }
 
 fn bad(path: &Path, why: impl std::fmt::Display) -> Error {
@@ -110,13 +95,24 @@ struct Raw {
     architecture: Option<Text>,
     boot_mode: Option<Text>,
     snapshot_id: Option<Text>,
-    instance_id: Option<Value>,
+    instance_id: Option<Text>,
     disk_device_mapping: Option<Vec<RawDisk>>,
     tag: Option<Vec<RawTag>>,
     client_token: Option<Text>,
     dry_run: Option<bool>,
     detection_strategy: Option<Text>,
     relocate_gpt: Option<bool>,
+    resource_group_id: Option<Text>,
+    features: Option<RawFeatures>,
+    region_id: Option<Text>,
+    action: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RawFeatures {
+    imds_support: Option<Text>,
+    nvme_support: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -177,6 +173,9 @@ pub(crate) fn parse(v: &Value, path: &Path, base: &Path) -> Result<RequestFile> 
         )
     })?;
     check_keys(obj, KEYS, "", path)?;
+    if let Some(f) = obj.get("Features").and_then(Value::as_object) {
+        check_keys(f, FEATURE_KEYS, "Features.", path)?;
+    }
     for (list, known, what) in [
         ("DiskDeviceMapping", DISK_KEYS, "DiskDeviceMapping"),
         ("Tag", TAG_KEYS, "Tag"),
@@ -193,12 +192,17 @@ pub(crate) fn parse(v: &Value, path: &Path, base: &Path) -> Result<RequestFile> 
         let at = field_path(e.path());
         bad(path, format!("{at}: {}", e.into_inner()))
     })?;
-    if raw.instance_id.is_some() {
+    if let Some(a) = text(raw.action).filter(|a| a != "CreateImage") {
         return Err(bad(
             path,
-            "InstanceId is not supported yet: kiln builds images from disk files; use SnapshotId or DiskDeviceMapping",
+            format!("Action '{a}': kiln answers CreateImage only"),
         ));
     }
+    let recorded = recorded(
+        text(raw.region_id),
+        text(raw.resource_group_id),
+        raw.features,
+    )?;
     let detect = match text(raw.detection_strategy) {
         None => None,
         Some(s) if s.eq_ignore_ascii_case(crate::detect::STANDARD) => Some(true),
@@ -256,7 +260,36 @@ pub(crate) fn parse(v: &Value, path: &Path, base: &Path) -> Result<RequestFile> 
         dry_run: raw.dry_run,
         detect,
         relocate_gpt: raw.relocate_gpt,
+        instance_id: text(raw.instance_id).filter(|s| !s.trim().is_empty()),
+        recorded,
     })
+}
+
+/// RegionId, ResourceGroupId and Features, checked as the API documents them, for the record.
+fn recorded(
+    region: Option<String>,
+    group: Option<String>,
+    features: Option<RawFeatures>,
+) -> Result<Map<String, Value>> {
+    let mut out = Map::new();
+    if let Some(r) = region {
+        out.insert("RegionId".into(), r.into());
+    }
+    if let Some(g) = group {
+        crate::request::validate::resource_group_id(&g)?;
+        out.insert("ResourceGroupId".into(), g.into());
+    }
+    if let Some(f) = features {
+        if let Some(v) = text(f.imds_support) {
+            let v = crate::request::validate::imds_support(&v)?;
+            out.insert("Features.ImdsSupport".into(), v.into());
+        }
+        if let Some(v) = text(f.nvme_support) {
+            let v = crate::request::validate::nvme_support(&v)?;
+            out.insert("Features.NvmeSupport".into(), v.into());
+        }
+    }
+    Ok(out)
 }
 
 /// One DiskDeviceMapping entry; `where_` is `DiskDeviceMapping[N].` for messages.
@@ -412,6 +445,7 @@ mod tests {
             [("k".into(), "v".into()), ("e".into(), String::new())]
         );
         assert_eq!(r.dry_run, Some(true));
+        assert!(r.recorded.is_empty() && r.instance_id.is_none());
     }
 
     #[test]
@@ -457,10 +491,22 @@ mod tests {
     }
 
     #[test]
-    fn instance_id_is_refused_clearly() {
-        let e = p(serde_json::json!({"InstanceId": "i-1"})).unwrap_err();
+    fn instance_id_features_and_resource_group_are_read() {
+        let r = p(serde_json::json!({"InstanceId": "vm.xml", "ResourceGroupId": "rg-bp67acfmxazb4p",
+            "Features": {"ImdsSupport": "v2", "NvmeSupport": "supported"}, "RegionId": "cn-hangzhou"}))
+        .unwrap();
+        assert_eq!(r.instance_id.as_deref(), Some("vm.xml"));
+        assert_eq!(r.recorded["ResourceGroupId"], "rg-bp67acfmxazb4p");
+        assert_eq!(r.recorded["Features.ImdsSupport"], "v2");
+        assert_eq!(r.recorded["Features.NvmeSupport"], "supported");
+        let e = p(serde_json::json!({"Features": {"ImdsSupport": "v3"}})).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidImdsSupport);
+        let e = p(serde_json::json!({"Features": {"NvmSupport": "v3"}})).unwrap_err();
+        assert!(e.message().contains("Features.NvmeSupport"), "{e}");
+        let e = p(serde_json::json!({"ResourceGroupId": "group one"})).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidResourceGroup);
+        let e = p(serde_json::json!({"Action": "DeleteImage"})).unwrap_err();
         assert_eq!(e.code(), Code::InvalidParameter);
-        assert!(e.message().contains("not supported yet"));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! against the API's rules, with a device plan for its disks.
 
 pub(crate) mod create;
+pub mod dialect;
 pub(crate) mod digest;
 pub(crate) mod file;
 pub mod instance;

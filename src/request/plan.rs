@@ -380,7 +380,8 @@ pub fn resolve_size(device: &str, requested: Option<u64>, source_size: Option<u6
                 "{device}: size {req} bytes is smaller than its snapshot ({src} bytes); a disk can only grow, so give size={} or more",
                 src.div_ceil(GIB)
             ),
-        )),
+        )
+        .on_device(device)),
     }
 }
 

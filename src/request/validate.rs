@@ -5,6 +5,52 @@
 use crate::error::{Code, Error, Result};
 use crate::image::attributes::{Architecture, BootMode, Platform};
 
+/// `ResourceGroupId`: `rg-` and 1 to 61 lowercase letters and digits (the shape of the document's
+/// `rg-bp67acfmxazb4p****`); offline there is no resource group to look up, so a well-formed ID is
+/// recorded as it is.
+pub(crate) fn resource_group_id(value: &str) -> Result<()> {
+    let ok = value.strip_prefix("rg-").is_some_and(|rest| {
+        (1..=61).contains(&rest.len())
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    });
+    if ok {
+        return Ok(());
+    }
+    Err(Error::new(
+        Code::InvalidResourceGroup,
+        format!("ResourceGroupId '{value}': a resource group ID is 'rg-' followed by lowercase letters and digits"),
+    ))
+}
+
+/// `Features.ImdsSupport`: v1 or v2 (returned as the API spells them).
+pub(crate) fn imds_support(value: &str) -> Result<&'static str> {
+    ["v1", "v2"]
+        .into_iter()
+        .find(|v| v.eq_ignore_ascii_case(value.trim()))
+        .ok_or_else(|| {
+            Error::new(
+                Code::InvalidImdsSupport,
+                format!("Features.ImdsSupport '{value}' is not supported: v1 or v2"),
+            )
+        })
+}
+
+/// `Features.NvmeSupport`: supported, unsupported or auto. The documents kiln follows do not list
+/// it; these are the values of the API's other image operations.
+pub(crate) fn nvme_support(value: &str) -> Result<&'static str> {
+    ["supported", "unsupported", "auto"]
+        .into_iter()
+        .find(|v| v.eq_ignore_ascii_case(value.trim()))
+        .ok_or_else(|| {
+            Error::new(
+                Code::InvalidParameter,
+                format!("Features.NvmeSupport '{value}' is not supported: supported, unsupported or auto"),
+            )
+        })
+}
+
 /// Longest image name or family, in characters.
 pub(crate) const MAX_NAME_CHARS: usize = 128;
 pub(crate) const MAX_VERSION_CHARS: usize = 40;

@@ -287,7 +287,7 @@ fn an_unknown_key_names_the_nearest_known_one() {
 }
 
 #[test]
-fn instance_id_is_refused_as_not_supported_yet() {
+fn an_instance_id_that_names_no_domain_xml_is_not_found() {
     let t = tmp();
     let d = t.path();
     fs::write(
@@ -299,8 +299,12 @@ fn instance_id_is_refused_as_not_supported_yet() {
         d,
         &["--json", "--store", "st", "create", "--request", "i.json"],
     );
-    assert_eq!((r.status, r.code().as_str()), (2, "InvalidParameter"));
-    assert!(r.stdout.contains("not supported yet"), "{}", r.stdout);
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (2, "InvalidInstanceId.NotFound")
+    );
+    assert!(r.stdout.contains("domain XML"), "{}", r.stdout);
+    assert!(!d.join("st").exists());
 }
 
 #[test]
