@@ -548,7 +548,7 @@ impl CreateArgs {
         };
         let (d, names) = (loaded.dialect, loaded.device_names());
         self.with_file(loaded, store)
-            .map_err(|e| d.label(e, &names))
+            .map_err(|e| crate::request::dialect::label(d, e, &names))
     }
 
     fn with_file(&self, loaded: Loaded, store: Option<&Path>) -> Result<CreateRequest> {

@@ -160,7 +160,7 @@ pub struct Error {
 /// and its message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VendorCode {
-    pub dialect: crate::request::dialect::Dialect,
+    pub dialect: crate::image::attributes::Dialect,
     pub code: String,
     pub http_status: u16,
     pub message: String,

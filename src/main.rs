@@ -34,8 +34,9 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
     match cli.command {
         Command::Create(args) => {
             let req = args.to_request(store)?;
-            let result = commands::create::create(&req, &mut warn)
-                .map_err(|e| req.dialect().label(e, &req.device_names()))?;
+            let result = commands::create::create(&req, &mut warn).map_err(|e| {
+                kiln::request::dialect::label(req.dialect(), e, &req.device_names())
+            })?;
             let respond = req.respond_in_dialect().then(|| req.dialect());
             emit(&output::create::create(
                 &result,
@@ -54,7 +55,7 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             let out =
                 commands::describe::describe(&args.to_request(), store).map_err(
                     |e| match dialect {
-                        Some(d) => d.label(e, &Default::default()),
+                        Some(d) => kiln::request::dialect::label(d, e, &Default::default()),
                         None => e,
                     },
                 )?;

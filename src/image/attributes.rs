@@ -165,6 +165,34 @@ impl Default for Platform {
     }
 }
 
+/// Whose CreateImage a request is written for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Dialect {
+    #[default]
+    Alibaba,
+    JdCloud,
+    Huawei,
+}
+
+impl Dialect {
+    pub const ALL: [Dialect; 3] = [Dialect::Alibaba, Dialect::JdCloud, Dialect::Huawei];
+
+    /// The name `--dialect` takes and records carry.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dialect::Alibaba => "alibaba",
+            Dialect::JdCloud => "jdcloud",
+            Dialect::Huawei => "huawei",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Dialect> {
+        Self::ALL
+            .into_iter()
+            .find(|d| d.as_str().eq_ignore_ascii_case(s.trim()))
+    }
+}
+
 /// A tag (`Key`, `Value`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]

@@ -6,8 +6,8 @@ use std::fmt::Write as _;
 use super::{check, dialect, pretty, summary, Rendered};
 use crate::commands::create::{CreateOutcome, CreateResult, DryRunReport};
 use crate::error::Code;
+use crate::image::attributes::Dialect;
 use crate::image::store::Record;
-use crate::request::dialect::Dialect;
 use crate::util::size::human;
 
 /// How a create ended. `quiet` (`-q`) leaves out the stderr lines. With `respond` (a request in a

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use super::{pretty, Rendered};
 use crate::commands::delete::DeleteOutcome;
 use crate::commands::describe::DescribeOutcome;
-use crate::request::dialect::Dialect;
+use crate::image::attributes::Dialect;
 
 /// The images as a table, or JSON. An empty list prints nothing, with a note on stderr when
 /// `stdout_is_terminal` (so `kiln describe | wc -l` counts images).

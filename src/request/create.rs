@@ -8,10 +8,10 @@ use crate::copy::progress::ProgressMode;
 use crate::error::{Code, Error, Result};
 use crate::format::gate::BackingGate;
 use crate::format::OutputSpec;
+use crate::image::attributes::Dialect;
 use crate::image::attributes::{
     Architecture, BootMode, DialectRecord, ImageAttributes, ImageType, Platform, Tag,
 };
-use crate::request::dialect::Dialect;
 use crate::request::instance::{self, InstanceDisk};
 use crate::request::plan::{Device, DiskSpec};
 use crate::request::validate;

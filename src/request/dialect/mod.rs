@@ -27,44 +27,18 @@ use crate::request::file::RequestFile;
 /// Largest request file read (the vendors' own request bodies are far smaller).
 pub(crate) const MAX_REQUEST_LEN: u64 = 1 << 20;
 
-/// Whose CreateImage a request is written for.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub enum Dialect {
-    #[default]
-    Alibaba,
-    JdCloud,
-    Huawei,
-}
+pub use crate::image::attributes::Dialect;
 
-impl Dialect {
-    pub const ALL: [Dialect; 3] = [Dialect::Alibaba, Dialect::JdCloud, Dialect::Huawei];
-
-    /// The name `--dialect` takes and records carry.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Dialect::Alibaba => "alibaba",
-            Dialect::JdCloud => "jdcloud",
-            Dialect::Huawei => "huawei",
-        }
+/// `e` in `dialect`'s codes and wording; `names` maps image devices to the dialect's names. An
+/// error already labelled is returned as it is; Alibaba's codes are kiln's own.
+pub fn label(dialect: Dialect, e: Error, names: &BTreeMap<String, String>) -> Error {
+    if e.vendor().is_some() {
+        return e;
     }
-
-    pub fn parse(s: &str) -> Option<Dialect> {
-        Self::ALL
-            .into_iter()
-            .find(|d| d.as_str().eq_ignore_ascii_case(s.trim()))
-    }
-
-    /// `e` in this dialect's codes and wording; `names` maps image devices to the dialect's names.
-    /// An error already labelled is returned as it is; Alibaba's codes are kiln's own.
-    pub fn label(self, e: Error, names: &BTreeMap<String, String>) -> Error {
-        if e.vendor().is_some() {
-            return e;
-        }
-        match self {
-            Dialect::Alibaba => e,
-            Dialect::JdCloud => jdcloud::label(e, names),
-            Dialect::Huawei => huawei::label(e),
-        }
+    match dialect {
+        Dialect::Alibaba => e,
+        Dialect::JdCloud => jdcloud::label(e, names),
+        Dialect::Huawei => huawei::label(e),
     }
 }
 
@@ -109,7 +83,7 @@ impl Loaded {
 pub(crate) fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let no_names = BTreeMap::new();
     read(path, opts).map_err(|e| match opts.dialect {
-        Some(d) => d.label(e, &no_names),
+        Some(d) => label(d, e, &no_names),
         None => e,
     })
 }
@@ -131,8 +105,11 @@ fn read(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     } else if body.trim_start().starts_with('{') {
         serde_json::from_str(body).map_err(|e| {
             // A request line still says whose body it is.
-            detect(line, &Value::Null)
-                .label(bad(path, format!("not valid JSON: {e}")), &BTreeMap::new())
+            label(
+                detect(line, &Value::Null),
+                bad(path, format!("not valid JSON: {e}")),
+                &BTreeMap::new(),
+            )
         })?
     } else {
         // Not JSON: Alibaba's flattened query form (the HTTP API's own shape).
@@ -158,7 +135,7 @@ fn read(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
         Dialect::JdCloud => jdcloud::parse(line, &value, base, opts),
         Dialect::Huawei => huawei::parse(line, &value, base),
     };
-    let mut loaded = loaded.map_err(|e| dialect.label(e, &BTreeMap::new()))?;
+    let mut loaded = loaded.map_err(|e| label(dialect, e, &BTreeMap::new()))?;
     loaded.explicit = opts.dialect.is_some() || dialect != Dialect::Alibaba;
     Ok(loaded)
 }
