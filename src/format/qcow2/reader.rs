@@ -29,7 +29,7 @@ use crate::format::{
 };
 
 /// Records a file of the chain: refuses loops and chains deeper than [`MAX_CHAIN_DEPTH`].
-fn note_file(
+pub(crate) fn note_file(
     path: &Path,
     format: Format,
     chain: &mut Vec<ChainEntry>,
@@ -281,6 +281,14 @@ fn open_backing(
             let (src, _) = open_layer(file, &bpath, None, chain, seen, gate)?;
             Ok(Box::new(src))
         }
+        other => Err(Error::unsupported(
+            overlay,
+            format!(
+                "backing file {} is {}; a qcow2 backing file must be raw or qcow2",
+                bpath.display(),
+                other.as_str()
+            ),
+        )),
     }
 }
 
