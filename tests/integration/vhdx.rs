@@ -717,6 +717,16 @@ fn cases() -> Vec<Case> {
             field: "BAT entry 0: FileOffsetMB",
         },
         Case {
+            // Found by the fuzz target: the offset plus the block overflowed 64 bits.
+            name: "bat_entry_offset_at_the_top",
+            patch: |b| {
+                let (bat, _) = regions(b);
+                put64(b, bat, 6 | (u64::MAX << 20));
+            },
+            code: CORRUPT,
+            field: "BAT entry 0: FileOffsetMB 17592186044415",
+        },
+        Case {
             name: "bat_entry_in_first_mib",
             patch: |b| {
                 let (bat, _) = regions(b);

@@ -188,7 +188,8 @@ fn read_bat(f: &VhdxFile, geo: &Geometry, region: Region, has_parent: bool) -> R
             offset: (e >> BAT_OFFSET_SHIFT) * ALIGN,
             length: len,
         };
-        if at.offset < ALIGN || at.offset + len > f.len || overlaps(at, region) {
+        let end = at.offset.checked_add(len);
+        if at.offset < ALIGN || end.is_none_or(|e| e > f.len) || overlaps(at, region) {
             return Err(f.corrupt(format_args!(
                 "BAT entry {i}: FileOffsetMB {} puts its {len}-byte block outside the file ({} bytes), in the first MiB or on the BAT",
                 at.offset / ALIGN,
