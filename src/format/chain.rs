@@ -51,6 +51,12 @@ impl Chain {
         Ok(())
     }
 
+    /// The file the user named (the chain's first), once recorded: backing names resolve
+    /// against its directory tree in the gate.
+    pub(crate) fn top(&self) -> Option<&Path> {
+        self.files.first().map(|c| c.path.as_path())
+    }
+
     /// Every file read, overlay first.
     pub(crate) fn into_files(self) -> Vec<ChainEntry> {
         self.files
@@ -77,7 +83,7 @@ pub(crate) fn open_backing(
             ),
         ));
     }
-    let top = chain.files.first().map_or(overlay, |c| c.path.as_path());
+    let top = chain.top().unwrap_or(overlay);
     let (bpath, file) = gate.open(top, overlay, name)?;
     let fmt = match format {
         Some(f) => Format::parse(f).ok_or_else(|| {

@@ -10,6 +10,7 @@ pub(crate) mod chain;
 pub(crate) mod gate;
 pub mod qcow2;
 pub(crate) mod raw;
+pub(crate) mod vhdx;
 pub(crate) mod writer;
 
 pub(crate) use writer::{DiskWriter, Finished};
@@ -29,6 +30,7 @@ pub(crate) const MAX_CHAIN_DEPTH: usize = 16;
 pub enum Format {
     Raw,
     Qcow2,
+    Vhdx,
 }
 
 impl Format {
@@ -105,7 +107,7 @@ pub struct WriteDriver {
 
 /// Every format kiln knows, in probe order (qcow2's magic before raw, which takes anything); the
 /// CLI lists output formats in this order too.
-pub(crate) static DRIVERS: &[Driver] = &[qcow2::DRIVER, raw::DRIVER];
+pub(crate) static DRIVERS: &[Driver] = &[qcow2::DRIVER, vhdx::DRIVER, raw::DRIVER];
 
 /// Bytes read from the start of a file for the probes (magic numbers and text descriptors).
 pub(crate) const PROBE_BYTES: usize = 4096;

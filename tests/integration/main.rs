@@ -22,3 +22,4 @@ mod request_file;
 mod store;
 mod validation;
 mod variants;
+mod vhdx;

@@ -767,15 +767,15 @@ fn cases() -> Vec<Case> {
 }
 
 /// What one run of kiln gave.
-struct Outcome {
-    status: Option<i32>,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Outcome {
+    pub(crate) status: Option<i32>,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 /// Runs `kiln ARGS` in `dir` with [`TIME_LIMIT`] and [`MEMORY_LIMIT`]; None when it ran out of time
 /// (it is killed).
-fn kiln_limited(dir: &Path, args: &[String]) -> Option<Outcome> {
+pub(crate) fn kiln_limited(dir: &Path, args: &[String]) -> Option<Outcome> {
     let out = dir.join("stdout");
     let err = dir.join("stderr");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
