@@ -12,7 +12,7 @@ use crate::format::gate::BackingGate;
 use crate::format::qcow2::writer::Compression;
 use crate::format::qcow2::{MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 use crate::format::Format;
-use crate::format::{OutputFormat, OutputSpec};
+use crate::format::{CacheMode, OutputFormat, OutputSpec};
 use crate::image::store;
 use crate::request::create::{self as create_request, CreateRequest, Destination};
 use crate::request::dialect::{self, Dialect, LoadOptions, Loaded};
@@ -248,6 +248,27 @@ pub(crate) enum CompressArg {
     Zstd,
 }
 
+/// qemu-img's cache modes for the output (`-t`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum CacheArg {
+    /// Buffered; every output and its directory fsynced before the rename (the default).
+    Writeback,
+    /// Buffered and never flushed (qemu-img convert's default): fast, not durable.
+    Unsafe,
+    /// O_DIRECT writes (page cache bypassed), then fsynced.
+    None,
+}
+
+impl CacheArg {
+    fn mode(self) -> CacheMode {
+        match self {
+            CacheArg::Writeback => CacheMode::Writeback,
+            CacheArg::Unsafe => CacheMode::Unsafe,
+            CacheArg::None => CacheMode::None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum ProgressArg {
     /// Bars when stderr is a terminal.
@@ -369,6 +390,10 @@ pub struct OutputArgs {
     /// Format-specific output options, as qemu-img's `-o`: KEY=VALUE[,KEY=VALUE...].
     #[arg(long = "output-options", value_name = "OPTIONS", default_value = "")]
     pub(crate) output_options: String,
+    /// Cache mode of the outputs, as qemu-img's `-t` (with --output-dir only; the store always
+    /// uses writeback).
+    #[arg(short = 't', long = "cache", value_enum, default_value_t = CacheArg::Writeback)]
+    pub(crate) cache: CacheArg,
     /// Copy threads (default: all cores).
     #[arg(short = 'j', long = "threads")]
     pub(crate) threads: Option<usize>,
@@ -394,6 +419,9 @@ pub struct ConvertArgs {
     /// Format-specific output options: KEY=VALUE[,KEY=VALUE...] (as qemu-img's -o).
     #[arg(short = 'o', value_name = "OPTIONS", default_value = "")]
     pub(crate) options: String,
+    /// Cache mode of the output, as qemu-img's `-t`.
+    #[arg(short = 't', value_enum, default_value_t = CacheArg::Writeback)]
+    pub(crate) cache: CacheArg,
     /// Copy threads (default: all cores).
     #[arg(short = 'j', long = "threads")]
     pub(crate) threads: Option<usize>,
@@ -503,6 +531,7 @@ fn output_spec(
     cluster_size: &str,
     compress: Option<Compression>,
     options: &str,
+    cache: CacheArg,
 ) -> Result<OutputSpec> {
     let format = format.0;
     if compress.is_some() && !format.compresses() {
@@ -511,7 +540,15 @@ fn output_spec(
             "compression needs qcow2 output: drop the compression flag or use qcow2",
         ));
     }
-    OutputSpec::new(format, cluster_bits(cluster_size)?, compress, options)
+    if compress.is_some() && cache == CacheArg::None {
+        return Err(Error::new(
+            Code::InvalidParameter,
+            "-t none writes aligned blocks with O_DIRECT and compressed clusters are packed byte by byte: use -t writeback (or unsafe) with compression",
+        ));
+    }
+    let mut spec = OutputSpec::new(format, cluster_bits(cluster_size)?, compress, options)?;
+    spec.cache = cache.mode();
+    Ok(spec)
 }
 
 impl CreateArgs {
@@ -603,6 +640,7 @@ impl CreateArgs {
                 &self.out.cluster_size,
                 compression(self.out.compress),
                 &self.out.output_options,
+                self.out.cache,
             )?,
             threads: threads(self.out.threads)?,
             progress: self.progress_mode(),
@@ -732,6 +770,7 @@ impl ConvertArgs {
                 &self.cluster_size,
                 compress,
                 &self.options,
+                self.cache,
             )?,
             threads: threads(self.threads)?,
             progress: if self.progress {

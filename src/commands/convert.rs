@@ -3,7 +3,8 @@
 //! it, the new file appears only once complete (written beside it, then renamed). The source is
 //! prepared as `create` prepares its sources ([`crate::prepare::open_locked`]): locked the way QEMU
 //! locks images while it is copied, and refused while a process writes to it unless
-//! `--allow-running`.
+//! `--allow-running`. `-t` picks qemu-img's cache mode for the output ([`crate::format::CacheMode`]):
+//! the default, `writeback`, fsyncs the file and its directory before and after the rename.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -101,7 +102,9 @@ pub fn convert(req: &ConvertRequest, warn: &mut dyn FnMut(&str)) -> Result<Conve
     std::fs::rename(&tmp, dst)
         .map_err(|e| Error::io(dst, "renaming the finished file into place", e))?;
     guard.keep();
-    crate::image::publish::sync_dir(parent)?;
+    if req.output.cache.flushes() {
+        crate::image::publish::sync_dir(parent)?;
+    }
     Ok(ConvertOutcome {
         virtual_size: r.virtual_size,
         stats: r.stats,

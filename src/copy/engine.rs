@@ -7,6 +7,11 @@
 //! input always gives the same bytes, and the same SHA-256), and write in parallel. The engine
 //! knows no format. A disk is finished, hashed and fsynced by the worker that completes its last
 //! chunk, while the other workers go on with the next disks.
+//!
+//! The output's cache mode ([`CacheMode`], `-t`) decides the rest: `writeback` starts writeback of
+//! each range as it is written and fsyncs each finished disk; `unsafe` does neither; `none` writes
+//! every 4 KiB-aligned piece through a second, `O_DIRECT` descriptor of the output (chunk buffers
+//! are 4 KiB-aligned for it), the rest through the writer, and fsyncs each finished disk.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -15,11 +20,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use crate::copy::aligned::{AlignedBuf, ALIGN};
 use crate::copy::hash::hash_file;
 use crate::copy::progress::Progress;
 use crate::copy::stats::CopyStats;
 use crate::error::{Code, Error, Result};
-use crate::format::{BlockSource, DiskWriter, ExtentKind, OutputSpec};
+use crate::format::{BlockSource, CacheMode, DiskWriter, ExtentKind, OutputSpec};
 
 /// Bytes a worker claims at a time: large enough to amortise syscalls, small enough that 16 workers
 /// stay far below the 256 MiB memory goal. A multiple of every cluster size.
@@ -72,6 +78,8 @@ struct DiskState {
     /// The writer's zero-detection block size.
     block: u64,
     sink: Mutex<Option<Sink>>,
+    /// The output opened again with `O_DIRECT` (`-t none`), for aligned pieces.
+    direct: Option<File>,
     cursor: Mutex<Cursor>,
     /// Chunks in flight plus one for the dispatcher; whoever brings it to zero finishes the disk.
     outstanding: AtomicU64,
@@ -98,6 +106,7 @@ struct Shared<'a> {
     abort: AtomicBool,
     error: Mutex<Option<Error>>,
     progress: &'a dyn Progress,
+    cache: CacheMode,
 }
 
 /// Copies every job on `threads` workers. Output files are created here; on error they are left
@@ -112,6 +121,10 @@ pub(crate) fn copy_disks(
     for mut job in jobs {
         job.virtual_size = spec.disk_size(job.virtual_size);
         let sink = create_sink(&job.out_path, job.virtual_size, spec)?;
+        let direct = match spec.cache {
+            CacheMode::None => Some(open_direct(&job.out_path, sink.as_ref(), spec)?),
+            _ => None,
+        };
         let source_size = job.source.as_ref().map_or(0, |s| s.virtual_size());
         disks.push(DiskState {
             name: job.name,
@@ -122,6 +135,7 @@ pub(crate) fn copy_disks(
             virtual_size: job.virtual_size,
             block: sink.block_size(),
             sink: Mutex::new(Some(Arc::new(sink))),
+            direct,
             cursor: Mutex::new(Cursor::default()),
             outstanding: AtomicU64::new(1),
             write_lock: Mutex::new(()),
@@ -140,6 +154,7 @@ pub(crate) fn copy_disks(
         abort: AtomicBool::new(false),
         error: Mutex::new(None),
         progress,
+        cache: spec.cache,
     };
     let threads = threads.max(1);
     let pool = rayon::ThreadPoolBuilder::new()
@@ -190,9 +205,43 @@ fn create_sink(path: &Path, virtual_size: u64, spec: &OutputSpec) -> Result<Box<
     spec.create(file, path, virtual_size)
 }
 
+/// The output at `path` opened a second time, for writing with `O_DIRECT` (`-t none`). Refused
+/// for writers whose writes are not plain aligned stores, and on filesystems without `O_DIRECT`.
+fn open_direct(path: &Path, sink: &dyn DiskWriter, spec: &OutputSpec) -> Result<File> {
+    if !sink.direct_writes() {
+        let why = if spec.compression.is_some() {
+            "compressed clusters are packed byte by byte, not written in aligned blocks"
+        } else {
+            "this format's writes are not plain aligned blocks"
+        };
+        return Err(Error::new(
+            Code::InvalidParameter,
+            format!(
+                "-t none cannot write {} output here: {why}; use -t writeback (or -t unsafe)",
+                spec.format.extension()
+            ),
+        ));
+    }
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EINVAL) => Error::new(
+                Code::InvalidParameter,
+                format!(
+                    "-t none: the filesystem of {} does not support O_DIRECT; use -t writeback",
+                    path.display()
+                ),
+            ),
+            _ => Error::io(path, "opening with O_DIRECT (-t none)", e),
+        })
+}
+
 /// Per-worker buffers, reused across chunks.
 struct Scratch {
-    buf: Vec<u8>,
+    /// 4 KiB-aligned, so that aligned pieces of a chunk can be written with `O_DIRECT`.
+    buf: AlignedBuf,
     touched: Vec<bool>,
     /// Prepared (compressed) pieces.
     prepared: Vec<Vec<u8>>,
@@ -200,7 +249,7 @@ struct Scratch {
 
 fn worker(sh: &Shared<'_>) {
     let mut scratch = Scratch {
-        buf: vec![0u8; CHUNK as usize],
+        buf: AlignedBuf::zeroed(CHUNK as usize),
         touched: Vec::new(),
         prepared: Vec::new(),
     };
@@ -438,13 +487,41 @@ fn store(
                 Some(i) => &pool[i][..],
                 None => &buf[o..o + l],
             };
-            w.write_at(host, data)?;
+            write_piece(disk, w, host, data)?;
             let (lo, hi) = span.unwrap_or((host, host));
             span = Some((lo.min(host), hi.max(host + data.len() as u64)));
         }
     }
-    if let (Some((lo, hi)), true) = (span, w.writeback_hints()) {
+    if let (Some((lo, hi)), CacheMode::Writeback, true) = (span, sh.cache, w.writeback_hints()) {
         start_writeback(w.file(), lo, hi - lo);
+    }
+    Ok(())
+}
+
+/// Writes one piece: with `-t none`, its 4 KiB-aligned head through the `O_DIRECT` descriptor and
+/// any short tail (a disk's last block) through the writer; otherwise all through the writer.
+fn write_piece(disk: &DiskState, w: &dyn DiskWriter, host: u64, data: &[u8]) -> Result<()> {
+    let head = match &disk.direct {
+        Some(_)
+            if host.is_multiple_of(ALIGN as u64)
+                && (data.as_ptr() as usize).is_multiple_of(ALIGN) =>
+        {
+            data.len() - data.len() % ALIGN
+        }
+        _ => 0,
+    };
+    if let (Some(f), true) = (&disk.direct, head > 0) {
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&data[..head], host).map_err(|e| {
+            Error::io(
+                &disk.path,
+                &format!("writing {head} bytes at offset {host} (O_DIRECT)"),
+                e,
+            )
+        })?;
+    }
+    if head < data.len() {
+        w.write_at(host + head as u64, &data[head..])?;
     }
     Ok(())
 }
@@ -525,8 +602,10 @@ fn finish_disk(sh: &Shared<'_>, d: usize) -> Result<()> {
     } else {
         None
     };
-    file.sync_all()
-        .map_err(|e| Error::io(&disk.path, "flushing (fsync)", e))?;
+    if sh.cache.flushes() {
+        file.sync_all()
+            .map_err(|e| Error::io(&disk.path, "flushing (fsync)", e))?;
+    }
     crate::util::testhook::checkpoint("disk-done");
     let meta = file
         .metadata()

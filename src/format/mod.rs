@@ -183,6 +183,33 @@ pub(crate) struct OutputSpec {
     /// Format-specific options (`-o subformat=dynamic`), in the order given; each key is one the
     /// format's [`WriteDriver::options`] lists (checked by [`OutputSpec::new`]).
     pub(crate) options: Vec<(String, String)>,
+    /// How the output is written and flushed (`-t`, qemu-img's cache modes).
+    pub(crate) cache: CacheMode,
+}
+
+/// qemu-img's cache modes for the output (`-t`): what is flushed, and whether the page cache is
+/// used. Every mode makes the output appear by one rename once it is complete; they differ in what
+/// survives a power loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum CacheMode {
+    /// Buffered writes; every output file and its directory are fsynced before the rename (kiln's
+    /// default: a finished output survives a power loss).
+    #[default]
+    Writeback,
+    /// Buffered writes and no flush at all (qemu-img convert's default): the kernel writes the
+    /// data back when it likes, and a power loss shortly after can lose or tear the output.
+    Unsafe,
+    /// Data written with `O_DIRECT` (the page cache bypassed) where offset, length and memory are
+    /// 4 KiB-aligned; the rest (a disk's short last block, qcow2's tables) buffered; then flushed
+    /// as `writeback` does.
+    None,
+}
+
+impl CacheMode {
+    /// Whether outputs are fsynced (and their directories) before they are published.
+    pub(crate) fn flushes(self) -> bool {
+        self != CacheMode::Unsafe
+    }
 }
 
 impl OutputSpec {
@@ -234,6 +261,7 @@ impl OutputSpec {
             cluster_bits,
             compression,
             options: parsed,
+            cache: CacheMode::default(),
         })
     }
 
@@ -261,6 +289,7 @@ impl Default for OutputSpec {
             cluster_bits: 16,
             compression: None,
             options: Vec::new(),
+            cache: CacheMode::default(),
         }
     }
 }

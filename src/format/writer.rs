@@ -67,6 +67,14 @@ pub(crate) trait DiskWriter: Send + Sync {
         true
     }
 
+    /// Whether [`DiskWriter::write_at`] does nothing but store `data` at `host_offset` in
+    /// [`DiskWriter::file`]. The engine may then write pieces whose offset, length and memory are
+    /// 4 KiB-aligned itself, through an `O_DIRECT` descriptor of the same file (`-t none`), and the
+    /// rest through `write_at`. False by default, and `-t none` is then refused for the output.
+    fn direct_writes(&self) -> bool {
+        false
+    }
+
     /// Writes what the format keeps for the end and hands the file back, not yet fsynced.
     fn finish(self: Box<Self>) -> Result<Finished>;
 }

@@ -1,6 +1,7 @@
 //! Making an image visible atomically: it is built in a hidden staging directory beside the target,
 //! every file fsynced, then renamed into place. A failed or killed create leaves at most a hidden
-//! `.kiln-*.tmp` directory, never something that looks finished.
+//! `.kiln-*.tmp` directory, never something that looks finished. With `-t unsafe`
+//! ([`Staging::without_flush`]) nothing is fsynced, but the image still appears by the one rename.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -18,6 +19,8 @@ pub(crate) struct Staging {
     dir: PathBuf,
     target: PathBuf,
     committed: bool,
+    /// Fsync files and directories (false only for `-t unsafe`).
+    flush: bool,
     _lock: Flock<File>,
 }
 
@@ -53,15 +56,23 @@ impl Staging {
             dir,
             target: target.to_path_buf(),
             committed: false,
+            flush: true,
             _lock: lock,
         })
+    }
+
+    /// A staging that never fsyncs (`-t unsafe`): the image still appears by one rename once
+    /// complete, but a power loss soon after may lose or tear it.
+    pub(crate) fn without_flush(mut self) -> Staging {
+        self.flush = false;
+        self
     }
 
     pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Writes `name` in the staging directory (new file, fsynced).
+    /// Writes `name` in the staging directory (new file, fsynced unless `without_flush`).
     pub(crate) fn write_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
         let path = self.dir.join(name);
         let mut f = OpenOptions::new()
@@ -72,13 +83,18 @@ impl Staging {
             .map_err(|e| Error::io(&path, "creating", e))?;
         f.write_all(bytes)
             .map_err(|e| Error::io(&path, "writing", e))?;
-        f.sync_all()
-            .map_err(|e| Error::io(&path, "flushing (fsync)", e))
+        if self.flush {
+            f.sync_all()
+                .map_err(|e| Error::io(&path, "flushing (fsync)", e))?;
+        }
+        Ok(())
     }
 
     /// Renames the staging directory to the target and makes the rename durable.
     pub(crate) fn commit(mut self) -> Result<PathBuf> {
-        sync_dir(&self.dir)?;
+        if self.flush {
+            sync_dir(&self.dir)?;
+        }
         // rename(2) replaces an empty directory atomically and fails on a non-empty one.
         fs::rename(&self.dir, &self.target).map_err(|e| match e.raw_os_error() {
             Some(libc::ENOTEMPTY) | Some(libc::EEXIST) | Some(libc::ENOTDIR) => Error::new(
@@ -91,7 +107,9 @@ impl Staging {
             _ => Error::io(&self.target, "renaming the finished image into place", e),
         })?;
         self.committed = true;
-        sync_dir(&parent_of(&self.target))?;
+        if self.flush {
+            sync_dir(&parent_of(&self.target))?;
+        }
         Ok(self.target.clone())
     }
 }

@@ -107,3 +107,111 @@ fn bad_arguments_are_refused() {
     assert_eq!(r.code(), "InvalidSnapshotId.NotFound");
     assert!(!d.join("x.raw").exists());
 }
+
+/// qemu-img's cache modes (`-t`): `unsafe` (never flushed) and `none` (O_DIRECT) outputs equal
+/// their source and pass `qemu-img check`, raw and qcow2 both ways, also where writes cannot all be
+/// aligned: a disk whose last 4 KiB block is short, and 512-byte qcow2 clusters.
+#[test]
+fn cache_modes_unsafe_and_none_give_the_same_disks() {
+    let t = tmp();
+    let d = t.path();
+    source(d);
+    // Not a multiple of 4 KiB: the last block is 1536 bytes, with data in it.
+    let odd = d.join("odd.raw");
+    sparse_raw(&odd, (8 << 20) + 1536);
+    write_at(&odd, 4096, &noise(3, 3 << 20));
+    write_at(&odd, 8 << 20, &[0x77u8; 1536]);
+    for mode in ["unsafe", "none"] {
+        for src in ["src.raw", "odd.raw"] {
+            let q = format!("{mode}-{src}.qcow2");
+            let r = format!("{mode}-{src}.raw");
+            kiln_in(d, &["convert", "-t", mode, "-O", "qcow2", src, &q]).ok();
+            assert_clean(d, &q);
+            assert_same(d, src, &q);
+            kiln_in(d, &["convert", "-t", mode, "-O", "raw", &q, &r]).ok();
+            assert_same(d, src, &r);
+            assert_eq!(
+                std::fs::metadata(d.join(&r)).unwrap().len(),
+                std::fs::metadata(d.join(src)).unwrap().len()
+            );
+            let small = format!("{mode}-{src}-512.qcow2");
+            let a = [
+                "convert",
+                "-t",
+                mode,
+                "-O",
+                "qcow2",
+                "--cluster-size",
+                "512",
+            ];
+            kiln_in(d, &[&a[..], &[src, small.as_str()]].concat()).ok();
+            assert_clean(d, &small);
+            assert_same(d, src, &small);
+        }
+    }
+    // The default is writeback, and every mode writes the same bytes.
+    kiln_in(d, &["convert", "-O", "qcow2", "src.raw", "wb.qcow2"]).ok();
+    let wb = sha256_file(&d.join("wb.qcow2"));
+    assert_eq!(sha256_file(&d.join("none-src.raw.qcow2")), wb);
+    assert_eq!(sha256_file(&d.join("unsafe-src.raw.qcow2")), wb);
+}
+
+/// `-t none` cannot write compressed clusters (packed byte by byte, never aligned blocks), and a
+/// store create always flushes: both are refused before anything is written.
+#[test]
+fn cache_modes_that_cannot_hold_are_refused() {
+    let t = tmp();
+    let d = t.path();
+    source(d);
+    let r = kiln_in(
+        d,
+        &[
+            "--json", "convert", "-t", "none", "-O", "qcow2", "-c", "src.raw", "x.qcow2",
+        ],
+    );
+    assert_eq!(r.code(), "InvalidParameter");
+    assert!(r.stdout.contains("-t none"), "{}", r.stdout);
+    assert!(!d.join("x.qcow2").exists());
+    let store = d.join("store");
+    let r = kiln_in(
+        d,
+        &[
+            "--json",
+            "--store",
+            store.to_str().unwrap(),
+            "create",
+            "--name",
+            "store-img",
+            "--snapshot",
+            "src.raw",
+            "-t",
+            "unsafe",
+        ],
+    );
+    assert_eq!(r.code(), "InvalidParameter");
+    assert!(r.stdout.contains("--output-dir"), "{}", r.stdout);
+    // An exported create takes every mode, and its sums still check.
+    for mode in ["unsafe", "none"] {
+        let dir = format!("img-{mode}");
+        kiln_in(
+            d,
+            &[
+                "create",
+                "--name",
+                "cache-img",
+                "--disk",
+                "snapshot=src.raw,type=system",
+                "--disk",
+                "size=64M",
+                "-t",
+                mode,
+                "--output-dir",
+                &dir,
+            ],
+        )
+        .ok();
+        assert_clean(d, &format!("{dir}/xvda.qcow2"));
+        assert_same(d, "src.raw", &format!("{dir}/xvda.qcow2"));
+        assert_sums(&d.join(&dir));
+    }
+}

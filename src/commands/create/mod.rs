@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::copy::stats::CopyStats;
 use crate::error::{Code, Error, Result};
+use crate::format::CacheMode;
 use crate::image::manifest::{self, Manifest};
 use crate::image::publish::{self as staging, Staging};
 use crate::image::store::{Admission, Creating, Record, Store};
@@ -103,6 +104,11 @@ fn to_dir(
     testhook::checkpoint("prepared");
     space::check(&space::existing_ancestor(dir), estimate(&prepared))?;
     let staging = Staging::new(dir)?;
+    let staging = if req.output.cache.flushes() {
+        staging
+    } else {
+        staging.without_flush()
+    };
     let out = build(
         req,
         prepared,
@@ -123,6 +129,12 @@ fn to_store(
     started: Instant,
     warn: &mut dyn FnMut(&str),
 ) -> Result<CreateResult> {
+    if req.output.cache != CacheMode::Writeback {
+        return Err(Error::new(
+            Code::InvalidParameter,
+            "-t applies to --output-dir only: an image in the store is always written back and fsynced before it is Available; drop -t or give --output-dir",
+        ));
+    }
     let digest = request_digest(req, layout);
     let token = req.client_token.as_deref();
     if req.dry_run {

@@ -595,6 +595,12 @@ impl DiskWriter for Qcow2Writer {
         self.compression.is_none()
     }
 
+    /// Uncompressed clusters are written whole with a plain `pwrite` (the tables are written, buffered,
+    /// by `finish`); compressed ones are packed byte by byte, never in aligned blocks.
+    fn direct_writes(&self) -> bool {
+        self.compression.is_none()
+    }
+
     fn finish(self: Box<Self>) -> Result<Finished> {
         Ok(Finished {
             file: Qcow2Writer::finish(*self)?,

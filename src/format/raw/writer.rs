@@ -72,6 +72,11 @@ impl DiskWriter for RawWriter {
         &self.file
     }
 
+    /// `write_at` is a plain `pwrite` at the guest offset.
+    fn direct_writes(&self) -> bool {
+        true
+    }
+
     fn finish(self: Box<Self>) -> Result<Finished> {
         Ok(Finished {
             file: self.file,
