@@ -61,6 +61,8 @@ pub enum Code {
     SourceChanged,
     /// A path inside the store is a symlink or of the wrong type (planted, never made by kiln).
     UnsafePath,
+    /// The key given for an encrypted source opens none of its LUKS key slots.
+    KeyMismatch,
 }
 
 impl Code {
@@ -107,6 +109,7 @@ impl Code {
             Code::BackingDenied => "InvalidSnapshot.BackingDenied",
             Code::SourceChanged => "InvalidSnapshot.Changed",
             Code::UnsafePath => "InvalidStore.UnsafePath",
+            Code::KeyMismatch => "InvalidSnapshot.KeyMismatch",
         }
     }
 

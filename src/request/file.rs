@@ -37,9 +37,19 @@ pub(crate) const KEYS: &[&str] = &[
     "DryRun",
     "DetectionStrategy",
     "RelocateGpt",
+    "Encrypted",
 ];
 /// Keys of a DiskDeviceMapping entry (`Format` is kiln's: the source's format, detected otherwise).
-pub(crate) const DISK_KEYS: &[&str] = &["SnapshotId", "Device", "Size", "DiskType", "Format"];
+/// `KeyFile` and `Encrypted` are kiln's too: the disk's key file and per-disk encryption.
+pub(crate) const DISK_KEYS: &[&str] = &[
+    "SnapshotId",
+    "Device",
+    "Size",
+    "DiskType",
+    "Format",
+    "KeyFile",
+    "Encrypted",
+];
 pub(crate) const TAG_KEYS: &[&str] = &["Key", "Value"];
 
 /// What a request file says; None for each key it does not have.
@@ -62,6 +72,8 @@ pub(crate) struct RequestFile {
     pub(crate) detect: Option<bool>,
     /// kiln's `RelocateGpt: true` (`--relocate-gpt`).
     pub(crate) relocate_gpt: Option<bool>,
+    /// `Encrypted: true` (`--encrypt`).
+    pub(crate) encrypted: Option<bool>,
 }
 
 /// Reads `path` (JSON, or TOML when it ends in `.toml`).
@@ -117,6 +129,7 @@ struct Raw {
     dry_run: Option<bool>,
     detection_strategy: Option<Text>,
     relocate_gpt: Option<bool>,
+    encrypted: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,6 +140,8 @@ struct RawDisk {
     size: Option<SizeValue>,
     disk_type: Option<Text>,
     format: Option<Text>,
+    key_file: Option<Text>,
+    encrypted: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -256,6 +271,7 @@ pub(crate) fn parse(v: &Value, path: &Path, base: &Path) -> Result<RequestFile> 
         dry_run: raw.dry_run,
         detect,
         relocate_gpt: raw.relocate_gpt,
+        encrypted: raw.encrypted,
     })
 }
 
@@ -303,6 +319,10 @@ fn disk(d: RawDisk, where_: &str, path: &Path, base: &Path) -> Result<DiskSpec> 
         size,
         disk_type,
         format,
+        crypt: crate::request::plan::DiskCrypt {
+            key_file: text(d.key_file).map(|s| resolve(base, &s)),
+            encrypt: d.encrypted.unwrap_or(false),
+        },
     })
 }
 
