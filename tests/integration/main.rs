@@ -8,6 +8,7 @@ mod common;
 mod convert;
 mod create;
 mod detect;
+mod encryption;
 mod golden;
 mod inspect;
 mod instance;
