@@ -80,14 +80,12 @@ pub(crate) fn unlock(
     key: &[u8],
     path: &Path,
 ) -> Result<Unlocked> {
-    let json = read_json(read, area, path)?;
+    let Parsed {
+        payload_offset,
+        digest,
+        slots,
+    } = parse(read, area, path)?;
     let bad = |field: &str| Error::corrupt(path, format!("LUKS2 metadata: {field}"));
-    let segment = json
-        .pointer("/segments/0")
-        .ok_or_else(|| bad("no segment 0 (segments.0)"))?;
-    let payload_offset = segment_offset(segment, area, path)?;
-    let digest = parse_digest(&json, path)?;
-    let slots = parse_slots(&json, area, path)?;
     for s in slots.iter().filter(|s| digest.slots.contains(&s.name)) {
         let mut derived = Zeroizing::new(vec![0u8; s.area_key_size]);
         match &s.kdf {
@@ -121,6 +119,31 @@ pub(crate) fn unlock(
         }
     }
     Err(super::wrong_key(path))
+}
+
+/// A LUKS2 header, checked: where the data starts, the master-key digest, the key slots.
+pub(crate) struct Parsed {
+    payload_offset: u64,
+    digest: Digest2,
+    slots: Vec<Slot>,
+}
+
+/// Reads and checks a LUKS2 header (binary header, checksum, JSON, segment, digest, key slots,
+/// their KDF costs), deriving nothing.
+pub(crate) fn parse(
+    read: &dyn Fn(u64, usize) -> Result<Vec<u8>>,
+    area: u64,
+    path: &Path,
+) -> Result<Parsed> {
+    let json = read_json(read, area, path)?;
+    let segment = json
+        .pointer("/segments/0")
+        .ok_or_else(|| Error::corrupt(path, "LUKS2 metadata: no segment 0 (segments.0)"))?;
+    Ok(Parsed {
+        payload_offset: segment_offset(segment, area, path)?,
+        digest: parse_digest(&json, path)?,
+        slots: parse_slots(&json, area, path)?,
+    })
 }
 
 /// The binary header's checks, then the JSON area parsed.
@@ -518,6 +541,35 @@ mod tests {
             let b: Vec<u8> = (0..n).map(|i| i.wrapping_mul(37)).collect();
             assert_eq!(base64(&base64_encode(&b)).unwrap(), b);
         }
+    }
+
+    #[test]
+    fn absurd_kdf_costs_are_refused_before_any_work() {
+        let p = Path::new("t");
+        let kdf = |memory: u64, time: u64, cpus: u64| {
+            serde_json::json!({"type": "argon2id", "time": time, "memory": memory, "cpus": cpus,
+                               "salt": "c2FsdHNhbHQ="})
+        };
+        assert!(parse_kdf(&kdf(1 << 20, 4, 4), "0", p).is_ok());
+        for (m, t, c) in [
+            (8 << 20, 4, 4),
+            (1024, 100_000, 4),
+            (1024, 4, 1000),
+            (1024, 0, 4),
+        ] {
+            let e = parse_kdf(&kdf(m, t, c), "0", p).unwrap_err();
+            assert_eq!(e.code(), crate::error::Code::SnapshotUnsupported, "{e}");
+            assert!(e.message().contains("before any work"), "{e}");
+        }
+        let pb = serde_json::json!({"type": "pbkdf2", "hash": "sha256", "iterations": 4_000_000_000u64,
+                                    "salt": "c2FsdA=="});
+        assert!(parse_kdf(&pb, "0", p).is_err());
+        let e = parse_kdf(
+            &serde_json::json!({"type": "scrypt", "salt": "c2FsdA=="}),
+            "1",
+            p,
+        );
+        assert!(e.unwrap_err().message().contains("scrypt"));
     }
 
     #[test]

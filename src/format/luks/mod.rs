@@ -128,6 +128,30 @@ pub(crate) fn unlock(
     }
 }
 
+/// Decodes and checks a LUKS1 or LUKS2 header held in memory (`bytes`: the header area), with
+/// every bound applied, and derives no key: what the fuzz target exercises. Returns the payload
+/// offset (LUKS1) or 0 (LUKS2).
+pub fn check_header(bytes: &[u8]) -> Result<u64> {
+    let path = Path::new("<memory>");
+    let area = bytes.len() as u64;
+    let read = |off: u64, len: usize| {
+        let end = off.checked_add(len as u64).filter(|&e| e <= area);
+        match end {
+            Some(e) => Ok(bytes[off as usize..e as usize].to_vec()),
+            None => Err(Error::corrupt(
+                path,
+                format!("LUKS data at {off}..+{len} is past the end"),
+            )),
+        }
+    };
+    match bytes.get(6..8).map(|v| u16::from_be_bytes([v[0], v[1]])) {
+        _ if !bytes.starts_with(luks1::MAGIC) => Err(Error::corrupt(path, "no LUKS magic")),
+        Some(1) => luks1::parse(bytes, area, path).map(|h| h.payload_offset),
+        Some(2) => luks2::parse(&read, area, path).map(|_| 0),
+        _ => Err(Error::unsupported(path, "not LUKS version 1 or 2")),
+    }
+}
+
 /// A reader of `file` at `base + offset` that refuses to read past `base + area`.
 pub(crate) fn area_reader<'a>(
     file: &'a File,
