@@ -9,10 +9,11 @@ use crate::commands::convert::ConvertRequest;
 use crate::copy::progress::ProgressMode;
 use crate::error::{Code, Error, Result};
 use crate::format::gate::BackingGate;
+use crate::format::luks::Secret;
 use crate::format::qcow2::writer::Compression;
 use crate::format::qcow2::{MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 use crate::format::Format;
-use crate::format::{CacheMode, OutputFormat, OutputSpec};
+use crate::format::{CacheMode, Encryption, OutputFormat, OutputSpec};
 use crate::image::store;
 use crate::request::create::{self as create_request, CreateRequest, Destination};
 use crate::request::dialect::{self, Dialect, LoadOptions, Loaded};
@@ -70,6 +71,8 @@ pub struct InspectArgs {
     pub(crate) format: Option<String>,
     #[command(flatten)]
     pub(crate) backing: BackingArgs,
+    #[command(flatten)]
+    pub(crate) keys: KeyArgs,
 }
 
 impl InspectArgs {
@@ -78,7 +81,7 @@ impl InspectArgs {
         Ok(crate::commands::inspect::InspectOptions {
             format,
             map: self.map,
-            gate: self.backing.gate(),
+            gate: self.keys.gate(&self.backing)?,
         })
     }
 }
@@ -103,6 +106,8 @@ pub struct CheckArgs {
     pub(crate) format: Option<String>,
     #[command(flatten)]
     pub(crate) backing: BackingArgs,
+    #[command(flatten)]
+    pub(crate) keys: KeyArgs,
 }
 
 impl CheckArgs {
@@ -110,7 +115,7 @@ impl CheckArgs {
         let format = source_format("--format", self.format.as_deref())?;
         Ok(crate::commands::check::CheckRequest {
             target: self.target.clone(),
-            gate: self.backing.gate(),
+            gate: self.keys.gate(&self.backing)?,
             format,
             boot_mode: self.boot_mode.clone(),
             architecture: self.architecture.clone(),
@@ -352,6 +357,10 @@ pub struct CreateArgs {
     pub(crate) allow_running: bool,
     #[command(flatten)]
     pub(crate) backing: BackingArgs,
+    #[command(flatten)]
+    pub(crate) keys: KeyArgs,
+    #[command(flatten)]
+    pub(crate) encrypt: EncryptArgs,
     /// An image of data disks only (no system disk): `--disk` entries become /dev/xvdb, ...
     #[arg(long)]
     pub(crate) data_image: bool,
@@ -439,6 +448,10 @@ pub struct ConvertArgs {
     pub(crate) allow_running: bool,
     #[command(flatten)]
     pub(crate) backing: BackingArgs,
+    #[command(flatten)]
+    pub(crate) keys: KeyArgs,
+    #[command(flatten)]
+    pub(crate) encrypt: EncryptArgs,
     /// [zlib|zstd] SRC[@SNAP] DST
     #[arg(num_args = 2..=3, value_name = "ARGS", required = true)]
     pub(crate) args: Vec<String>,
@@ -456,6 +469,102 @@ pub(crate) struct BackingArgs {
 impl BackingArgs {
     pub(crate) fn gate(&self) -> BackingGate {
         BackingGate::new(self.backing_dirs.clone())
+    }
+}
+
+/// Where a key comes from: a file, a descriptor or the environment, never argv. The key opens
+/// encrypted sources (those without their own `key-file=`) and, with `--encrypt`, the output.
+#[derive(Debug, Args)]
+pub(crate) struct KeyArgs {
+    /// The key is this file's bytes, exactly (a trailing newline is part of it, as with qemu's
+    /// `--object secret,file=`).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) key_file: Option<PathBuf>,
+    /// The key is what can be read from this inherited file descriptor.
+    #[arg(long, value_name = "N")]
+    pub(crate) key_fd: Option<i32>,
+    /// The key is the value of this environment variable.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) key_env: Option<String>,
+    /// Refused: a key on the command line is visible to every user (ps, /proc).
+    #[arg(long = "key", alias = "passphrase", hide = true, value_name = "KEY")]
+    pub(crate) key_argv: Option<String>,
+}
+
+impl KeyArgs {
+    /// The key named by the flags, read now; None without one.
+    pub(crate) fn secret(&self) -> Result<Option<Secret>> {
+        if self.key_argv.is_some() {
+            return Err(key_on_argv("--key"));
+        }
+        let given = [
+            self.key_file.is_some(),
+            self.key_fd.is_some(),
+            self.key_env.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() > 1 {
+            return Err(Error::new(
+                Code::InvalidParameter,
+                "give the key once: --key-file, --key-fd or --key-env",
+            ));
+        }
+        if let Some(p) = &self.key_file {
+            return Secret::from_file(p).map(Some);
+        }
+        if let Some(fd) = self.key_fd {
+            return Secret::from_fd(fd).map(Some);
+        }
+        self.key_env.as_deref().map(Secret::from_env).transpose()
+    }
+
+    /// The gate with this key for encrypted sources.
+    pub(crate) fn gate(&self, backing: &BackingArgs) -> Result<BackingGate> {
+        let mut gate = backing.gate();
+        gate.key = self.secret()?;
+        Ok(gate)
+    }
+}
+
+/// The refusal of a key given as an argument.
+pub(crate) fn key_on_argv(flag: &str) -> Error {
+    Error::new(
+        Code::InvalidParameter,
+        format!("{flag}: a key is never taken from the command line (every user can read it there); use --key-file FILE, --key-fd N or --key-env NAME"),
+    )
+}
+
+/// `--encrypt` and its LUKS version.
+#[derive(Debug, Args)]
+pub(crate) struct EncryptArgs {
+    /// Encrypt the output with LUKS (qcow2: `encrypt.format=luks`, as qemu writes it; raw: a LUKS
+    /// volume), with the key of --key-file, --key-fd or --key-env.
+    #[arg(long)]
+    pub(crate) encrypt: bool,
+    /// LUKS version of an encrypted raw output: 1 (default; qemu and cryptsetup open it) or 2
+    /// (cryptsetup).
+    #[arg(long, value_name = "1|2")]
+    pub(crate) luks_version: Option<u8>,
+}
+
+impl EncryptArgs {
+    /// Sets `spec`'s encryption when asked (`also` is a request file's `Encrypted: true`).
+    pub(crate) fn apply(
+        &self,
+        spec: &mut OutputSpec,
+        key: Option<&Secret>,
+        also: bool,
+    ) -> Result<()> {
+        if !(self.encrypt || also) {
+            if self.luks_version.is_some() {
+                return Err(Error::new(
+                    Code::InvalidParameter,
+                    "--luks-version needs --encrypt",
+                ));
+            }
+            return Ok(());
+        }
+        spec.encryption = Some(Encryption::for_output(spec, key, self.luks_version)?);
+        Ok(())
     }
 }
 
@@ -607,6 +716,19 @@ impl CreateArgs {
             (file.disks, file.snapshot, loaded.instance),
             &mut notes,
         )?;
+        let gate = self.keys.gate(&self.backing)?;
+        let mut output = output_spec(
+            self.out.format,
+            &self.out.cluster_size,
+            compression(self.out.compress),
+            &self.out.output_options,
+            self.out.cache,
+        )?;
+        self.encrypt.apply(
+            &mut output,
+            gate.key.as_ref(),
+            file.encrypted.unwrap_or(false),
+        )?;
         let destination = match &self.output_dir {
             Some(d) => Destination::Dir(d.clone()),
             None => Destination::Store(store::locate(store)?),
@@ -635,18 +757,12 @@ impl CreateArgs {
             destination,
             client_token: self.client_token.clone().or(file.client_token),
             dry_run: self.dry_run || file.dry_run.unwrap_or(false),
-            output: output_spec(
-                self.out.format,
-                &self.out.cluster_size,
-                compression(self.out.compress),
-                &self.out.output_options,
-                self.out.cache,
-            )?,
+            output,
             threads: threads(self.out.threads)?,
             progress: self.progress_mode(),
             instance,
             allow_running: self.allow_running,
-            gate: self.backing.gate(),
+            gate,
             notes,
             data_image: self.data_image || loaded.data_image,
             detect: self.detect || file.detect.unwrap_or(false),
@@ -761,17 +877,20 @@ impl ConvertArgs {
             }
         };
         let source_format = source_format("-f", self.source_format.as_deref())?;
+        let gate = self.keys.gate(&self.backing)?;
+        let mut output = output_spec(
+            self.output_format,
+            &self.cluster_size,
+            compress,
+            &self.options,
+            self.cache,
+        )?;
+        self.encrypt.apply(&mut output, gate.key.as_ref(), false)?;
         Ok(ConvertRequest {
             source: PathBuf::from(src),
             source_format,
             destination: PathBuf::from(dst),
-            output: output_spec(
-                self.output_format,
-                &self.cluster_size,
-                compress,
-                &self.options,
-                self.cache,
-            )?,
+            output,
             threads: threads(self.threads)?,
             progress: if self.progress {
                 ProgressMode::Auto
@@ -779,7 +898,7 @@ impl ConvertArgs {
                 ProgressMode::Off
             },
             sha256: self.sha256,
-            gate: self.backing.gate(),
+            gate,
             allow_running: self.allow_running,
         })
     }

@@ -69,6 +69,8 @@ pub enum Code {
     InvalidResourceGroup,
     /// A parameter whose meaning needs support kiln does not have yet (encryption).
     Unsupported,
+    /// The key given for an encrypted source opens none of its LUKS key slots.
+    KeyMismatch,
 }
 
 impl Code {
@@ -119,6 +121,7 @@ impl Code {
             Code::InvalidImdsSupport => "InvalidParameter.FeaturesImdsSupport",
             Code::InvalidResourceGroup => "InvalidResourceGroup.NotFound",
             Code::Unsupported => "OperationDenied.Unsupported",
+            Code::KeyMismatch => "InvalidSnapshot.KeyMismatch",
         }
     }
 

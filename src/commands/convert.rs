@@ -89,6 +89,7 @@ pub fn convert(req: &ConvertRequest, warn: &mut dyn FnMut(&str)) -> Result<Conve
         virtual_size,
         out_path: tmp.clone(),
         hash: req.sha256,
+        encryption: None,
     };
     let reporter = progress::reporter(req.progress, &[(job.name.clone(), virtual_size)]);
     let results = engine::copy_disks(vec![job], &req.output, req.threads, reporter.as_ref());

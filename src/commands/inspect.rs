@@ -128,7 +128,7 @@ pub fn inspect_with(path: &Path, opts: &InspectOptions) -> Result<InspectReport>
     let top = file_facts(&info.path, info.format)?;
     let snapshots = match info.format {
         Format::Qcow2 => read_snapshot_table(&info.path)?,
-        Format::Raw | Format::Vhdx => Vec::new(),
+        Format::Raw | Format::Vhdx | Format::Luks => Vec::new(),
     };
     let mut backing_chain = Vec::new();
     for c in info.chain.iter().skip(1) {
@@ -186,7 +186,7 @@ fn file_facts(path: &Path, format: Format) -> Result<FileFacts> {
             Some(1u64 << bits)
         }
         Format::Vhdx => Some(format::vhdx::reader::block_size(path)?),
-        Format::Raw => None,
+        Format::Raw | Format::Luks => None,
     };
     Ok(FileFacts {
         actual_size: meta.blocks().saturating_mul(512),

@@ -42,6 +42,8 @@ pub(crate) struct DiskJob {
     pub(crate) out_path: PathBuf,
     /// Compute the output file's SHA-256 once it is written.
     pub(crate) hash: bool,
+    /// This disk's encryption, over the spec's (`encrypt=true` on one `--disk`).
+    pub(crate) encryption: Option<crate::format::Encryption>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +121,17 @@ pub(crate) fn copy_disks(
 ) -> Result<Vec<DiskResult>> {
     let mut disks = Vec::with_capacity(jobs.len());
     for mut job in jobs {
+        let own;
+        let spec = match job.encryption.take() {
+            Some(e) => {
+                own = OutputSpec {
+                    encryption: Some(e),
+                    ..spec.clone()
+                };
+                &own
+            }
+            None => spec,
+        };
         job.virtual_size = spec.disk_size(job.virtual_size);
         let sink = create_sink(&job.out_path, job.virtual_size, spec)?;
         let direct = match spec.cache {
@@ -462,7 +475,7 @@ fn store(
     pool: &mut Vec<Vec<u8>>,
 ) -> Result<()> {
     // (offset in chunk, length, index into pool when prepared)
-    let pieces = prepare(w, runs, buf, pool)?;
+    let pieces = prepare(w, start, runs, buf, pool)?;
     let mut hosts = Vec::with_capacity(pieces.len());
     let mut allocate = || {
         for &(o, l, p) in &pieces {
@@ -478,6 +491,11 @@ fn store(
         take_turn(sh, disk, seq, allocate)?;
     } else {
         allocate()?;
+    }
+    for (&(_, _, p), &host) in pieces.iter().zip(&hosts) {
+        if let Some(i) = p {
+            w.seal(host, &mut pool[i])?;
+        }
     }
     let mut span: Option<(u64, u64)> = None;
     {
@@ -530,6 +548,7 @@ fn write_piece(disk: &DiskState, w: &dyn DiskWriter, host: u64, data: &[u8]) -> 
 /// runs as they are when the writer has no prepare step.
 fn prepare(
     w: &dyn DiskWriter,
+    start: u64,
     runs: &[(usize, usize)],
     buf: &[u8],
     pool: &mut Vec<Vec<u8>>,
@@ -547,7 +566,7 @@ fn prepare(
             if pool.len() <= used {
                 pool.push(Vec::with_capacity(unit));
             }
-            if w.prepare(&buf[o..o + pl], &mut pool[used])? {
+            if w.prepare_at(start + o as u64, &buf[o..o + pl], &mut pool[used])? {
                 pieces.push((o, pl, Some(used)));
                 used += 1;
             } else {
@@ -722,6 +741,7 @@ mod tests {
                 virtual_size: 4 * CHUNK,
                 out_path: dir.path().join(format!("d{i}.raw")),
                 hash: true,
+                encryption: None,
             });
         }
         let spec = OutputSpec {

@@ -24,11 +24,15 @@ use crate::util::safe_fs;
 pub struct BackingGate {
     /// Extra trusted directories (`--backing-dir`), as the user gave them.
     pub(crate) dirs: Vec<PathBuf>,
+    /// The key for the encrypted files of this source (a raw LUKS volume, or qcow2 layers with
+    /// LUKS encryption), when one was given. It travels with the gate because it is the other
+    /// thing a source may be opened with.
+    pub(crate) key: Option<crate::format::luks::Secret>,
 }
 
 impl BackingGate {
     pub(crate) fn new(dirs: Vec<PathBuf>) -> BackingGate {
-        BackingGate { dirs }
+        BackingGate { dirs, key: None }
     }
 
     /// Resolves the backing file `name` stored in `overlay` and opens it read-only, or refuses it.

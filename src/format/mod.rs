@@ -8,6 +8,7 @@
 
 pub(crate) mod chain;
 pub(crate) mod gate;
+pub mod luks;
 pub mod qcow2;
 pub(crate) mod raw;
 pub(crate) mod vhdx;
@@ -31,6 +32,7 @@ pub enum Format {
     Raw,
     Qcow2,
     Vhdx,
+    Luks,
 }
 
 impl Format {
@@ -107,7 +109,7 @@ pub struct WriteDriver {
 
 /// Every format kiln knows, in probe order (qcow2's magic before raw, which takes anything); the
 /// CLI lists output formats in this order too.
-pub(crate) static DRIVERS: &[Driver] = &[qcow2::DRIVER, vhdx::DRIVER, raw::DRIVER];
+pub(crate) static DRIVERS: &[Driver] = &[qcow2::DRIVER, luks::DRIVER, vhdx::DRIVER, raw::DRIVER];
 
 /// Bytes read from the start of a file for the probes (magic numbers and text descriptors).
 pub(crate) const PROBE_BYTES: usize = 4096;
@@ -185,6 +187,8 @@ pub(crate) struct OutputSpec {
     pub(crate) options: Vec<(String, String)>,
     /// How the output is written and flushed (`-t`, qemu-img's cache modes).
     pub(crate) cache: CacheMode,
+    /// `--encrypt`: LUKS with this key (qcow2's `encrypt.format=luks`, or a raw LUKS volume).
+    pub(crate) encryption: Option<Encryption>,
 }
 
 /// qemu-img's cache modes for the output (`-t`): what is flushed, and whether the page cache is
@@ -209,6 +213,67 @@ impl CacheMode {
     /// Whether outputs are fsynced (and their directories) before they are published.
     pub(crate) fn flushes(self) -> bool {
         self != CacheMode::Unsafe
+    }
+}
+
+/// How an output disk is encrypted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Encryption {
+    /// The passphrase of key slot 0.
+    pub(crate) key: luks::Secret,
+    /// 1 or 2 (raw output; qcow2 always holds LUKS1, as qemu writes it).
+    pub(crate) luks_version: u8,
+}
+
+impl Encryption {
+    /// The encryption of an output in `spec`'s format with `key`.
+    pub(crate) fn for_output(
+        spec: &OutputSpec,
+        key: Option<&luks::Secret>,
+        version: Option<u8>,
+    ) -> Result<Encryption> {
+        let key = key.cloned().ok_or_else(|| {
+            Error::new(
+                Code::MissingParameter,
+                "--encrypt needs a key: --key-file FILE, --key-fd N or --key-env NAME",
+            )
+        })?;
+        let qcow2 = spec.format.extension() == "qcow2";
+        let luks_version = match (version, qcow2) {
+            (None | Some(1), _) => 1,
+            (Some(2), false) => 2,
+            (Some(2), true) => return Err(Error::new(
+                Code::InvalidParameter,
+                "--luks-version 2 is for raw output; an encrypted qcow2 holds LUKS1, as qemu writes it",
+            )),
+            (Some(v), _) => {
+                return Err(Error::new(
+                    Code::InvalidParameter,
+                    format!("--luks-version {v}: kiln writes LUKS 1 and 2"),
+                ))
+            }
+        };
+        if spec.compression.is_some() {
+            return Err(Error::new(
+                Code::InvalidParameter,
+                "--compress and --encrypt do not go together (qemu writes no compressed clusters in an encrypted qcow2)",
+            ));
+        }
+        Ok(Encryption { key, luks_version })
+    }
+
+    /// What the manifest records for a disk written in `format`: never key material.
+    pub(crate) fn describe(&self, format: &str) -> luks::VolumeInfo {
+        let v = if format == "qcow2" {
+            1
+        } else {
+            self.luks_version
+        };
+        luks::VolumeInfo {
+            luks_version: v,
+            key_bits: 512,
+            kdf: if v == 1 { "pbkdf2-sha256" } else { "argon2id" }.into(),
+        }
     }
 }
 
@@ -262,13 +327,19 @@ impl OutputSpec {
             compression,
             options: parsed,
             cache: CacheMode::default(),
+            encryption: None,
         })
     }
 
     /// The size a disk of `virtual_size` bytes gets in this output (qcow2 rounds up to whole
     /// 512-byte sectors; raw keeps it).
     pub(crate) fn disk_size(&self, virtual_size: u64) -> u64 {
-        (self.format.1.disk_size)(virtual_size)
+        let size = (self.format.1.disk_size)(virtual_size);
+        // LUKS encrypts whole 512-byte sectors.
+        match self.encryption {
+            Some(_) => size.next_multiple_of(luks::crypto::SECTOR),
+            None => size,
+        }
     }
 
     /// Starts a fresh disk of `virtual_size` bytes (as returned by `disk_size`) in `file`.
@@ -290,6 +361,7 @@ impl Default for OutputSpec {
             compression: None,
             options: Vec::new(),
             cache: CacheMode::default(),
+            encryption: None,
         }
     }
 }
@@ -330,6 +402,23 @@ pub trait BlockSource: Send + Sync {
     /// Fills `buf` with the guest bytes at `offset`; `offset + buf.len()` must not pass the virtual size.
     /// Zero and unallocated ranges read as zeros.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// The end of a read of `len` bytes at `offset` from a source of `virtual_size` bytes (`path`),
+/// or an internal error when it would pass the end.
+pub(crate) fn read_end(path: &Path, offset: u64, len: usize, virtual_size: u64) -> Result<u64> {
+    offset
+        .checked_add(len as u64)
+        .filter(|&e| e <= virtual_size)
+        .ok_or_else(|| {
+            Error::new(
+                Code::Internal,
+                format!(
+                    "{}: read of {len} bytes at {offset} passes the virtual size {virtual_size}",
+                    path.display()
+                ),
+            )
+        })
 }
 
 /// One file read while opening a source (the source itself, then each backing file).

@@ -10,6 +10,8 @@
 //!    offset from [`DiskWriter::allocate`] or, when prepared, [`DiskWriter::allocate_prepared`].
 //!    The engine calls these through a per-disk turnstile, chunk after chunk, so the layout (and
 //!    the file's hash) depends on the input alone (qcow2, dynamic VHD/VHDX, VMDK);
+//!    Prepared pieces then go through [`DiskWriter::seal`] with their host offset (parallel; qcow2
+//!    encrypts there);
 //! 3. **write** (parallel, under the disk's write lock): [`DiskWriter::write_at`] at those offsets.
 //!
 //! [`DiskWriter::finish`] then writes what a format keeps for the end (qcow2's tables, a fixed
@@ -39,6 +41,13 @@ pub(crate) trait DiskWriter: Send + Sync {
         Ok(false)
     }
 
+    /// [`DiskWriter::prepare`] for the piece at `guest_offset`: what the engine calls. Writers
+    /// whose prepared form depends on where the piece is (encryption: the IV is the guest sector)
+    /// override this one.
+    fn prepare_at(&self, _guest_offset: u64, data: &[u8], out: &mut Vec<u8>) -> Result<bool> {
+        self.prepare(data, out)
+    }
+
     /// Whether allocations must come in guest order. The engine then serialises them per disk.
     fn in_guest_order(&self) -> bool;
 
@@ -53,6 +62,12 @@ pub(crate) trait DiskWriter: Send + Sync {
             Code::Internal,
             format!("a prepared piece at guest offset {guest_offset} for a writer without a prepare step"),
         ))
+    }
+
+    /// Finishes a prepared piece once its host offset is known, on the copying thread, outside
+    /// every lock (qcow2 encryption: qemu's LUKS IV is the host sector).
+    fn seal(&self, _host_offset: u64, _prepared: &mut [u8]) -> Result<()> {
+        Ok(())
     }
 
     /// Writes bytes at a host offset returned by an allocation.

@@ -74,9 +74,38 @@ pub(crate) struct DiskRecord {
     pub(crate) source: Option<SourceRecord>,
     #[serde(rename = "CopyStats", default)]
     pub(crate) stats: CopyStats,
+    /// Whether the disk file is encrypted (LUKS), and how: never key material.
+    #[serde(default)]
+    pub(crate) encrypted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) encryption: Option<EncryptionRecord>,
     /// What kiln changed in the guest's bytes (`--relocate-gpt`); empty when it copied them as they are.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) changes: Vec<String>,
+}
+
+/// How an encrypted disk is encrypted (the manifest's `Encryption`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct EncryptionRecord {
+    /// `luks1` (inside qcow2, or a raw volume) or `luks2`.
+    pub(crate) format: String,
+    /// `aes-xts-plain64`.
+    pub(crate) cipher: String,
+    pub(crate) key_bits: u32,
+    /// The key slot's KDF: `pbkdf2-sha256` or `argon2id`.
+    pub(crate) key_slot_kdf: String,
+}
+
+impl From<crate::format::luks::VolumeInfo> for EncryptionRecord {
+    fn from(v: crate::format::luks::VolumeInfo) -> Self {
+        EncryptionRecord {
+            format: format!("luks{}", v.luks_version),
+            cipher: "aes-xts-plain64".into(),
+            key_bits: v.key_bits,
+            key_slot_kdf: v.kdf,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -55,6 +55,22 @@ pub(crate) fn request_digest(req: &CreateRequest, layout: &DiskLayout) -> String
             "DeviceNames": d.device_names,
         });
     }
+    // Whether each disk is encrypted, and the LUKS version; never the key.
+    let encrypted: Vec<&str> = layout
+        .disks
+        .iter()
+        .filter(|d| d.crypt.encrypt || req.output.encryption.is_some())
+        .map(|d| d.device.as_str())
+        .collect();
+    if !encrypted.is_empty() {
+        v["Encrypted"] = encrypted.into();
+        v["LuksVersion"] = req
+            .output
+            .encryption
+            .as_ref()
+            .map_or(1, |e| e.luks_version)
+            .into();
+    }
     if !req.output.options.is_empty() {
         let opts: Vec<String> = req
             .output

@@ -41,11 +41,21 @@ pub(crate) const KEYS: &[&str] = &[
     "Features",
     "RegionId",
     "Action",
+    "Encrypted",
 ];
 /// Keys of `Features`.
 pub(crate) const FEATURE_KEYS: &[&str] = &["ImdsSupport", "NvmeSupport"];
 /// Keys of a DiskDeviceMapping entry (`Format` is kiln's: the source's format, detected otherwise).
-pub(crate) const DISK_KEYS: &[&str] = &["SnapshotId", "Device", "Size", "DiskType", "Format"];
+/// `KeyFile` and `Encrypted` are kiln's too: the disk's key file and per-disk encryption.
+pub(crate) const DISK_KEYS: &[&str] = &[
+    "SnapshotId",
+    "Device",
+    "Size",
+    "DiskType",
+    "Format",
+    "KeyFile",
+    "Encrypted",
+];
 pub(crate) const TAG_KEYS: &[&str] = &["Key", "Value"];
 
 /// What a request file says; None for each key it does not have.
@@ -73,6 +83,8 @@ pub(crate) struct RequestFile {
     /// Parameters recorded without an offline meaning (`ResourceGroupId`, `Features.*`,
     /// `RegionId`), validated, in the API's names.
     pub(crate) recorded: Map<String, Value>,
+    /// `Encrypted: true` (`--encrypt`).
+    pub(crate) encrypted: Option<bool>,
 }
 
 fn bad(path: &Path, why: impl std::fmt::Display) -> Error {
@@ -106,6 +118,7 @@ struct Raw {
     features: Option<RawFeatures>,
     region_id: Option<Text>,
     action: Option<Text>,
+    encrypted: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,6 +136,8 @@ struct RawDisk {
     size: Option<SizeValue>,
     disk_type: Option<Text>,
     format: Option<Text>,
+    key_file: Option<Text>,
+    encrypted: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -262,6 +277,7 @@ pub(crate) fn parse(v: &Value, path: &Path, base: &Path) -> Result<RequestFile> 
         relocate_gpt: raw.relocate_gpt,
         instance_id: text(raw.instance_id).filter(|s| !s.trim().is_empty()),
         recorded,
+        encrypted: raw.encrypted,
     })
 }
 
@@ -336,6 +352,10 @@ fn disk(d: RawDisk, where_: &str, path: &Path, base: &Path) -> Result<DiskSpec> 
         size,
         disk_type,
         format,
+        crypt: crate::request::plan::DiskCrypt {
+            key_file: text(d.key_file).map(|s| resolve(base, &s)),
+            encrypt: d.encrypted.unwrap_or(false),
+        },
     })
 }
 

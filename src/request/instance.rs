@@ -532,6 +532,7 @@ fn adjust(inst: &Instance, adj: &Adjustments, out: &mut [MappedDisk]) -> Result<
                         size: a.size,
                         disk_type: Some(DiskType::Data),
                         format: a.format,
+                        crypt: Default::default(),
                     },
                     original_target: None,
                 });
@@ -596,6 +597,7 @@ fn instance_entry(d: &InstanceDisk, device: Device, disk_type: DiskType) -> Mapp
             size: None,
             disk_type: Some(disk_type),
             format: d.format,
+            crypt: Default::default(),
         },
         original_target: Some(d.target_dev.clone()),
     }

@@ -29,6 +29,18 @@ pub struct DiskSpec {
     pub size: Option<u64>,
     pub(crate) disk_type: Option<DiskType>,
     pub format: Option<Format>,
+    /// This disk's encryption settings (`key-file=`, `encrypt=true`).
+    pub(crate) crypt: DiskCrypt,
+}
+
+/// One disk's own encryption settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskCrypt {
+    /// `key-file=FILE` (a request file's `KeyFile`): the key of this disk's encrypted source, and
+    /// of its output when encrypted without a command-line key.
+    pub(crate) key_file: Option<PathBuf>,
+    /// `encrypt=true` (a request file's `Encrypted`): encrypt this disk's output.
+    pub(crate) encrypt: bool,
 }
 
 impl DiskSpec {
@@ -39,7 +51,7 @@ impl DiskSpec {
             let (key, value) = part.split_once('=').ok_or_else(|| {
                 Error::new(
                     Code::InvalidParameter,
-                    format!("--disk '{text}': '{part}' is not KEY=VALUE (keys: snapshot, device, size, type, format)"),
+                    format!("--disk '{text}': '{part}' is not KEY=VALUE (keys: snapshot, device, size, type, format, key-file, encrypt)"),
                 )
             })?;
             let value = value.trim();
@@ -51,6 +63,24 @@ impl DiskSpec {
                     spec.snapshot = Some(PathBuf::from(value));
                 }
                 "device" => spec.device = Some(Device::parse(value)?),
+                "key-file" | "key_file" | "keyfile" => {
+                    spec.crypt.key_file = Some(PathBuf::from(value))
+                }
+                "key" | "passphrase" => {
+                    return Err(crate::cli::key_on_argv(&format!("--disk {key}=")))
+                }
+                "encrypt" | "encrypted" => {
+                    spec.crypt.encrypt = match value.to_ascii_lowercase().as_str() {
+                        "true" | "yes" | "1" | "on" => true,
+                        "false" | "no" | "0" | "off" => false,
+                        _ => {
+                            return Err(Error::new(
+                                Code::InvalidParameter,
+                                format!("--disk '{text}': encrypt='{value}' is neither true nor false"),
+                            ))
+                        }
+                    }
+                }
                 "size" => spec.size = Some(size::parse_size(value)?),
                 "type" | "disktype" | "disk_type" => {
                     spec.disk_type = Some(DiskType::parse_loose(value).ok_or_else(|| {
@@ -71,7 +101,7 @@ impl DiskSpec {
                 other => {
                     return Err(Error::new(
                         Code::InvalidParameter,
-                        format!("--disk '{text}': unknown key '{other}' (keys: snapshot, device, size, type, format)"),
+                        format!("--disk '{text}': unknown key '{other}' (keys: snapshot, device, size, type, format, key-file, encrypt)"),
                     ))
                 }
             }
@@ -159,6 +189,7 @@ pub struct PlannedDisk {
     pub(crate) snapshot: Option<PathBuf>,
     pub(crate) format: Option<Format>,
     pub(crate) size: Option<u64>,
+    pub(crate) crypt: DiskCrypt,
 }
 
 impl PlannedDisk {
@@ -285,6 +316,7 @@ pub fn assign_devices(disks: &[DiskSpec], snapshot: Option<&PathBuf>) -> Result<
             snapshot: s.snapshot.clone(),
             format: s.format,
             size: s.size,
+            crypt: s.crypt.clone(),
         });
     }
     out.sort_by(|a, b| a.device.cmp(&b.device));
@@ -342,6 +374,7 @@ pub(crate) fn assign_data_devices(disks: &[DiskSpec]) -> Result<DiskLayout> {
             snapshot: s.snapshot.clone(),
             format: s.format,
             size: s.size,
+            crypt: s.crypt.clone(),
         });
     }
     out.sort_by(|a, b| a.device.cmp(&b.device));

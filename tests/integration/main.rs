@@ -9,6 +9,7 @@ mod convert;
 mod create;
 mod detect;
 mod dialects;
+mod encryption;
 mod golden;
 mod inspect;
 mod instance;

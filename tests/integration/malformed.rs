@@ -211,7 +211,7 @@ fn cases() -> Vec<Case> {
             args: INSPECT,
             suffix: "",
             code: UNSUPPORTED,
-            field: &["crypt_method 1"],
+            field: &["crypt_method 1", "insecure", "encrypt.format=luks"],
         },
         Case {
             name: "crypt_method_luks",
@@ -219,8 +219,8 @@ fn cases() -> Vec<Case> {
             patch: |b, _| put32(b, CRYPT_METHOD, 2),
             args: INSPECT,
             suffix: "",
-            code: UNSUPPORTED,
-            field: &["crypt_method 2"],
+            code: CORRUPT,
+            field: &["crypt_method is 2", "extension is missing"],
         },
         Case {
             name: "crypt_method_unknown",
@@ -468,8 +468,8 @@ fn cases() -> Vec<Case> {
             patch: |b, l| put32(b, l.header_length, 0x0537_be77),
             args: INSPECT,
             suffix: "",
-            code: UNSUPPORTED,
-            field: &["crypto header"],
+            code: CORRUPT,
+            field: &["full-disk-encryption header extension is 5 bytes"],
         },
         // --- Backing files.
         Case {

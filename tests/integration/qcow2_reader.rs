@@ -681,7 +681,7 @@ fn extended_l2_subclusters() {
 }
 
 #[test]
-fn encrypted_images_are_unsupported() {
+fn encrypted_images_need_their_key() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
     img(
@@ -700,7 +700,7 @@ fn encrypted_images_are_unsupported() {
         ],
     );
     let e = open(p, "e.qcow2", None).err().unwrap();
-    assert_eq!(e.code(), Code::SnapshotUnsupported);
+    assert_eq!(e.code(), Code::MissingParameter);
     assert!(e.message().contains("encrypted"), "{e}");
 }
 

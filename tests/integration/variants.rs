@@ -373,7 +373,7 @@ fn an_internal_snapshot_reads_the_old_data() {
 }
 
 #[test]
-fn an_encrypted_image_is_refused() {
+fn an_encrypted_image_without_its_key_is_refused() {
     let t = tmp();
     let d = t.path();
     qemu_img(
@@ -405,7 +405,8 @@ fn an_encrypted_image_is_refused() {
         ],
     );
     assert_eq!(r.status, 2);
-    assert_eq!(r.code(), "InvalidSnapshot.Unsupported");
-    assert!(r.stdout.contains("encrypt"), "{}", r.stdout);
+    assert_eq!(r.code(), "MissingParameter");
+    assert!(r.stdout.contains("encrypted (LUKS)"), "{}", r.stdout);
+    assert!(r.stdout.contains("key-file"), "{}", r.stdout);
     assert!(!d.join("out").exists());
 }

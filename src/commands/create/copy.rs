@@ -47,8 +47,12 @@ pub(super) fn copy(
             virtual_size: p.virtual_size,
             out_path: dir.join(&p.file),
             hash: true,
+            encryption: p.encryption.clone(),
         });
-        records.push((p.planned, p.file, p.source, p.changes));
+        let enc = p
+            .encryption
+            .map(|e| e.describe(req.output.format.extension()));
+        records.push((p.planned, p.file, p.source, (p.changes, enc)));
         locks.extend(p.locks);
     }
     let reporter = progress::reporter(req.progress, &disk_names);
@@ -71,7 +75,7 @@ pub(super) fn copy(
         stats: CopyStats::default(),
         sums: Vec::new(),
     };
-    for ((d, file, source, changes), r) in records.into_iter().zip(results) {
+    for ((d, file, source, (changes, enc)), r) in records.into_iter().zip(results) {
         // The engine's size: qcow2 output is rounded up to whole 512-byte sectors.
         let virtual_size = r.virtual_size;
         copied.stats.add(&r.stats);
@@ -94,6 +98,8 @@ pub(super) fn copy(
                 .map(str::to_string),
             source,
             stats: r.stats,
+            encrypted: enc.is_some(),
+            encryption: enc.map(Into::into),
             changes,
         });
     }

@@ -5,7 +5,9 @@ use std::path::Path;
 
 use super::absolute;
 use crate::error::{Code, Error, Result};
-use crate::format::{self, Opened};
+use crate::format::gate::BackingGate;
+use crate::format::luks::Secret;
+use crate::format::{self, Encryption, Opened};
 use crate::image::manifest::{FileRead, SourceRecord};
 use crate::prepare::{self, qemu_lock, CopySource};
 use crate::request::create::CreateRequest;
@@ -27,6 +29,8 @@ pub(super) struct PreparedDisk {
     pub(crate) stamps: format::SourceStamps,
     /// What kiln changes in the guest's bytes (`--relocate-gpt`), for the manifest.
     pub(crate) changes: Vec<String>,
+    /// How the output is encrypted, if it is.
+    pub(crate) encryption: Option<Encryption>,
 }
 
 /// Opens every source and sizes every disk. A source another process writes to is refused unless
@@ -59,6 +63,37 @@ fn prepare_disk(
     how: &CopySource,
     warn: &mut dyn FnMut(&str),
 ) -> Result<PreparedDisk> {
+    let disk_key = d
+        .crypt
+        .key_file
+        .as_deref()
+        .map(Secret::from_file)
+        .transpose()?;
+    let gate;
+    let how = match &disk_key {
+        Some(k) => {
+            gate = BackingGate {
+                key: Some(k.clone()),
+                ..how.gate.clone()
+            };
+            CopySource {
+                gate: &gate,
+                ..how.clone()
+            }
+        }
+        None => how.clone(),
+    };
+    // The disk's output encryption: the request's, or its own `encrypt=true` with the command
+    // line's key (else its own key file's).
+    let encryption = match (&req.output.encryption, d.crypt.encrypt) {
+        (Some(e), _) => Some(e.clone()),
+        (None, true) => Some(Encryption::for_output(
+            &req.output,
+            req.gate.key.as_ref().or(disk_key.as_ref()),
+            None,
+        )?),
+        (None, false) => None,
+    };
     let (mut opened, locks, stamps) = match &d.snapshot {
         Some(p) => {
             let how = CopySource {
@@ -109,6 +144,7 @@ fn prepare_disk(
         locks,
         stamps,
         changes,
+        encryption,
     })
 }
 

@@ -231,7 +231,13 @@ pub(super) struct Header {
     pub(crate) extended_l2: bool,
     pub(crate) backing: Option<Vec<u8>>,
     pub(crate) backing_format: Option<String>,
+    /// `crypt_method` 2: where the LUKS header lies (offset, length), from the full-disk-encryption
+    /// header extension.
+    pub(crate) crypto: Option<(u64, u64)>,
 }
+
+/// Largest LUKS header area inside a qcow2 (qemu's LUKS1 header with 8 slots is about 2 MiB).
+pub(super) const MAX_CRYPTO_HEADER: u64 = 16 << 20;
 
 fn too_short(path: &Path) -> Error {
     Error::corrupt(path, "the file is too short for a qcow2 header")
@@ -251,7 +257,9 @@ pub(super) fn validate(h: &QcowHeader, file_size: u64, path: &Path) -> Result<He
     let Extensions {
         backing_format,
         feature_names,
+        crypto,
     } = check_extensions(h, path)?;
+    let crypto = check_crypto(h.crypt_method, crypto, h.cluster_bits, file_size, path)?;
     check_incompatible(format.incompatible, &feature_names, path)?;
     let compression = check_compression(h, &format, path)?;
     let extended_l2 = format.incompatible & INCOMPAT_EXTL2 != 0;
@@ -295,7 +303,43 @@ pub(super) fn validate(h: &QcowHeader, file_size: u64, path: &Path) -> Result<He
         extended_l2,
         backing,
         backing_format,
+        crypto,
     })
+}
+
+/// `crypt_method` 2 and the full-disk-encryption extension go together; the LUKS header they
+/// name is cluster aligned, past the header cluster, bounded and inside the file.
+fn check_crypto(
+    method: u32,
+    ext: Option<(u64, u64)>,
+    cluster_bits: u32,
+    file_size: u64,
+    path: &Path,
+) -> Result<Option<(u64, u64)>> {
+    let (offset, len) =
+        match (method, ext) {
+            (0, None) => return Ok(None),
+            (2, Some(e)) => e,
+            (2, None) => return Err(Error::corrupt(
+                path,
+                "crypt_method is 2 (LUKS) but the full-disk-encryption header extension is missing",
+            )),
+            _ => return Err(Error::corrupt(
+                path,
+                "the image has a full-disk-encryption header extension but crypt_method is not 2",
+            )),
+        };
+    let cs = 1u64 << cluster_bits;
+    let inside = offset.checked_add(len).is_some_and(|e| e <= file_size);
+    if offset < cs || offset % cs != 0 || len == 0 || len > MAX_CRYPTO_HEADER || !inside {
+        return Err(Error::corrupt(
+            path,
+            format!(
+                "the LUKS header at offset {offset} ({len} bytes; full-disk-encryption extension) is not a cluster-aligned area of at most {MAX_CRYPTO_HEADER} bytes inside the file"
+            ),
+        ));
+    }
+    Ok(Some((offset, len)))
 }
 
 /// The version 3 fields the later checks need (a version 2 header's defaults).
@@ -326,14 +370,20 @@ fn check_format(h: &QcowHeader, path: &Path) -> Result<Format> {
         ));
     }
     let cs = 1u64 << cluster_bits;
-    let crypt_method = h.crypt_method;
-    if crypt_method != 0 {
-        return Err(Error::unsupported(
-            path,
-            format!(
-                "encrypted images are not supported (crypt_method {crypt_method}); decrypt it first, e.g. with `qemu-img convert --object secret,... --image-opts ... -O qcow2`"
-            ),
-        ));
+    match h.crypt_method {
+        0 | 2 => {}
+        1 => {
+            return Err(Error::unsupported(
+                path,
+                "it is encrypted with qcow2's old AES-CBC (crypt_method 1), which is insecure and which kiln does not read; convert it to LUKS with its old key first: `qemu-img convert --object secret,id=old,file=OLDKEY --object secret,id=new,file=NEWKEY --image-opts driver=qcow2,file.filename=IN,encrypt.key-secret=old -O qcow2 -o encrypt.format=luks,encrypt.key-secret=new OUT`",
+            ));
+        }
+        m => {
+            return Err(Error::unsupported(
+                path,
+                format!("crypt_method {m} is not supported (0: none, 2: LUKS)"),
+            ));
+        }
     }
 
     let (format, refcount_order) = if version == 3 {
@@ -408,6 +458,8 @@ struct Extensions {
     backing_format: Option<String>,
     /// (feature type, bit, name) from the feature name table.
     feature_names: Vec<(u8, u8, String)>,
+    /// The full-disk-encryption extension: the LUKS header's offset and length.
+    crypto: Option<(u64, u64)>,
 }
 
 /// Reads the header extensions in file order, refusing one that runs past the header area and
@@ -448,10 +500,14 @@ fn check_extensions(h: &QcowHeader, path: &Path) -> Result<Extensions> {
                 ));
             }
             EXT_CRYPTO => {
-                return Err(Error::unsupported(
-                    path,
-                    "encrypted images are not supported (the image has a crypto header extension)",
-                ));
+                if data.len() != 16 {
+                    return Err(Error::corrupt(
+                        path,
+                        format!("the full-disk-encryption header extension is {len} bytes (16 expected)"),
+                    ));
+                }
+                let v = |at: usize| be64(data, at).unwrap_or(0);
+                x.crypto = Some((v(0), v(8)));
             }
             EXT_BITMAPS => {}
             _ => {}

@@ -24,6 +24,7 @@ use super::snapshot::{read_snapshots, Snapshot};
 use super::{MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 use crate::error::{Code, Error, Result};
 use crate::format::chain::{self, Chain};
+use crate::format::luks::{self, crypto::SectorCipher, crypto::SECTOR};
 use crate::format::{
     gate::BackingGate, BlockSource, Extent, ExtentKind, Format, Opened, SourceInfo,
 };
@@ -132,9 +133,18 @@ pub(crate) fn open_layer(
             gate,
         )?),
     };
+    let crypt = match h.crypto {
+        None => None,
+        Some((offset, len)) => {
+            let key = gate.key.as_ref().ok_or_else(|| luks::key_needed(path))?;
+            let read = luks::area_reader(&file.file, offset, len, path);
+            Some(luks::unlock(&read, len, key, path)?.cipher)
+        }
+    };
     let src = Qcow2Source {
         file,
         map,
+        crypt,
         compression: h.compression,
         virtual_size: table.virtual_size,
         backing,
@@ -209,6 +219,8 @@ fn snapshot_not_found(path: &Path, want: &str, snaps: &[Snapshot]) -> Error {
 pub(crate) struct Qcow2Source {
     file: ImageFile,
     map: Mapping,
+    /// LUKS (`crypt_method` 2): data clusters are encrypted, the IV being the host sector.
+    crypt: Option<SectorCipher>,
     compression: Compression,
     virtual_size: u64,
     backing: Option<Box<dyn BlockSource>>,
@@ -310,20 +322,7 @@ impl BlockSource for Qcow2Source {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|&e| e <= self.virtual_size)
-            .ok_or_else(|| {
-                Error::new(
-                    Code::Internal,
-                    format!(
-                        "{}: read of {} bytes at {offset} passes the virtual size {}",
-                        self.file.path.display(),
-                        buf.len(),
-                        self.virtual_size
-                    ),
-                )
-            })?;
+        let end = crate::format::read_end(&self.file.path, offset, buf.len(), self.virtual_size)?;
         let cs = self.map.cluster_size();
         let mut cluster: Vec<u8> = Vec::new();
         let mut pos = offset;
@@ -334,7 +333,23 @@ impl BlockSource for Qcow2Source {
             let seg_end = seg_end.0;
             let out = &mut buf[(pos - offset) as usize..(seg_end - offset) as usize];
             match seg {
-                Seg::Host(h) => self.read_host(h, out, GuestOffset(pos))?,
+                Seg::Host(h) => match &self.crypt {
+                    None => self.read_host(h, out, GuestOffset(pos))?,
+                    // qemu's LUKS IV in a qcow2 is the host sector (crypt_physical_offset).
+                    Some(c) => luks::read_decrypted(
+                        c,
+                        (pos, seg_end),
+                        out,
+                        |at| (h.0 - (pos - at)) / SECTOR,
+                        |at, o| self.read_host(HostOffset(h.0 - (pos - at)), o, GuestOffset(at)),
+                    )?,
+                },
+                Seg::Compressed(_) if self.crypt.is_some() => {
+                    return Err(self.file.corrupt_at(
+                        GuestOffset(pos),
+                        "a compressed cluster in an encrypted image (qemu writes none)",
+                    ));
+                }
                 Seg::Compressed(e) => {
                     cluster.resize(cs as usize, 0);
                     let cstart = pos & !(cs - 1);
@@ -505,14 +520,23 @@ mod tests {
     }
 
     #[test]
-    fn encryption_is_unsupported() {
-        for m in [1, 2] {
-            let mut b = base(3);
-            put32(&mut b, 32, m);
-            let e = err(&b);
-            assert_eq!(e.code(), Code::SnapshotUnsupported);
-            assert!(e.message().contains("encrypted"), "{e}");
-        }
+    fn old_aes_is_refused_and_luks_needs_its_extension() {
+        let mut b = base(3);
+        put32(&mut b, 32, 1);
+        let e = err(&b);
+        assert_eq!(e.code(), Code::SnapshotUnsupported);
+        assert!(e.message().contains("insecure"), "{e}");
+        assert!(e.message().contains("encrypt.format=luks"), "{e}");
+        let mut b = base(3);
+        put32(&mut b, 32, 2);
+        let e = err(&b);
+        assert_eq!(e.code(), Code::SnapshotCorrupt);
+        assert!(e.message().contains("extension is missing"), "{e}");
+        put32(&mut b, 112, super::super::header::EXT_CRYPTO);
+        put32(&mut b, 116, 16);
+        put64(&mut b, 120, 1 << 40);
+        put64(&mut b, 128, 4096);
+        assert!(err(&b).message().contains("LUKS header at offset"));
     }
 
     #[test]

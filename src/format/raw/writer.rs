@@ -39,8 +39,17 @@ pub(crate) fn create(
     file: File,
     path: &Path,
     virtual_size: u64,
-    _spec: &OutputSpec,
+    spec: &OutputSpec,
 ) -> Result<Box<dyn DiskWriter>> {
+    if let Some(enc) = &spec.encryption {
+        return Ok(Box::new(crate::format::luks::writer::LuksWriter::create(
+            file,
+            path,
+            virtual_size,
+            &enc.key,
+            enc.luks_version,
+        )?));
+    }
     Ok(Box::new(RawWriter::create(file, path, virtual_size)?))
 }
 

@@ -280,7 +280,7 @@ fn common(f: &Fields, file: &mut RequestFile, p: &mut Map<String, Value>) -> Res
         return Err(ims(
             Code::Unsupported,
             "IMG.0007",
-            "cmk_id: an encrypted image needs kiln's encryption support, which this kiln does not have; drop cmk_id",
+            "cmk_id names a master key in Huawei's KMS, which an offline build cannot reach; drop cmk_id and encrypt the image with kiln's --encrypt and a --key-file (LUKS) instead",
         ));
     }
     Ok(())

@@ -382,7 +382,7 @@ fn disk_spec(
             Code::Unsupported,
             "INVALID_ARGUMENT",
             400,
-            format!("Parameter {at}encrypt: encrypted disks need kiln's encryption support, which this kiln does not have; drop encrypt or set it to false"),
+            format!("Parameter {at}encrypt: JD encrypts with keys its KMS holds, which an offline build cannot reach; drop encrypt and encrypt the image with kiln's --encrypt and a --key-file (LUKS) instead"),
         ));
     }
     Ok(())
@@ -476,6 +476,7 @@ fn plan(inst: &Instance, entries: &[Entry]) -> Result<(InstanceDisks, BTreeMap<S
         disk_type: Some(DiskType::System),
         format: boot.format,
         size: None,
+        crypt: Default::default(),
     }];
     // The instance's own disks keep their target as the manifest's OriginalTarget.
     let mut targets = vec![(Device::system(), boot.target_dev.clone())];
