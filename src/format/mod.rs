@@ -9,6 +9,7 @@
 pub(crate) mod gate;
 pub mod qcow2;
 pub(crate) mod raw;
+pub mod vmdk;
 pub(crate) mod writer;
 
 pub(crate) use writer::{DiskWriter, Finished};
@@ -28,6 +29,7 @@ pub(crate) const MAX_CHAIN_DEPTH: usize = 16;
 pub enum Format {
     Raw,
     Qcow2,
+    Vmdk,
 }
 
 impl Format {
@@ -35,6 +37,7 @@ impl Format {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
+            Format::Vmdk => "vmdk",
         }
     }
 
@@ -89,7 +92,7 @@ pub struct WriteDriver {
 
 /// Every format kiln knows, in probe order (qcow2's magic before raw, which takes anything); the
 /// CLI lists output formats in this order too.
-pub(crate) static DRIVERS: &[Driver] = &[qcow2::DRIVER, raw::DRIVER];
+pub(crate) static DRIVERS: &[Driver] = &[qcow2::DRIVER, vmdk::DRIVER, raw::DRIVER];
 
 /// Bytes read from the start of a file for the probes (magic numbers and text descriptors).
 pub(crate) const PROBE_BYTES: usize = 4096;

@@ -281,6 +281,13 @@ fn open_backing(
             let (src, _) = open_layer(file, &bpath, None, chain, seen, gate)?;
             Ok(Box::new(src))
         }
+        Format::Vmdk => {
+            let o = format::open_as(fmt, file, &bpath, None, gate)?;
+            for c in &o.info.chain {
+                note_file(&c.path, c.format, chain, seen)?;
+            }
+            Ok(o.source)
+        }
     }
 }
 
