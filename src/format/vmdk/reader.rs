@@ -150,6 +150,15 @@ pub(crate) fn open_layer(
             desc,
         )
     } else {
+        let mut start = vec![0u8; format::PROBE_BYTES];
+        let n = format::read_full_at(&file, &mut start, 0)
+            .map_err(|e| Error::io(path, "reading the header of", e))?;
+        if !descriptor::looks_like_descriptor(&start[..n]) {
+            return Err(Error::corrupt(
+                path,
+                "magicNumber is not \"KDMV\" (a sparse extent) and the file does not start as a descriptor (\"# Disk DescriptorFile\")",
+            ));
+        }
         if size > MAX_DESCRIPTOR_BYTES {
             return Err(Error::corrupt(
                 path,
@@ -157,12 +166,6 @@ pub(crate) fn open_layer(
             ));
         }
         let text = read_exact(&file, path, 0, size as usize, "the descriptor")?;
-        if !descriptor::looks_like_descriptor(&text) {
-            return Err(Error::corrupt(
-                path,
-                "neither a sparse extent (\"KDMV\") nor a descriptor (\"# Disk DescriptorFile\")",
-            ));
-        }
         let desc = descriptor::parse(&text, path)?;
         check_create_type(&desc, path)?;
         (open_extents(&desc, path, &top, chain, gate)?, desc)
