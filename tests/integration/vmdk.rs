@@ -222,6 +222,11 @@ fn every_variant_qemu_writes_reads_like_qemu() {
             .ends_with("q-monolithicSparse.vmdk"),
         "{v}"
     );
+    // 20 extent files (more than the 16 layers a chain may have): extents are not layers.
+    q(d, "create -q -f vmdk -o subformat=twoGbMaxExtentSparse big.vmdk 40G");
+    qemu_io_f(d, "vmdk", "big.vmdk", &["write -P 0x51 0 64k", "write -P 0x52 39G 1M"]);
+    k(d, "convert -O raw big.vmdk big.raw").ok();
+    assert_same(d, "big.vmdk", "big.raw");
     // A twoGbMaxExtent disk whose extents are listed in the descriptor's directory.
     let desc = fs::read_to_string(d.join("q-twoGbMaxExtentFlat.vmdk")).unwrap();
     assert!(

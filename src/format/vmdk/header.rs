@@ -217,7 +217,7 @@ impl SparseHeader {
         let sectors = file_size.div_ceil(SECTOR);
         if self.descriptor_offset != 0 {
             let end = self.descriptor_offset.checked_add(self.descriptor_size);
-            if self.descriptor_size * SECTOR > MAX_DESCRIPTOR_BYTES
+            if self.descriptor_size > MAX_DESCRIPTOR_BYTES / SECTOR
                 || end.is_none_or(|e| e > sectors)
             {
                 return corrupt(format!(

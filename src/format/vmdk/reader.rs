@@ -4,6 +4,7 @@
 //! through the backing gate, resolved against the descriptor's directory. [`VmdkSource`] answers
 //! "what is at this guest offset" extent by extent, resolving unallocated grains through the parent.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -68,14 +69,14 @@ pub fn open(file: File, path: &Path, snapshot: Option<&str>, gate: &BackingGate)
             format!("a VMDK file has no internal snapshot '{s}'; only qcow2 files do"),
         ));
     }
-    let mut chain = Vec::new();
-    let src = open_layer(file, path, &mut chain, gate)?;
+    let mut files = Files::default();
+    let src = open_layer(file, path, &mut files, gate)?;
     let info = SourceInfo {
         path: path.to_path_buf(),
         format: Format::Vmdk,
         snapshot: None,
         virtual_size: src.size,
-        chain,
+        chain: files.chain,
     };
     Ok(Opened {
         source: Box::new(src),
@@ -87,46 +88,70 @@ pub fn open(file: File, path: &Path, snapshot: Option<&str>, gate: &BackingGate)
 /// `inspect` lists as the backing chain.
 pub(crate) fn layers(path: &Path, gate: &BackingGate) -> Result<Vec<ChainEntry>> {
     let file = format::open_read_only(path)?;
-    Ok(open_layer(file, path, &mut Vec::new(), gate)?.layers)
+    Ok(open_layer(file, path, &mut Files::default(), gate)?.layers)
 }
 
-fn note_file(path: &Path, format: Format, chain: &mut Vec<ChainEntry>) -> Result<()> {
-    let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let looped = chain
-        .iter()
-        .any(|c| std::fs::canonicalize(&c.path).unwrap_or_else(|_| c.path.clone()) == canon);
-    if looped {
-        return Err(Error::corrupt(
-            path,
-            format!(
-                "parent or extent loop: {} is reached again through its own chain",
-                canon.display()
-            ),
-        ));
+/// Every file read while opening a disk, in order (the source's chain, for stamps and the
+/// manifest), and what the loop and depth checks need.
+#[derive(Default)]
+pub(crate) struct Files {
+    chain: Vec<ChainEntry>,
+    seen: HashSet<PathBuf>,
+    layers: usize,
+}
+
+impl Files {
+    fn canon(path: &Path) -> PathBuf {
+        std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
     }
-    chain.push(ChainEntry {
-        path: path.to_path_buf(),
-        format,
-    });
-    Ok(())
+
+    /// Records a layer (the disk named, or a parent): refuses a loop and a chain too deep.
+    fn layer(&mut self, path: &Path, format: Format) -> Result<()> {
+        if self.layers >= MAX_CHAIN_DEPTH {
+            return Err(Error::unsupported(
+                path,
+                format!("the parent chain is deeper than {MAX_CHAIN_DEPTH} files; flatten it first with `qemu-img convert`"),
+            ));
+        }
+        let canon = Self::canon(path);
+        if !self.seen.insert(canon.clone()) {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "parent loop: {} is reached again through its own chain",
+                    canon.display()
+                ),
+            ));
+        }
+        self.layers += 1;
+        self.chain.push(ChainEntry {
+            path: path.to_path_buf(),
+            format,
+        });
+        Ok(())
+    }
+
+    /// Records an extent file (several extents may share one file).
+    fn extent(&mut self, path: &Path, format: Format) {
+        if self.seen.insert(Self::canon(path)) {
+            self.chain.push(ChainEntry {
+                path: path.to_path_buf(),
+                format,
+            });
+        }
+    }
 }
 
 /// Opens one layer: the file itself, its extents, then its parent.
 pub(crate) fn open_layer(
     file: File,
     path: &Path,
-    chain: &mut Vec<ChainEntry>,
+    files: &mut Files,
     gate: &BackingGate,
 ) -> Result<VmdkSource> {
-    let layers = chain.iter().filter(|c| c.format == Format::Vmdk).count();
-    if layers >= MAX_CHAIN_DEPTH {
-        return Err(Error::unsupported(
-            path,
-            format!("the parent chain is deeper than {MAX_CHAIN_DEPTH} files; flatten it first with `qemu-img convert`"),
-        ));
-    }
-    note_file(path, Format::Vmdk, chain)?;
-    let top = chain
+    files.layer(path, Format::Vmdk)?;
+    let top = files
+        .chain
         .first()
         .map_or(path, |c| c.path.as_path())
         .to_path_buf();
@@ -168,7 +193,7 @@ pub(crate) fn open_layer(
         let text = read_exact(&file, path, 0, size as usize, "the descriptor")?;
         let desc = descriptor::parse(&text, path)?;
         check_create_type(&desc, path)?;
-        (open_extents(&desc, path, &top, chain, gate)?, desc)
+        (open_extents(&desc, path, &top, files, gate)?, desc)
     };
     let size = parts.last().map_or(0, |p| p.start + p.len);
     let mut layers = vec![ChainEntry {
@@ -177,7 +202,7 @@ pub(crate) fn open_layer(
     }];
     let parent = match desc.parent() {
         Some(name) => {
-            let (p, below) = open_parent(path, &top, name, chain, gate)?;
+            let (p, below) = open_parent(path, &top, name, files, gate)?;
             layers.extend(below);
             Some(p)
         }
@@ -211,7 +236,7 @@ fn open_extents(
     desc: &Descriptor,
     path: &Path,
     top: &Path,
-    chain: &mut Vec<ChainEntry>,
+    files: &mut Files,
     gate: &BackingGate,
 ) -> Result<Vec<Part>> {
     if desc.extents.is_empty() {
@@ -229,7 +254,7 @@ fn open_extents(
                     Error::corrupt(path, format!("extent {} ('{name}'): {what}", i + 1))
                 };
                 if kind == ExtentType::Flat {
-                    note_file(&epath, Format::Raw, chain)?;
+                    files.extent(&epath, Format::Raw);
                     let raw = RawSource::new(file, &epath)?;
                     let offset = e.offset.saturating_mul(SECTOR);
                     if offset
@@ -245,7 +270,7 @@ fn open_extents(
                     }
                     PartData::Flat { raw, offset }
                 } else {
-                    note_file(&epath, Format::Vmdk, chain)?;
+                    files.extent(&epath, Format::Vmdk);
                     let s = SparseExtent::open(file, &epath)?;
                     if s.capacity < len {
                         return Err(bad(format!(
@@ -271,20 +296,20 @@ fn open_parent(
     path: &Path,
     top: &Path,
     name: &str,
-    chain: &mut Vec<ChainEntry>,
+    files: &mut Files,
     gate: &BackingGate,
 ) -> Result<(Box<dyn BlockSource>, Vec<ChainEntry>)> {
     let (ppath, file) = gate.open(top, path, name.as_bytes())?;
     match format::detect(&file, &ppath)? {
         Format::Vmdk => {
-            let mut src = open_layer(file, &ppath, chain, gate)?;
+            let mut src = open_layer(file, &ppath, files, gate)?;
             let layers = std::mem::take(&mut src.layers);
             Ok((Box::new(src), layers))
         }
         other => {
             let o = format::open_as(other, file, &ppath, None, gate)?;
             for c in &o.info.chain {
-                note_file(&c.path, c.format, chain)?;
+                files.layer(&c.path, c.format)?;
             }
             Ok((o.source, o.info.chain))
         }
