@@ -223,8 +223,16 @@ fn every_variant_qemu_writes_reads_like_qemu() {
         "{v}"
     );
     // 20 extent files (more than the 16 layers a chain may have): extents are not layers.
-    q(d, "create -q -f vmdk -o subformat=twoGbMaxExtentSparse big.vmdk 40G");
-    qemu_io_f(d, "vmdk", "big.vmdk", &["write -P 0x51 0 64k", "write -P 0x52 39G 1M"]);
+    q(
+        d,
+        "create -q -f vmdk -o subformat=twoGbMaxExtentSparse big.vmdk 40G",
+    );
+    qemu_io_f(
+        d,
+        "vmdk",
+        "big.vmdk",
+        &["write -P 0x51 0 64k", "write -P 0x52 39G 1M"],
+    );
     k(d, "convert -O raw big.vmdk big.raw").ok();
     assert_same(d, "big.vmdk", "big.raw");
     // A twoGbMaxExtent disk whose extents are listed in the descriptor's directory.
@@ -536,4 +544,30 @@ fn malformed_files_are_refused_naming_the_field() {
         let _ = fs::remove_file(d.join("out.raw"));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn a_libvirt_vmdk_disk_is_an_instance_disk() {
+    let t = tmp();
+    let d = t.path();
+    source(d);
+    q(
+        d,
+        "convert -O vmdk -o subformat=monolithicSparse src.raw vm.vmdk",
+    );
+    let xml = format!(
+        "<domain type='kvm'><name>vm</name><memory unit='MiB'>512</memory><os><type arch='x86_64'>hvm</type></os>\
+         <devices><disk type='file' device='disk'><driver name='qemu' type='vmdk'/>\
+         <source file='{}'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
+        d.join("vm.vmdk").display()
+    );
+    fs::write(d.join("vm.xml"), xml).unwrap();
+    k(
+        d,
+        "create --name vm --instance vm.xml --format vmdk --output-dir out -q",
+    )
+    .ok();
+    check_vmdk(d, "out/xvda.vmdk", "src.raw", 24 * MIB, "streamOptimized");
+    let m = manifest(&d.join("out"));
+    assert!(m.to_string().contains("vm.vmdk"), "{m}");
 }
