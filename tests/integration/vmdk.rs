@@ -571,3 +571,22 @@ fn a_libvirt_vmdk_disk_is_an_instance_disk() {
     let m = manifest(&d.join("out"));
     assert!(m.to_string().contains("vm.vmdk"), "{m}");
 }
+
+#[test]
+fn check_reads_a_vmdk_system_disk_like_its_source() {
+    let t = tmp();
+    let d = t.path();
+    let sys = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/system.qcow2");
+    let sys = sys.to_str().unwrap();
+    for sub in SUBFORMATS {
+        k(
+            d,
+            &format!("convert -O vmdk -o subformat={sub} {sys} {sub}.vmdk"),
+        )
+        .ok();
+        let a = k(d, &format!("check --json {sub}.vmdk")).ok().stdout;
+        let b = k(d, &format!("check --json {sys}")).ok().stdout;
+        assert_eq!(a, b, "{sub}");
+        assert!(a.contains("\"Result\": \"Pass\""), "{a}");
+    }
+}
