@@ -222,6 +222,16 @@ fn every_variant_qemu_writes_reads_like_qemu() {
             .ends_with("q-monolithicSparse.vmdk"),
         "{v}"
     );
+    // A parent written to after the child was made has a new CID: the child is refused.
+    q(
+        d,
+        "convert -O vmdk -o subformat=monolithicSparse src.raw p2.vmdk",
+    );
+    q(d, "create -q -f vmdk -b p2.vmdk -F vmdk c2.vmdk");
+    qemu_io_f(d, "vmdk", "p2.vmdk", &["write -P 0x61 0 64k"]);
+    let r = k(d, "convert --json -O raw c2.vmdk c2.raw");
+    assert_eq!(r.code(), "InvalidSnapshot.Corrupt", "{}", r.stdout);
+    assert!(r.stdout.contains("parentCID"), "{}", r.stdout);
     // 20 extent files (more than the 16 layers a chain may have): extents are not layers.
     q(
         d,

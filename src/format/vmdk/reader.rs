@@ -52,6 +52,8 @@ pub(crate) struct VmdkSource {
     parent: Option<Box<dyn BlockSource>>,
     /// This file, then its parent's layers.
     layers: Vec<ChainEntry>,
+    /// The descriptor's CID, which a child's parentCID must repeat.
+    cid: Option<u32>,
 }
 
 /// Where a piece of the guest disk is read from.
@@ -202,7 +204,7 @@ pub(crate) fn open_layer(
     }];
     let parent = match desc.parent() {
         Some(name) => {
-            let (p, below) = open_parent(path, &top, name, files, gate)?;
+            let (p, below) = open_parent(path, &top, name, desc.parent_cid, files, gate)?;
             layers.extend(below);
             Some(p)
         }
@@ -214,6 +216,7 @@ pub(crate) fn open_layer(
         parts,
         parent,
         layers,
+        cid: desc.cid,
     })
 }
 
@@ -296,6 +299,7 @@ fn open_parent(
     path: &Path,
     top: &Path,
     name: &str,
+    parent_cid: Option<u32>,
     files: &mut Files,
     gate: &BackingGate,
 ) -> Result<(Box<dyn BlockSource>, Vec<ChainEntry>)> {
@@ -303,6 +307,19 @@ fn open_parent(
     match format::detect(&file, &ppath)? {
         Format::Vmdk => {
             let mut src = open_layer(file, &ppath, files, gate)?;
+            // VMware's rule: a parent written to since the child was made has a new CID, and the
+            // child's data no longer applies to it.
+            if let (Some(want), Some(have)) = (parent_cid, src.cid) {
+                if want != have {
+                    return Err(Error::corrupt(
+                        path,
+                        format!(
+                            "parentCID {want:08x} is not the CID {have:08x} of its parent {}; the parent was changed after this disk was made from it",
+                            ppath.display()
+                        ),
+                    ));
+                }
+            }
             let layers = std::mem::take(&mut src.layers);
             Ok((Box::new(src), layers))
         }
