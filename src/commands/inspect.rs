@@ -128,10 +128,15 @@ pub fn inspect_with(path: &Path, opts: &InspectOptions) -> Result<InspectReport>
     let top = file_facts(&info.path, info.format)?;
     let snapshots = match info.format {
         Format::Qcow2 => read_snapshot_table(&info.path)?,
-        Format::Raw | Format::Vhdx | Format::Luks => Vec::new(),
+        Format::Raw | Format::Vhdx | Format::Luks | Format::Vmdk => Vec::new(),
+    };
+    // A VMDK's chain also lists its extent files; its backing chain is its parents only.
+    let layers = match info.format {
+        Format::Vmdk => format::vmdk::reader::layers(&info.path, &opts.gate)?,
+        _ => info.chain.clone(),
     };
     let mut backing_chain = Vec::new();
-    for c in info.chain.iter().skip(1) {
+    for c in layers.iter().skip(1) {
         let f = file_facts(&c.path, c.format)?;
         backing_chain.push(ChainFile {
             filename: c.path.clone(),
@@ -153,8 +158,8 @@ pub fn inspect_with(path: &Path, opts: &InspectOptions) -> Result<InspectReport>
         virtual_size: info.virtual_size,
         actual_size: top.actual_size,
         cluster_size: top.cluster_size,
-        backing_filename: info.chain.get(1).map(|c| c.path.clone()),
-        backing_filename_format: info.chain.get(1).map(|c| c.format),
+        backing_filename: layers.get(1).map(|c| c.path.clone()),
+        backing_filename_format: layers.get(1).map(|c| c.format),
         backing_chain,
         snapshots,
         writer: top.writer,
@@ -186,6 +191,7 @@ fn file_facts(path: &Path, format: Format) -> Result<FileFacts> {
             Some(1u64 << bits)
         }
         Format::Vhdx => Some(format::vhdx::reader::block_size(path)?),
+        Format::Vmdk => format::vmdk::grain_size(path)?,
         Format::Raw | Format::Luks => None,
     };
     Ok(FileFacts {

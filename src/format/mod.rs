@@ -12,6 +12,7 @@ pub mod luks;
 pub mod qcow2;
 pub(crate) mod raw;
 pub(crate) mod vhdx;
+pub mod vmdk;
 pub(crate) mod writer;
 
 pub(crate) use writer::{DiskWriter, Finished};
@@ -33,6 +34,7 @@ pub enum Format {
     Qcow2,
     Vhdx,
     Luks,
+    Vmdk,
 }
 
 impl Format {
@@ -109,7 +111,13 @@ pub struct WriteDriver {
 
 /// Every format kiln knows, in probe order (qcow2's magic before raw, which takes anything); the
 /// CLI lists output formats in this order too.
-pub(crate) static DRIVERS: &[Driver] = &[qcow2::DRIVER, luks::DRIVER, vhdx::DRIVER, raw::DRIVER];
+pub(crate) static DRIVERS: &[Driver] = &[
+    qcow2::DRIVER,
+    luks::DRIVER,
+    vhdx::DRIVER,
+    vmdk::DRIVER,
+    raw::DRIVER,
+];
 
 /// Bytes read from the start of a file for the probes (magic numbers and text descriptors).
 pub(crate) const PROBE_BYTES: usize = 4096;

@@ -825,14 +825,14 @@ mod tests {
             e.message().contains("vdb") && e.message().contains("pool/vol1"),
             "{e}"
         );
-        let vmdk = dom(
-            "<disk type='file' device='disk'><driver name='qemu' type='vmdk'/>\
-             <source file='/x.vmdk'/><target dev='vda'/></disk>",
+        let qed = dom(
+            "<disk type='file' device='disk'><driver name='qemu' type='qed'/>\
+             <source file='/x.qed'/><target dev='vda'/></disk>",
             "",
         );
-        let e = parse_domain(&vmdk, Path::new("/")).unwrap_err();
+        let e = parse_domain(&qed, Path::new("/")).unwrap_err();
         assert_eq!(e.code(), Code::InstanceDiskUnsupported);
-        assert!(e.message().contains("vmdk"));
+        assert!(e.message().contains("qed"));
         let vol = dom(
             "<disk type='volume' device='disk'><source pool='p' volume='v'/><target dev='vda'/></disk>",
             "",

@@ -24,3 +24,4 @@ mod store;
 mod validation;
 mod variants;
 mod vhdx;
+mod vmdk;
