@@ -9,6 +9,7 @@
 pub(crate) mod gate;
 pub mod qcow2;
 pub(crate) mod raw;
+pub(crate) mod vhd;
 pub(crate) mod writer;
 
 pub(crate) use writer::{DiskWriter, Finished};
@@ -28,6 +29,7 @@ pub(crate) const MAX_CHAIN_DEPTH: usize = 16;
 pub enum Format {
     Raw,
     Qcow2,
+    Vhd,
 }
 
 impl Format {
@@ -35,6 +37,7 @@ impl Format {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
+            Format::Vhd => "vhd",
         }
     }
 
@@ -89,7 +92,7 @@ pub struct WriteDriver {
 
 /// Every format kiln knows, in probe order (qcow2's magic before raw, which takes anything); the
 /// CLI lists output formats in this order too.
-pub(crate) static DRIVERS: &[Driver] = &[qcow2::DRIVER, raw::DRIVER];
+pub(crate) static DRIVERS: &[Driver] = &[qcow2::DRIVER, vhd::DRIVER, raw::DRIVER];
 
 /// Bytes read from the start of a file for the probes (magic numbers and text descriptors).
 pub(crate) const PROBE_BYTES: usize = 4096;
@@ -101,11 +104,8 @@ pub(crate) struct Probe<'a> {
     /// The first [`PROBE_BYTES`] bytes (fewer for a short file).
     pub(crate) head: &'a [u8],
     /// The last [`PROBE_TAIL_BYTES`] bytes (fewer for a short file; overlaps `head` then).
-    // For formats recognised by a footer (fixed VHD); unread until one is registered.
-    #[allow(dead_code)]
     pub(crate) tail: &'a [u8],
     /// The file's size in bytes.
-    #[allow(dead_code)]
     pub(crate) size: u64,
 }
 

@@ -29,7 +29,7 @@ use crate::format::{
 };
 
 /// Records a file of the chain: refuses loops and chains deeper than [`MAX_CHAIN_DEPTH`].
-fn note_file(
+pub(crate) fn note_file(
     path: &Path,
     format: Format,
     chain: &mut Vec<ChainEntry>,
@@ -124,7 +124,7 @@ struct Table {
     snapshot: Option<String>,
 }
 
-fn open_layer(
+pub(crate) fn open_layer(
     file: File,
     path: &Path,
     snapshot: Option<&str>,
@@ -281,6 +281,9 @@ fn open_backing(
             let (src, _) = open_layer(file, &bpath, None, chain, seen, gate)?;
             Ok(Box::new(src))
         }
+        Format::Vhd => Ok(Box::new(
+            format::vhd::reader::open_layer(file, &bpath, chain, seen, gate)?.0,
+        )),
     }
 }
 
