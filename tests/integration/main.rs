@@ -21,3 +21,4 @@ mod request_file;
 mod store;
 mod validation;
 mod variants;
+mod vhd;

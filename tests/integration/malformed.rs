@@ -45,19 +45,19 @@ const COMPRESSION_TYPE: usize = 104;
 const OFLAG_COPIED: u64 = 1 << 63;
 const OFLAG_COMPRESSED: u64 = 1 << 62;
 
-fn get32(b: &[u8], off: usize) -> u32 {
+pub(super) fn get32(b: &[u8], off: usize) -> u32 {
     u32::from_be_bytes(b[off..off + 4].try_into().unwrap())
 }
-fn get64(b: &[u8], off: usize) -> u64 {
+pub(super) fn get64(b: &[u8], off: usize) -> u64 {
     u64::from_be_bytes(b[off..off + 8].try_into().unwrap())
 }
 fn put16(b: &mut [u8], off: usize, v: u16) {
     b[off..off + 2].copy_from_slice(&v.to_be_bytes());
 }
-fn put32(b: &mut [u8], off: usize, v: u32) {
+pub(super) fn put32(b: &mut [u8], off: usize, v: u32) {
     b[off..off + 4].copy_from_slice(&v.to_be_bytes());
 }
-fn put64(b: &mut [u8], off: usize, v: u64) {
+pub(super) fn put64(b: &mut [u8], off: usize, v: u64) {
     b[off..off + 8].copy_from_slice(&v.to_be_bytes());
 }
 
@@ -767,15 +767,15 @@ fn cases() -> Vec<Case> {
 }
 
 /// What one run of kiln gave.
-struct Outcome {
-    status: Option<i32>,
-    stdout: String,
-    stderr: String,
+pub(super) struct Outcome {
+    pub(super) status: Option<i32>,
+    pub(super) stdout: String,
+    pub(super) stderr: String,
 }
 
 /// Runs `kiln ARGS` in `dir` with [`TIME_LIMIT`] and [`MEMORY_LIMIT`]; None when it ran out of time
 /// (it is killed).
-fn kiln_limited(dir: &Path, args: &[String]) -> Option<Outcome> {
+pub(super) fn kiln_limited(dir: &Path, args: &[String]) -> Option<Outcome> {
     let out = dir.join("stdout");
     let err = dir.join("stderr");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));

@@ -6,7 +6,8 @@
 //! largest CHS geometry (65535 x 16 x 255), which makes qemu (and Hyper-V, Azure) take
 //! `current_size` rather than the geometry, whatever the creator application. The creator is
 //! `kiln`; the timestamp comes from `SOURCE_DATE_EPOCH` (0, i.e. 2000-01-01, without it) and the
-//! UUID from a hash of the output's name, size and subformat, so the same input gives the same bytes.
+//! UUID from a hash of the output's file name (`xvdb.vhd`, convert's DST), size and subformat, so
+//! the same request gives the same bytes and the disks of one image differ.
 //!
 //! Dynamic blocks are handed out in guest order (the engine's allocation turnstile), so the layout
 //! depends on the input alone. An allocation returns the guest offset itself, which
@@ -95,11 +96,7 @@ fn footer(path: &Path, virtual_size: u64, dynamic: bool) -> Footer {
     let timestamp = u32::try_from(epoch.saturating_sub(VHD_EPOCH)).unwrap_or(u32::MAX);
     let mut h = Sha256::new();
     h.update(b"kiln vhd\0");
-    h.update(
-        path.file_name()
-            .map(|n| n.as_encoded_bytes())
-            .unwrap_or_default(),
-    );
+    h.update(stable_name(path).as_bytes());
     h.update(b"\0");
     h.update(virtual_size.to_be_bytes());
     h.update([u8::from(dynamic)]);
@@ -109,6 +106,7 @@ fn footer(path: &Path, virtual_size: u64, dynamic: bool) -> Footer {
     // RFC 9562 version 8 (custom), variant 10.
     uuid[6] = (uuid[6] & 0x0f) | 0x80;
     uuid[8] = (uuid[8] & 0x3f) | 0x80;
+    // Nothing else: a hash of the contents would cost a second pass over the data.
     let (cylinders, heads, sectors) = MAX_GEOMETRY;
     Footer {
         features: 2,
@@ -126,6 +124,20 @@ fn footer(path: &Path, virtual_size: u64, dynamic: bool) -> Footer {
         disk_type: if dynamic { TYPE_DYNAMIC } else { TYPE_FIXED },
         uuid,
     }
+}
+
+/// The output's file name as the user will see it: `convert` writes `.NAME.kiln-PID.tmp` and
+/// renames it at the end, so that wrapper (whose PID changes from run to run) is taken off.
+fn stable_name(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    name.strip_prefix('.')
+        .and_then(|n| n.strip_suffix(".tmp"))
+        .and_then(|n| n.rsplit_once(".kiln-"))
+        .filter(|(_, pid)| pid.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(name.clone(), |(n, _)| n.to_string())
 }
 
 fn write_all(file: &File, path: &Path, data: &[u8], at: u64) -> Result<()> {
@@ -325,5 +337,24 @@ impl DiskWriter for DynamicWriter {
             file: self.file,
             sparse: true,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_uuid_ignores_converts_temporary_name() {
+        assert_eq!(
+            stable_name(Path::new("/d/.out.vhd.kiln-1234.tmp")),
+            "out.vhd"
+        );
+        assert_eq!(stable_name(Path::new("/d/xvdb.vhd")), "xvdb.vhd");
+        assert_eq!(stable_name(Path::new(".x.kiln-a.tmp")), ".x.kiln-a.tmp");
+        let a = footer(Path::new("/a/.o.vhd.kiln-1.tmp"), 1 << 20, false);
+        let b = footer(Path::new("/b/.o.vhd.kiln-2.tmp"), 1 << 20, false);
+        assert_eq!(a.uuid, b.uuid);
+        assert_ne!(a.uuid, footer(Path::new("/b/p.vhd"), 1 << 20, false).uuid);
     }
 }
