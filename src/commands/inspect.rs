@@ -128,7 +128,7 @@ pub fn inspect_with(path: &Path, opts: &InspectOptions) -> Result<InspectReport>
     let top = file_facts(&info.path, info.format)?;
     let snapshots = match info.format {
         Format::Qcow2 => read_snapshot_table(&info.path)?,
-        Format::Raw | Format::Vhd => Vec::new(),
+        Format::Raw | Format::Vhd | Format::Vdi => Vec::new(),
     };
     let mut backing_chain = Vec::new();
     for c in info.chain.iter().skip(1) {
@@ -186,6 +186,7 @@ fn file_facts(path: &Path, format: Format) -> Result<FileFacts> {
             Some(1u64 << bits)
         }
         Format::Vhd => format::vhd::reader::block_size(&file, path)?,
+        Format::Vdi => Some(format::vdi::block_size(&file, path)?),
         Format::Raw => None,
     };
     Ok(FileFacts {

@@ -9,6 +9,7 @@
 pub(crate) mod gate;
 pub mod qcow2;
 pub(crate) mod raw;
+pub(crate) mod vdi;
 pub(crate) mod vhd;
 pub(crate) mod writer;
 
@@ -30,6 +31,7 @@ pub enum Format {
     Raw,
     Qcow2,
     Vhd,
+    Vdi,
 }
 
 impl Format {
@@ -38,6 +40,7 @@ impl Format {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
             Format::Vhd => "vhd",
+            Format::Vdi => "vdi",
         }
     }
 
@@ -92,7 +95,7 @@ pub struct WriteDriver {
 
 /// Every format kiln knows, in probe order (qcow2's magic before raw, which takes anything); the
 /// CLI lists output formats in this order too.
-pub(crate) static DRIVERS: &[Driver] = &[qcow2::DRIVER, vhd::DRIVER, raw::DRIVER];
+pub(crate) static DRIVERS: &[Driver] = &[qcow2::DRIVER, vhd::DRIVER, vdi::DRIVER, raw::DRIVER];
 
 /// Bytes read from the start of a file for the probes (magic numbers and text descriptors).
 pub(crate) const PROBE_BYTES: usize = 4096;
@@ -349,6 +352,33 @@ pub(crate) fn open_as(
             format!("no reader for format {}", format.as_str()),
         )),
     }
+}
+
+/// Opens a backing or parent file (already through the gate) as one layer below another: the
+/// chain's loop and depth checks, then the format's own. One place for every format a chain may
+/// hold.
+pub(crate) fn open_layer(
+    format: Format,
+    file: File,
+    path: &Path,
+    chain: &mut Vec<ChainEntry>,
+    seen: &mut Vec<PathBuf>,
+    gate: &gate::BackingGate,
+) -> Result<Box<dyn BlockSource>> {
+    Ok(match format {
+        Format::Raw => {
+            qcow2::reader::note_file(path, format, chain, seen)?;
+            Box::new(raw::RawSource::new(file, path)?)
+        }
+        Format::Qcow2 => {
+            Box::new(qcow2::reader::open_layer(file, path, None, chain, seen, gate)?.0)
+        }
+        Format::Vhd => Box::new(vhd::reader::open_layer(file, path, chain, seen, gate)?.0),
+        Format::Vdi => {
+            qcow2::reader::note_file(path, format, chain, seen)?;
+            Box::new(vdi::VdiSource::new(file, path)?)
+        }
+    })
 }
 
 /// `disk.qcow2@snap` names the internal snapshot `snap`, unless a file of that whole name exists.

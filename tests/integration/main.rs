@@ -21,4 +21,5 @@ mod request_file;
 mod store;
 mod validation;
 mod variants;
+mod vdi;
 mod vhd;

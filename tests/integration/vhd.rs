@@ -9,7 +9,7 @@ use std::fs;
 use std::path::Path;
 
 use crate::common::{self, kiln_in, qemu_img, qemu_io, qemu_io_f, MIB};
-use crate::malformed::{get32 as be32, get64 as be64, kiln_limited, put32, put64};
+use crate::malformed::{assert_refused, get32 as be32, get64 as be64, put32, put64, FieldCase};
 
 const FOOTER: usize = 512;
 
@@ -256,17 +256,7 @@ fn every_qemu_variant_reads_like_qemu() {
                 "write -P 0x43 60M 2M",
             ],
         );
-        let want = format!("{name}.qemu.raw");
-        qemu_img(d, &["convert", "-f", "vpc", "-O", "raw", name, &want]);
-        let got = format!("{name}.kiln.raw");
-        kiln_in(d, &["convert", name, &got]).ok();
-        assert_eq!(
-            fs::read(d.join(&want)).unwrap(),
-            fs::read(d.join(&got)).unwrap(),
-            "{name}"
-        );
-        let r = kiln_in(d, &["inspect", "--json", name]).ok();
-        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        let v = common::assert_reads_like_qemu(d, "vpc", name);
         assert_eq!(v["format"], "vhd", "{name}");
         assert_eq!(
             v["virtual-size"].as_u64(),
@@ -412,26 +402,18 @@ fn differencing_disks_read_through_their_parents() {
     assert!(r.stdout.contains("loop"), "{}", r.stdout);
 }
 
-struct Case {
-    name: &'static str,
-    base: &'static str,
-    patch: fn(&mut Vec<u8>),
-    code: &'static str,
-    field: &'static str,
-}
-
 const CORRUPT: &str = "InvalidSnapshot.Corrupt";
 const UNSUPPORTED: &str = "InvalidSnapshot.Unsupported";
 
-fn cases() -> Vec<Case> {
+fn cases() -> Vec<FieldCase> {
     fn c(
         name: &'static str,
         base: &'static str,
         code: &'static str,
         field: &'static str,
         patch: fn(&mut Vec<u8>),
-    ) -> Case {
-        Case {
+    ) -> FieldCase {
+        FieldCase {
             name,
             base,
             patch,
@@ -576,47 +558,5 @@ fn malformed_vhds_are_refused_naming_the_field() {
     let uuid = b[68..84].to_vec();
     make_differencing(&mut b, "parent.vhd", &uuid);
     fs::write(d.join("diff.vhd"), &b).unwrap();
-    let args = |f: &str| -> Vec<String> {
-        // `-f vhd`: a damaged footer would otherwise make the file raw, which any file is.
-        ["inspect", "-f", "vhd", "--map", "--json", f]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
-    };
-    for base in ["fixed.vhd", "dyn.vhd", "diff.vhd"] {
-        let r = kiln_limited(d, &args(base)).expect("in time");
-        assert_eq!(r.status, Some(0), "{base}: {}{}", r.stdout, r.stderr);
-    }
-    let cases = cases();
-    assert!(cases.len() >= 15);
-    let mut failures = Vec::new();
-    for c in &cases {
-        let mut b = fs::read(d.join(c.base)).unwrap();
-        (c.patch)(&mut b);
-        let file = format!("{}.vhd", c.name);
-        fs::write(d.join(&file), &b).unwrap();
-        let Some(r) = kiln_limited(d, &args(&file)) else {
-            failures.push(format!("{}: no answer in time", c.name));
-            continue;
-        };
-        let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap_or_default();
-        let msg = v["Message"].as_str().unwrap_or_default();
-        if r.stderr.contains("panicked")
-            || r.status == Some(0)
-            || v["Code"] != c.code
-            || !msg.contains(c.field)
-        {
-            failures.push(format!(
-                "{}: exit {:?}, want {} naming {:?}\n{}{}",
-                c.name, r.status, c.code, c.field, r.stdout, r.stderr
-            ));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} failed:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n\n")
-    );
+    assert_refused(d, "vhd", &["fixed.vhd", "dyn.vhd", "diff.vhd"], &cases());
 }

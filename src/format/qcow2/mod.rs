@@ -52,7 +52,7 @@
 //! of at most 16 files with no loops.
 
 mod decompress;
-mod file;
+pub(crate) mod file;
 mod header;
 mod map;
 pub(crate) mod reader;

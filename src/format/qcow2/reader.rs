@@ -24,8 +24,8 @@ use super::snapshot::{read_snapshots, Snapshot};
 use super::{MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 use crate::error::{Code, Error, Result};
 use crate::format::{
-    self, gate::BackingGate, raw::RawSource, BlockSource, ChainEntry, Extent, ExtentKind, Format,
-    Opened, SourceInfo, MAX_CHAIN_DEPTH,
+    self, gate::BackingGate, BlockSource, ChainEntry, Extent, ExtentKind, Format, Opened,
+    SourceInfo, MAX_CHAIN_DEPTH,
 };
 
 /// Records a file of the chain: refuses loops and chains deeper than [`MAX_CHAIN_DEPTH`].
@@ -272,19 +272,7 @@ fn open_backing(
         })?,
         None => format::detect(&file, &bpath)?,
     };
-    match fmt {
-        Format::Raw => {
-            note_file(&bpath, Format::Raw, chain, seen)?;
-            Ok(Box::new(RawSource::new(file, &bpath)?))
-        }
-        Format::Qcow2 => {
-            let (src, _) = open_layer(file, &bpath, None, chain, seen, gate)?;
-            Ok(Box::new(src))
-        }
-        Format::Vhd => Ok(Box::new(
-            format::vhd::reader::open_layer(file, &bpath, chain, seen, gate)?.0,
-        )),
-    }
+    format::open_layer(fmt, file, &bpath, chain, seen, gate)
 }
 
 /// An opened qcow2 file (one layer of a chain; its backing file below it).

@@ -13,6 +13,7 @@ use super::header::{
     TYPE_DIFFERENCING, TYPE_FIXED,
 };
 use crate::error::{Code, Error, Result};
+use crate::format::qcow2::file::read_exact;
 use crate::format::qcow2::reader::note_file;
 use crate::format::{
     self, gate::BackingGate, raw::RawSource, BlockSource, ChainEntry, Extent, ExtentKind, Format,
@@ -51,19 +52,6 @@ pub(crate) fn open(
         source: Box::new(src),
         info,
     })
-}
-
-fn read_exact(file: &File, path: &Path, at: u64, len: usize, what: &str) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    let n = format::read_full_at(file, &mut buf, at)
-        .map_err(|e| Error::io(path, &format!("reading {what}"), e))?;
-    if n < len {
-        return Err(Error::corrupt(
-            path,
-            format!("{what} at offset {at} runs past the end of the file"),
-        ));
-    }
-    Ok(buf)
 }
 
 /// The footer that describes the file: the copy at offset 0 of a dynamic or differencing disk,
@@ -298,30 +286,23 @@ fn open_parent(
             ),
         ));
     };
-    match format::detect(&pfile, &ppath)? {
-        Format::Raw => {
-            note_file(&ppath, Format::Raw, chain, seen)?;
-            Ok(Box::new(RawSource::new(pfile, &ppath)?))
-        }
-        Format::Qcow2 => Ok(Box::new(
-            format::qcow2::reader::open_layer(pfile, &ppath, None, chain, seen, gate)?.0,
-        )),
-        Format::Vhd => {
-            let (src, uuid) = open_layer(pfile, &ppath, chain, seen, gate)?;
-            if uuid != h.parent_uuid {
-                return Err(Error::corrupt(
-                    path,
-                    format!(
-                        "dynamic disk header parent_uuid {} is not the UUID of its parent {} ({})",
-                        hex(&h.parent_uuid),
-                        ppath.display(),
-                        hex(&uuid)
-                    ),
-                ));
-            }
-            Ok(Box::new(src))
-        }
+    let fmt = format::detect(&pfile, &ppath)?;
+    if fmt != Format::Vhd {
+        return format::open_layer(fmt, pfile, &ppath, chain, seen, gate);
     }
+    let (src, uuid) = open_layer(pfile, &ppath, chain, seen, gate)?;
+    if uuid != h.parent_uuid {
+        return Err(Error::corrupt(
+            path,
+            format!(
+                "dynamic disk header parent_uuid {} is not the UUID of its parent {} ({})",
+                hex(&h.parent_uuid),
+                ppath.display(),
+                hex(&uuid)
+            ),
+        ));
+    }
+    Ok(Box::new(src))
 }
 
 fn hex(b: &[u8]) -> String {
