@@ -44,8 +44,14 @@ impl Format {
         }
     }
 
-    /// A readable format by its registry name, in any case.
+    /// A readable format by its registry name, in any case; qemu's name `vpc` (libvirt's
+    /// `<driver type='vpc'>`, `qemu-img -f vpc`) is VHD.
     pub(crate) fn parse(s: &str) -> Option<Format> {
+        let s = if s.eq_ignore_ascii_case("vpc") {
+            "vhd"
+        } else {
+            s
+        };
         driver_named(s)?.read.as_ref().map(|r| r.format)
     }
 
@@ -574,6 +580,14 @@ mod tests {
         );
         let e = OutputSpec::new(raw, 16, None, "nonsense").unwrap_err();
         assert!(e.message().contains("not KEY=VALUE"), "{e}");
+    }
+
+    #[test]
+    fn formats_parse_by_name_and_qemus_vpc() {
+        assert_eq!(Format::parse("VHD"), Some(Format::Vhd));
+        assert_eq!(Format::parse("vpc"), Some(Format::Vhd));
+        assert_eq!(Format::parse("vdi"), Some(Format::Vdi));
+        assert_eq!(Format::parse("vhdz"), None);
     }
 
     #[test]

@@ -2,10 +2,13 @@
 //! `BlockSource` extent contract, and read guest bytes. Work per input is capped (steps and bytes
 //! per step), so a timeout means the reader itself loops.
 
-use std::fs;
-use std::path::PathBuf;
+// Each target uses a part of this module.
+#![allow(dead_code)]
 
-use kiln::format::{BlockSource, ExtentKind};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use kiln::format::{self, BlockSource, ExtentKind, Format, OpenOptions};
 
 /// A private directory for the inputs (on tmpfs when there is one), holding `files`, the fixtures
 /// an input's backing or parent names may reach.
@@ -84,5 +87,18 @@ pub fn exercise(src: &dyn BlockSource) {
         let off = size / 2 - (size / 2).min(777);
         let n = (size - off).min(3000) as usize;
         let _ = src.read_at(off, &mut buf[..n]);
+    }
+}
+
+/// Opens `path` with `format` forced, then with the format detected, and exercises what opens.
+pub fn open_and_exercise(path: &Path, format: Format) {
+    for format in [Some(format), None] {
+        let opts = OpenOptions {
+            format,
+            ..OpenOptions::default()
+        };
+        if let Ok(o) = format::open(path, &opts) {
+            exercise(o.source.as_ref());
+        }
     }
 }
