@@ -560,3 +560,16 @@ fn malformed_vhds_are_refused_naming_the_field() {
     fs::write(d.join("diff.vhd"), &b).unwrap();
     assert_refused(d, "vhd", &["fixed.vhd", "dyn.vhd", "diff.vhd"], &cases());
 }
+
+/// A fixed disk whose guest data starts with `conectix` (but no valid footer) is still read by its
+/// own footer at the end.
+#[test]
+fn a_fixed_disk_whose_data_starts_like_a_vhd_reads_as_fixed() {
+    let t = common::tmp();
+    let d = t.path();
+    common::sparse_raw(&d.join("r.raw"), MIB);
+    common::write_at(&d.join("r.raw"), 0, b"conectix\0\0\0\x02 not a footer");
+    kiln_in(d, &["convert", "-O", "vhd", "-f", "raw", "r.raw", "f.vhd"]).ok();
+    kiln_in(d, &["convert", "f.vhd", "back.raw"]).ok();
+    assert!(fs::read(d.join("back.raw")).unwrap() == fs::read(d.join("r.raw")).unwrap());
+}
