@@ -573,3 +573,23 @@ fn a_fixed_disk_whose_data_starts_like_a_vhd_reads_as_fixed() {
     kiln_in(d, &["convert", "f.vhd", "back.raw"]).ok();
     assert!(fs::read(d.join("back.raw")).unwrap() == fs::read(d.join("r.raw")).unwrap());
 }
+
+/// `kiln check` reads a VHD (fixed and dynamic) as it reads the qcow2 it came from.
+#[test]
+fn check_reads_vhds_like_their_source() {
+    let t = common::tmp();
+    let d = t.path();
+    let sys =
+        common::path_str(&Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/system.qcow2"));
+    let want = kiln_in(d, &["check", "--json", &sys]).ok().stdout;
+    for sub in ["fixed", "dynamic"] {
+        let out = format!("{sub}.vhd");
+        let o = format!("subformat={sub}");
+        kiln_in(d, &["convert", "-O", "vhd", "-o", &o, &sys, &out]).ok();
+        assert_eq!(
+            kiln_in(d, &["check", "--json", &out]).ok().stdout,
+            want,
+            "{sub}"
+        );
+    }
+}
