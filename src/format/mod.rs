@@ -387,6 +387,41 @@ pub(crate) fn open_layer(
     })
 }
 
+/// What lies below a layer (its backing file or parent) at `pos`, for at most `end - pos` bytes:
+/// the lower layer's extent, zeros past its end, unallocated when there is none.
+pub(crate) fn extent_below(below: Option<&dyn BlockSource>, pos: u64, end: u64) -> Result<Extent> {
+    let kind = match below {
+        None => ExtentKind::Unallocated,
+        Some(b) if pos >= b.virtual_size() => ExtentKind::Zero,
+        Some(b) => {
+            let e = b.extent(pos, end.min(b.virtual_size()) - pos)?;
+            return Ok(Extent {
+                start: pos,
+                len: e.len.min(end - pos),
+                kind: e.kind,
+            });
+        }
+    };
+    Ok(Extent {
+        start: pos,
+        len: end - pos,
+        kind,
+    })
+}
+
+/// Reads what lies below a layer at `pos` into `out`: zeros past the lower layer's end, or
+/// without one.
+pub(crate) fn read_below(below: Option<&dyn BlockSource>, pos: u64, out: &mut [u8]) -> Result<()> {
+    let n = below.map_or(0, |b| {
+        b.virtual_size().saturating_sub(pos).min(out.len() as u64) as usize
+    });
+    if let (Some(b), true) = (below, n > 0) {
+        b.read_at(pos, &mut out[..n])?;
+    }
+    out[n..].fill(0);
+    Ok(())
+}
+
 /// `disk.qcow2@snap` names the internal snapshot `snap`, unless a file of that whole name exists.
 fn split_snapshot(path: &Path, snapshot: Option<String>) -> (PathBuf, Option<String>) {
     if snapshot.is_some() || path.exists() {

@@ -412,29 +412,14 @@ impl BlockSource for VhdSource {
             Layout::Fixed(raw) => return raw.extent(offset, limit - offset),
             Layout::Dynamic(d) => d,
         };
-        let (seg, end) = d.seg(&self.path, offset, limit)?;
-        let kind = match (seg, &d.parent) {
-            (Seg::Host(_), _) => ExtentKind::Data,
-            (Seg::Below, None) => ExtentKind::Unallocated,
-            (Seg::Below, Some(p)) => {
-                let psize = p.virtual_size();
-                if offset >= psize {
-                    ExtentKind::Zero
-                } else {
-                    let e = p.extent(offset, end.min(psize) - offset)?;
-                    return Ok(Extent {
-                        start: offset,
-                        len: e.len.min(end - offset),
-                        kind: e.kind,
-                    });
-                }
-            }
-        };
-        Ok(Extent {
-            start: offset,
-            len: end - offset,
-            kind,
-        })
+        match d.seg(&self.path, offset, limit)? {
+            (Seg::Host(_), end) => Ok(Extent {
+                start: offset,
+                len: end - offset,
+                kind: ExtentKind::Data,
+            }),
+            (Seg::Below, end) => format::extent_below(d.parent.as_deref(), offset, end),
+        }
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -476,15 +461,7 @@ impl BlockSource for VhdSource {
                         ));
                     }
                 }
-                (Seg::Below, None) => out.fill(0),
-                (Seg::Below, Some(p)) => {
-                    let psize = p.virtual_size();
-                    let n = psize.saturating_sub(pos).min(out.len() as u64) as usize;
-                    if n > 0 {
-                        p.read_at(pos, &mut out[..n])?;
-                    }
-                    out[n..].fill(0);
-                }
+                (Seg::Below, p) => format::read_below(p.as_deref(), pos, out)?,
             }
             pos = seg_end;
         }
