@@ -71,11 +71,15 @@ impl Header {
                 "image_type {image_type}; kiln reads dynamic (1) and static (2) images, not undo or differencing ones"
             )));
         }
+        let size = le64(b, 0x170);
+        let disk_size = size
+            .checked_next_multiple_of(SECTOR)
+            .ok_or_else(|| bad(format!("disk_size {size} is larger than 2^64 - 512")))?;
         let h = Header {
             image_type,
             offset_bmap: le32(b, 0x154),
             offset_data: le32(b, 0x158),
-            disk_size: le64(b, 0x170).next_multiple_of(SECTOR),
+            disk_size,
             block_size: le32(b, 0x178),
             blocks_in_image: le32(b, 0x180),
         };
@@ -127,5 +131,41 @@ impl Header {
             )));
         }
         Ok(h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A header qemu-img would write for a 1 MiB dynamic image (one block).
+    fn header() -> Vec<u8> {
+        let mut b = vec![0u8; HEADER_SIZE];
+        let mut put = |off: usize, v: u32| b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+        put(SIGNATURE_AT, SIGNATURE);
+        put(0x44, VERSION_1_1);
+        put(0x4c, TYPE_DYNAMIC);
+        put(0x154, 512);
+        put(0x158, 1024);
+        put(0x168, 512);
+        put(0x170, 1 << 20);
+        put(0x178, 1 << 20);
+        put(0x180, 1);
+        b
+    }
+
+    #[test]
+    fn a_valid_header_parses() {
+        let h = Header::parse(&header(), Path::new("x"), 1024).unwrap();
+        assert_eq!((h.disk_size, h.blocks_in_image), (1 << 20, 1));
+    }
+
+    /// Found by the fuzz target: rounding a disk_size near 2^64 up to a sector overflowed.
+    #[test]
+    fn a_disk_size_near_the_top_of_u64_is_refused() {
+        let mut b = header();
+        b[0x170..0x178].copy_from_slice(&u64::MAX.to_le_bytes());
+        let e = Header::parse(&b, Path::new("x"), 1024).unwrap_err();
+        assert!(e.message().contains("disk_size"), "{e}");
     }
 }
