@@ -128,7 +128,9 @@ pub fn inspect_with(path: &Path, opts: &InspectOptions) -> Result<InspectReport>
     let top = file_facts(&info.path, info.format)?;
     let snapshots = match info.format {
         Format::Qcow2 => read_snapshot_table(&info.path)?,
-        Format::Raw | Format::Vhdx | Format::Luks | Format::Vmdk => Vec::new(),
+        Format::Raw | Format::Vhdx | Format::Luks | Format::Vmdk | Format::Vhd | Format::Vdi => {
+            Vec::new()
+        }
     };
     // A VMDK's chain also lists its extent files; its backing chain is its parents only.
     let layers = match info.format {
@@ -190,6 +192,8 @@ fn file_facts(path: &Path, format: Format) -> Result<FileFacts> {
             }
             Some(1u64 << bits)
         }
+        Format::Vhd => format::vhd::reader::block_size(&file, path)?,
+        Format::Vdi => Some(format::vdi::block_size(&file, path)?),
         Format::Vhdx => Some(format::vhdx::reader::block_size(path)?),
         Format::Vmdk => format::vmdk::grain_size(path)?,
         Format::Raw | Format::Luks => None,

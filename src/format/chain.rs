@@ -57,6 +57,11 @@ impl Chain {
         self.files.first().map(|c| c.path.as_path())
     }
 
+    /// Files recorded so far.
+    pub(crate) fn len(&self) -> usize {
+        self.files.len()
+    }
+
     /// Every file read, overlay first.
     pub(crate) fn into_files(self) -> Vec<ChainEntry> {
         self.files
@@ -100,8 +105,9 @@ pub(crate) fn open_backing(
     open_layer_as(fmt, file, &bpath, chain, gate)
 }
 
-/// Opens `file` as one layer of `chain` in `format`, through the registry.
-fn open_layer_as(
+/// Opens `file` (already through the gate) as one layer of `chain` in `format`, through the
+/// registry.
+pub(crate) fn open_layer_as(
     format: Format,
     file: File,
     path: &Path,

@@ -7,10 +7,12 @@
 //! names and the copy engine all go through that table.
 
 pub(crate) mod chain;
-pub(crate) mod gate;
+pub mod gate;
 pub mod luks;
 pub mod qcow2;
 pub(crate) mod raw;
+pub(crate) mod vdi;
+pub(crate) mod vhd;
 pub(crate) mod vhdx;
 pub mod vmdk;
 pub(crate) mod writer;
@@ -35,6 +37,8 @@ pub enum Format {
     Vhdx,
     Luks,
     Vmdk,
+    Vhd,
+    Vdi,
 }
 
 impl Format {
@@ -43,8 +47,14 @@ impl Format {
         self.driver().map_or("unknown", |d| d.name)
     }
 
-    /// A readable format by its registry name, in any case.
+    /// A readable format by its registry name, in any case; qemu's name `vpc` (libvirt's
+    /// `<driver type='vpc'>`, `qemu-img -f vpc`) is VHD.
     pub(crate) fn parse(s: &str) -> Option<Format> {
+        let s = if s.eq_ignore_ascii_case("vpc") {
+            "vhd"
+        } else {
+            s
+        };
         driver_named(s)?.read.as_ref().map(|r| r.format)
     }
 
@@ -116,6 +126,8 @@ pub(crate) static DRIVERS: &[Driver] = &[
     luks::DRIVER,
     vhdx::DRIVER,
     vmdk::DRIVER,
+    vhd::DRIVER,
+    vdi::DRIVER,
     raw::DRIVER,
 ];
 
@@ -129,11 +141,8 @@ pub(crate) struct Probe<'a> {
     /// The first [`PROBE_BYTES`] bytes (fewer for a short file).
     pub(crate) head: &'a [u8],
     /// The last [`PROBE_TAIL_BYTES`] bytes (fewer for a short file; overlaps `head` then).
-    // For formats recognised by a footer (fixed VHD); unread until one is registered.
-    #[allow(dead_code)]
     pub(crate) tail: &'a [u8],
     /// The file's size in bytes.
-    #[allow(dead_code)]
     pub(crate) size: u64,
 }
 
@@ -502,6 +511,41 @@ pub(crate) fn readable_list() -> String {
     }
 }
 
+/// What lies below a layer (its backing file or parent) at `pos`, for at most `end - pos` bytes:
+/// the lower layer's extent, zeros past its end, unallocated when there is none.
+pub(crate) fn extent_below(below: Option<&dyn BlockSource>, pos: u64, end: u64) -> Result<Extent> {
+    let kind = match below {
+        None => ExtentKind::Unallocated,
+        Some(b) if pos >= b.virtual_size() => ExtentKind::Zero,
+        Some(b) => {
+            let e = b.extent(pos, end.min(b.virtual_size()) - pos)?;
+            return Ok(Extent {
+                start: pos,
+                len: e.len.min(end - pos),
+                kind: e.kind,
+            });
+        }
+    };
+    Ok(Extent {
+        start: pos,
+        len: end - pos,
+        kind,
+    })
+}
+
+/// Reads what lies below a layer at `pos` into `out`: zeros past the lower layer's end, or
+/// without one.
+pub(crate) fn read_below(below: Option<&dyn BlockSource>, pos: u64, out: &mut [u8]) -> Result<()> {
+    let n = below.map_or(0, |b| {
+        b.virtual_size().saturating_sub(pos).min(out.len() as u64) as usize
+    });
+    if let (Some(b), true) = (below, n > 0) {
+        b.read_at(pos, &mut out[..n])?;
+    }
+    out[n..].fill(0);
+    Ok(())
+}
+
 /// `disk.qcow2@snap` names the internal snapshot `snap`, unless a file of that whole name exists.
 fn split_snapshot(path: &Path, snapshot: Option<String>) -> (PathBuf, Option<String>) {
     if snapshot.is_some() || path.exists() {
@@ -695,6 +739,14 @@ mod tests {
         );
         let e = OutputSpec::new(raw, 16, None, "nonsense").unwrap_err();
         assert!(e.message().contains("not KEY=VALUE"), "{e}");
+    }
+
+    #[test]
+    fn formats_parse_by_name_and_qemus_vpc() {
+        assert_eq!(Format::parse("VHD"), Some(Format::Vhd));
+        assert_eq!(Format::parse("vpc"), Some(Format::Vhd));
+        assert_eq!(Format::parse("vdi"), Some(Format::Vdi));
+        assert_eq!(Format::parse("vhdz"), None);
     }
 
     #[test]

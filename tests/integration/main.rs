@@ -23,5 +23,7 @@ mod request_file;
 mod store;
 mod validation;
 mod variants;
+mod vdi;
+mod vhd;
 mod vhdx;
 mod vmdk;

@@ -45,19 +45,19 @@ const COMPRESSION_TYPE: usize = 104;
 const OFLAG_COPIED: u64 = 1 << 63;
 const OFLAG_COMPRESSED: u64 = 1 << 62;
 
-fn get32(b: &[u8], off: usize) -> u32 {
+pub(super) fn get32(b: &[u8], off: usize) -> u32 {
     u32::from_be_bytes(b[off..off + 4].try_into().unwrap())
 }
-fn get64(b: &[u8], off: usize) -> u64 {
+pub(super) fn get64(b: &[u8], off: usize) -> u64 {
     u64::from_be_bytes(b[off..off + 8].try_into().unwrap())
 }
 fn put16(b: &mut [u8], off: usize, v: u16) {
     b[off..off + 2].copy_from_slice(&v.to_be_bytes());
 }
-fn put32(b: &mut [u8], off: usize, v: u32) {
+pub(super) fn put32(b: &mut [u8], off: usize, v: u32) {
     b[off..off + 4].copy_from_slice(&v.to_be_bytes());
 }
-fn put64(b: &mut [u8], off: usize, v: u64) {
+pub(super) fn put64(b: &mut [u8], off: usize, v: u64) {
     b[off..off + 8].copy_from_slice(&v.to_be_bytes());
 }
 
@@ -982,6 +982,64 @@ fn malformed_images_are_refused_naming_the_field() {
                 .all(|f| msg.to_lowercase().contains(&f.to_lowercase()))
         {
             failures.push(format!("{what}\n(want {} saying {:?})", c.code, c.field));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n\n")
+    );
+}
+
+/// One field of a valid file changed, and what kiln must answer (for the other readers' cases).
+pub(super) struct FieldCase {
+    pub(super) name: &'static str,
+    /// The valid file (in the test's directory) the change is made to.
+    pub(super) base: &'static str,
+    pub(super) code: &'static str,
+    /// Text the message must contain (the field's name).
+    pub(super) field: &'static str,
+    pub(super) patch: fn(&mut Vec<u8>),
+}
+
+/// Runs `kiln inspect -f FORMAT --map --json` on each base (which must pass) and on each case's
+/// file under the time and memory limits; panics listing every case not refused as it should be.
+/// `-f`: a damaged magic would otherwise make the file raw, which any file is.
+pub(super) fn assert_refused(dir: &Path, format: &str, bases: &[&str], cases: &[FieldCase]) {
+    let args = |f: &str| -> Vec<String> {
+        ["inspect", "-f", format, "--map", "--json", f]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    for base in bases {
+        let r = kiln_limited(dir, &args(base)).expect("base in time");
+        assert_eq!(r.status, Some(0), "{base}: {}{}", r.stdout, r.stderr);
+    }
+    assert!(cases.len() >= 15, "{} cases", cases.len());
+    let mut failures = Vec::new();
+    for c in cases {
+        let mut b = fs::read(dir.join(c.base)).unwrap();
+        (c.patch)(&mut b);
+        let file = format!("{}.{format}", c.name);
+        fs::write(dir.join(&file), &b).unwrap();
+        let Some(r) = kiln_limited(dir, &args(&file)) else {
+            failures.push(format!("{}: no answer within {TIME_LIMIT:?}", c.name));
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap_or_default();
+        let msg = v["Message"].as_str().unwrap_or_default();
+        if r.stderr.contains("panicked")
+            || r.status == Some(0)
+            || v["Code"] != c.code
+            || !msg.contains(c.field)
+        {
+            failures.push(format!(
+                "{}: exit {:?}, want {} naming {:?}\n{}{}",
+                c.name, r.status, c.code, c.field, r.stdout, r.stderr
+            ));
         }
     }
     assert!(

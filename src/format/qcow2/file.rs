@@ -61,7 +61,7 @@ impl ImageFile {
 }
 
 /// Reads exactly `len` bytes at `offset`; a short read means the file is truncated.
-pub(super) fn read_exact(
+pub(crate) fn read_exact(
     file: &File,
     path: &Path,
     offset: u64,

@@ -52,14 +52,14 @@
 //! of at most 16 files with no loops.
 
 mod decompress;
-mod file;
+pub(crate) mod file;
 mod header;
 mod map;
 pub(crate) mod reader;
-pub(crate) mod snapshot;
+pub mod snapshot;
 pub mod writer;
 
-pub(crate) use reader::open;
+pub use reader::open;
 
 use super::{Driver, ReadDriver, WriteDriver};
 

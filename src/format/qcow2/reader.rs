@@ -31,12 +31,7 @@ use crate::format::{
 
 /// Opens a qcow2 source (and its backing chain) read-only; `snapshot` names an internal snapshot
 /// by name or ID.
-pub(crate) fn open(
-    file: File,
-    path: &Path,
-    snapshot: Option<&str>,
-    gate: &BackingGate,
-) -> Result<Opened> {
+pub fn open(file: File, path: &Path, snapshot: Option<&str>, gate: &BackingGate) -> Result<Opened> {
     let mut chain = Chain::new();
     let (src, snap) = open_layer(file, path, snapshot, &mut chain, gate)?;
     let info = SourceInfo {
@@ -239,22 +234,7 @@ impl Qcow2Source {
         let kind = match seg {
             Seg::Host(_) | Seg::Compressed(_) => ExtentKind::Data,
             Seg::Zero => ExtentKind::Zero,
-            Seg::Unalloc => match &self.backing {
-                None => ExtentKind::Unallocated,
-                Some(b) => {
-                    let bsize = b.virtual_size();
-                    if pos >= bsize {
-                        ExtentKind::Zero
-                    } else {
-                        let e = b.extent(pos, end.min(bsize) - pos)?;
-                        return Ok(Extent {
-                            start: pos,
-                            len: e.len.min(end - pos),
-                            kind: e.kind,
-                        });
-                    }
-                }
-            },
+            Seg::Unalloc => return crate::format::extent_below(self.backing.as_deref(), pos, end),
         };
         Ok(Extent {
             start: pos,
@@ -279,25 +259,6 @@ impl Qcow2Source {
         }
         // A last cluster cut short by the end of the file reads as zeros past it, as in qemu.
         out[n..].fill(0);
-        Ok(())
-    }
-
-    fn read_backing(&self, pos: u64, out: &mut [u8]) -> Result<()> {
-        match &self.backing {
-            None => out.fill(0),
-            Some(b) => {
-                let bsize = b.virtual_size();
-                let n = if pos >= bsize {
-                    0
-                } else {
-                    (bsize - pos).min(out.len() as u64) as usize
-                };
-                if n > 0 {
-                    b.read_at(pos, &mut out[..n])?;
-                }
-                out[n..].fill(0);
-            }
-        }
         Ok(())
     }
 }
@@ -365,7 +326,7 @@ impl BlockSource for Qcow2Source {
                     out.copy_from_slice(&cluster[at..at + out.len()]);
                 }
                 Seg::Zero => out.fill(0),
-                Seg::Unalloc => self.read_backing(pos, out)?,
+                Seg::Unalloc => crate::format::read_below(self.backing.as_deref(), pos, out)?,
             }
             pos = seg_end;
         }

@@ -68,8 +68,8 @@ impl EntryHead {
 
 /// One internal snapshot, as the table describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Snapshot {
-    pub(crate) id: String,
+pub struct Snapshot {
+    pub id: String,
     pub(crate) name: String,
     pub(crate) l1_offset: u64,
     pub(crate) l1_size: u32,
@@ -174,7 +174,7 @@ pub(super) fn read_snapshots(
 }
 
 /// The listing `kiln inspect` prints: the whole table of the qcow2 file at `path`.
-pub(crate) fn read_snapshot_table(path: &Path) -> Result<Vec<Snapshot>> {
+pub fn read_snapshot_table(path: &Path) -> Result<Vec<Snapshot>> {
     let file = format::open_read_only(path)?;
     let h = read_listing(&file, path, 0, 72, "the qcow2 header")?;
     let count = u32::from_be_bytes([h[60], h[61], h[62], h[63]]);

@@ -1,10 +1,30 @@
-//! What every reader's fuzz target does with an opened disk: walk its extents and read guest
-//! bytes, asserting the `BlockSource` extent contract. Included by each target (`#[path]`).
+//! What every reader's fuzz target does with an opened disk: walk its extents, check the
+//! `BlockSource` extent contract, and read guest bytes. Work per input is capped (steps and bytes
+//! per step), so a timeout means the reader itself loops.
+
+// Each target uses a part of this module.
+#![allow(dead_code)]
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use kiln::format::{BlockSource, ExtentKind};
+use kiln::format::{self, BlockSource, ExtentKind, Format, OpenOptions};
+
+/// A private directory for the inputs (on tmpfs when there is one), holding `files`, the fixtures
+/// an input's backing or parent names may reach.
+pub fn scratch_dir(tag: &str, files: &[(&str, &[u8])]) -> PathBuf {
+    let base = if std::path::Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let d = base.join(format!("kiln-fuzz-{tag}{}", std::process::id()));
+    fs::create_dir_all(&d).expect("fuzz dir");
+    for (name, bytes) in files {
+        fs::write(d.join(name), bytes).expect("fixture");
+    }
+    d
+}
 
 /// Extents asked per opened image.
 const MAX_STEPS: usize = 32;
@@ -12,7 +32,6 @@ const MAX_STEPS: usize = 32;
 const MAX_EXTENT: u64 = 16 << 20;
 /// Most guest bytes read per extent.
 const MAX_READ: u64 = 128 << 10;
-
 /// Walks the extents from 0 (and a few probes further on), checking the extent contract and reading
 /// the start of each data extent.
 pub fn exercise(src: &dyn BlockSource) {
@@ -71,18 +90,15 @@ pub fn exercise(src: &dyn BlockSource) {
     }
 }
 
-/// A private directory on tmpfs (else the temp dir) named `kiln-fuzz{tag}-PID`, holding `files`
-/// (name, bytes): the files an input's backing, extent or parent names may reach.
-pub fn private_dir(tag: &str, files: &[(&str, &[u8])]) -> PathBuf {
-    let base = if Path::new("/dev/shm").is_dir() {
-        PathBuf::from("/dev/shm")
-    } else {
-        std::env::temp_dir()
-    };
-    let d = base.join(format!("kiln-fuzz{tag}-{}", std::process::id()));
-    fs::create_dir_all(&d).expect("fuzz dir");
-    for (name, bytes) in files {
-        fs::write(d.join(name), bytes).expect("fixture");
+/// Opens `path` with `format` forced, then with the format detected, and exercises what opens.
+pub fn open_and_exercise(path: &Path, format: Format) {
+    for format in [Some(format), None] {
+        let opts = OpenOptions {
+            format,
+            ..OpenOptions::default()
+        };
+        if let Ok(o) = format::open(path, &opts) {
+            exercise(o.source.as_ref());
+        }
     }
-    d
 }

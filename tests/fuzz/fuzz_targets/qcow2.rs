@@ -16,7 +16,6 @@ use std::sync::OnceLock;
 use kiln::format::qcow2;
 use libfuzzer_sys::fuzz_target;
 
-#[path = "exercise.rs"]
 mod exercise;
 use exercise::exercise;
 
@@ -26,7 +25,7 @@ const MAX_SNAPSHOTS: usize = 4;
 fn dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        exercise::private_dir(
+        exercise::scratch_dir(
             "",
             &[
                 ("b.raw", &include_bytes!("../fixtures/b.raw")[..]),

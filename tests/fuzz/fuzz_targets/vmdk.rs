@@ -24,8 +24,8 @@ use exercise::exercise;
 fn dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        exercise::private_dir(
-            "-vmdk",
+        exercise::scratch_dir(
+            "vmdk-",
             &[
                 ("b.raw", &include_bytes!("../fixtures/b.raw")[..]),
                 ("b.vmdk", &include_bytes!("../fixtures-vmdk/b.vmdk")[..]),

@@ -241,3 +241,21 @@ pub fn kiln_stopped_at(dir: &Path, args: &[&str], point: &str) -> std::process::
 pub fn signal(child: &std::process::Child, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
 }
+
+/// `kiln convert FILE` gives the same bytes as `qemu-img convert -f QEMU_FORMAT -O raw FILE`;
+/// returns `kiln inspect --json FILE`.
+pub fn assert_reads_like_qemu(dir: &Path, qemu_format: &str, file: &str) -> serde_json::Value {
+    let want = format!("{file}.qemu.raw");
+    qemu_img(
+        dir,
+        &["convert", "-f", qemu_format, "-O", "raw", file, &want],
+    );
+    let got = format!("{file}.kiln.raw");
+    kiln_in(dir, &["convert", file, &got]).ok();
+    assert!(
+        fs::read(dir.join(&want)).expect("qemu's") == fs::read(dir.join(&got)).expect("kiln's"),
+        "{file}: kiln reads other bytes than qemu-img"
+    );
+    let r = kiln_in(dir, &["inspect", "--json", file]).ok();
+    serde_json::from_str(&r.stdout).expect("inspect json")
+}
