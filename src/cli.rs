@@ -495,7 +495,7 @@ impl KeyArgs {
     /// The key named by the flags, read now; None without one.
     pub(crate) fn secret(&self) -> Result<Option<Secret>> {
         if self.key_argv.is_some() {
-            return Err(key_on_argv("--key"));
+            return Err(validate::key_on_argv("--key"));
         }
         let given = [
             self.key_file.is_some(),
@@ -523,14 +523,6 @@ impl KeyArgs {
         gate.key = self.secret()?;
         Ok(gate)
     }
-}
-
-/// The refusal of a key given as an argument.
-pub(crate) fn key_on_argv(flag: &str) -> Error {
-    Error::new(
-        Code::InvalidParameter,
-        format!("{flag}: a key is never taken from the command line (every user can read it there); use --key-file FILE, --key-fd N or --key-env NAME"),
-    )
 }
 
 /// `--encrypt` and its LUKS version.

@@ -27,7 +27,7 @@ pub struct BackingGate {
     /// The key for the encrypted files of this source (a raw LUKS volume, or qcow2 layers with
     /// LUKS encryption), when one was given. It travels with the gate because it is the other
     /// thing a source may be opened with.
-    pub(crate) key: Option<crate::format::luks::Secret>,
+    pub(crate) key: Option<crate::format::luks::secret::Secret>,
 }
 
 impl BackingGate {

@@ -21,6 +21,10 @@ use std::fs::File;
 
 use crate::error::{Code, Error, Result};
 
+/// Zero-detection granularity of raw output (and of a raw LUKS volume's payload), like
+/// `qemu-img convert -S 4k`.
+pub(crate) const RAW_BLOCK: u64 = 4096;
+
 /// A fresh output disk being written. Shared by every copy thread, so every method but `finish`
 /// takes `&self`.
 pub(crate) trait DiskWriter: Send + Sync {

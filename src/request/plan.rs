@@ -67,7 +67,7 @@ impl DiskSpec {
                     spec.crypt.key_file = Some(PathBuf::from(value))
                 }
                 "key" | "passphrase" => {
-                    return Err(crate::cli::key_on_argv(&format!("--disk {key}=")))
+                    return Err(crate::request::validate::key_on_argv(&format!("--disk {key}=")))
                 }
                 "encrypt" | "encrypted" => {
                     spec.crypt.encrypt = match value.to_ascii_lowercase().as_str() {

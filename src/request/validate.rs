@@ -255,6 +255,14 @@ pub(crate) fn client_token(value: &str) -> Result<()> {
     Ok(())
 }
 
+/// The refusal of a key given as an argument.
+pub(crate) fn key_on_argv(flag: &str) -> Error {
+    Error::new(
+        Code::InvalidParameter,
+        format!("{flag}: a key is never taken from the command line (every user can read it there); use --key-file FILE, --key-fd N or --key-env NAME"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

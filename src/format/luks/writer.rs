@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use super::crypto::{SectorCipher, SECTOR};
 use super::{luks1, luks2, Secret, Unlocked};
 use crate::error::{Code, Error, Result};
-use crate::format::raw::writer::RAW_BLOCK;
+use crate::format::writer::RAW_BLOCK;
 use crate::format::writer::{DiskWriter, Finished};
 
 /// Bytes of the payload encrypted per piece (the prepare unit and the zero-fill batch).

@@ -9,8 +9,7 @@ use crate::error::{Error, Result};
 use crate::format::writer::{DiskWriter, Finished};
 use crate::format::OutputSpec;
 
-/// Zero-detection granularity for raw output (like `qemu-img convert -S 4k`).
-pub(crate) const RAW_BLOCK: u64 = 4096;
+use crate::format::writer::RAW_BLOCK;
 
 pub(crate) struct RawWriter {
     file: File,
