@@ -21,13 +21,13 @@
 pub(crate) mod crypto;
 pub(crate) mod luks1;
 pub(crate) mod luks2;
-pub mod secret;
+pub(crate) mod secret;
 pub(crate) mod writer;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-pub use secret::Secret;
+pub(crate) use secret::Secret;
 
 use super::{read_full_at, SourceInfo};
 use super::{BlockSource, ChainEntry, Driver, Extent, ExtentKind, Format, Opened, ReadDriver};
@@ -60,13 +60,13 @@ pub(crate) const DRIVER: Driver = Driver {
 
 /// What a manifest may say of a volume: never key material.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VolumeInfo {
+pub(crate) struct VolumeInfo {
     /// 1 or 2.
-    pub luks_version: u8,
+    pub(crate) luks_version: u8,
     /// 256 (AES-128-XTS) or 512 (AES-256-XTS).
-    pub key_bits: u32,
+    pub(crate) key_bits: u32,
     /// The key slot's KDF: `pbkdf2-sha256`, `argon2id`, ...
-    pub kdf: String,
+    pub(crate) kdf: String,
 }
 
 /// An opened volume: the master key's cipher and where the payload starts.

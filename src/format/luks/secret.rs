@@ -22,7 +22,7 @@ pub(crate) const MAX_SECRET_BYTES: u64 = 64 * 1024;
 
 /// A passphrase, zeroed on drop. Clones share one copy.
 #[derive(Clone)]
-pub struct Secret(Arc<Zeroizing<Vec<u8>>>);
+pub(crate) struct Secret(Arc<Zeroizing<Vec<u8>>>);
 
 impl Secret {
     /// A secret holding `bytes` (refused when empty).

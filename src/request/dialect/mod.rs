@@ -27,7 +27,7 @@ use crate::request::file::RequestFile;
 /// Largest request file read (the vendors' own request bodies are far smaller).
 pub(crate) const MAX_REQUEST_LEN: u64 = 1 << 20;
 
-pub use crate::image::attributes::Dialect;
+pub(crate) use crate::image::attributes::Dialect;
 
 /// `e` in `dialect`'s codes and wording; `names` maps image devices to the dialect's names. An
 /// error already labelled is returned as it is; Alibaba's codes are kiln's own.
