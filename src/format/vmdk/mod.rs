@@ -27,7 +27,7 @@
 //! | grain size | a power of two, at most `MAX_GRAIN_SECTORS` = 2048 sectors (1 MiB) | `SparseHeader::validate` |
 //! | grain table | at most `MAX_GTES_PER_GT` = 512 entries (2 KiB); 4096 cached (8 MiB) | `SparseHeader::validate`, `sparse::SparseExtent::table` |
 //! | grain directory | at most `MAX_GD_ENTRIES` = 4 Mi entries (16 MiB), inside the file | `SparseHeader::validate` |
-//! | compressed grain | marker size 1 to grain + grain/64 + 1 KiB bytes, inside the file; inflates into one grain | `sparse::SparseExtent::inflate` |
+//! | compressed grain | marker size 1 to twice the grain + 1 KiB bytes (deflate grows incompressible data), inside the file; inflates into one grain | `sparse::SparseExtent::inflate` |
 //! | chain | at most `MAX_CHAIN_DEPTH` layers; no file twice | `reader::open_layer` |
 //!
 //! A mapping call walks at most `sparse::MAX_WALK_STEPS` grain entries before returning a shorter
