@@ -511,6 +511,20 @@ pub(crate) fn readable_list() -> String {
     }
 }
 
+/// The end of the range an `extent(offset, max_len)` call may describe: `offset + max_len` cut at
+/// the disk's `size`. An empty range (a caller asking at or past the end, or for nothing) is a bug
+/// in the caller, reported as Internal naming the file.
+pub(crate) fn extent_limit(path: &Path, size: u64, offset: u64, max_len: u64) -> Result<u64> {
+    let limit = size.min(offset.saturating_add(max_len));
+    if offset >= limit {
+        return Err(Error::new(
+            Code::Internal,
+            format!("{}: extent asked at {offset} past the end", path.display()),
+        ));
+    }
+    Ok(limit)
+}
+
 /// What lies below a layer (its backing file or parent) at `pos`, for at most `end - pos` bytes:
 /// the lower layer's extent, zeros past its end, unallocated when there is none.
 pub(crate) fn extent_below(below: Option<&dyn BlockSource>, pos: u64, end: u64) -> Result<Extent> {

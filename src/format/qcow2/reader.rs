@@ -269,16 +269,8 @@ impl BlockSource for Qcow2Source {
     }
 
     fn extent(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        let limit = self.virtual_size.min(offset.saturating_add(max_len));
-        if offset >= limit {
-            return Err(Error::new(
-                Code::Internal,
-                format!(
-                    "{}: extent asked at {offset} past the end",
-                    self.file.path.display()
-                ),
-            ));
-        }
+        let limit =
+            crate::format::extent_limit(&self.file.path, self.virtual_size, offset, max_len)?;
         merge_runs(offset, limit, |at| self.extent_once(at, limit))
     }
 

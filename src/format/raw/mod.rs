@@ -111,16 +111,7 @@ impl BlockSource for RawSource {
     }
 
     fn extent(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        let limit = self.size.min(offset.saturating_add(max_len));
-        if offset >= limit {
-            return Err(Error::new(
-                Code::Internal,
-                format!(
-                    "{}: extent asked at {offset} past the end",
-                    self.path.display()
-                ),
-            ));
-        }
+        let limit = crate::format::extent_limit(&self.path, self.size, offset, max_len)?;
         if !self.seek_data {
             return Ok(Extent {
                 start: offset,

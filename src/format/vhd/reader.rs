@@ -392,16 +392,7 @@ impl BlockSource for VhdSource {
     }
 
     fn extent(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        let limit = self.virtual_size.min(offset.saturating_add(max_len));
-        if offset >= limit {
-            return Err(Error::new(
-                Code::Internal,
-                format!(
-                    "{}: extent asked at {offset} past the end",
-                    self.path.display()
-                ),
-            ));
-        }
+        let limit = crate::format::extent_limit(&self.path, self.virtual_size, offset, max_len)?;
         let d = match &self.layout {
             Layout::Fixed(raw) => return raw.extent(offset, limit - offset),
             Layout::Dynamic(d) => d,

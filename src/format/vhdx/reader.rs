@@ -355,24 +355,9 @@ impl VhdxSource {
         Ok((present, run_end.min(end)))
     }
 
-    fn below_extent(&self, pos: u64, end: u64) -> Result<Extent> {
-        let kind = match &self.parent {
-            Some(p) if pos < p.virtual_size => {
-                let e = p.extent(pos, end.min(p.virtual_size) - pos)?;
-                return Ok(Extent {
-                    start: pos,
-                    len: e.len,
-                    kind: e.kind,
-                });
-            }
-            Some(_) => ExtentKind::Zero,
-            None => ExtentKind::Unallocated,
-        };
-        Ok(Extent {
-            start: pos,
-            len: end - pos,
-            kind,
-        })
+    /// The parent, as what lies below this file.
+    fn below(&self) -> Option<&dyn BlockSource> {
+        self.parent.as_deref().map(|p| p as &dyn BlockSource)
     }
 
     fn read_piece(&self, run: Run, pos: u64, buf: &mut [u8]) -> Result<()> {
@@ -382,17 +367,7 @@ impl VhdxSource {
                 buf.fill(0);
                 Ok(())
             }
-            Run::Below => match &self.parent {
-                Some(p) if pos < p.virtual_size => {
-                    let n = buf.len().min((p.virtual_size - pos) as usize);
-                    buf[n..].fill(0);
-                    p.read_at(pos, &mut buf[..n])
-                }
-                _ => {
-                    buf.fill(0);
-                    Ok(())
-                }
-            },
+            Run::Below => crate::format::read_below(self.below(), pos, buf),
         }
     }
 }
@@ -403,19 +378,11 @@ impl BlockSource for VhdxSource {
     }
 
     fn extent(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        let limit = self.virtual_size.min(offset.saturating_add(max_len));
-        if offset >= limit {
-            return Err(Error::new(
-                Code::Internal,
-                format!(
-                    "{}: extent asked at {offset} past the end",
-                    self.file.path.display()
-                ),
-            ));
-        }
+        let limit =
+            crate::format::extent_limit(&self.file.path, self.virtual_size, offset, max_len)?;
         let (first, mut end) = self.run(offset, limit)?;
         if first == Run::Below {
-            return self.below_extent(offset, end);
+            return crate::format::extent_below(self.below(), offset, end);
         }
         let kind = match first {
             Run::Host(_) => ExtentKind::Data,

@@ -394,15 +394,7 @@ impl BlockSource for VmdkSource {
     }
 
     fn extent(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        if offset >= self.size || max_len == 0 {
-            return Err(Error::new(
-                Code::Internal,
-                format!(
-                    "{}: extent asked at {offset} past the end",
-                    self.path.display()
-                ),
-            ));
-        }
+        crate::format::extent_limit(&self.path, self.size, offset, max_len)?;
         Ok(self.piece(offset, max_len)?.0)
     }
 
