@@ -381,6 +381,10 @@ pub struct CreateArgs {
     /// `sgdisk -e` does), so the table stays valid.
     #[arg(long)]
     pub(crate) relocate_gpt: bool,
+    /// The cloud or hypervisor the image is for: azure, aws, gcp, vsphere, hyperv, alibaba,
+    /// huawei or openstack. It picks the output format and checks the destination's rules first.
+    #[arg(long, value_name = "DEST")]
+    pub(crate) target: Option<String>,
     #[command(flatten)]
     pub out: OutputArgs,
 }
@@ -762,6 +766,10 @@ impl CreateArgs {
             dialect: loaded.dialect,
             respond_in_dialect: loaded.explicit,
             dialect_record: loaded.record,
+            target: pick(&self.target, file.target)
+                .as_deref()
+                .map(crate::request::target::parse)
+                .transpose()?,
         })
     }
 

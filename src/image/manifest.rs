@@ -131,6 +131,19 @@ pub(crate) struct Manifest {
     /// The image check of the system disk (`--detect`, DetectionStrategy Standard).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) detection: Option<crate::detect::Report>,
+    /// The destination the image was built for (`--target`), and what its rules changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) target: Option<TargetRecord>,
+}
+
+/// The manifest's `Target`: the destination, and every adjustment its rules made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct TargetRecord {
+    pub(crate) name: crate::request::target::Target,
+    /// What the destination's rules changed, in words (a size grown to a whole MiB, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) adjustments: Vec<String>,
 }
 
 /// The shared attributes read as the manifest's own fields (`manifest.image_id`), as they are in

@@ -14,6 +14,7 @@ use crate::image::attributes::{
 };
 use crate::request::instance::{self, InstanceDisk};
 use crate::request::plan::{Device, DiskSpec};
+use crate::request::target::Target;
 use crate::request::validate;
 
 /// Where a create puts its image.
@@ -72,6 +73,8 @@ pub struct CreateRequest {
     pub(crate) respond_in_dialect: bool,
     /// What the image records of the vendor request (recorded parameters, device names, job).
     pub(crate) dialect_record: Option<DialectRecord>,
+    /// `--target` (`Target`): the destination whose format and rules apply.
+    pub(crate) target: Option<Target>,
 }
 
 /// The instance an image is made from.

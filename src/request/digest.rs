@@ -47,6 +47,9 @@ pub(crate) fn request_digest(req: &CreateRequest, layout: &DiskLayout) -> String
     if req.relocate_gpt {
         v["RelocateGpt"] = true.into();
     }
+    if let Some(t) = req.target {
+        v["Target"] = t.as_str().into();
+    }
     // A vendor request's recorded parameters and device names (never its random job ID).
     if let Some(d) = &req.dialect_record {
         v["Dialect"] = serde_json::json!({

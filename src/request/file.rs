@@ -42,6 +42,7 @@ pub(crate) const KEYS: &[&str] = &[
     "RegionId",
     "Action",
     "Encrypted",
+    "Target",
 ];
 /// Keys of `Features`.
 pub(crate) const FEATURE_KEYS: &[&str] = &["ImdsSupport", "NvmeSupport"];
@@ -85,6 +86,8 @@ pub(crate) struct RequestFile {
     pub(crate) recorded: Map<String, Value>,
     /// `Encrypted: true` (`--encrypt`).
     pub(crate) encrypted: Option<bool>,
+    /// kiln's `Target` (`--target`).
+    pub(crate) target: Option<String>,
 }
 
 fn bad(path: &Path, why: impl std::fmt::Display) -> Error {
@@ -119,6 +122,7 @@ struct Raw {
     region_id: Option<Text>,
     action: Option<Text>,
     encrypted: Option<bool>,
+    target: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -278,6 +282,7 @@ pub(crate) fn parse(v: &Value, path: &Path, base: &Path) -> Result<RequestFile> 
         instance_id: text(raw.instance_id).filter(|s| !s.trim().is_empty()),
         recorded,
         encrypted: raw.encrypted,
+        target: text(raw.target),
     })
 }
 

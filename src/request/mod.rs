@@ -7,4 +7,5 @@ pub(crate) mod digest;
 pub(crate) mod file;
 pub mod instance;
 pub mod plan;
+pub mod target;
 pub(crate) mod validate;

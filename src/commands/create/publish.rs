@@ -58,6 +58,10 @@ pub(super) fn publish(
         }),
         disks,
         detection,
+        target: req.target.map(|name| manifest::TargetRecord {
+            name,
+            adjustments: Vec::new(),
+        }),
     };
     let json = manifest.to_json();
     staging.write_file("manifest.json", &json)?;
