@@ -9,6 +9,7 @@
 //! [`format`] holds one folder per disk format (reading and writing), [`detect`] the image check,
 //! [`commands`] one library function per command, and [`output`] every command's text and JSON.
 
+pub mod archive;
 pub mod commands;
 pub mod copy;
 pub mod detect;

@@ -119,7 +119,7 @@ pub(crate) fn copy_disks(
     threads: usize,
     progress: &dyn Progress,
 ) -> Result<Vec<DiskResult>> {
-    let mut disks = Vec::with_capacity(jobs.len());
+    let mut made = Vec::with_capacity(jobs.len());
     for mut job in jobs {
         let own;
         let spec = match job.encryption.take() {
@@ -138,6 +138,34 @@ pub(crate) fn copy_disks(
             CacheMode::None => Some(open_direct(&job.out_path, sink.as_ref(), spec)?),
             _ => None,
         };
+        made.push((job, sink, direct));
+    }
+    run(made, spec.cache, threads, progress)
+}
+
+/// Copies each job into a writer the caller made, in a file the caller owns (an OVA's VMDK
+/// members, written in place inside the archive). `job.virtual_size` is the writer's size and
+/// `job.out_path` names the file in messages; nothing is created. No `O_DIRECT` (`-t none`): the
+/// caller refuses it.
+pub(crate) fn copy_into(
+    jobs: Vec<(DiskJob, Box<dyn DiskWriter>)>,
+    cache: CacheMode,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Result<Vec<DiskResult>> {
+    let made = jobs.into_iter().map(|(j, s)| (j, s, None)).collect();
+    run(made, cache, threads, progress)
+}
+
+/// The copy itself, once every output has its writer (and its `O_DIRECT` descriptor with `-t none`).
+fn run(
+    made: Vec<(DiskJob, Box<dyn DiskWriter>, Option<File>)>,
+    cache: CacheMode,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Result<Vec<DiskResult>> {
+    let mut disks = Vec::with_capacity(made.len());
+    for (job, sink, direct) in made {
         let source_size = job.source.as_ref().map_or(0, |s| s.virtual_size());
         disks.push(DiskState {
             name: job.name,
@@ -167,7 +195,7 @@ pub(crate) fn copy_disks(
         abort: AtomicBool::new(false),
         error: Mutex::new(None),
         progress,
-        cache: spec.cache,
+        cache,
     };
     let threads = threads.max(1);
     let pool = rayon::ThreadPoolBuilder::new()

@@ -55,6 +55,34 @@ pub fn hash_file(file: &File, path: &Path, sparse: bool) -> Result<String> {
     Ok(hex(&h.finalize()))
 }
 
+/// SHA-256 of bytes `[offset, offset + len)` of a file, lowercase hex (an OVA member).
+pub(crate) fn hash_range(file: &File, path: &Path, offset: u64, len: u64) -> Result<String> {
+    const BUF: u64 = 1 << 20;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; BUF.min(len) as usize];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(BUF) as usize;
+        let at = offset + done;
+        let got = crate::format::read_full_at(file, &mut buf[..n], at)
+            .map_err(|e| Error::io(path, &format!("reading at offset {at} to hash"), e))?;
+        if got < n {
+            return Err(Error::new(
+                Code::IoError,
+                format!(
+                    "{}: ends at {} bytes, inside the range being hashed",
+                    path.display(),
+                    at + got as u64
+                ),
+            ));
+        }
+        h.update(&buf[..n]);
+        done += n as u64;
+        crate::util::testhook::checkpoint("hashing");
+    }
+    Ok(hex(&h.finalize()))
+}
+
 /// Where data resumes at or after `pos` (`u64::MAX` when only a hole is left); None when the
 /// filesystem cannot say.
 fn next_data(file: &File, pos: u64) -> Option<u64> {
@@ -98,6 +126,14 @@ mod tests {
         let a = hash_file(&f, &p, true).unwrap();
         let b = hash_file(&f, &p, false).unwrap();
         assert_eq!(a, b);
+        let mut whole = vec![0u8; 10 << 20];
+        whole[3 << 20..(3 << 20) + 5000].fill(9);
+        let range = &whole[(3 << 20) - 7..(5 << 20) + 3];
+        assert_eq!(
+            hash_range(&f, &p, (3 << 20) - 7, range.len() as u64).unwrap(),
+            hex(&Sha256::digest(range))
+        );
+        assert!(hash_range(&f, &p, 10 << 20, 1).is_err());
         // sha256 of the empty string, a fixed point every implementation agrees on.
         let e = tempfile::NamedTempFile::new().unwrap();
         assert_eq!(

@@ -59,8 +59,12 @@ pub(crate) struct DiskRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) original_target: Option<String>,
     pub(crate) disk_type: DiskType,
-    /// The disk file, relative to the image directory.
+    /// The disk file, relative to the image directory; with `archive`, its member name there.
     pub(crate) file: String,
+    /// The archive in the image directory that holds the disk as its member `file` (a vSphere
+    /// OVA); None when the disk is a file of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) archive: Option<String>,
     pub(crate) format: String,
     pub(crate) virtual_size: u64,
     /// GiB, rounded up (the API's Size).

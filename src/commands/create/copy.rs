@@ -4,14 +4,16 @@
 use std::path::Path;
 
 use super::disks::PreparedDisk;
-use crate::copy::engine::{self, DiskJob};
+use crate::copy::engine::{self, DiskJob, DiskResult};
 use crate::copy::progress::{self, Progress};
 use crate::copy::stats::CopyStats;
 use crate::error::Result;
 use crate::format;
-use crate::image::manifest::DiskRecord;
+use crate::format::luks::VolumeInfo;
+use crate::image::manifest::{DiskRecord, SourceRecord};
 use crate::image::store::{Creating, RecordProgress};
 use crate::request::create::CreateRequest;
+use crate::request::plan::PlannedDisk;
 use crate::util::size;
 
 /// The copied disks.
@@ -76,32 +78,48 @@ pub(super) fn copy(
         sums: Vec::new(),
     };
     for ((d, file, source, (changes, enc)), r) in records.into_iter().zip(results) {
-        // The engine's size: qcow2 output is rounded up to whole 512-byte sectors.
-        let virtual_size = r.virtual_size;
         copied.stats.add(&r.stats);
-        let sha256 = r.sha256.clone().unwrap_or_default();
-        copied.sums.push((sha256.clone(), file.clone()));
-        copied.disks.push(DiskRecord {
-            device: d.device.clone(),
-            disk_type: d.disk_type,
-            file,
-            format: req.output.format.extension().to_string(),
-            virtual_size,
-            size_gib: size::gib_rounded_up(virtual_size),
-            allocated_bytes: r.allocated_bytes,
-            file_size: r.file_size,
-            sha256,
-            original_target: req
-                .instance
-                .as_ref()
-                .and_then(|i| i.target_of(&d.device))
-                .map(str::to_string),
-            source,
-            stats: r.stats,
-            encrypted: enc.is_some(),
-            encryption: enc.map(Into::into),
-            changes,
-        });
+        copied
+            .sums
+            .push((r.sha256.clone().unwrap_or_default(), file.clone()));
+        copied
+            .disks
+            .push(record(req, d, file, source, changes, enc, r));
     }
     Ok(copied)
+}
+
+/// The manifest's record of a disk the engine wrote into `file`.
+pub(super) fn record(
+    req: &CreateRequest,
+    d: PlannedDisk,
+    file: String,
+    source: Option<SourceRecord>,
+    changes: Vec<String>,
+    enc: Option<VolumeInfo>,
+    r: DiskResult,
+) -> DiskRecord {
+    DiskRecord {
+        original_target: req
+            .instance
+            .as_ref()
+            .and_then(|i| i.target_of(&d.device))
+            .map(str::to_string),
+        device: d.device,
+        disk_type: d.disk_type,
+        file,
+        archive: None,
+        format: req.output.format.extension().to_string(),
+        // The engine's size: qcow2 output is rounded up to whole 512-byte sectors.
+        virtual_size: r.virtual_size,
+        size_gib: size::gib_rounded_up(r.virtual_size),
+        allocated_bytes: r.allocated_bytes,
+        file_size: r.file_size,
+        sha256: r.sha256.unwrap_or_default(),
+        source,
+        stats: r.stats,
+        encrypted: enc.is_some(),
+        encryption: enc.map(Into::into),
+        changes,
+    }
 }

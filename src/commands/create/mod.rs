@@ -14,6 +14,7 @@
 mod copy;
 mod disks;
 mod dry_run;
+mod ova;
 mod publish;
 pub(crate) mod space;
 
@@ -28,6 +29,7 @@ use crate::image::publish::{self as staging, Staging};
 use crate::image::store::{Admission, Creating, Record, Store};
 use crate::request::digest::request_digest;
 use crate::request::plan::{self, DiskLayout};
+use crate::request::target::Target;
 use crate::util::testhook;
 
 pub use self::dry_run::DryRunReport;
@@ -62,6 +64,9 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateR
     let layout = layout(req)?;
     for w in req.notes.iter().chain(&layout.warnings) {
         warn(w);
+    }
+    if req.target == Some(Target::Vsphere) {
+        ova::check(req)?;
     }
     if req.detect && req.data_image {
         warn("--detect checks the system disk and a data-disk image has none: no check is made");
@@ -181,7 +186,10 @@ fn build(
     started: Instant,
 ) -> Result<CreateOutcome> {
     testhook::checkpoint("staging");
-    let copied = copy::copy(req, prepared, staging.dir(), creating)?;
+    let copied = match req.target {
+        Some(Target::Vsphere) => ova::copy(req, prepared, staging.dir(), creating)?,
+        _ => copy::copy(req, prepared, staging.dir(), creating)?,
+    };
     publish::publish(req, copied, staging, image_id, started)
 }
 

@@ -82,6 +82,10 @@ pub(crate) struct VmdkWriter {
     /// monolithicSparse: the first grain table's sector (the GD precedes it).
     gt_start: u64,
     alloc: Mutex<Alloc>,
+    /// Where the VMDK starts in `file`: 0, or its member's data offset inside an OVA.
+    base: u64,
+    /// The extent's file name in the descriptor.
+    extent: String,
 }
 
 /// The registry's constructor: `-o subformat=streamOptimized|monolithicSparse`.
@@ -102,7 +106,44 @@ pub(crate) fn create(
             ))
         }
     };
-    Ok(Box::new(VmdkWriter::create(file, path, virtual_size, sub)?))
+    Ok(Box::new(VmdkWriter::create(
+        file,
+        path,
+        virtual_size,
+        sub,
+        0,
+        extent_name(path),
+    )?))
+}
+
+/// A streamOptimized VMDK written into `file` from byte `base` on (an OVA member's data, which
+/// the OVA writer places; `base` is a multiple of 512) and named `extent` in its descriptor. Its
+/// grain offsets count from `base`, so the bytes from `base` on are the VMDK file as it would be
+/// on its own.
+pub(crate) fn stream_at(
+    file: File,
+    path: &Path,
+    virtual_size: u64,
+    base: u64,
+    extent: &str,
+) -> Result<VmdkWriter> {
+    if !base.is_multiple_of(SECTOR) {
+        return Err(Error::new(
+            Code::Internal,
+            format!(
+                "{}: a VMDK placed at offset {base}, not a whole sector",
+                path.display()
+            ),
+        ));
+    }
+    VmdkWriter::create(
+        file,
+        path,
+        virtual_size,
+        Subformat::StreamOptimized,
+        base,
+        extent.to_string(),
+    )
 }
 
 /// VMDK sizes count 512-byte sectors, so sizes are rounded up to them.
@@ -116,6 +157,8 @@ impl VmdkWriter {
         path: &Path,
         virtual_size: u64,
         sub: Subformat,
+        base: u64,
+        extent: String,
     ) -> Result<Self> {
         if virtual_size == 0
             || virtual_size > MAX_VIRTUAL_SIZE
@@ -156,6 +199,8 @@ impl VmdkWriter {
                 gts: BTreeMap::new(),
                 lbas: HashMap::new(),
             }),
+            base,
+            extent,
         })
     }
 
@@ -200,7 +245,9 @@ impl VmdkWriter {
         Ok(())
     }
 
+    /// Writes at VMDK offset `at` (the file's `base + at`).
     fn write(&self, at: u64, data: &[u8], what: &str) -> Result<()> {
+        let at = self.base + at;
         self.file.write_all_at(data, at).map_err(|e| {
             Error::io(
                 &self.path,
@@ -261,7 +308,7 @@ impl VmdkWriter {
             cid,
             create_type: self.sub.name(),
             sectors: self.virtual_size / SECTOR,
-            file_name: &extent_name(&self.path),
+            file_name: &self.extent,
         });
         let mut b = text.into_bytes();
         if b.len() as u64 > DESC_SECTORS * SECTOR {
@@ -496,7 +543,7 @@ impl DiskWriter for VmdkWriter {
             "the descriptor",
         )?;
         self.file
-            .set_len(end)
+            .set_len(self.base + end)
             .map_err(|e| Error::io(&self.path, "setting the final length", e))?;
         Ok(Finished {
             file: self.file,
