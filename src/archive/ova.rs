@@ -298,6 +298,36 @@ impl OvaWriter {
     }
 }
 
+/// Most members kiln reads from an archive: an OVA holds an OVF, a manifest and at most 17 disks
+/// (a certificate and a few more files in others').
+const MAX_MEMBERS: usize = 64;
+
+/// The members of a tar archive: (name, data offset, size), in order. Reads the headers only
+/// (the `tar` crate seeks over the data); refuses a damaged archive or one with more than 64
+/// members.
+pub(crate) fn members(file: &File, path: &Path) -> Result<Vec<(String, u64, u64)>> {
+    let corrupt = |what: String| {
+        Error::new(
+            Code::SnapshotCorrupt,
+            format!("{}: not a readable tar archive: {what}", path.display()),
+        )
+    };
+    let mut archive = tar::Archive::new(file);
+    let mut out = Vec::new();
+    let entries = archive
+        .entries_with_seek()
+        .map_err(|e| corrupt(e.to_string()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| corrupt(e.to_string()))?;
+        if out.len() == MAX_MEMBERS {
+            return Err(corrupt(format!("more than {MAX_MEMBERS} members")));
+        }
+        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        out.push((name, entry.raw_file_position(), entry.size()));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -102,6 +102,15 @@ fn system_disk(dir: &Path, opts: &mut DetectOptions) -> Result<(PathBuf, Option<
             )
         })?;
     let file = disk.file.as_str();
+    if let Some(archive) = &disk.archive {
+        return Err(Error::new(
+            Code::InvalidParameter,
+            format!(
+                "{}: the system disk is the member {file} of {archive}; extract it (tar -xf {archive} {file}) and check that file",
+                dir.display()
+            ),
+        ));
+    }
     // The manifest names files inside the image directory; refuse anything that would leave it.
     if file.is_empty() || file.contains('/') || file == ".." {
         return Err(Error::new(

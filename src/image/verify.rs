@@ -64,6 +64,51 @@ impl VerifyReport {
     }
 }
 
+/// The check of each disk kept inside an archive, `(archive, member, SHA-256 from the manifest)`:
+/// the member's bytes hashed where the archive's index puts them. Reported as `ARCHIVE/MEMBER`.
+fn member_checks(dir: &Path, archived: &[(String, String, String)]) -> Vec<FileCheck> {
+    let mut out = Vec::with_capacity(archived.len());
+    let mut index: BTreeMap<&str, std::result::Result<_, String>> = BTreeMap::new();
+    for (archive, member, expected) in archived {
+        let members = index.entry(archive.as_str()).or_insert_with(|| {
+            let path = dir.join(archive);
+            if archive.contains('/') || archive.starts_with("..") {
+                return Err(format!("{archive}: a name outside the image directory"));
+            }
+            let f = crate::util::safe_fs::open_regular(&path).map_err(|e| e.to_string())?;
+            let m = crate::archive::ova::members(&f, &path).map_err(|e| e.full_message())?;
+            Ok((f, path, m))
+        });
+        let actual = members
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|(f, path, m)| {
+                let (_, at, len) = m
+                    .iter()
+                    .find(|(n, _, _)| n == member)
+                    .ok_or_else(|| format!("no member {member} in {archive}"))?;
+                crate::copy::hash::hash_range(f, path, *at, *len).map_err(|e| e.full_message())
+            });
+        let (actual, problem) = match actual {
+            Ok(h) if h == *expected => (Some(h), None),
+            Ok(h) => (
+                Some(h),
+                Some("checksum differs from manifest.json".to_string()),
+            ),
+            Err(e) => (None, Some(format!("cannot be read: {e}"))),
+        };
+        out.push(FileCheck {
+            file: format!("{archive}/{member}"),
+            expected: None,
+            manifest: Some(expected.clone()),
+            actual,
+            ok: problem.is_none(),
+            problem,
+        });
+    }
+    out
+}
+
 /// Verifies the image directory `dir`.
 pub(crate) fn verify_dir(dir: &Path, mode: ProgressMode) -> Result<VerifyReport> {
     let sums_path = dir.join("SHA256SUMS");
@@ -99,7 +144,16 @@ pub(crate) fn verify_dir(dir: &Path, mode: ProgressMode) -> Result<VerifyReport>
             })
         })?;
     let mut from_manifest: BTreeMap<String, String> = BTreeMap::new();
+    // Disks inside an archive (an OVA): the archive is checked as a file, each disk as a member.
+    let mut archived = Vec::new();
     for d in &manifest.disks {
+        if let Some(a) = &d.archive {
+            archived.push((a.clone(), d.file.clone(), d.sha256.to_ascii_lowercase()));
+            if !order.contains(a) {
+                order.push(a.clone());
+            }
+            continue;
+        }
         from_manifest.insert(d.file.clone(), d.sha256.to_ascii_lowercase());
         if !order.contains(&d.file) {
             order.push(d.file.clone());
@@ -157,6 +211,8 @@ pub(crate) fn verify_dir(dir: &Path, mode: ProgressMode) -> Result<VerifyReport>
         })
         .collect();
     drop(reporter);
+    let mut files = files;
+    files.extend(member_checks(dir, &archived));
     let ok = files.iter().all(|f| f.ok);
     Ok(VerifyReport {
         directory: std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()),
