@@ -14,6 +14,7 @@ mod golden;
 mod inspect;
 mod instance;
 mod malformed;
+mod ova;
 mod property;
 mod qcow2_reader;
 mod qcow2_writer;
