@@ -35,34 +35,34 @@ pub fn hash_file(file: &File, path: &Path, sparse: bool) -> Result<String> {
         if pos >= size {
             break;
         }
-        let n = (size - pos).min(BUF as u64) as usize;
-        let got = crate::format::read_full_at(file, &mut buf[..n], pos)
-            .map_err(|e| Error::io(path, &format!("reading at offset {pos} to hash"), e))?;
-        if got < n {
-            return Err(Error::new(
-                Code::IoError,
-                format!(
-                    "{}: shrank to {} bytes while being hashed",
-                    path.display(),
-                    pos + got as u64
-                ),
-            ));
-        }
-        h.update(&buf[..n]);
-        pos += n as u64;
-        crate::util::testhook::checkpoint("hashing");
+        let n = (size - pos).min(BUF as u64);
+        update(&mut h, &mut buf, file, path, pos, n)?;
+        pos += n;
     }
     Ok(hex(&h.finalize()))
 }
 
 /// SHA-256 of bytes `[offset, offset + len)` of a file, lowercase hex (an OVA member).
 pub(crate) fn hash_range(file: &File, path: &Path, offset: u64, len: u64) -> Result<String> {
-    const BUF: u64 = 1 << 20;
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; BUF.min(len) as usize];
+    let mut buf = vec![0u8; (1u64 << 20).min(len) as usize];
+    update(&mut h, &mut buf, file, path, offset, len)?;
+    Ok(hex(&h.finalize()))
+}
+
+/// Feeds bytes `[offset, offset + len)` of the file to `h`, a buffer at a time; a file that ends
+/// before is an error.
+fn update(
+    h: &mut Sha256,
+    buf: &mut [u8],
+    file: &File,
+    path: &Path,
+    offset: u64,
+    len: u64,
+) -> Result<()> {
     let mut done = 0u64;
     while done < len {
-        let n = (len - done).min(BUF) as usize;
+        let n = (len - done).min(buf.len() as u64) as usize;
         let at = offset + done;
         let got = crate::format::read_full_at(file, &mut buf[..n], at)
             .map_err(|e| Error::io(path, &format!("reading at offset {at} to hash"), e))?;
@@ -70,7 +70,7 @@ pub(crate) fn hash_range(file: &File, path: &Path, offset: u64, len: u64) -> Res
             return Err(Error::new(
                 Code::IoError,
                 format!(
-                    "{}: ends at {} bytes, inside the range being hashed",
+                    "{}: shrank to {} bytes while being hashed",
                     path.display(),
                     at + got as u64
                 ),
@@ -80,7 +80,7 @@ pub(crate) fn hash_range(file: &File, path: &Path, offset: u64, len: u64) -> Res
         done += n as u64;
         crate::util::testhook::checkpoint("hashing");
     }
-    Ok(hex(&h.finalize()))
+    Ok(())
 }
 
 /// Where data resumes at or after `pos` (`u64::MAX` when only a hole is left); None when the

@@ -33,10 +33,7 @@ pub(super) fn copy(
     dir: &Path,
     creating: Option<&Creating>,
 ) -> Result<Copied> {
-    let disk_names: Vec<(String, u64)> = prepared
-        .iter()
-        .map(|p| (p.planned.device.to_string(), p.virtual_size))
-        .collect();
+    let disk_names = disk_names(&prepared);
     let mut records = Vec::with_capacity(prepared.len());
     let mut jobs = Vec::with_capacity(prepared.len());
     let mut locks = Vec::new();
@@ -57,19 +54,13 @@ pub(super) fn copy(
         records.push((p.planned, p.file, p.source, (p.changes, enc)));
         locks.extend(p.locks);
     }
-    let reporter = progress::reporter(req.progress, &disk_names);
-    let total: u64 = disk_names.iter().map(|d| d.1).sum();
-    let record_progress = creating.map(|c| RecordProgress::new(reporter.as_ref(), c, total));
-    let progress: &dyn Progress = match &record_progress {
-        Some(p) => p,
-        None => reporter.as_ref(),
-    };
-    let results = engine::copy_disks(jobs, &req.output, req.threads, progress);
+    let results = with_progress(req, &disk_names, creating, |progress| {
+        engine::copy_disks(jobs, &req.output, req.threads, progress)
+    });
     // A source that changed under the copy explains any error the copy met (a truncated qcow2
     // looks corrupt), and makes a copy that seemed to succeed worthless.
     stamps.check()?;
     let results = results?;
-    drop(reporter);
     drop(locks);
 
     let mut copied = Copied {
@@ -87,6 +78,31 @@ pub(super) fn copy(
             .push(record(req, d, file, source, changes, enc, r));
     }
     Ok(copied)
+}
+
+/// Each disk's device name and virtual size, for progress.
+pub(super) fn disk_names(prepared: &[PreparedDisk]) -> Vec<(String, u64)> {
+    prepared
+        .iter()
+        .map(|p| (p.planned.device.to_string(), p.virtual_size))
+        .collect()
+}
+
+/// Runs `f` with the copy's progress reporter (`disks`: name and size of each); with a store
+/// create, the image's record follows the progress too.
+pub(super) fn with_progress<T>(
+    req: &CreateRequest,
+    disks: &[(String, u64)],
+    creating: Option<&Creating>,
+    f: impl FnOnce(&dyn Progress) -> T,
+) -> T {
+    let reporter = progress::reporter(req.progress, disks);
+    let total: u64 = disks.iter().map(|d| d.1).sum();
+    let record_progress = creating.map(|c| RecordProgress::new(reporter.as_ref(), c, total));
+    match &record_progress {
+        Some(p) => f(p),
+        None => f(reporter.as_ref()),
+    }
 }
 
 /// The manifest's record of a disk the engine wrote into `file`.

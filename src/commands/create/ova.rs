@@ -4,17 +4,17 @@
 //! no disk is ever written anywhere else first. `SHA256SUMS` then covers the OVA and the manifest;
 //! the manifest's disks name their members and the archive.
 
-use super::copy::{record, Copied};
+use super::copy::{disk_names, record, with_progress, Copied};
 use super::disks::PreparedDisk;
 use crate::archive::ova::{self, Layout, OvaWriter};
 use crate::archive::ovf::{self, Ovf, OvfDisk};
 use crate::copy::engine::{self, DiskJob};
-use crate::copy::progress::{self, Progress};
+use crate::copy::progress::Progress;
 use crate::copy::stats::CopyStats;
 use crate::error::{Code, Error, Result};
 use crate::format::{self, CacheMode, OutputFormat, OutputSpec};
 use crate::image::attributes::{Architecture, BootMode};
-use crate::image::store::{Creating, RecordProgress};
+use crate::image::store::Creating;
 use crate::request::create::CreateRequest;
 use std::path::Path;
 
@@ -103,17 +103,25 @@ pub(super) fn copy(
         Layout::new(&stem, prepared.len(), ovf::reserve(&ovf)),
     )?;
 
-    let disk_names: Vec<(String, u64)> = prepared
-        .iter()
-        .map(|p| (p.planned.device.to_string(), p.virtual_size))
-        .collect();
-    let reporter = progress::reporter(req.progress, &disk_names);
-    let total: u64 = sizes.iter().sum();
-    let record_progress = creating.map(|c| RecordProgress::new(reporter.as_ref(), c, total));
-    let progress: &dyn Progress = match &record_progress {
-        Some(p) => p,
-        None => reporter.as_ref(),
-    };
+    let disk_names = disk_names(&prepared);
+    let mut copied = with_progress(req, &disk_names, creating, |progress| {
+        copy_disks(req, &spec, prepared, &mut w, &mut ovf, &archive, progress)
+    })?;
+    let sha256 = w.finish(&ovf, req.output.cache.flushes())?;
+    copied.sums.push((sha256, archive));
+    Ok(copied)
+}
+
+/// Copies each disk in turn into the archive, each with every thread, and records it.
+fn copy_disks(
+    req: &CreateRequest,
+    spec: &OutputSpec,
+    prepared: Vec<PreparedDisk>,
+    w: &mut OvaWriter,
+    ovf: &mut Ovf,
+    archive: &str,
+    progress: &dyn Progress,
+) -> Result<Copied> {
     let mut stamps = format::SourceStamps::default();
     let mut locks = Vec::new();
     let mut copied = Copied {
@@ -121,7 +129,8 @@ pub(super) fn copy(
         stats: CopyStats::default(),
         sums: Vec::new(),
     };
-    for (index, (p, size)) in prepared.into_iter().zip(sizes).enumerate() {
+    for (index, p) in prepared.into_iter().enumerate() {
+        let size = ovf.disks[index].capacity;
         stamps.extend(p.stamps);
         locks.extend(p.locks);
         let (name, base, file) = w
@@ -156,14 +165,11 @@ pub(super) fn copy(
         ovf.disks[index].populated = r.stats.copied;
         copied.stats.add(&r.stats);
         let mut rec = record(req, p.planned, m.name, p.source, p.changes, None, r);
-        rec.archive = Some(archive.clone());
+        rec.archive = Some(archive.to_string());
         rec.format = "vmdk".into();
         (rec.file_size, rec.allocated_bytes, rec.sha256) = (m.size, m.size, m.sha256);
         copied.disks.push(rec);
     }
-    drop(reporter);
     drop(locks);
-    let sha256 = w.finish(&ovf, req.output.cache.flushes())?;
-    copied.sums.push((sha256, archive));
     Ok(copied)
 }
