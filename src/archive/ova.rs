@@ -380,5 +380,9 @@ mod tests {
             })
             .sum();
         assert_eq!(parsed.cksum().unwrap(), sum);
+        // Past ustar's 11 octal digits (8 GiB) the size is written base-256, as GNU tar does.
+        let big = header("b.vmdk", 9 << 30, 0).unwrap();
+        assert_eq!(big[124] & 0x80, 0x80);
+        assert_eq!(tar::Header::from_byte_slice(&big).size().unwrap(), 9 << 30);
     }
 }

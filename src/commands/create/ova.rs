@@ -43,6 +43,12 @@ pub(super) fn check(req: &CreateRequest) -> Result<()> {
     Ok(())
 }
 
+/// The format the disks are written in when they go into an archive: `vmdk` for vSphere's OVA;
+/// None otherwise.
+pub(super) fn disk_format(req: &CreateRequest) -> Option<&'static str> {
+    (req.target == Some(crate::request::target::Target::Vsphere)).then_some("vmdk")
+}
+
 /// The streamOptimized VMDK output every OVA disk is written in.
 fn vmdk_spec(req: &CreateRequest) -> Result<OutputSpec> {
     let vmdk = OutputFormat::named("vmdk")
