@@ -175,6 +175,36 @@ fn an_ova_holds_the_ovf_then_the_mf_then_each_disk_and_every_line_verifies() {
         sha256_file(&x.join("web_1-disk3.vmdk"))
     );
     assert_eq!(m["Target"]["Name"], "vsphere");
+
+    // A byte changed inside the second VMDK (where `tar -R` puts its data): verify names the
+    // archive and the member.
+    let blocks = tool_in(d, "tar", &["-tRf", ova]).ok().stdout;
+    let line = blocks
+        .lines()
+        .find(|l| l.ends_with("web_1-disk2.vmdk"))
+        .unwrap();
+    let block: u64 = line
+        .trim_start_matches("block ")
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    write_at(&d.join(ova), (block + 1) * 512 + 70_000, b"\xff\x00\xff");
+    let r = kiln_in(d, &["verify", "out"]);
+    assert_ne!(r.status, 0);
+    assert!(
+        r.stderr
+            .contains("web_1.ova/web_1-disk2.vmdk (checksum differs"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("web_1.ova (checksum differs"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("disk1.vmdk (checksum"), "{}", r.stderr);
 }
 
 #[test]
