@@ -119,7 +119,7 @@ RUNS=$SLOW_RUNS conv "compress-zstd-sys" "-O qcow2 -c zstd $C/sys.raw $O/o.qcow2
 # pipeline converts each disk to a streamOptimized VMDK, hashes them into a .mf beside a stub .ovf,
 # then tars the lot (a second full copy of every disk on local storage).
 ova_user="$QI -O vmdk -o subformat=streamOptimized,adapter_type=lsilogic $C/sys.raw $O/o-disk1.vmdk && $QI -O vmdk -o subformat=streamOptimized,adapter_type=lsilogic $C/data-rand.raw $O/o-disk2.vmdk && echo '<Envelope/>' > $O/o.ovf && (cd $O && sha256sum --tag o.ovf o-disk1.vmdk o-disk2.vmdk | sed 's/^SHA256 (\(.*\)) = /SHA256(\1)= /' > o.mf && tar -cf o.ova o.ovf o.mf o-disk1.vmdk o-disk2.vmdk)"
-ova_kiln="$KILN create -q --name o --target vsphere --disk snapshot=$C/sys.raw,type=system --disk snapshot=$C/data-rand.raw --output-dir $O/img"
+ova_kiln="$KILN create -q --name ova --target vsphere --disk snapshot=$C/sys.raw,type=system --disk snapshot=$C/data-rand.raw --output-dir $O/img"
 RUNS=$SLOW_RUNS bench ova-sys-data-rand "$SLOW_RUNS" kiln "$ova_kiln" "qemu-img+tar+sync" "$ova_user && sync" \
   "kiln-t-unsafe" "${ova_kiln/create -q/create -q -t unsafe}" "qemu-img+tar" "$ova_user"
 row ova-sys-data-rand kiln "qemu-img+tar+sync"; row ova-sys-data-rand kiln-t-unsafe "qemu-img+tar"
