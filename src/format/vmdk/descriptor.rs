@@ -234,8 +234,9 @@ pub(crate) struct Render<'a> {
 }
 
 /// The embedded descriptor of a kiln-written sparse file. `version=1` is the descriptor format's
-/// version (VMware's own streamOptimized files say 1 too); what ESXi checks is the sparse
-/// header's version, 3 for streamOptimized. `ddb.toolsVersion` is the line ESXi and ovftool need
+/// version (VMware's own streamOptimized writer, open-vmdk's `vmdk/sparse.c`, and qemu write 1;
+/// VirtualBox refuses any other); what ESXi checks is the sparse header's version, 3 for
+/// streamOptimized. `ddb.toolsVersion` is the line ESXi and ovftool need
 /// (qemu's default value); geometry as VMware computes it for SCSI adapters (255 heads, 63
 /// sectors, cylinders capped at 65535).
 pub(crate) fn render(r: &Render<'_>) -> String {
