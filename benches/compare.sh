@@ -127,5 +127,24 @@ echo "|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
 
 [ "${LIMIT:-1}" = 0 ] || . "$here/benches/limit.sh"
+
+# Issue 16's targets for J1, from the rows above (kiln's default, fsynced, like for like).
+if [ -f "$TIMES/J1-create-from-raw.kiln" ]; then
+  j=J1-create-from-raw
+  k=$(med $j kiln 1)
+  ratio() { printf %.2f "$(echo "$k / $(med $j "$1" 1)" | bc -l)"; }
+  verdict() { if [ "$(echo "$1 $2 $3" | bc -l)" = 1 ]; then echo met; else echo missed; fi; }
+  cpu=$(med $j kiln 3)
+  echo
+  echo "| J1 target (issue 16) | goal | measured | |"
+  echo "|---|---|---|---|"
+  echo "| CPU use (\`time\` %P, kiln fsynced) | ≥ 180% | $cpu% | $(verdict "$cpu" '>=' 180) |"
+  if [ -n "${LIM_J1:-}" ]; then
+    r=$(printf %.2f "$(echo "$k / $LIM_J1" | bc -l)")
+    echo "| kiln ÷ the machine's limit (durable) | ≤ 1.5 | $r | $(verdict "$r" '<=' 1.5) |"
+  fi
+  r=$(ratio user+sync); echo "| kiln ÷ user pipeline + sync | ≤ 0.25 | $r (÷ user pipeline without sync: $(ratio user)) | $(verdict "$r" '<=' 0.25) |"
+  r=$(ratio tuned+sync); echo "| kiln ÷ tuned pipeline + sync | ≤ 0.6 | $r | $(verdict "$r" '<=' 0.6) |"
+fi
 rm -rf "$O" "$O.mem" "$O.err"
 echo "Raw times: $TIMES" >&2
