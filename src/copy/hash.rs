@@ -137,8 +137,8 @@ mod tests {
     use std::fs::OpenOptions;
     use std::os::unix::fs::FileExt;
 
-    #[test]
-    fn sparse_hash_equals_plain_hash() {
+    /// A new empty file, readable and writable, in a temporary directory kept alive by the caller.
+    fn scratch() -> (tempfile::TempDir, std::path::PathBuf, File) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         let f = OpenOptions::new()
@@ -148,6 +148,12 @@ mod tests {
             .truncate(true)
             .open(&p)
             .unwrap();
+        (dir, p, f)
+    }
+
+    #[test]
+    fn sparse_hash_equals_plain_hash() {
+        let (_dir, p, f) = scratch();
         f.set_len(10 << 20).unwrap();
         f.write_all_at(&[9u8; 5000], 3 << 20).unwrap();
         let a = hash_file(&f, &p, true).unwrap();
@@ -168,15 +174,7 @@ mod tests {
     /// the mapped hash equals the hash of the bytes read whole.
     #[test]
     fn windows_and_unaligned_runs_hash_like_a_plain_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f");
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&p)
-            .unwrap();
+        let (_dir, p, f) = scratch();
         f.set_len((1 << 20) + 12345).unwrap();
         let data: Vec<u8> = (0..70_000u32).map(|i| (i * 7 % 251) as u8).collect();
         f.write_all_at(&data, 4096 * 3 + 100).unwrap();
