@@ -4,7 +4,8 @@
 # against qemu-img followed by `sync`, and `kiln -t unsafe` (never flushes) against plain qemu-img,
 # which never flushes either. Then it measures the machine's primitives (SHA-256 per core, memory
 # copy, durable write bandwidth, cores) and computes a lower bound for J1 and J2 from the bytes each
-# must read, write and hash; kiln's time is reported against that bound.
+# must read, write and hash; kiln's time is reported against that bound. Last, issue 16's J1 targets
+# (CPU use, kiln ÷ limit, kiln ÷ user pipeline + sync, kiln ÷ tuned pipeline + sync), met or missed.
 #
 #   benches/compare.sh [CORPUS_DIR] [OUT_DIR]
 #
