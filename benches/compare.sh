@@ -4,7 +4,8 @@
 # against qemu-img followed by `sync`, and `kiln -t unsafe` (never flushes) against plain qemu-img,
 # which never flushes either. Then it measures the machine's primitives (SHA-256 per core, memory
 # copy, durable write bandwidth, cores) and computes a lower bound for J1 and J2 from the bytes each
-# must read, write and hash; kiln's time is reported against that bound.
+# must read, write and hash; kiln's time is reported against that bound. Last, issue 16's J1 targets
+# (CPU use, kiln ÷ limit, kiln ÷ user pipeline + sync, kiln ÷ tuned pipeline + sync), met or missed.
 #
 #   benches/compare.sh [CORPUS_DIR] [OUT_DIR]
 #
@@ -135,5 +136,24 @@ echo "|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
 
 [ "${LIMIT:-1}" = 0 ] || . "$here/benches/limit.sh"
+
+# Issue 16's targets for J1, from the rows above (kiln's default, fsynced, like for like).
+if [ -f "$TIMES/J1-create-from-raw.kiln" ]; then
+  j=J1-create-from-raw
+  k=$(med $j kiln 1)
+  ratio() { printf %.2f "$(echo "$k / $(med $j "$1" 1)" | bc -l)"; }
+  verdict() { if [ "$(echo "$1 $2 $3" | bc -l)" = 1 ]; then echo met; else echo missed; fi; }
+  cpu=$(med $j kiln 3)
+  echo
+  echo "| J1 target (issue 16) | goal | measured | |"
+  echo "|---|---|---|---|"
+  echo "| CPU use (\`time\` %P, kiln fsynced) | ≥ 180% | $cpu% | $(verdict "$cpu" '>=' 180) |"
+  if [ -n "${LIM_J1:-}" ]; then
+    r=$(printf %.2f "$(echo "$k / $LIM_J1" | bc -l)")
+    echo "| kiln ÷ the machine's limit (durable) | ≤ 1.5 | $r | $(verdict "$r" '<=' 1.5) |"
+  fi
+  r=$(ratio user+sync); echo "| kiln ÷ user pipeline + sync | ≤ 0.25 | $r (÷ user pipeline without sync: $(ratio user)) | $(verdict "$r" '<=' 0.25) |"
+  r=$(ratio tuned+sync); echo "| kiln ÷ tuned pipeline + sync | ≤ 0.6 | $r | $(verdict "$r" '<=' 0.6) |"
+fi
 rm -rf "$O" "$O.mem" "$O.err"
 echo "Raw times: $TIMES" >&2

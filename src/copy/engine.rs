@@ -5,8 +5,9 @@
 //! blocks go to the output's [`DiskWriter`], in its three steps: prepare (compression) in parallel,
 //! allocate in guest order through a per-disk turnstile when the writer asks for it (so the same
 //! input always gives the same bytes, and the same SHA-256), and write in parallel. The engine
-//! knows no format. A disk is finished, hashed and fsynced by the worker that completes its last
-//! chunk, while the other workers go on with the next disks.
+//! knows no format. The worker that completes a disk's last chunk finishes its format (qcow2's
+//! tables) and hands the file to a finishing thread, which hashes and fsyncs it while the workers go
+//! on copying the next disks.
 //!
 //! The output's cache mode ([`CacheMode`], `-t`) decides the rest: `writeback` starts writeback of
 //! each range as it is written and fsyncs each finished disk; `unsafe` does neither; `none` writes
@@ -17,6 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -109,6 +111,9 @@ struct Shared<'a> {
     error: Mutex<Option<Error>>,
     progress: &'a dyn Progress,
     cache: CacheMode,
+    /// Disks whose format is finished, for the finishing threads to hash and fsync; closed (None)
+    /// once every worker is done.
+    finished: FinishedTx,
 }
 
 /// Copies every job on `threads` workers. Output files are created here; on error they are left
@@ -190,12 +195,15 @@ fn run(
             result: Mutex::new(None),
         });
     }
+    let (tx, rx) = mpsc::channel();
+    let rx = Mutex::new(rx);
     let shared = Shared {
         disks,
         abort: AtomicBool::new(false),
         error: Mutex::new(None),
         progress,
         cache,
+        finished: Mutex::new(Some(tx)),
     };
     let threads = threads.max(1);
     let pool = rayon::ThreadPoolBuilder::new()
@@ -208,10 +216,25 @@ fn run(
                 format!("cannot start {threads} copy threads: {e}"),
             )
         })?;
-    pool.scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|_| worker(&shared));
+    // As many finishing threads as workers, so that disks that end together are hashed together.
+    std::thread::scope(|ts| {
+        // Closes the channel when the workers are done, or unwind, so the finishing threads stop.
+        let _close = CloseOnDrop(&shared.finished);
+        for i in 0..threads {
+            let (shared, rx) = (&shared, &rx);
+            let spawned = std::thread::Builder::new()
+                .name(format!("kiln-finish-{i}"))
+                .spawn_scoped(ts, move || finisher(shared, rx));
+            if let Err(e) = spawned {
+                let msg = format!("cannot start a finishing thread: {e}");
+                fail(shared, Error::new(Code::Internal, msg));
+            }
         }
+        pool.scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|_| worker(&shared));
+            }
+        });
     });
     if let Some(e) = lock(&shared.error).take() {
         return Err(e);
@@ -631,6 +654,8 @@ fn take_turn(
     r
 }
 
+/// The last chunk of disk `d` is written: finishes the format (qcow2's tables) on this worker and
+/// hands the file to a finishing thread.
 fn finish_disk(sh: &Shared<'_>, d: usize) -> Result<()> {
     let disk = &sh.disks[d];
     let arc = lock(&disk.sink)
@@ -643,7 +668,51 @@ fn finish_disk(sh: &Shared<'_>, d: usize) -> Result<()> {
         )
     })?;
     crate::util::testhook::checkpoint("disk-copied");
-    let crate::format::Finished { file, sparse } = sink.finish()?;
+    let finished = sink.finish()?;
+    let sent = lock(&sh.finished)
+        .as_ref()
+        .is_some_and(|tx| tx.send((d, finished)).is_ok());
+    if !sent {
+        return Err(Error::new(
+            Code::Internal,
+            format!("{}: no finishing thread took the disk", disk.name),
+        ));
+    }
+    Ok(())
+}
+
+type FinishedTx = Mutex<Option<Sender<(usize, crate::format::Finished)>>>;
+
+/// Drops the sender it guards: once every worker is done (or one panicked), nothing more comes.
+struct CloseOnDrop<'a>(&'a FinishedTx);
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        lock(self.0).take();
+    }
+}
+
+/// A finishing thread: hashes and fsyncs each disk handed over until the channel closes.
+fn finisher(sh: &Shared<'_>, rx: &Mutex<Receiver<(usize, crate::format::Finished)>>) {
+    loop {
+        // The lock is held while waiting: whoever holds it takes the next disk.
+        let next = lock(rx).recv();
+        let Ok((d, finished)) = next else {
+            return;
+        };
+        if sh.abort.load(Ordering::Acquire) {
+            continue;
+        }
+        if let Err(e) = seal_disk(sh, d, finished) {
+            fail(sh, e);
+        }
+    }
+}
+
+/// Hashes (when asked) and fsyncs (unless `-t unsafe`) a finished disk and records its result.
+fn seal_disk(sh: &Shared<'_>, d: usize, finished: crate::format::Finished) -> Result<()> {
+    let disk = &sh.disks[d];
+    let crate::format::Finished { file, sparse } = finished;
     let sha256 = if disk.hash {
         Some(hash_file(&file, &disk.path, sparse)?)
     } else {
@@ -657,22 +726,19 @@ fn finish_disk(sh: &Shared<'_>, d: usize) -> Result<()> {
     let meta = file
         .metadata()
         .map_err(|e| Error::io(&disk.path, "reading metadata of", e))?;
+    let stats = CopyStats {
+        copied: disk.copied.load(Ordering::Relaxed),
+        holes: disk.holes.load(Ordering::Relaxed),
+        zeros: disk.zeros.load(Ordering::Relaxed),
+    };
     *lock(&disk.result) = Some(DiskResult {
         path: disk.path.clone(),
         virtual_size: disk.virtual_size,
         sha256,
         file_size: meta.len(),
         allocated_bytes: meta.blocks() * 512,
-        stats: CopyStats {
-            copied: disk.copied.load(Ordering::Relaxed),
-            holes: disk.holes.load(Ordering::Relaxed),
-            zeros: disk.zeros.load(Ordering::Relaxed),
-        },
+        stats,
     });
-    let stats = lock(&disk.result)
-        .as_ref()
-        .map(|r| r.stats)
-        .unwrap_or_default();
     sh.progress.disk_done(d, &stats);
     Ok(())
 }
