@@ -21,6 +21,8 @@ pub(super) struct Copied {
     pub(crate) stats: CopyStats,
     /// (SHA-256, file name) of each disk, for `SHA256SUMS`.
     pub(crate) sums: Vec<(String, String)>,
+    /// What `--target`'s rules changed, for the manifest.
+    pub(crate) adjustments: Vec<String>,
 }
 
 /// Copies every disk into `dir`; a store create's record follows the progress. The sources stay
@@ -39,7 +41,9 @@ pub(super) fn copy(
     let mut jobs = Vec::with_capacity(prepared.len());
     let mut locks = Vec::new();
     let mut stamps = format::SourceStamps::default();
-    for p in prepared {
+    let mut adjustments = Vec::new();
+    for mut p in prepared {
+        adjustments.append(&mut p.adjustments);
         stamps.extend(p.stamps);
         jobs.push(DiskJob {
             name: p.planned.device.to_string(),
@@ -74,6 +78,7 @@ pub(super) fn copy(
         disks: Vec::with_capacity(records.len()),
         stats: CopyStats::default(),
         sums: Vec::new(),
+        adjustments,
     };
     for ((d, file, source, (changes, enc)), r) in records.into_iter().zip(results) {
         // The engine's size: qcow2 output is rounded up to whole 512-byte sectors.

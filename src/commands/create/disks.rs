@@ -31,6 +31,8 @@ pub(super) struct PreparedDisk {
     pub(crate) changes: Vec<String>,
     /// How the output is encrypted, if it is.
     pub(crate) encryption: Option<Encryption>,
+    /// What `--target`'s rules changed (a size grown to the destination's alignment).
+    pub(crate) adjustments: Vec<String>,
 }
 
 /// Opens every source and sizes every disk. A source another process writes to is refused unless
@@ -117,7 +119,17 @@ fn prepare_disk(
             ),
         ));
     }
-    let virtual_size = plan::resolve_size(&d.device, d.size, src_size)?;
+    let mut virtual_size = plan::resolve_size(&d.device, d.size, src_size)?;
+    let mut adjustments = Vec::new();
+    let profile = req.target.map(crate::target::profile).transpose()?;
+    if let Some(p) = profile {
+        // Before --relocate-gpt, which moves a backup GPT to the end of the grown disk.
+        let (size, note) = crate::target::align(p, &d.device, virtual_size);
+        virtual_size = size;
+        adjustments.extend(note);
+        let system = d.disk_type == plan::DiskType::System;
+        crate::target::check_size(p, &d.device, system, req.output.disk_size(virtual_size))?;
+    }
     let mut changes = Vec::new();
     if req.relocate_gpt {
         opened = match opened {
@@ -145,6 +157,7 @@ fn prepare_disk(
         stamps,
         changes,
         encryption,
+        adjustments,
     })
 }
 

@@ -60,6 +60,7 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateR
     let started = Instant::now();
     let req = &req.normalised()?;
     let layout = layout(req)?;
+    check_target(req, &layout)?;
     for w in req.notes.iter().chain(&layout.warnings) {
         warn(w);
     }
@@ -85,6 +86,27 @@ fn layout(req: &CreateRequest) -> Result<DiskLayout> {
         ));
     }
     plan::assign_data_devices(&req.disks)
+}
+
+/// `--target`: the destination's rules that the request alone decides (data disk count,
+/// architecture, boot mode, encryption), before any source is opened.
+fn check_target(req: &CreateRequest, layout: &DiskLayout) -> Result<()> {
+    let Some(t) = req.target else {
+        return Ok(());
+    };
+    let data = layout
+        .disks
+        .iter()
+        .filter(|d| d.disk_type == plan::DiskType::Data)
+        .count();
+    let encrypted = req.output.encryption.is_some() || layout.disks.iter().any(|d| d.crypt.encrypt);
+    crate::target::check_request(
+        crate::target::profile(t)?,
+        data,
+        req.architecture.unwrap_or_default(),
+        req.boot_mode.unwrap_or_default(),
+        encrypted,
+    )
 }
 
 /// `--output-dir DIR`: the image is published as `DIR`.

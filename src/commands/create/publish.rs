@@ -30,6 +30,7 @@ pub(super) fn publish(
         disks,
         stats,
         mut sums,
+        adjustments,
     } = copied;
     let virtual_bytes = disks.iter().map(|d| d.virtual_size).sum();
     let detection = match disks.iter().find(|d| d.device == plan::SYSTEM_DEVICE) {
@@ -58,10 +59,9 @@ pub(super) fn publish(
         }),
         disks,
         detection,
-        target: req.target.map(|name| manifest::TargetRecord {
-            name,
-            adjustments: Vec::new(),
-        }),
+        target: req
+            .target
+            .map(|name| manifest::TargetRecord { name, adjustments }),
     };
     let json = manifest.to_json();
     staging.write_file("manifest.json", &json)?;
