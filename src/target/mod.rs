@@ -6,6 +6,10 @@
 //!
 //! vSphere (an OVA) is built on another branch; here it is refused.
 
+pub(crate) mod archive;
+pub(crate) mod pgzip;
+pub(crate) mod sparse_tar;
+
 use crate::error::{Code, Error, Result};
 use crate::format::OutputFormat;
 use crate::image::attributes::{Architecture, BootMode};

@@ -66,7 +66,17 @@ pub(super) fn copy(
         Some(p) => p,
         None => reporter.as_ref(),
     };
-    let results = engine::copy_disks(jobs, &req.output, req.threads, progress);
+    let archives = req
+        .target
+        .map(crate::target::profile)
+        .transpose()?
+        .is_some_and(|p| p.packaging == crate::target::Packaging::GzipTar);
+    let results = if archives {
+        let flush = req.output.cache.flushes();
+        crate::target::archive::write_all(jobs, req.threads, flush, progress)
+    } else {
+        engine::copy_disks(jobs, &req.output, req.threads, progress)
+    };
     // A source that changed under the copy explains any error the copy met (a truncated qcow2
     // looks corrupt), and makes a copy that seemed to succeed worthless.
     stamps.check()?;

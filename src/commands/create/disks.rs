@@ -151,7 +151,7 @@ fn prepare_disk(
         source: opened.as_ref().map(source_record),
         opened,
         virtual_size,
-        file: format!("{}.{}", d.short_name(), req.output.format.extension()),
+        file: format!("{}.{}", d.short_name(), file_extension(req, profile)),
         data_bytes,
         locks,
         stamps,
@@ -159,6 +159,14 @@ fn prepare_disk(
         encryption,
         adjustments,
     })
+}
+
+/// The output file's extension: the format's, or `tar.gz` for a destination's archive.
+fn file_extension(req: &CreateRequest, profile: Option<&crate::target::Profile>) -> &'static str {
+    match profile.map(|p| p.packaging) {
+        Some(crate::target::Packaging::GzipTar) => "tar.gz",
+        _ => req.output.format.extension(),
+    }
 }
 
 /// With `--instance`: the chain kiln read must be the one the domain's `<backingStore>` names.

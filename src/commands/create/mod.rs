@@ -100,8 +100,16 @@ fn check_target(req: &CreateRequest, layout: &DiskLayout) -> Result<()> {
         .filter(|d| d.disk_type == plan::DiskType::Data)
         .count();
     let encrypted = req.output.encryption.is_some() || layout.disks.iter().any(|d| d.crypt.encrypt);
+    let profile = crate::target::profile(t)?;
+    if profile.packaging == crate::target::Packaging::GzipTar && req.output.cache == CacheMode::None
+    {
+        return Err(Error::new(
+            Code::InvalidParameter,
+            format!("-t none: --target {t} writes a compressed archive as a stream, through the page cache; use -t writeback (or unsafe)"),
+        ));
+    }
     crate::target::check_request(
-        crate::target::profile(t)?,
+        profile,
         data,
         req.architecture.unwrap_or_default(),
         req.boot_mode.unwrap_or_default(),
