@@ -421,6 +421,21 @@ pub trait BlockSource: Send + Sync {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
 }
 
+/// A shared source reads as the source (the image check and an archive's copy read one source).
+impl BlockSource for std::sync::Arc<dyn BlockSource> {
+    fn virtual_size(&self) -> u64 {
+        self.as_ref().virtual_size()
+    }
+
+    fn extent(&self, offset: u64, max_len: u64) -> Result<Extent> {
+        self.as_ref().extent(offset, max_len)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.as_ref().read_at(offset, buf)
+    }
+}
+
 /// The end of a read of `len` bytes at `offset` from a source of `virtual_size` bytes (`path`),
 /// or an internal error when it would pass the end.
 pub(crate) fn read_end(path: &Path, offset: u64, len: usize, virtual_size: u64) -> Result<u64> {

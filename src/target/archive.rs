@@ -29,7 +29,7 @@ use crate::format::{BlockSource, ExtentKind};
 const MAP_WINDOW: u64 = 4 << 20;
 /// Zero-detection granularity of the map, like raw output's.
 const ZERO_BLOCK: u64 = 4096;
-/// Windows mapped (and chunks compressed) per round: bounds the results held at once.
+/// Windows mapped per round: bounds the runs held at once.
 const ROUND: u64 = 256;
 /// The tar stream's compression unit (pigz uses 128 KiB; larger chunks lose less to the resets).
 const STREAM_CHUNK: u64 = 1 << 20;
@@ -95,8 +95,10 @@ fn write_one(job: &DiskJob, mtime: u64, flush: bool, advance: &dyn Fn(u64)) -> R
     };
     let mut member = pgzip::Member::start(out).map_err(io)?;
     let chunks = stream.len.div_ceil(STREAM_CHUNK);
-    for round in (0..chunks).step_by(ROUND as usize) {
-        let done: Vec<pgzip::Chunk> = (round..chunks.min(round + ROUND))
+    // Four chunks in flight per thread: enough to keep every thread busy, and a few MiB each.
+    let per_round = 4 * rayon::current_num_threads() as u64;
+    for round in (0..chunks).step_by(per_round as usize) {
+        let done: Vec<pgzip::Chunk> = (round..chunks.min(round + per_round))
             .into_par_iter()
             .map(|k| {
                 let start = k * STREAM_CHUNK;

@@ -2,13 +2,15 @@
 //! changes, and each output disk described for the manifest.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use super::disks::PreparedDisk;
 use crate::copy::engine::{self, DiskJob};
 use crate::copy::progress::{self, Progress};
 use crate::copy::stats::CopyStats;
+use crate::detect::relocate::Relocated;
 use crate::error::Result;
-use crate::format;
+use crate::format::{self, BlockSource};
 use crate::image::manifest::DiskRecord;
 use crate::image::store::{Creating, RecordProgress};
 use crate::request::create::CreateRequest;
@@ -23,6 +25,9 @@ pub(super) struct Copied {
     pub(crate) sums: Vec<(String, String)>,
     /// What `--target`'s rules changed, for the manifest.
     pub(crate) adjustments: Vec<String>,
+    /// `--detect` of a system disk written into an archive, checked on its source as the archive
+    /// holds it (an archive cannot be checked in place).
+    pub(crate) detection: Option<crate::detect::Report>,
 }
 
 /// Copies every disk into `dir`; a store create's record follows the progress. The sources stay
@@ -38,7 +43,7 @@ pub(super) fn copy(
         .map(|p| (p.planned.device.to_string(), p.virtual_size))
         .collect();
     let mut records = Vec::with_capacity(prepared.len());
-    let mut jobs = Vec::with_capacity(prepared.len());
+    let mut jobs: Vec<DiskJob> = Vec::with_capacity(prepared.len());
     let mut locks = Vec::new();
     let mut stamps = format::SourceStamps::default();
     let mut adjustments = Vec::new();
@@ -71,7 +76,9 @@ pub(super) fn copy(
         .map(crate::target::profile)
         .transpose()?
         .is_some_and(|p| p.packaging == crate::target::Packaging::GzipTar);
+    let mut detection = None;
     let results = if archives {
+        detection = detect_before_archive(req, &mut jobs)?;
         let flush = req.output.cache.flushes();
         crate::target::archive::write_all(jobs, req.threads, flush, progress)
     } else {
@@ -89,6 +96,7 @@ pub(super) fn copy(
         stats: CopyStats::default(),
         sums: Vec::new(),
         adjustments,
+        detection,
     };
     for ((d, file, source, (changes, enc)), r) in records.into_iter().zip(results) {
         // The engine's size: qcow2 output is rounded up to whole 512-byte sectors.
@@ -119,4 +127,37 @@ pub(super) fn copy(
         });
     }
     Ok(copied)
+}
+
+/// `--detect` with an archive: the system disk's source, grown to the disk's size as the archive
+/// holds it, is checked before it is written; the copy then reads the same (shared) source.
+fn detect_before_archive(
+    req: &CreateRequest,
+    jobs: &mut [DiskJob],
+) -> Result<Option<crate::detect::Report>> {
+    let Some(job) = jobs
+        .iter_mut()
+        .filter(|_| req.detect)
+        .find(|j| j.name == crate::request::plan::SYSTEM_DEVICE)
+    else {
+        return Ok(None);
+    };
+    let Some(source) = job.source.take() else {
+        return Ok(None);
+    };
+    let shared: Arc<dyn BlockSource> = Arc::from(source);
+    job.source = Some(Box::new(shared.clone()));
+    let view: Arc<dyn BlockSource> = if shared.virtual_size() < job.virtual_size {
+        Arc::new(Relocated::new(
+            Box::new(shared),
+            job.virtual_size,
+            Vec::new(),
+        )?)
+    } else {
+        shared
+    };
+    Ok(Some(crate::detect::detect(
+        view,
+        &super::publish::detect_options(req),
+    )?))
 }

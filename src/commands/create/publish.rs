@@ -31,9 +31,14 @@ pub(super) fn publish(
         stats,
         mut sums,
         adjustments,
+        detection,
     } = copied;
     let virtual_bytes = disks.iter().map(|d| d.virtual_size).sum();
-    let detection = match disks.iter().find(|d| d.device == plan::SYSTEM_DEVICE) {
+    let system = disks.iter().find(|d| d.device == plan::SYSTEM_DEVICE);
+    let detection = match system {
+        // An archive's system disk was checked on its source, before it was written.
+        _ if detection.is_some() => detection,
+        Some(d) if d.file.ends_with(".tar.gz") => None,
         Some(d) if req.detect => Some(detect::detect_file(
             &staging.dir().join(&d.file),
             Format::parse(&d.format),
