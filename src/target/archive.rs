@@ -210,7 +210,11 @@ impl Stream {
                 let src = source.ok_or_else(|| {
                     Error::new(Code::Internal, "an archive segment of an empty disk")
                 })?;
-                src.read_at(guest + skip, &mut out[..n])?;
+                // The last segment may run past the source's end to a whole tar block: zeros.
+                let at_source = src.virtual_size().saturating_sub(guest + skip);
+                let readable = n.min(usize::try_from(at_source).unwrap_or(usize::MAX));
+                src.read_at(guest + skip, &mut out[..readable])?;
+                out[readable..n].fill(0);
                 n
             } else {
                 out.fill(0);
@@ -241,13 +245,17 @@ fn map_source(source: Option<&dyn BlockSource>, size: u64) -> Result<(SparseMap,
             }
         }
     }
-    Ok((
-        SparseMap {
-            segments: segs.list,
-            size,
-        },
-        zeros,
-    ))
+    // Segments are whole 4 KiB blocks but for one that ends where the source does: it runs on to
+    // a whole tar block (zeros past the source), as tar readers want every segment but the last
+    // aligned.
+    let mut segments = segs.list;
+    if let Some(last) = segments.last_mut() {
+        let end = (last.0 + last.1)
+            .next_multiple_of(sparse_tar::BLOCK)
+            .min(size);
+        last.1 = end - last.0;
+    }
+    Ok((SparseMap { segments, size }, zeros))
 }
 
 /// The non-zero runs of guest bytes `[start, end)`, in 4 KiB blocks at fixed offsets.
@@ -314,5 +322,121 @@ impl Segments {
             }
             self.list = merged;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::copy::progress::NoProgress;
+    use crate::format::Extent;
+    use std::io::Read;
+    use std::path::Path;
+
+    /// A disk in memory whose every byte is data to the copy (zeros are found by reading).
+    struct Mem(Vec<u8>);
+
+    impl BlockSource for Mem {
+        fn virtual_size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn extent(&self, offset: u64, max_len: u64) -> Result<Extent> {
+            Ok(Extent {
+                start: offset,
+                len: max_len.min(self.0.len() as u64 - offset),
+                kind: ExtentKind::Data,
+            })
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+    }
+
+    fn archive(disk: &[u8], size: u64, threads: usize, dir: &Path) -> (Vec<u8>, DiskResult) {
+        let path = dir.join(format!("a{threads}.tar.gz"));
+        let job = DiskJob {
+            name: "/dev/xvda".into(),
+            source: Some(Box::new(Mem(disk.to_vec()))),
+            virtual_size: size,
+            out_path: path.clone(),
+            hash: true,
+            encryption: None,
+            format: None,
+        };
+        let r = write_all(vec![job], threads, false, &NoProgress)
+            .unwrap()
+            .remove(0);
+        (std::fs::read(&path).unwrap(), r)
+    }
+
+    #[test]
+    fn an_archive_extracts_to_the_disk_grown_with_zeros_whatever_the_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        // 9 MiB and 700 bytes of mostly zeros, data in odd places, the last byte non-zero.
+        let mut disk = vec![0u8; (9 << 20) + 700];
+        for (i, at) in [0usize, 5000, 4 << 20, (4 << 20) - 1, 8 << 20]
+            .iter()
+            .enumerate()
+        {
+            disk[*at..*at + 3000].fill(i as u8 + 1);
+        }
+        *disk.last_mut().unwrap() = 0x5a;
+        let size = 16 << 20;
+        let (one, r) = archive(&disk, size, 1, dir.path());
+        let (three, _) = archive(&disk, size, 3, dir.path());
+        assert_eq!(one, three);
+        assert_eq!(
+            r.sha256.unwrap(),
+            crate::copy::hash::hex(&Sha256::digest(&one))
+        );
+        let mut tar_bytes = Vec::new();
+        flate2::read::GzDecoder::new(&one[..])
+            .read_to_end(&mut tar_bytes)
+            .unwrap();
+        let mut a = tar::Archive::new(&tar_bytes[..]);
+        let mut e = a.entries().unwrap().next().unwrap().unwrap();
+        assert_eq!(e.header().entry_type(), tar::EntryType::GNUSparse);
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        let mut want = disk.clone();
+        want.resize(size as usize, 0);
+        assert!(data == want, "the extracted disk differs");
+        // Only the data's 4 KiB blocks are stored (six runs of at most two blocks, the last one
+        // to a whole tar block).
+        assert!(r.stats.copied <= 12 * 4096, "{:?}", r.stats);
+        assert_eq!(r.stats.copied + r.stats.zeros + r.stats.holes, size);
+    }
+
+    #[test]
+    fn an_empty_disk_is_an_archive_of_one_hole() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = DiskJob {
+            name: "/dev/xvdb".into(),
+            source: None,
+            virtual_size: 1 << 30,
+            out_path: dir.path().join("e.tar.gz"),
+            hash: true,
+            encryption: None,
+            format: None,
+        };
+        let r = write_all(vec![job], 2, false, &NoProgress).unwrap();
+        assert_eq!(r[0].stats.copied, 0);
+        assert!(r[0].file_size < 200, "{}", r[0].file_size);
+    }
+
+    #[test]
+    fn a_scattered_map_is_bounded_by_merging_the_nearest_segments() {
+        let mut s = Segments::default();
+        let runs = MAX_SEGMENTS as u64 + 1000;
+        for i in 0..runs {
+            s.push((i * 3 * ZERO_BLOCK, ZERO_BLOCK));
+        }
+        assert!(s.list.len() <= MAX_SEGMENTS, "{}", s.list.len());
+        // Every run is still covered, in order.
+        assert_eq!(s.list[0].0, 0);
+        let last = s.list.last().unwrap();
+        assert_eq!(last.0 + last.1, (runs - 1) * 3 * ZERO_BLOCK + ZERO_BLOCK);
+        assert!(s.list.windows(2).all(|w| w[0].0 + w[0].1 < w[1].0));
     }
 }

@@ -114,7 +114,9 @@ mod tests {
         let size = 1 << 20;
         let mut disk = vec![0u8; size];
         // Ten segments: the header's four and an extension header's six.
-        let segments: Vec<(u64, u64)> = (0..10).map(|i| (i * 65536 + 4096, 4096 + i)).collect();
+        let segments: Vec<(u64, u64)> = (0..10)
+            .map(|i| (i * 65536 + 4096, 4096 + 512 * i))
+            .collect();
         for &(o, l) in &segments {
             for b in &mut disk[o as usize..(o + l) as usize] {
                 *b = 0xa5;

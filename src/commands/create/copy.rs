@@ -57,11 +57,11 @@ pub(super) fn copy(
             out_path: dir.join(&p.file),
             hash: true,
             encryption: p.encryption.clone(),
+            format: Some(p.format),
         });
-        let enc = p
-            .encryption
-            .map(|e| e.describe(req.output.format.extension()));
-        records.push((p.planned, p.file, p.source, (p.changes, enc)));
+        let format = p.format.extension();
+        let enc = p.encryption.map(|e| e.describe(format));
+        records.push((p.planned, p.file, p.source, (p.changes, enc, format)));
         locks.extend(p.locks);
     }
     let reporter = progress::reporter(req.progress, &disk_names);
@@ -98,7 +98,7 @@ pub(super) fn copy(
         adjustments,
         detection,
     };
-    for ((d, file, source, (changes, enc)), r) in records.into_iter().zip(results) {
+    for ((d, file, source, (changes, enc, format)), r) in records.into_iter().zip(results) {
         // The engine's size: qcow2 output is rounded up to whole 512-byte sectors.
         let virtual_size = r.virtual_size;
         copied.stats.add(&r.stats);
@@ -108,7 +108,7 @@ pub(super) fn copy(
             device: d.device.clone(),
             disk_type: d.disk_type,
             file,
-            format: req.output.format.extension().to_string(),
+            format: format.to_string(),
             virtual_size,
             size_gib: size::gib_rounded_up(virtual_size),
             allocated_bytes: r.allocated_bytes,

@@ -112,7 +112,7 @@ pub(super) fn dry_run(
                 disk_type: p.planned.disk_type.as_str().into(),
                 source: p.source.as_ref().map(|s| s.path.clone()),
                 source_format: p.source.as_ref().map(|s| s.format.clone()),
-                format: req.output.format.extension().into(),
+                format: p.format.extension().into(),
                 virtual_size: p.virtual_size,
                 bytes_to_copy: p.data_bytes,
             })

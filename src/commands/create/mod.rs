@@ -108,6 +108,22 @@ fn check_target(req: &CreateRequest, layout: &DiskLayout) -> Result<()> {
             format!("-t none: --target {t} writes a compressed archive as a stream, through the page cache; use -t writeback (or unsafe)"),
         ));
     }
+    let format = profile.output_format()?;
+    let other = layout.disks.iter().find_map(|d| {
+        d.output_format
+            .filter(|f| *f != format)
+            .map(|f| (&d.device, f))
+    });
+    if let Some((device, f)) = other {
+        return Err(Error::new(
+            Code::InvalidParameter,
+            format!(
+                "--target {t} writes {}; {device}'s output-format={} conflicts: drop it or --target",
+                profile.describe(),
+                f.extension()
+            ),
+        ));
+    }
     crate::target::check_request(
         profile,
         data,
