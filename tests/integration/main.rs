@@ -21,6 +21,7 @@ mod qemu_lock;
 mod reliability;
 mod request_file;
 mod store;
+mod target;
 mod validation;
 mod variants;
 mod vdi;
