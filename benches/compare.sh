@@ -115,12 +115,19 @@ conv "convert-sys-c-qcow2-raw" "-O raw $C/sys-c.qcow2 $O/o.raw" "-O raw $C/sys-c
 # --- compressed output
 RUNS=$SLOW_RUNS conv "compress-zlib-sys" "-O qcow2 -c zlib $C/sys.raw $O/o.qcow2" "-c -O qcow2 $C/sys.raw $O/o.qcow2"
 RUNS=$SLOW_RUNS conv "compress-zstd-sys" "-O qcow2 -c zstd $C/sys.raw $O/o.qcow2" "-c -O qcow2 -o compression_type=zstd $C/sys.raw $O/o.qcow2"
+# --- GCP's archive: kiln streams DEVICE.tar.gz from the source (no disk.raw on local storage); the
+# documented pipeline writes disk.raw, then `tar --format=oldgnu -Sczf` reads it back
+gcp="cd $O && $QI -O raw $C/sys.qcow2 disk.raw && tar --format=oldgnu -Sczf sys.tar.gz disk.raw && rm disk.raw"
+kgcp="$KILN create -q --name gcp --snapshot $C/sys.qcow2 --target gcp --output-dir $O/img"
+bench "gcp-archive-sys" "$SLOW_RUNS" kiln "$kgcp" "qemu-img+tar+sync" "$gcp && sync" \
+  "kiln-t-unsafe" "${kgcp/create -q/create -q -t unsafe}" "qemu-img+tar" "$gcp"
+row "gcp-archive-sys" kiln "qemu-img+tar+sync"; row "gcp-archive-sys" kiln-t-unsafe "qemu-img+tar"
 # --- cost follows data: 1 TiB virtual, 64 MiB of data
 conv "tera-raw-qcow2" "-O qcow2 $TERA $O/o.qcow2" "-O qcow2 $TERA $O/o.qcow2"
 
 echo
 echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); $(qemu-img --version | head -1); kiln $($KILN --version | cut -d' ' -f2)"
-echo "Medians of $RUNS runs ($SLOW_RUNS for compress-*) with min–max, warm page cache, outputs on $(df --output=fstype "$O" | tail -1); load average before: $LOAD0, after: $(cut -d' ' -f1-3 /proc/loadavg)."
+echo "Medians of $RUNS runs ($SLOW_RUNS for compress-* and gcp-*) with min–max, warm page cache, outputs on $(df --output=fstype "$O" | tail -1); load average before: $LOAD0, after: $(cut -d' ' -f1-3 /proc/loadavg)."
 echo
 echo "| job | kiln | kiln s (min–max) | kiln peak MiB | kiln CPU | baseline | baseline s (min–max) | baseline peak MiB | baseline CPU | kiln / baseline |"
 echo "|---|---|---|---|---|---|---|---|---|---|"

@@ -329,29 +329,9 @@ impl Segments {
 mod tests {
     use super::*;
     use crate::copy::progress::NoProgress;
-    use crate::format::Extent;
+    use crate::format::testing::Mem;
     use std::io::Read;
     use std::path::Path;
-
-    /// A disk in memory whose every byte is data to the copy (zeros are found by reading).
-    struct Mem(Vec<u8>);
-
-    impl BlockSource for Mem {
-        fn virtual_size(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn extent(&self, offset: u64, max_len: u64) -> Result<Extent> {
-            Ok(Extent {
-                start: offset,
-                len: max_len.min(self.0.len() as u64 - offset),
-                kind: ExtentKind::Data,
-            })
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-            buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
-            Ok(())
-        }
-    }
 
     fn archive(disk: &[u8], size: u64, threads: usize, dir: &Path) -> (Vec<u8>, DiskResult) {
         let path = dir.join(format!("a{threads}.tar.gz"));
