@@ -391,9 +391,9 @@ pub struct CreateArgs {
 
 #[derive(Debug, Args)]
 pub struct OutputArgs {
-    /// Output disk format.
-    #[arg(long = "format", value_parser = out_format(), default_value = "qcow2")]
-    pub(crate) format: OutFormat,
+    /// Output disk format (default qcow2, or the `--target`'s format).
+    #[arg(long = "format", value_parser = out_format())]
+    pub(crate) format: Option<OutFormat>,
     /// qcow2 cluster size (512 to 2M, a power of two).
     #[arg(long, default_value = "64K")]
     pub(crate) cluster_size: String,
@@ -713,11 +713,26 @@ impl CreateArgs {
             &mut notes,
         )?;
         let gate = self.keys.gate(&self.backing)?;
+        let pick = |flag: &Option<String>, file: Option<String>| flag.clone().or(file);
+        let target = pick(&self.target, file.target)
+            .as_deref()
+            .map(crate::request::target::parse)
+            .transpose()?;
+        let (format, options) = match target {
+            Some(t) => crate::target::profile(t)?
+                .output(self.out.format.map(|f| f.0), &self.out.output_options)?,
+            None => (
+                self.out
+                    .format
+                    .map_or_else(|| OutputSpec::default().format, |f| f.0),
+                self.out.output_options.clone(),
+            ),
+        };
         let mut output = output_spec(
-            self.out.format,
+            OutFormat(format),
             &self.out.cluster_size,
             compression(self.out.compress),
-            &self.out.output_options,
+            &options,
             self.out.cache,
         )?;
         self.encrypt.apply(
@@ -729,7 +744,6 @@ impl CreateArgs {
             Some(d) => Destination::Dir(d.clone()),
             None => Destination::Store(store::locate(store)?),
         };
-        let pick = |flag: &Option<String>, file: Option<String>| flag.clone().or(file);
         Ok(CreateRequest {
             name,
             family: self.family.clone().or(file.image_family),
@@ -766,10 +780,7 @@ impl CreateArgs {
             dialect: loaded.dialect,
             respond_in_dialect: loaded.explicit,
             dialect_record: loaded.record,
-            target: pick(&self.target, file.target)
-                .as_deref()
-                .map(crate::request::target::parse)
-                .transpose()?,
+            target,
         })
     }
 

@@ -71,6 +71,9 @@ pub enum Code {
     Unsupported,
     /// The key given for an encrypted source opens none of its LUKS key slots.
     KeyMismatch,
+    /// A `--target` destination's documented rule would be broken (too many disks, a size it
+    /// cannot take, an architecture it does not import).
+    TargetRule,
 }
 
 impl Code {
@@ -122,6 +125,7 @@ impl Code {
             Code::InvalidResourceGroup => "InvalidResourceGroup.NotFound",
             Code::Unsupported => "OperationDenied.Unsupported",
             Code::KeyMismatch => "InvalidSnapshot.KeyMismatch",
+            Code::TargetRule => "OperationDenied.TargetRule",
         }
     }
 

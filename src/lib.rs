@@ -19,6 +19,7 @@ pub mod image;
 pub mod output;
 pub mod prepare;
 pub mod request;
+pub mod target;
 pub mod util;
 
 pub mod cli;

@@ -90,6 +90,7 @@ pub fn convert(req: &ConvertRequest, warn: &mut dyn FnMut(&str)) -> Result<Conve
         out_path: tmp.clone(),
         hash: req.sha256,
         encryption: None,
+        format: None,
     };
     let reporter = progress::reporter(req.progress, &[(job.name.clone(), virtual_size)]);
     let results = engine::copy_disks(vec![job], &req.output, req.threads, reporter.as_ref());

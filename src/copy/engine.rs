@@ -46,6 +46,8 @@ pub(crate) struct DiskJob {
     pub(crate) hash: bool,
     /// This disk's encryption, over the spec's (`encrypt=true` on one `--disk`).
     pub(crate) encryption: Option<crate::format::Encryption>,
+    /// This disk's output format, over the spec's (`output-format=` on one `--disk`).
+    pub(crate) format: Option<crate::format::OutputFormat>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,17 +128,11 @@ pub(crate) fn copy_disks(
 ) -> Result<Vec<DiskResult>> {
     let mut made = Vec::with_capacity(jobs.len());
     for mut job in jobs {
-        let own;
-        let spec = match job.encryption.take() {
-            Some(e) => {
-                own = OutputSpec {
-                    encryption: Some(e),
-                    ..spec.clone()
-                };
-                &own
-            }
-            None => spec,
-        };
+        let mut own = spec.for_disk(job.format)?;
+        if let Some(e) = job.encryption.take() {
+            own.encryption = Some(e);
+        }
+        let spec = &own;
         job.virtual_size = spec.disk_size(job.virtual_size);
         let sink = create_sink(&job.out_path, job.virtual_size, spec)?;
         let direct = match spec.cache {
@@ -836,6 +832,7 @@ mod tests {
                 out_path: dir.path().join(format!("d{i}.raw")),
                 hash: true,
                 encryption: None,
+                format: None,
             });
         }
         let spec = OutputSpec {

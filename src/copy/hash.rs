@@ -58,15 +58,18 @@ pub(crate) fn hash_range(file: &File, path: &Path, offset: u64, len: u64) -> Res
         .metadata()
         .map_err(|e| Error::io(path, "reading metadata of", e))?
         .len();
-    let end = offset.checked_add(len).filter(|&e| e <= size).ok_or_else(|| {
-        Error::new(
-            Code::IoError,
-            format!(
-                "{}: {size} bytes, too short for {len} bytes at offset {offset}",
-                path.display()
-            ),
-        )
-    })?;
+    let end = offset
+        .checked_add(len)
+        .filter(|&e| e <= size)
+        .ok_or_else(|| {
+            Error::new(
+                Code::IoError,
+                format!(
+                    "{}: {size} bytes, too short for {len} bytes at offset {offset}",
+                    path.display()
+                ),
+            )
+        })?;
     let mut h = Sha256::new();
     let mut pos = offset;
     while pos < end {

@@ -255,7 +255,14 @@ impl Encryption {
                 "--encrypt needs a key: --key-file FILE, --key-fd N or --key-env NAME",
             )
         })?;
-        let qcow2 = spec.format.extension() == "qcow2";
+        let ext = spec.format.extension();
+        if ext != "qcow2" && ext != "raw" {
+            return Err(Error::new(
+                Code::InvalidParameter,
+                format!("--encrypt (encrypt=) writes qcow2 or raw output, not {ext}"),
+            ));
+        }
+        let qcow2 = ext == "qcow2";
         let luks_version = match (version, qcow2) {
             (None | Some(1), _) => 1,
             (Some(2), false) => 2,
@@ -348,6 +355,33 @@ impl OutputSpec {
         })
     }
 
+    /// The spec of one disk written in `format` (`output-format=`) instead of this spec's: `-o`
+    /// options go with the image's format only; compression and encryption must fit the format.
+    pub(crate) fn for_disk(&self, format: Option<OutputFormat>) -> Result<OutputSpec> {
+        let Some(format) = format.filter(|f| *f != self.format) else {
+            return Ok(self.clone());
+        };
+        if self.compression.is_some() && !format.compresses() {
+            return Err(Error::new(
+                Code::InvalidParameter,
+                format!(
+                    "output-format={}: compression needs qcow2 output; drop the compression flag or this disk's output-format",
+                    format.extension()
+                ),
+            ));
+        }
+        let mut spec = OutputSpec {
+            format,
+            options: Vec::new(),
+            ..self.clone()
+        };
+        if let Some(e) = spec.encryption.take() {
+            let version = Some(e.luks_version).filter(|&v| v != 1);
+            spec.encryption = Some(Encryption::for_output(&spec, Some(&e.key), version)?);
+        }
+        Ok(spec)
+    }
+
     /// The size a disk of `virtual_size` bytes gets in this output (qcow2 rounds up to whole
     /// 512-byte sectors; raw keeps it).
     pub(crate) fn disk_size(&self, virtual_size: u64) -> u64 {
@@ -419,6 +453,21 @@ pub trait BlockSource: Send + Sync {
     /// Fills `buf` with the guest bytes at `offset`; `offset + buf.len()` must not pass the virtual size.
     /// Zero and unallocated ranges read as zeros.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// A shared source reads as the source (the image check and an archive's copy read one source).
+impl BlockSource for std::sync::Arc<dyn BlockSource> {
+    fn virtual_size(&self) -> u64 {
+        self.as_ref().virtual_size()
+    }
+
+    fn extent(&self, offset: u64, max_len: u64) -> Result<Extent> {
+        self.as_ref().extent(offset, max_len)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.as_ref().read_at(offset, buf)
+    }
 }
 
 /// The end of a read of `len` bytes at `offset` from a source of `virtual_size` bytes (`path`),

@@ -119,6 +119,12 @@ pub(crate) fn dry_run(r: &DryRunReport, json: bool) -> Rendered {
             human(d.bytes_to_copy)
         );
     }
+    if let Some(t) = &r.target_profile {
+        let _ = writeln!(s, "--target {}: {}", t.name, t.output);
+        for a in &t.adjustments {
+            let _ = writeln!(s, "  adjusted: {a}");
+        }
+    }
     if let Some(d) = &r.detection {
         let _ = write!(
             s,

@@ -22,6 +22,7 @@ pub(crate) fn request_digest(req: &CreateRequest, layout: &DiskLayout) -> String
                 "DiskType": d.disk_type.as_str(),
                 "Size": d.size,
                 "Format": d.format.map(|f| f.as_str()),
+                "OutputFormat": d.output_format.map(|f| f.extension()),
                 "Source": d.snapshot.as_deref().map(source_identity),
             })
         })

@@ -56,6 +56,7 @@ pub(crate) const DISK_KEYS: &[&str] = &[
     "Format",
     "KeyFile",
     "Encrypted",
+    "OutputFormat",
 ];
 pub(crate) const TAG_KEYS: &[&str] = &["Key", "Value"];
 
@@ -142,6 +143,7 @@ struct RawDisk {
     format: Option<Text>,
     key_file: Option<Text>,
     encrypted: Option<bool>,
+    output_format: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -351,6 +353,19 @@ fn disk(d: RawDisk, where_: &str, path: &Path, base: &Path) -> Result<DiskSpec> 
             )
         })?),
     };
+    let output_format = match text(d.output_format) {
+        None => None,
+        Some(f) => Some(crate::format::OutputFormat::named(&f).ok_or_else(|| {
+            bad(
+                path,
+                format!(
+                    "{} '{f}' is not one kiln writes ({})",
+                    at("OutputFormat"),
+                    crate::format::output_names().collect::<Vec<_>>().join(", ")
+                ),
+            )
+        })?),
+    };
     Ok(DiskSpec {
         snapshot: text(d.snapshot_id).map(|s| resolve(base, &s)),
         device: text(d.device).map(|d| Device::parse(&d)).transpose()?,
@@ -361,6 +376,7 @@ fn disk(d: RawDisk, where_: &str, path: &Path, base: &Path) -> Result<DiskSpec> 
             key_file: text(d.key_file).map(|s| resolve(base, &s)),
             encrypt: d.encrypted.unwrap_or(false),
         },
+        output_format,
     })
 }
 

@@ -533,6 +533,7 @@ fn adjust(inst: &Instance, adj: &Adjustments, out: &mut [MappedDisk]) -> Result<
                         disk_type: Some(DiskType::Data),
                         format: a.format,
                         crypt: Default::default(),
+                        output_format: None,
                     },
                     original_target: None,
                 });
@@ -598,6 +599,7 @@ fn instance_entry(d: &InstanceDisk, device: Device, disk_type: DiskType) -> Mapp
             disk_type: Some(disk_type),
             format: d.format,
             crypt: Default::default(),
+            output_format: None,
         },
         original_target: Some(d.target_dev.clone()),
     }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use crate::error::{Code, Error, Result};
-use crate::format::Format;
+use crate::format::{Format, OutputFormat};
 use crate::util::size::{self, GIB};
 
 /// Data disks an image may carry besides its system disk.
@@ -31,6 +31,9 @@ pub struct DiskSpec {
     pub format: Option<Format>,
     /// This disk's encryption settings (`key-file=`, `encrypt=true`).
     pub(crate) crypt: DiskCrypt,
+    /// `output-format=` (a request file's `OutputFormat`): this disk's output format, over the
+    /// image's `--format`.
+    pub(crate) output_format: Option<OutputFormat>,
 }
 
 /// One disk's own encryption settings.
@@ -51,7 +54,7 @@ impl DiskSpec {
             let (key, value) = part.split_once('=').ok_or_else(|| {
                 Error::new(
                     Code::InvalidParameter,
-                    format!("--disk '{text}': '{part}' is not KEY=VALUE (keys: snapshot, device, size, type, format, key-file, encrypt)"),
+                    format!("--disk '{text}': '{part}' is not KEY=VALUE (keys: snapshot, device, size, type, format, output-format, key-file, encrypt)"),
                 )
             })?;
             let value = value.trim();
@@ -90,6 +93,17 @@ impl DiskSpec {
                         )
                     })?)
                 }
+                "output-format" | "output_format" | "outputformat" => {
+                    spec.output_format = Some(OutputFormat::named(value).ok_or_else(|| {
+                        Error::new(
+                            Code::InvalidParameter,
+                            format!(
+                                "--disk '{text}': output-format '{value}' is not one kiln writes ({})",
+                                crate::format::output_names().collect::<Vec<_>>().join(", ")
+                            ),
+                        )
+                    })?)
+                }
                 "format" => {
                     spec.format = Some(Format::parse(value).ok_or_else(|| {
                         Error::new(
@@ -101,7 +115,7 @@ impl DiskSpec {
                 other => {
                     return Err(Error::new(
                         Code::InvalidParameter,
-                        format!("--disk '{text}': unknown key '{other}' (keys: snapshot, device, size, type, format, key-file, encrypt)"),
+                        format!("--disk '{text}': unknown key '{other}' (keys: snapshot, device, size, type, format, output-format, key-file, encrypt)"),
                     ))
                 }
             }
@@ -190,6 +204,8 @@ pub struct PlannedDisk {
     pub(crate) format: Option<Format>,
     pub(crate) size: Option<u64>,
     pub(crate) crypt: DiskCrypt,
+    /// This disk's own output format (`output-format=`), over the image's.
+    pub(crate) output_format: Option<OutputFormat>,
 }
 
 impl PlannedDisk {
@@ -317,6 +333,7 @@ pub fn assign_devices(disks: &[DiskSpec], snapshot: Option<&PathBuf>) -> Result<
             format: s.format,
             size: s.size,
             crypt: s.crypt.clone(),
+            output_format: s.output_format,
         });
     }
     out.sort_by(|a, b| a.device.cmp(&b.device));
@@ -375,6 +392,7 @@ pub(crate) fn assign_data_devices(disks: &[DiskSpec]) -> Result<DiskLayout> {
             format: s.format,
             size: s.size,
             crypt: s.crypt.clone(),
+            output_format: s.output_format,
         });
     }
     out.sort_by(|a, b| a.device.cmp(&b.device));

@@ -22,6 +22,7 @@ mod qemu_lock;
 mod reliability;
 mod request_file;
 mod store;
+mod target;
 mod validation;
 mod variants;
 mod vdi;

@@ -67,7 +67,7 @@ fn assert_same_vpc(dir: &Path, src: &str, vhd: &str) {
 
 /// Checks a kiln VHD: qemu-img reads exactly `size` bytes equal to `src`; a fixed file is 512
 /// bytes larger; the footer is valid and has qemu's `force_size` geometry for that size.
-fn check_output(dir: &Path, src: &str, vhd: &str, size: u64, fixed: bool) {
+pub(crate) fn check_output(dir: &Path, src: &str, vhd: &str, size: u64, fixed: bool) {
     assert_same_vpc(dir, src, vhd);
     assert_eq!(info_vpc(dir, vhd)["virtual-size"].as_u64(), Some(size));
     let b = fs::read(dir.join(vhd)).unwrap();

@@ -7,7 +7,7 @@ use super::absolute;
 use crate::error::{Code, Error, Result};
 use crate::format::gate::BackingGate;
 use crate::format::luks::Secret;
-use crate::format::{self, Encryption, Opened};
+use crate::format::{self, Encryption, Opened, OutputFormat, OutputSpec};
 use crate::image::manifest::{FileRead, SourceRecord};
 use crate::prepare::{self, qemu_lock, CopySource};
 use crate::request::create::CreateRequest;
@@ -31,6 +31,10 @@ pub(super) struct PreparedDisk {
     pub(crate) changes: Vec<String>,
     /// How the output is encrypted, if it is.
     pub(crate) encryption: Option<Encryption>,
+    /// What `--target`'s rules changed (a size grown to the destination's alignment).
+    pub(crate) adjustments: Vec<String>,
+    /// The disk's output format (its own `output-format=`, else the image's).
+    pub(crate) format: OutputFormat,
 }
 
 /// Opens every source and sizes every disk. A source another process writes to is refused unless
@@ -85,10 +89,11 @@ fn prepare_disk(
     };
     // The disk's output encryption: the request's, or its own `encrypt=true` with the command
     // line's key (else its own key file's).
-    let encryption = match (&req.output.encryption, d.crypt.encrypt) {
+    let output = req.output.for_disk(d.output_format)?;
+    let encryption = match (&output.encryption, d.crypt.encrypt) {
         (Some(e), _) => Some(e.clone()),
         (None, true) => Some(Encryption::for_output(
-            &req.output,
+            &output,
             req.gate.key.as_ref().or(disk_key.as_ref()),
             None,
         )?),
@@ -117,12 +122,22 @@ fn prepare_disk(
             ),
         ));
     }
-    let virtual_size = plan::resolve_size(&d.device, d.size, src_size)?;
+    let mut virtual_size = plan::resolve_size(&d.device, d.size, src_size)?;
+    let mut adjustments = Vec::new();
+    let profile = req.target.map(crate::target::profile).transpose()?;
+    if let Some(p) = profile {
+        // Before --relocate-gpt, which moves a backup GPT to the end of the grown disk.
+        let (size, note) = crate::target::align(p, &d.device, virtual_size);
+        virtual_size = size;
+        adjustments.extend(note);
+        let system = d.disk_type == plan::DiskType::System;
+        crate::target::check_size(p, &d.device, system, output.disk_size(virtual_size))?;
+    }
     let mut changes = Vec::new();
     if req.relocate_gpt {
         opened = match opened {
             Some(o) if o.info.virtual_size < virtual_size => {
-                let size = req.output.disk_size(virtual_size);
+                let size = output.disk_size(virtual_size);
                 let (o, c) = prepare::relocate_gpt(o, size, &d.device, warn)?;
                 changes = c;
                 Some(o)
@@ -139,13 +154,23 @@ fn prepare_disk(
         source: opened.as_ref().map(source_record),
         opened,
         virtual_size,
-        file: format!("{}.{}", d.short_name(), req.output.format.extension()),
+        file: format!("{}.{}", d.short_name(), file_extension(&output, profile)),
         data_bytes,
         locks,
         stamps,
         changes,
         encryption,
+        adjustments,
+        format: output.format,
     })
+}
+
+/// The output file's extension: the format's, or `tar.gz` for a destination's archive.
+fn file_extension(output: &OutputSpec, profile: Option<&crate::target::Profile>) -> &'static str {
+    match profile.map(|p| p.packaging) {
+        Some(crate::target::Packaging::GzipTar) => "tar.gz",
+        _ => output.format.extension(),
+    }
 }
 
 /// With `--instance`: the chain kiln read must be the one the domain's `<backingStore>` names.

@@ -13,6 +13,7 @@ use crate::error::Result;
 use crate::format::BlockSource;
 use crate::request::create::CreateRequest;
 use crate::request::plan::{self, DiskLayout};
+use crate::request::target::Target;
 use crate::util::testhook;
 
 /// One disk of a dry run's plan.
@@ -53,9 +54,24 @@ pub struct DryRunReport {
     pub(crate) space: SpaceCheck,
     #[serde(rename = "Warnings")]
     pub(crate) warnings: Vec<String>,
+    /// `--target`: the destination, the output it picked and what its rules changed.
+    #[serde(rename = "TargetProfile", skip_serializing_if = "Option::is_none")]
+    pub(crate) target_profile: Option<TargetPlan>,
     /// `--detect`: the check of the system disk as it would be written.
     #[serde(rename = "Detection", skip_serializing_if = "Option::is_none")]
     pub(crate) detection: Option<detect::Report>,
+}
+
+/// What `--target` decided, for a dry run.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct TargetPlan {
+    #[serde(rename = "Name")]
+    pub(crate) name: Target,
+    /// The output, in words (`vhd (subformat=fixed)`).
+    #[serde(rename = "Output")]
+    pub(crate) output: String,
+    #[serde(rename = "Adjustments")]
+    pub(crate) adjustments: Vec<String>,
 }
 
 /// The dry run of a create publishing to `target` (an output directory, or the store's images
@@ -74,6 +90,17 @@ pub(super) fn dry_run(
         super::estimate(&prepared),
     )?;
     let detection = detection(req, &mut prepared)?;
+    let target_profile = match req.target {
+        Some(t) => Some(TargetPlan {
+            name: t,
+            output: crate::target::profile(t)?.describe(),
+            adjustments: prepared
+                .iter()
+                .flat_map(|p| p.adjustments.clone())
+                .collect(),
+        }),
+        None => None,
+    };
     Ok(DryRunReport {
         image_name: req.name.clone(),
         target: super::absolute(target),
@@ -85,15 +112,14 @@ pub(super) fn dry_run(
                 disk_type: p.planned.disk_type.as_str().into(),
                 source: p.source.as_ref().map(|s| s.path.clone()),
                 source_format: p.source.as_ref().map(|s| s.format.clone()),
-                format: super::ova::disk_format(req)
-                    .unwrap_or(req.output.format.extension())
-                    .into(),
+                format: p.format.extension().into(),
                 virtual_size: p.virtual_size,
                 bytes_to_copy: p.data_bytes,
             })
             .collect(),
         space,
         warnings: layout.warnings.clone(),
+        target_profile,
         detection,
     })
 }

@@ -62,6 +62,7 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateR
     let started = Instant::now();
     let req = &req.normalised()?;
     let layout = layout(req)?;
+    check_target(req, &layout)?;
     for w in req.notes.iter().chain(&layout.warnings) {
         warn(w);
     }
@@ -90,6 +91,51 @@ fn layout(req: &CreateRequest) -> Result<DiskLayout> {
         ));
     }
     plan::assign_data_devices(&req.disks)
+}
+
+/// `--target`: the destination's rules that the request alone decides (data disk count,
+/// architecture, boot mode, encryption), before any source is opened.
+fn check_target(req: &CreateRequest, layout: &DiskLayout) -> Result<()> {
+    let Some(t) = req.target else {
+        return Ok(());
+    };
+    let data = layout
+        .disks
+        .iter()
+        .filter(|d| d.disk_type == plan::DiskType::Data)
+        .count();
+    let encrypted = req.output.encryption.is_some() || layout.disks.iter().any(|d| d.crypt.encrypt);
+    let profile = crate::target::profile(t)?;
+    if profile.packaging == crate::target::Packaging::GzipTar && req.output.cache == CacheMode::None
+    {
+        return Err(Error::new(
+            Code::InvalidParameter,
+            format!("-t none: --target {t} writes a compressed archive as a stream, through the page cache; use -t writeback (or unsafe)"),
+        ));
+    }
+    let format = profile.output_format()?;
+    let other = layout.disks.iter().find_map(|d| {
+        d.output_format
+            .filter(|f| *f != format)
+            .map(|f| (&d.device, f))
+    });
+    if let Some((device, f)) = other {
+        return Err(Error::new(
+            Code::InvalidParameter,
+            format!(
+                "--target {t} writes {}; {device}'s output-format={} conflicts: drop it or --target",
+                profile.describe(),
+                f.extension()
+            ),
+        ));
+    }
+    crate::target::check_request(
+        profile,
+        data,
+        req.architecture.unwrap_or_default(),
+        req.boot_mode.unwrap_or_default(),
+        encrypted,
+    )
 }
 
 /// `--output-dir DIR`: the image is published as `DIR`.

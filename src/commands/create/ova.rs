@@ -18,7 +18,8 @@ use crate::image::store::Creating;
 use crate::request::create::CreateRequest;
 use std::path::Path;
 
-/// vSphere's rules a request must meet, checked before anything is opened or copied.
+/// vSphere's rules a request must meet, checked before anything is opened or copied (encryption
+/// was refused before, as for every target).
 pub(super) fn check(req: &CreateRequest) -> Result<()> {
     let refuse = |why: &str| {
         Err(Error::new(
@@ -26,9 +27,6 @@ pub(super) fn check(req: &CreateRequest) -> Result<()> {
             format!("--target vsphere: {why}"),
         ))
     };
-    if req.output.encryption.is_some() || req.disks.iter().any(|d| d.crypt.encrypt) {
-        return refuse("vSphere imports an OVA's VMDKs as they are; it cannot open LUKS-encrypted disks (drop --encrypt)");
-    }
     if req.output.cache == CacheMode::None {
         return refuse("-t none writes aligned blocks with O_DIRECT, and an OVA's compressed VMDK grains are packed byte by byte; use -t writeback (or -t unsafe)");
     }
@@ -41,12 +39,6 @@ pub(super) fn check(req: &CreateRequest) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The format the disks are written in when they go into an archive: `vmdk` for vSphere's OVA;
-/// None otherwise.
-pub(super) fn disk_format(req: &CreateRequest) -> Option<&'static str> {
-    (req.target == Some(crate::request::target::Target::Vsphere)).then_some("vmdk")
 }
 
 /// The streamOptimized VMDK output every OVA disk is written in.
@@ -134,8 +126,12 @@ fn copy_disks(
         disks: Vec::with_capacity(prepared.len()),
         stats: CopyStats::default(),
         sums: Vec::new(),
+        adjustments: Vec::new(),
+        // The OVA refuses --detect (its disks are not checked in place).
+        detection: None,
     };
-    for (index, p) in prepared.into_iter().enumerate() {
+    for (index, mut p) in prepared.into_iter().enumerate() {
+        copied.adjustments.append(&mut p.adjustments);
         let size = ovf.disks[index].capacity;
         stamps.extend(p.stamps);
         locks.extend(p.locks);
@@ -150,6 +146,7 @@ fn copy_disks(
             out_path: w.path().to_path_buf(),
             hash: false,
             encryption: None,
+            format: None,
         };
         let shifted = Shifted {
             inner: progress,
@@ -170,9 +167,16 @@ fn copy_disks(
         ovf.disks[index].file_size = m.size;
         ovf.disks[index].populated = r.stats.copied;
         copied.stats.add(&r.stats);
-        let mut rec = record(req, p.planned, m.name, p.source, p.changes, None, r);
+        let mut rec = record(
+            req,
+            p.planned,
+            (m.name, "vmdk"),
+            p.source,
+            p.changes,
+            None,
+            r,
+        );
         rec.archive = Some(archive.to_string());
-        rec.format = "vmdk".into();
         (rec.file_size, rec.allocated_bytes, rec.sha256) = (m.size, m.size, m.sha256);
         copied.disks.push(rec);
     }

@@ -30,9 +30,15 @@ pub(super) fn publish(
         disks,
         stats,
         mut sums,
+        adjustments,
+        detection,
     } = copied;
     let virtual_bytes = disks.iter().map(|d| d.virtual_size).sum();
-    let detection = match disks.iter().find(|d| d.device == plan::SYSTEM_DEVICE) {
+    let system = disks.iter().find(|d| d.device == plan::SYSTEM_DEVICE);
+    let detection = match system {
+        // An archive's system disk was checked on its source, before it was written.
+        _ if detection.is_some() => detection,
+        Some(d) if d.file.ends_with(".tar.gz") => None,
         Some(d) if req.detect => Some(detect::detect_file(
             &staging.dir().join(&d.file),
             Format::parse(&d.format),
@@ -58,10 +64,9 @@ pub(super) fn publish(
         }),
         disks,
         detection,
-        target: req.target.map(|name| manifest::TargetRecord {
-            name,
-            adjustments: Vec::new(),
-        }),
+        target: req
+            .target
+            .map(|name| manifest::TargetRecord { name, adjustments }),
     };
     let json = manifest.to_json();
     staging.write_file("manifest.json", &json)?;

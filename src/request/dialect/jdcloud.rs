@@ -477,6 +477,7 @@ fn plan(inst: &Instance, entries: &[Entry]) -> Result<(InstanceDisks, BTreeMap<S
         format: boot.format,
         size: None,
         crypt: Default::default(),
+        output_format: None,
     }];
     // The instance's own disks keep their target as the manifest's OriginalTarget.
     let mut targets = vec![(Device::system(), boot.target_dev.clone())];
