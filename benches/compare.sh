@@ -133,6 +133,24 @@ bench "gcp-archive-sys" "$SLOW_RUNS" kiln "$kgcp" "qemu-img+tar+sync" "$gcp && s
 row "gcp-archive-sys" kiln "qemu-img+tar+sync"; row "gcp-archive-sys" kiln-t-unsafe "qemu-img+tar"
 # --- cost follows data: 1 TiB virtual, 64 MiB of data
 conv "tera-raw-qcow2" "-O qcow2 $TERA $O/o.qcow2" "-O qcow2 $TERA $O/o.qcow2"
+# --- other formats (issue 12), each against qemu-img writing or reading the same format:
+# streamOptimized VMDK of sys.raw (goal: kiln at least 3x faster), then data-rand.raw written and
+# read back as fixed VHD (qemu-img with force_size, as kiln sizes it), dynamic VHDX and
+# monolithicSparse VMDK (goal: at least as fast, durability equal in each row).
+# FMTS (default FMTS_DIR=CORPUS_DIR) holds the VHD/VHDX/VMDK copies of data-rand that the read
+# rows start from, made once with qemu-img.
+FMTS=${FMTS_DIR:-$C}
+for f in "vpc:vhd:subformat=fixed,force_size=on" "vhdx:vhdx:subformat=dynamic" "vmdk:vmdk:subformat=monolithicSparse"; do
+  IFS=: read -r qf ext opts <<<"$f"
+  [ -f "$FMTS/data-rand.$ext" ] || qemu-img convert -O "$qf" -o "$opts" "$C/data-rand.raw" "$FMTS/data-rand.$ext"
+done
+RUNS=$SLOW_RUNS conv "vmdk-stream-sys-raw" "-O vmdk $C/sys.raw $O/o.vmdk" "-O vmdk -o subformat=streamOptimized $C/sys.raw $O/o.vmdk"
+conv "write-data-rand-vhd" "-O vhd $C/data-rand.raw $O/o.vhd" "-O vpc -o subformat=fixed,force_size=on $C/data-rand.raw $O/o.vhd"
+conv "write-data-rand-vhdx" "-O vhdx $C/data-rand.raw $O/o.vhdx" "-O vhdx -o subformat=dynamic $C/data-rand.raw $O/o.vhdx"
+conv "write-data-rand-vmdk" "-O vmdk -o subformat=monolithicSparse $C/data-rand.raw $O/o.vmdk" "-O vmdk -o subformat=monolithicSparse $C/data-rand.raw $O/o.vmdk"
+for ext in vhd vhdx vmdk; do
+  conv "read-data-rand-$ext" "-O raw $FMTS/data-rand.$ext $O/o.raw" "-O raw $FMTS/data-rand.$ext $O/o.raw"
+done
 
 echo
 echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); $(qemu-img --version | head -1); kiln $($KILN --version | cut -d' ' -f2)"
