@@ -33,6 +33,15 @@ pub struct Cli {
     /// The image store (default: $KILN_STORE, else $XDG_DATA_HOME/kiln, else ~/.local/share/kiln).
     #[arg(long, global = true, value_name = "DIR")]
     pub store: Option<PathBuf>,
+    /// Object storage (`s3://`) endpoint, e.g. http://127.0.0.1:3900 (default: $AWS_ENDPOINT_URL,
+    /// the AWS profile's endpoint_url, else AWS S3 itself).
+    #[arg(long, global = true, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+    /// `s3://` requests path-style (http://host/BUCKET/KEY) or virtual-hosted
+    /// (http://BUCKET.host/KEY); default: $KILN_S3_ADDRESSING_STYLE, else path with an endpoint
+    /// URL, virtual without.
+    #[arg(long = "s3-addressing", global = true, value_name = "STYLE")]
+    pub s3_addressing: Option<crate::remote::s3::Addressing>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -460,8 +469,9 @@ pub struct ConvertArgs {
 /// `--backing-dir`, shared by every command that opens sources.
 #[derive(Debug, Args)]
 pub(crate) struct BackingArgs {
-    /// Also follow qcow2 backing files under DIR (repeatable); by default only those inside the
-    /// named image's directory tree are followed.
+    /// Also follow backing files under DIR (repeatable), or under s3://BUCKET/PREFIX/ for
+    /// sources in a bucket; by default only those inside the named image's directory tree (or
+    /// key prefix) are followed.
     #[arg(long = "backing-dir", value_name = "DIR")]
     pub(crate) backing_dirs: Vec<PathBuf>,
 }

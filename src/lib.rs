@@ -17,6 +17,7 @@ pub mod format;
 pub mod image;
 pub mod output;
 pub mod prepare;
+pub mod remote;
 pub mod request;
 pub mod util;
 

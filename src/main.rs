@@ -19,6 +19,10 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
     let cli = Cli::parse();
+    kiln::remote::s3::configure(kiln::remote::s3::Settings {
+        endpoint_url: cli.endpoint_url.clone(),
+        addressing: cli.s3_addressing,
+    });
     let json = cli.json;
     match run(cli) {
         Ok(code) => code,

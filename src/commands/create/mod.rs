@@ -192,5 +192,8 @@ fn estimate(prepared: &[disks::PreparedDisk]) -> u64 {
 
 /// The path made absolute against the current directory (without resolving symlinks).
 fn absolute(p: &Path) -> PathBuf {
+    if crate::remote::s3::is_remote(p) {
+        return p.to_path_buf();
+    }
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }

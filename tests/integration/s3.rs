@@ -1,0 +1,314 @@
+//! Sources in a bucket (`s3://BUCKET/KEY`): the real binary against real S3 servers started on
+//! loopback (a three-node Garage cluster and s3s-fs, see `common::s3`), with qemu-img as the
+//! oracle: a disk built from an object equals the disk built from the same file on disk.
+
+use std::path::Path;
+
+use crate::common::s3::{servers, Endpoint, BUCKET};
+use crate::common::*;
+
+/// The servers a test writes through and reads through: Garage's node 0 and node 1 (one
+/// cluster), and s3s-fs.
+fn pairs() -> Vec<(&'static Endpoint, &'static Endpoint)> {
+    let s = servers();
+    vec![(&s.garage[0], &s.garage[1]), (&s.s3s, &s.s3s)]
+}
+
+fn url(key: &str) -> String {
+    format!("s3://{BUCKET}/{key}")
+}
+
+/// `kiln --json create` of one system disk from `snapshot` into `dir/out`, as a client of `e`.
+fn create(e: &Endpoint, dir: &Path, snapshot: &str, out: &str, extra: &[&str]) -> Run {
+    let disk = format!("snapshot={snapshot},device=/dev/xvda,type=system");
+    let mut args = vec![
+        "--json",
+        "create",
+        "--name",
+        out,
+        "--disk",
+        &disk,
+        "--output-dir",
+        out,
+    ];
+    args.extend_from_slice(extra);
+    e.kiln(dir, &args)
+}
+
+/// A 16 MiB qcow2 with data at the start, the middle and the end, and a zeroed range.
+fn make_qcow2(dir: &Path, name: &str) {
+    qemu_img(dir, &["create", "-q", "-f", "qcow2", name, "16M"]);
+    qemu_io(
+        dir,
+        name,
+        &[
+            "write -P 0xab 0 1M",
+            "write -P 0x01 5M 64k",
+            "write -z 6M 1M",
+            "write -P 0xcd 15M 1M",
+        ],
+    );
+}
+
+#[test]
+fn objects_of_every_kind_copy_like_the_same_files_on_disk() {
+    let t = tmp();
+    let d = t.path();
+    let raw = d.join("disk.raw");
+    sparse_raw(&raw, 24 << 20);
+    write_at(&raw, 0, &noise(1, 3 << 20));
+    write_at(&raw, (24 << 20) - 4096, &[7u8; 4096]);
+    make_qcow2(d, "plain.qcow2");
+    // Compressed clusters, and a VHD: formats whose reads are many small ones.
+    qemu_img(
+        d,
+        &[
+            "convert",
+            "-q",
+            "-c",
+            "-O",
+            "qcow2",
+            "disk.raw",
+            "packed.qcow2",
+        ],
+    );
+    qemu_img(d, &["convert", "-q", "-O", "vpc", "plain.qcow2", "dyn.vhd"]);
+    let files = ["disk.raw", "plain.qcow2", "packed.qcow2", "dyn.vhd"];
+    for (writer, reader) in pairs() {
+        let prefix = format!("kinds-{}", writer.name);
+        for f in files {
+            writer.put_file(&format!("{prefix}/{f}"), &d.join(f));
+        }
+        for f in files {
+            let out = format!("{}-{}", writer.name, f.replace('.', "-"));
+            let r = create(reader, d, &url(&format!("{prefix}/{f}")), &out, &[]);
+            assert_eq!(
+                r.status, 0,
+                "{f} on {}: {}{}",
+                reader.name, r.stdout, r.stderr
+            );
+            assert_clean(&d.join(&out), "xvda.qcow2");
+            assert_same(d, f, &format!("{out}/xvda.qcow2"));
+            let m = manifest(&d.join(&out));
+            let src = &m["DiskDeviceMappings"][0]["Source"];
+            assert_eq!(
+                src["Path"].as_str(),
+                Some(url(&format!("{prefix}/{f}")).as_str()),
+                "{m}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_backing_chain_resolves_inside_the_bucket_through_the_gate() {
+    let t = tmp();
+    let d = t.path();
+    std::fs::create_dir_all(d.join("chain")).unwrap();
+    make_qcow2(d, "chain/base.qcow2");
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "chain/top.qcow2",
+        ],
+    );
+    qemu_io(
+        d,
+        "chain/top.qcow2",
+        &["write -P 0x77 2M 512k", "write -P 0x78 15M 4k"],
+    );
+    // The same overlay, its backing file one prefix up (outside the overlay's own prefix).
+    std::fs::create_dir_all(d.join("far/img")).unwrap();
+    std::fs::copy(d.join("chain/base.qcow2"), d.join("far/base.qcow2")).unwrap();
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "../base.qcow2",
+            "-F",
+            "qcow2",
+            "far/img/top.qcow2",
+        ],
+    );
+    for (writer, reader) in pairs() {
+        let p = format!("chain-{}", writer.name);
+        for f in [
+            "chain/base.qcow2",
+            "chain/top.qcow2",
+            "far/base.qcow2",
+            "far/img/top.qcow2",
+        ] {
+            writer.put_file(&format!("{p}/{f}"), &d.join(f));
+        }
+        let out = format!("chain-{}", reader.name);
+        let r = create(reader, d, &url(&format!("{p}/chain/top.qcow2")), &out, &[]).ok();
+        let _ = r;
+        assert_same(d, "chain/top.qcow2", &format!("{out}/xvda.qcow2"));
+        let m = manifest(&d.join(&out));
+        let read: Vec<&str> = m["DiskDeviceMappings"][0]["Source"]["FilesRead"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["Path"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            read,
+            [
+                url(&format!("{p}/chain/top.qcow2")),
+                url(&format!("{p}/chain/base.qcow2"))
+            ],
+            "{m}"
+        );
+        // Outside the named object's prefix: refused, unless --backing-dir allows it.
+        let top = url(&format!("{p}/far/img/top.qcow2"));
+        let r = create(reader, d, &top, "denied", &[]);
+        assert_eq!(r.code(), "InvalidSnapshot.BackingDenied", "{}", r.stdout);
+        assert!(r.stdout.contains("--backing-dir"), "{}", r.stdout);
+        let dir = url(&format!("{p}/far/"));
+        let out = format!("far-{}", reader.name);
+        create(reader, d, &top, &out, &["--backing-dir", &dir]).ok();
+        assert_same(d, "far/img/top.qcow2", &format!("{out}/xvda.qcow2"));
+    }
+}
+
+#[test]
+fn missing_objects_buckets_and_bad_credentials_have_clear_codes() {
+    let t = tmp();
+    let d = t.path();
+    for (_, e) in pairs() {
+        let r = create(e, d, &url("no/such/object.raw"), "a", &[]);
+        assert_eq!(r.code(), "InvalidSnapshotId.NotFound", "{}", r.stdout);
+        assert!(r.stdout.contains("no such object"), "{}", r.stdout);
+        let r = create(e, d, "s3://no-such-bucket-kiln/x.raw", "b", &[]);
+        assert_eq!(r.code(), "InvalidSnapshotId.NotFound", "{}", r.stdout);
+        assert!(r.stdout.contains("bucket"), "{}", r.stdout);
+        let bad = [("AWS_SECRET_ACCESS_KEY", "wrong-secret".to_string())];
+        let disk = format!("snapshot={},device=/dev/xvda,type=system", url("x.raw"));
+        let r = e.kiln_with(
+            d,
+            &bad,
+            &[
+                "--json",
+                "create",
+                "--name",
+                "c",
+                "--disk",
+                &disk,
+                "--output-dir",
+                "c",
+            ],
+        );
+        assert_eq!(r.code(), "Forbidden.ObjectStorage", "{}", r.stdout);
+        assert!(!d.join("c").exists());
+    }
+    // No server at all: a bounded failure, not a hang.
+    let e = &servers().s3s;
+    let gone = [("AWS_ENDPOINT_URL", "http://127.0.0.1:9".to_string())];
+    let disk = format!("snapshot={},device=/dev/xvda,type=system", url("x.raw"));
+    let started = std::time::Instant::now();
+    let r = e.kiln_with(
+        d,
+        &gone,
+        &[
+            "--json",
+            "create",
+            "--name",
+            "g",
+            "--disk",
+            &disk,
+            "--output-dir",
+            "g",
+        ],
+    );
+    assert_eq!(r.code(), "ServiceUnavailable.ObjectStorage", "{}", r.stdout);
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+}
+
+#[test]
+fn an_object_rewritten_during_the_copy_is_refused() {
+    let t = tmp();
+    let d = t.path();
+    let raw = d.join("v1.raw");
+    std::fs::write(&raw, noise(3, 8 << 20)).unwrap();
+    for (writer, reader) in pairs() {
+        let key = format!("changed-{}/disk.raw", writer.name);
+        writer.put_file(&key, &raw);
+        let disk = format!("snapshot={},device=/dev/xvda,type=system", url(&key));
+        let out = format!("changed-{}", reader.name);
+        let args = [
+            "--json",
+            "create",
+            "--name",
+            &out,
+            "--disk",
+            &disk,
+            "--output-dir",
+            &out,
+        ];
+        let child = kiln_stopped_at_env(d, &reader.env(), &args, "prepared");
+        // The same size, other bytes: only the ETag tells.
+        writer.put(&key, noise(4, 8 << 20));
+        signal(&child, nix::sys::signal::Signal::SIGCONT);
+        let o = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(o.status.code(), Some(1), "{stdout}");
+        assert!(stdout.contains("InvalidSnapshot.Changed"), "{stdout}");
+        assert!(!d.join(&out).exists(), "nothing published");
+    }
+}
+
+#[test]
+fn credentials_come_from_an_aws_profile() {
+    let t = tmp();
+    let d = t.path();
+    let e = &servers().s3s;
+    e.put("profile/one.raw", noise(5, 1 << 20));
+    std::fs::write(d.join("one.raw"), noise(5, 1 << 20)).unwrap();
+    let creds = d.join("credentials");
+    std::fs::write(
+        &creds,
+        format!(
+            "[default]\naws_access_key_id = nobody\naws_secret_access_key = nothing\n\n[kiln]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            e.access_key, e.secret_key
+        ),
+    )
+    .unwrap();
+    let env = [
+        ("AWS_ACCESS_KEY_ID", String::new()),
+        ("AWS_SECRET_ACCESS_KEY", String::new()),
+        ("AWS_SHARED_CREDENTIALS_FILE", path_str(&creds)),
+        ("AWS_PROFILE", "kiln".to_string()),
+    ];
+    let disk = format!(
+        "snapshot={},device=/dev/xvda,type=system",
+        url("profile/one.raw")
+    );
+    let r = e.kiln_with(
+        d,
+        &env,
+        &[
+            "--json",
+            "create",
+            "--name",
+            "p",
+            "--disk",
+            &disk,
+            "--output-dir",
+            "p",
+        ],
+    );
+    assert_eq!(r.status, 0, "{}{}", r.stdout, r.stderr);
+    assert_same(d, "one.raw", "p/xvda.qcow2");
+}
