@@ -56,8 +56,13 @@ pub enum Command {
     Describe(DescribeArgs),
     /// Delete images from the store (DeleteImage).
     Delete(DeleteArgs),
-    /// Recompute every checksum of an image and compare with SHA256SUMS and the manifest.
+    /// Recompute every checksum of an image (a directory, an ImageId, or s3://BUCKET/PREFIX/,
+    /// streamed) and compare with SHA256SUMS and the manifest.
     Verify(VerifyArgs),
+    /// Upload an image to object storage: s3://BUCKET/PREFIX/ (resumes an interrupted push).
+    Push(PushArgs),
+    /// Download an image from object storage into a new directory.
+    Pull(PullArgs),
     /// Show a disk's format, sizes, backing chain, snapshots, writer and allocation map.
     Inspect(InspectArgs),
     /// Check an image's system disk (or any disk file): partition table, partitions, boot mode,
@@ -187,12 +192,77 @@ pub struct DeleteArgs {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// An ImageId in the store, or an image directory.
-    #[arg(value_name = "IMAGE_ID|DIR")]
+    /// An ImageId in the store, an image directory, or s3://BUCKET/PREFIX/.
+    #[arg(value_name = "IMAGE_ID|DIR|s3://BUCKET/PREFIX/")]
     pub(crate) target: String,
     /// No progress bar.
     #[arg(short, long)]
     pub(crate) quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// An ImageId in the store, or an image directory.
+    #[arg(value_name = "IMAGE_ID|DIR")]
+    pub(crate) image: String,
+    /// Where: s3://BUCKET/PREFIX/ (the image's files go under PREFIX).
+    #[arg(value_name = "s3://BUCKET/PREFIX/")]
+    pub(crate) destination: String,
+    #[command(flatten)]
+    pub(crate) progress: ProgressArgs,
+}
+
+impl PushArgs {
+    pub fn to_request(&self, json: bool) -> crate::commands::push::PushRequest {
+        crate::commands::push::PushRequest {
+            image: self.image.clone(),
+            destination: self.destination.clone(),
+            progress: self.progress.mode(json),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// The image: s3://BUCKET/PREFIX/.
+    #[arg(value_name = "s3://BUCKET/PREFIX/")]
+    pub(crate) source: String,
+    /// A new directory to hold it.
+    #[arg(value_name = "DIR")]
+    pub(crate) directory: PathBuf,
+    #[command(flatten)]
+    pub(crate) progress: ProgressArgs,
+}
+
+impl PullArgs {
+    pub fn to_request(&self, json: bool) -> crate::commands::push::PullRequest {
+        crate::commands::push::PullRequest {
+            source: self.source.clone(),
+            directory: self.directory.clone(),
+            progress: self.progress.mode(json),
+        }
+    }
+}
+
+/// How transfers show progress.
+#[derive(Debug, Args)]
+pub(crate) struct ProgressArgs {
+    /// No progress bar.
+    #[arg(short, long)]
+    pub(crate) quiet: bool,
+    /// Progress: bars on a terminal (auto), JSON lines on stderr (json), or none.
+    #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
+    pub(crate) progress: ProgressArg,
+}
+
+impl ProgressArgs {
+    /// With the global `--json`, `auto` shows nothing (as `verify` does).
+    fn mode(&self, json: bool) -> ProgressMode {
+        match progress_mode(self.quiet, self.progress) {
+            ProgressMode::Auto if json => ProgressMode::Off,
+            m => m,
+        }
+    }
 }
 
 impl VerifyArgs {

@@ -75,6 +75,14 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             emit(&output::verify::verify(&out, json));
             out.result()?;
         }
+        Command::Push(args) => {
+            let out = commands::push::push(&args.to_request(json), store)?;
+            emit(&output::transfer::transfer(&out, "pushed", json));
+        }
+        Command::Pull(args) => {
+            let out = commands::push::pull(&args.to_request(json))?;
+            emit(&output::transfer::transfer(&out, "pulled", json));
+        }
         Command::Inspect(args) => {
             let report = commands::inspect::inspect_with(&args.file, &args.options()?)?;
             emit(&output::inspect::inspect(&report, json));

@@ -15,7 +15,9 @@
 //! and callers block on it ([`block_on`]) from whichever thread they are on: each copy thread
 //! issues its own ranged GETs.
 
+pub(crate) mod download;
 mod object;
+pub(crate) mod upload;
 
 pub(crate) use object::{head, Object, ObjectStamp};
 

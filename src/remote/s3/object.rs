@@ -55,6 +55,11 @@ impl Object {
         })
     }
 
+    /// Its name, `s3://BUCKET/KEY`.
+    pub(crate) fn name(&self) -> String {
+        self.url.to_string()
+    }
+
     /// Fills `buf` from `offset` with one ranged GET (retried when the body breaks off).
     fn fetch(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let mut tries = 0;
