@@ -312,3 +312,101 @@ fn credentials_come_from_an_aws_profile() {
     assert_eq!(r.status, 0, "{}{}", r.stdout, r.stderr);
     assert_same(d, "one.raw", "p/xvda.qcow2");
 }
+
+/// A local image in `dir/name` whose system disk holds `mib` MiB of noise (so its file needs
+/// several upload parts).
+fn local_image(dir: &Path, name: &str, mib: usize) {
+    let raw = dir.join(format!("{name}.raw"));
+    std::fs::write(&raw, noise(mib as u64, mib << 20)).unwrap();
+    let disk = format!("snapshot={name}.raw,device=/dev/xvda,type=system");
+    let data = format!("snapshot={name}.raw,device=/dev/xvdb");
+    kiln_in(
+        dir,
+        &["create", "--name", name, "--disk", &disk, "--disk", &data, "--output-dir", name],
+    )
+    .ok();
+    std::fs::remove_file(raw).unwrap();
+}
+
+fn transfer_json(r: &Run) -> serde_json::Value {
+    assert_eq!(r.status, 0, "{}{}", r.stdout, r.stderr);
+    serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout))
+}
+
+#[test]
+fn push_then_pull_round_trips_and_verify_streams_the_bucket() {
+    let t = tmp();
+    let d = t.path();
+    local_image(d, "img", 20);
+    for (writer, reader) in pairs() {
+        let dest = url(&format!("images/{}/", writer.name));
+        let out = transfer_json(&writer.kiln(d, &["--json", "push", "img", &dest]));
+        assert_eq!(out["Files"].as_array().unwrap().len(), 4, "{out}");
+        assert!(out["BytesPerSecond"].as_u64().unwrap() > 0, "{out}");
+        // Parts: a 20 MiB disk takes three 8 MiB parts.
+        let disk = &out["Files"][0];
+        assert!(disk["Parts"].as_u64().unwrap() >= 3, "{out}");
+        let v = reader.kiln(d, &["--json", "verify", &dest]);
+        assert_eq!(v.status, 0, "{}{}", v.stdout, v.stderr);
+        let pulled = format!("pulled-{}", writer.name);
+        let p = transfer_json(&reader.kiln(d, &["--json", "pull", &dest, &pulled]));
+        assert_eq!(p["Bytes"], out["Bytes"], "{p}");
+        assert_sums(&d.join(&pulled));
+        for f in ["xvda.qcow2", "xvdb.qcow2"] {
+            assert_same(d, &format!("img/{f}"), &format!("{pulled}/{f}"));
+        }
+        // Pushing the same image again sends no disk bytes.
+        let again = transfer_json(&writer.kiln(d, &["--json", "push", "img", &dest]));
+        assert_eq!(again["Files"][0]["BytesSent"], 0, "{again}");
+        // A disk replaced in the bucket fails verify, and pull keeps nothing.
+        writer.put(&format!("images/{}/xvdb.qcow2", writer.name), noise(9, 4096));
+        let v = reader.kiln(d, &["--json", "verify", &dest]);
+        assert_eq!(v.status, 1, "{}{}", v.stdout, v.stderr);
+        let bad = format!("bad-{}", writer.name);
+        let r = reader.kiln(d, &["--json", "pull", &dest, &bad]);
+        assert_eq!(r.code(), "InvalidImage.ChecksumMismatch", "{}", r.stdout);
+        assert!(!d.join(&bad).exists());
+    }
+}
+
+#[test]
+fn a_prefix_without_its_checksum_list_is_not_an_image() {
+    let t = tmp();
+    let d = t.path();
+    for (writer, reader) in pairs() {
+        writer.put("half/manifest.json", b"{}".to_vec());
+        for args in [
+            vec!["--json", "pull", "s3://kiln-test/half/", "x"],
+            vec!["--json", "verify", "s3://kiln-test/half/"],
+        ] {
+            let r = reader.kiln(d, &args);
+            assert_eq!(r.code(), "InvalidImageId.NotFound", "{args:?}: {}", r.stdout);
+            assert!(r.stdout.contains("SHA256SUMS"), "{}", r.stdout);
+        }
+        assert!(!d.join("x").exists());
+    }
+}
+
+#[test]
+fn a_push_killed_mid_upload_resumes_and_sends_fewer_bytes() {
+    let t = tmp();
+    let d = t.path();
+    local_image(d, "big", 48);
+    for (writer, reader) in pairs() {
+        let dest = url(&format!("resume/{}/", writer.name));
+        let args = ["--json", "push", "big", &dest];
+        let mut child = kiln_stopped_at_env(d, &writer.env(), &args, "part#3");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Not an image yet: no checksum list.
+        let r = reader.kiln(d, &["--json", "verify", &dest]);
+        assert_eq!(r.code(), "InvalidImageId.NotFound", "{}", r.stdout);
+        // Resumed through another node of the cluster.
+        let out = transfer_json(&reader.kiln(d, &args));
+        let (all, sent) = (out["Bytes"].as_u64().unwrap(), out["BytesTransferred"].as_u64().unwrap());
+        assert!(sent + (16 << 20) <= all, "resumed push sent {sent} of {all}: {out}");
+        assert!(out["Files"][0]["PartsReused"].as_u64().unwrap() >= 2, "{out}");
+        let v = writer.kiln(d, &["--json", "verify", &dest]);
+        assert_eq!(v.status, 0, "{}{}", v.stdout, v.stderr);
+    }
+}
