@@ -64,6 +64,11 @@ impl VerifyReport {
     }
 }
 
+/// Hashes file `name` (number `i`, reporting to the progress given): its hex SHA-256, or why it
+/// cannot be read.
+pub(crate) type HashFn<'a> =
+    dyn Fn(usize, &str, &dyn progress::Progress) -> std::result::Result<String, String> + Sync + 'a;
+
 /// What an image says its files hash to: `SHA256SUMS` and the manifest's per-disk `Sha256`.
 #[derive(Debug, Clone)]
 pub(crate) struct Listing {
@@ -133,8 +138,7 @@ impl Listing {
         location: PathBuf,
         sizes: &[(String, u64)],
         mode: ProgressMode,
-        hash: &(dyn Fn(usize, &str, &dyn progress::Progress) -> std::result::Result<String, String>
-              + Sync),
+        hash: &HashFn<'_>,
     ) -> VerifyReport {
         let reporter = progress::reporter(mode, sizes);
         let files: Vec<FileCheck> = self

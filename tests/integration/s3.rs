@@ -322,7 +322,17 @@ fn local_image(dir: &Path, name: &str, mib: usize) {
     let data = format!("snapshot={name}.raw,device=/dev/xvdb");
     kiln_in(
         dir,
-        &["create", "--name", name, "--disk", &disk, "--disk", &data, "--output-dir", name],
+        &[
+            "create",
+            "--name",
+            name,
+            "--disk",
+            &disk,
+            "--disk",
+            &data,
+            "--output-dir",
+            name,
+        ],
     )
     .ok();
     std::fs::remove_file(raw).unwrap();
@@ -359,7 +369,10 @@ fn push_then_pull_round_trips_and_verify_streams_the_bucket() {
         let again = transfer_json(&writer.kiln(d, &["--json", "push", "img", &dest]));
         assert_eq!(again["Files"][0]["BytesSent"], 0, "{again}");
         // A disk replaced in the bucket fails verify, and pull keeps nothing.
-        writer.put(&format!("images/{}/xvdb.qcow2", writer.name), noise(9, 4096));
+        writer.put(
+            &format!("images/{}/xvdb.qcow2", writer.name),
+            noise(9, 4096),
+        );
         let v = reader.kiln(d, &["--json", "verify", &dest]);
         assert_eq!(v.status, 1, "{}{}", v.stdout, v.stderr);
         let bad = format!("bad-{}", writer.name);
@@ -380,7 +393,12 @@ fn a_prefix_without_its_checksum_list_is_not_an_image() {
             vec!["--json", "verify", "s3://kiln-test/half/"],
         ] {
             let r = reader.kiln(d, &args);
-            assert_eq!(r.code(), "InvalidImageId.NotFound", "{args:?}: {}", r.stdout);
+            assert_eq!(
+                r.code(),
+                "InvalidImageId.NotFound",
+                "{args:?}: {}",
+                r.stdout
+            );
             assert!(r.stdout.contains("SHA256SUMS"), "{}", r.stdout);
         }
         assert!(!d.join("x").exists());
@@ -403,9 +421,18 @@ fn a_push_killed_mid_upload_resumes_and_sends_fewer_bytes() {
         assert_eq!(r.code(), "InvalidImageId.NotFound", "{}", r.stdout);
         // Resumed through another node of the cluster.
         let out = transfer_json(&reader.kiln(d, &args));
-        let (all, sent) = (out["Bytes"].as_u64().unwrap(), out["BytesTransferred"].as_u64().unwrap());
-        assert!(sent + (16 << 20) <= all, "resumed push sent {sent} of {all}: {out}");
-        assert!(out["Files"][0]["PartsReused"].as_u64().unwrap() >= 2, "{out}");
+        let (all, sent) = (
+            out["Bytes"].as_u64().unwrap(),
+            out["BytesTransferred"].as_u64().unwrap(),
+        );
+        assert!(
+            sent + (16 << 20) <= all,
+            "resumed push sent {sent} of {all}: {out}"
+        );
+        assert!(
+            out["Files"][0]["PartsReused"].as_u64().unwrap() >= 2,
+            "{out}"
+        );
         let v = writer.kiln(d, &["--json", "verify", &dest]);
         assert_eq!(v.status, 0, "{}{}", v.stdout, v.stderr);
     }

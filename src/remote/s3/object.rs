@@ -25,13 +25,16 @@ const BLOCKS: usize = 64;
 /// response body that stops half-way).
 const BODY_TRIES: u32 = 4;
 
+/// Cached blocks by index, most recently used first.
+type Blocks = VecDeque<(u64, Arc<[u8]>)>;
+
 pub(crate) struct Object {
     url: S3Url,
     client: &'static Client,
     size: u64,
     /// The ETag when opened: every read is `If-Match` it.
     etag: Option<String>,
-    cache: Mutex<VecDeque<(u64, Arc<[u8]>)>>,
+    cache: Mutex<Blocks>,
 }
 
 /// What an object is, as far as telling a change goes: its size and ETag.
@@ -134,7 +137,7 @@ impl Object {
         Ok(())
     }
 
-    fn lock_cache(&self) -> Result<std::sync::MutexGuard<'_, VecDeque<(u64, Arc<[u8]>)>>> {
+    fn lock_cache(&self) -> Result<std::sync::MutexGuard<'_, Blocks>> {
         self.cache
             .lock()
             .map_err(|_| Error::new(Code::Internal, "object cache lock poisoned"))
