@@ -443,8 +443,9 @@ pub struct CreateArgs {
     /// An image of data disks only (no system disk): `--disk` entries become /dev/xvdb, ...
     #[arg(long)]
     pub(crate) data_image: bool,
-    /// Where the image goes, outside the store; must not exist or be empty.
-    #[arg(long, value_name = "DIR")]
+    /// Where the image goes, outside the store: a directory that must not exist or be empty, or
+    /// s3://BUCKET/PREFIX/ (built in $TMPDIR, then pushed).
+    #[arg(long, visible_alias = "output", value_name = "DIR|s3://BUCKET/PREFIX/")]
     pub(crate) output_dir: Option<PathBuf>,
     /// Idempotency token: the same token and request return the same image (ASCII, up to 64).
     #[arg(long)]
@@ -802,6 +803,9 @@ impl CreateArgs {
             file.encrypted.unwrap_or(false),
         )?;
         let destination = match &self.output_dir {
+            Some(d) if crate::remote::s3::is_remote(d) => {
+                Destination::Bucket(d.to_string_lossy().into_owned())
+            }
             Some(d) => Destination::Dir(d.clone()),
             None => Destination::Store(store::locate(store)?),
         };

@@ -95,6 +95,26 @@ fn remote_listing(prefix: &S3Url) -> Result<(Listing, Vec<u8>, Vec<u8>)> {
     Ok((l, sums, manifest))
 }
 
+/// Refuses a prefix that holds an image (a manifest), unless it is image `id`'s.
+fn check_empty_or(prefix: &S3Url, id: Option<&str>) -> Result<()> {
+    if let Some(theirs) = download::get_small(&at(prefix, "manifest.json"), MAX_LIST_BYTES)? {
+        let same = crate::image::manifest::Manifest::from_json(&theirs)
+            .is_ok_and(|m| Some(m.attributes.image_id.as_str()) == id);
+        if !same {
+            return Err(Error::new(
+                Code::InvalidParameter,
+                format!("{prefix} holds another image; push to an empty prefix (or delete that image's objects first)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a prefix that holds an image already.
+pub(crate) fn check_empty(prefix: &S3Url) -> Result<()> {
+    check_empty_or(prefix, None)
+}
+
 fn finish(
     image_id: String,
     source: String,
@@ -129,16 +149,7 @@ pub fn push(req: &PushRequest, store: Option<&Path>) -> Result<TransferOutcome> 
     let (sums, manifest) = (read("SHA256SUMS")?, read("manifest.json")?);
     let listing = Listing::parse(&sums, "SHA256SUMS", &manifest, "manifest.json")?;
     let id = listing.manifest.attributes.image_id.clone();
-    if let Some(theirs) = download::get_small(&at(&prefix, "manifest.json"), MAX_LIST_BYTES)? {
-        let same = crate::image::manifest::Manifest::from_json(&theirs)
-            .is_ok_and(|m| m.attributes.image_id == id);
-        if !same {
-            return Err(Error::new(
-                Code::InvalidParameter,
-                format!("{prefix} holds another image; push to an empty prefix (or delete that image's objects first)"),
-            ));
-        }
-    }
+    check_empty_or(&prefix, Some(&id))?;
     let mut sizes = Vec::new();
     for name in &listing.order {
         let p = dir.join(name);

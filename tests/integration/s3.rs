@@ -437,3 +437,46 @@ fn a_push_killed_mid_upload_resumes_and_sends_fewer_bytes() {
         assert_eq!(v.status, 0, "{}{}", v.stdout, v.stderr);
     }
 }
+
+#[test]
+fn create_can_output_to_a_bucket() {
+    let t = tmp();
+    let d = t.path();
+    std::fs::write(d.join("sys.raw"), noise(11, 12 << 20)).unwrap();
+    for (writer, reader) in pairs() {
+        let dest = url(&format!("created/{}/", writer.name));
+        let r = writer.kiln(
+            d,
+            &[
+                "--json",
+                "create",
+                "--name",
+                "to-bucket",
+                "--disk",
+                "snapshot=sys.raw,type=system",
+                "--output",
+                &dest,
+            ],
+        );
+        assert_eq!(r.status, 0, "{}{}", r.stdout, r.stderr);
+        let pulled = format!("created-{}", writer.name);
+        reader.kiln(d, &["pull", &dest, &pulled]).ok();
+        assert_sums(&d.join(&pulled));
+        assert_same(d, "sys.raw", &format!("{pulled}/xvda.qcow2"));
+        // The prefix holds an image now: a second create there is refused before copying.
+        let r = writer.kiln(
+            d,
+            &[
+                "--json",
+                "create",
+                "--name",
+                "again",
+                "--disk",
+                "snapshot=sys.raw,type=system",
+                "--output",
+                &dest,
+            ],
+        );
+        assert_eq!(r.code(), "InvalidParameter", "{}", r.stdout);
+    }
+}
