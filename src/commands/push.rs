@@ -17,6 +17,9 @@ use crate::error::{Code, Error, Result};
 use crate::image::verify::{Listing, VerifyReport};
 use crate::remote::s3::{download, upload, S3Url};
 
+/// The files uploaded last, in this order.
+const LAST: [&str; 2] = ["manifest.json", "SHA256SUMS"];
+
 /// The largest manifest or checksum list read from a bucket.
 const MAX_LIST_BYTES: u64 = 16 << 20;
 
@@ -150,18 +153,28 @@ pub fn push(req: &PushRequest, store: Option<&Path>) -> Result<TransferOutcome> 
     let listing = Listing::parse(&sums, "SHA256SUMS", &manifest, "manifest.json")?;
     let id = listing.manifest.attributes.image_id.clone();
     check_empty_or(&prefix, Some(&id))?;
+    // manifest.json and SHA256SUMS go last, below.
+    let disks: Vec<&String> = listing
+        .order
+        .iter()
+        .filter(|n| !LAST.contains(&n.as_str()))
+        .collect();
     let mut sizes = Vec::new();
-    for name in &listing.order {
+    for name in &disks {
         let p = dir.join(name);
         let len = std::fs::metadata(&p)
             .map_err(|e| Error::io(&p, "reading metadata of", e))?
             .len();
-        sizes.push((name.clone(), len));
+        sizes.push(((*name).clone(), len));
     }
     let reporter = progress::reporter(req.progress, &sizes);
     let mut files = Vec::new();
-    for (i, name) in listing.order.iter().enumerate() {
-        let sha = listing.expected.get(name).cloned().unwrap_or_default();
+    for (i, name) in disks.iter().enumerate() {
+        let sha = listing
+            .expected
+            .get(name.as_str())
+            .cloned()
+            .unwrap_or_default();
         let up = upload::upload_file(&at(&prefix, name), &dir.join(name), &sha, &|n| {
             reporter.advance(i, n)
         })?;
@@ -171,7 +184,7 @@ pub fn push(req: &PushRequest, store: Option<&Path>) -> Result<TransferOutcome> 
     drop(reporter);
     // Last, in this order: an image is complete once its SHA256SUMS is there.
     let c = crate::remote::s3::client()?;
-    for (name, bytes) in [("manifest.json", manifest), ("SHA256SUMS", sums)] {
+    for (name, bytes) in LAST.into_iter().zip([manifest, sums]) {
         let sha = crate::copy::hash::hex(&crate::request::digest::sha256_of(&bytes));
         let len = bytes.len() as u64;
         upload::put_small(c, &at(&prefix, name), bytes, &sha)?;

@@ -278,11 +278,10 @@ fn start_upload(c: &Client, url: &S3Url, sha256: &str) -> Result<(String, Checks
     Ok((id, mode))
 }
 
-/// One part's bytes and checksums.
+/// One part's number and SHA-256 (base64).
 struct Part {
     number: i32,
     sha256: String,
-    md5_hex: String,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -339,10 +338,9 @@ fn multipart(
                         let p = Part {
                             number: i as i32 + 1,
                             sha256: b64(&Sha256::digest(&buf)),
-                            md5_hex: crate::copy::hash::hex(&Md5::digest(&buf)),
                         };
                         match held.get(&p.number) {
-                            Some(h) if h.size == n as u64 && held_matches(h, &p) => {
+                            Some(h) if h.size == n as u64 && held_matches(h, &p, &buf) => {
                                 reused.fetch_add(1, Ordering::Relaxed);
                                 Ok((p.number, h.etag.clone(), h.sha256.clone()))
                             }
@@ -388,11 +386,13 @@ fn multipart(
     Ok(done)
 }
 
-/// Whether a held part has this part's bytes (its SHA-256, else its ETag as an MD5).
-fn held_matches(h: &Held, p: &Part) -> bool {
+/// Whether a held part has this part's bytes `buf` (its SHA-256, else its ETag as an MD5).
+fn held_matches(h: &Held, p: &Part, buf: &[u8]) -> bool {
     match &h.sha256 {
         Some(s) => *s == p.sha256,
-        None => h.etag.eq_ignore_ascii_case(&p.md5_hex),
+        None => h
+            .etag
+            .eq_ignore_ascii_case(&crate::copy::hash::hex(&Md5::digest(buf))),
     }
 }
 
