@@ -480,3 +480,34 @@ fn create_can_output_to_a_bucket() {
         assert_eq!(r.code(), "InvalidParameter", "{}", r.stdout);
     }
 }
+
+#[test]
+fn a_server_that_goes_away_mid_push_fails_it_in_bounded_time_and_the_push_completes_later() {
+    use crate::common::s3::{bucket, own_s3s, port};
+    let t = tmp();
+    let d = t.path();
+    local_image(d, "gone", 40);
+    let p = port();
+    let (e, mut server) = own_s3s(d, p).unwrap();
+    bucket(&e, BUCKET);
+    let dest = url("gone/");
+    let args = ["--json", "push", "gone", &dest];
+    let child = kiln_stopped_at_env(d, &e.env(), &args, "part#2");
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let started = std::time::Instant::now();
+    signal(&child, nix::sys::signal::Signal::SIGCONT);
+    let o = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("ServiceUnavailable.ObjectStorage"), "{stdout}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(90), "{:?}", started.elapsed());
+    // Back on the same port and data: the push runs to the end, and the image verifies.
+    let (e, mut server) = own_s3s(d, p).unwrap();
+    let out = transfer_json(&e.kiln(d, &args));
+    assert!(out["Bytes"].as_u64().unwrap() > 40 << 20, "{out}");
+    let v = e.kiln(d, &["--json", "verify", &dest]);
+    assert_eq!(v.status, 0, "{}{}", v.stdout, v.stderr);
+    server.kill().unwrap();
+    server.wait().unwrap();
+}

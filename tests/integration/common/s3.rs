@@ -128,26 +128,43 @@ fn start() -> Result<Servers, String> {
 }
 
 fn start_s3s(root: &Path) -> Result<Endpoint, String> {
+    let (e, _child) = own_s3s(root, free_port())?;
+    Ok(e)
+}
+
+/// An s3s-fs of the caller's own over the directory `root` (made if missing) on `port`, for a
+/// test that stops and restarts its server; the child is the caller's to kill.
+pub fn own_s3s(root: &Path, port: u16) -> Result<(Endpoint, Child), String> {
     let bin = binary("s3s-fs")?;
     let data = root.join("s3s");
     std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
-    let port = free_port();
     let (ak, sk) = ("kilntestaccess", "kilntestsecretkey0123456789");
-    spawn(
+    let child = spawn(
         Command::new(bin)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--access-key", ak, "--secret-key", sk])
             .arg(&data),
-        &root.join("s3s.log"),
+        &root.join(format!("s3s-{port}.log")),
     )?;
     wait_port(port, "s3s-fs")?;
-    Ok(Endpoint {
+    let e = Endpoint {
         name: "s3s-fs",
         url: format!("http://127.0.0.1:{port}"),
         region: "us-east-1",
         access_key: ak.into(),
         secret_key: sk.into(),
-    })
+    };
+    Ok((e, child))
+}
+
+/// A free loopback port.
+pub fn port() -> u16 {
+    free_port()
+}
+
+/// Creates `bucket` on `e` (or finds it there).
+pub fn bucket(e: &Endpoint, bucket: &str) {
+    make_bucket(e, bucket);
 }
 
 /// `garage -c CONF ARGS`, which must succeed; its stdout.
