@@ -244,10 +244,9 @@ pub fn pull(req: &PullRequest) -> Result<TransferOutcome> {
         std::process::id()
     ));
     std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, "creating", e))?;
-    let r = pull_into(&prefix, &listing, &staging, req.progress).and_then(|files| {
-        for (n, b) in [("manifest.json", &manifest), ("SHA256SUMS", &sums)] {
-            std::fs::write(staging.join(n), b)
-                .map_err(|e| Error::io(&staging.join(n), "writing", e))?;
+    let r = pull_into(&prefix, &listing, &staging, req.progress).and_then(|mut files| {
+        for (n, b) in LAST.into_iter().zip([&manifest, &sums]) {
+            files.push(write_list(&prefix, &listing, &staging, n, b)?);
         }
         std::fs::rename(&staging, dir).map_err(|e| Error::io(dir, "renaming into place", e))?;
         Ok(files)
@@ -271,28 +270,62 @@ pub fn pull(req: &PullRequest) -> Result<TransferOutcome> {
     ))
 }
 
+/// Writes `manifest.json` or `SHA256SUMS` (`bytes`) into the pulled image, the manifest checked
+/// against `SHA256SUMS` first.
+fn write_list(
+    prefix: &S3Url,
+    listing: &Listing,
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+) -> Result<upload::Uploaded> {
+    let sha = crate::copy::hash::hex(&crate::request::digest::sha256_of(bytes));
+    if name != "SHA256SUMS" && listing.expected.get(name) != Some(&sha) {
+        return Err(Error::new(
+            Code::ChecksumMismatch,
+            format!(
+                "{}: its SHA-256 {sha} is not the one SHA256SUMS lists; nothing was kept",
+                at(prefix, name)
+            ),
+        ));
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).map_err(|e| Error::io(&path, "writing", e))?;
+    let len = bytes.len() as u64;
+    Ok(upload::Uploaded {
+        file: name.to_string(),
+        bytes: len,
+        parts: 1,
+        parts_reused: 0,
+        bytes_sent: len,
+    })
+}
+
 fn pull_into(
     prefix: &S3Url,
     listing: &Listing,
     dir: &Path,
     mode: ProgressMode,
 ) -> Result<Vec<upload::Uploaded>> {
+    let disks: Vec<&String> = listing
+        .order
+        .iter()
+        .filter(|n| !LAST.contains(&n.as_str()))
+        .collect();
     let mut sizes = Vec::new();
-    for name in &listing.order {
-        sizes.push((
-            name.clone(),
-            crate::remote::s3::head(&at(prefix, name))?.size,
-        ));
+    for name in &disks {
+        let size = crate::remote::s3::head(&at(prefix, name))?.size;
+        sizes.push(((*name).clone(), size));
     }
     let reporter = progress::reporter(mode, &sizes);
     let mut files = Vec::new();
-    for (i, name) in listing.order.iter().enumerate() {
+    for (i, name) in disks.iter().enumerate() {
         let path = dir.join(name);
         let len = download::download_file(&at(prefix, name), &path, &|n| reporter.advance(i, n))?;
         let f = crate::util::safe_fs::open_regular(&path)
             .map_err(|e| Error::io(&path, "opening", e))?;
         let got = crate::copy::hash::hash_file(&f, &path, true)?;
-        if listing.expected.get(name) != Some(&got) {
+        if listing.expected.get(name.as_str()) != Some(&got) {
             return Err(Error::new(
                 Code::ChecksumMismatch,
                 format!(
@@ -303,7 +336,7 @@ fn pull_into(
         }
         reporter.disk_done(i, &crate::copy::stats::CopyStats::default());
         files.push(upload::Uploaded {
-            file: name.clone(),
+            file: name.to_string(),
             bytes: len,
             parts: len.div_ceil(16 << 20),
             parts_reused: 0,
