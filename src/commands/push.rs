@@ -20,6 +20,15 @@ use crate::remote::s3::{download, upload, S3Url};
 /// The files uploaded last, in this order.
 const LAST: [&str; 2] = ["manifest.json", "SHA256SUMS"];
 
+/// The files of an image other than [`LAST`], in listing order.
+fn disk_files(listing: &Listing) -> Vec<&String> {
+    listing
+        .order
+        .iter()
+        .filter(|n| !LAST.contains(&n.as_str()))
+        .collect()
+}
+
 /// The largest manifest or checksum list read from a bucket.
 const MAX_LIST_BYTES: u64 = 16 << 20;
 
@@ -154,11 +163,7 @@ pub fn push(req: &PushRequest, store: Option<&Path>) -> Result<TransferOutcome> 
     let id = listing.manifest.attributes.image_id.clone();
     check_empty_or(&prefix, Some(&id))?;
     // manifest.json and SHA256SUMS go last, below.
-    let disks: Vec<&String> = listing
-        .order
-        .iter()
-        .filter(|n| !LAST.contains(&n.as_str()))
-        .collect();
+    let disks = disk_files(&listing);
     let mut sizes = Vec::new();
     for name in &disks {
         let p = dir.join(name);
@@ -307,11 +312,7 @@ fn pull_into(
     dir: &Path,
     mode: ProgressMode,
 ) -> Result<Vec<upload::Uploaded>> {
-    let disks: Vec<&String> = listing
-        .order
-        .iter()
-        .filter(|n| !LAST.contains(&n.as_str()))
-        .collect();
+    let disks = disk_files(listing);
     let mut sizes = Vec::new();
     for name in &disks {
         let size = crate::remote::s3::head(&at(prefix, name))?.size;
