@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
@@ -49,9 +49,13 @@ pub(crate) fn get_small(url: &S3Url, limit: u64) -> Result<Option<Vec<u8>>> {
     Ok(Some(bytes.to_vec()))
 }
 
-/// Runs `each(chunk index, object)` over every [`CHUNK`] of `url` on [`WORKERS`] threads; the
-/// object's length is returned first through `sized`.
-fn chunks(obj: &Object, each: &(dyn Fn(u64, &[u8]) -> Result<()> + Sync)) -> Result<()> {
+/// Runs `each(chunk index, bytes)` over every [`CHUNK`] of `obj` on [`WORKERS`] threads;
+/// `failed` is set as soon as one fails (the others stop taking chunks).
+fn chunks(
+    obj: &Object,
+    failed: &AtomicBool,
+    each: &(dyn Fn(u64, &[u8]) -> Result<()> + Sync),
+) -> Result<()> {
     let len = obj
         .len()
         .map_err(|e| Error::new(Code::IoError, e.to_string()))?;
@@ -74,6 +78,7 @@ fn chunks(obj: &Object, each: &(dyn Fn(u64, &[u8]) -> Result<()> + Sync)) -> Res
                         .map_err(|e| Error::io(Path::new(&obj.name()), "reading", e))
                         .and_then(|_| each(i, &buf));
                     if let Err(e) = r {
+                        failed.store(true, Ordering::Relaxed);
                         if let Ok(mut f) = failure.lock() {
                             f.get_or_insert(e);
                         }
@@ -107,7 +112,7 @@ pub(crate) fn download_file(
         .map_err(|e| Error::io(dest, "creating", e))?;
     file.set_len(len)
         .map_err(|e| Error::io(dest, "sizing", e))?;
-    chunks(&obj, &|i, buf| {
+    chunks(&obj, &AtomicBool::new(false), &|i, buf| {
         if buf.iter().any(|&b| b != 0) {
             file.write_all_at(buf, i * CHUNK)
                 .map_err(|e| Error::io(dest, "writing", e))?;
@@ -126,15 +131,20 @@ pub(crate) fn hash_object(url: &S3Url, advance: &(dyn Fn(u64) + Sync)) -> Result
     let obj = Object::open(url)?;
     let state = Mutex::new((Sha256::new(), 0u64, std::collections::BTreeMap::new()));
     let ready = std::sync::Condvar::new();
-    chunks(&obj, &|i, buf| {
+    let failed = AtomicBool::new(false);
+    chunks(&obj, &failed, &|i, buf| {
         let mut g = state
             .lock()
             .map_err(|_| Error::new(Code::Internal, "hash lock poisoned"))?;
         // Hold at most WORKERS chunks out of order: wait for this one's turn otherwise.
         while i >= g.1 + WORKERS {
+            if failed.load(Ordering::Relaxed) {
+                return Err(Error::new(Code::IoError, "another read failed"));
+            }
             g = ready
-                .wait(g)
-                .map_err(|_| Error::new(Code::Internal, "hash lock poisoned"))?;
+                .wait_timeout(g, std::time::Duration::from_millis(100))
+                .map_err(|_| Error::new(Code::Internal, "hash lock poisoned"))?
+                .0;
         }
         g.2.insert(i, buf.to_vec());
         loop {
