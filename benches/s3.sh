@@ -46,7 +46,9 @@ for r in $(seq "$RUNS"); do
   t pull kiln "$KILN" pull -q s3://bench/p/ "$W/pulled"
   t pull aws aws --endpoint-url "$AWS_ENDPOINT_URL" s3 cp --quiet s3://bench/a/xvda.qcow2 "$W/a.qcow2"
   rm -rf "$W/o1" "$W/o2"
-  t create-raw s3 "$KILN" create -q --name b --disk snapshot=s3://bench/data-rand.raw,type=system --output-dir "$W/o1"
-  t create-raw local "$KILN" create -q --name b --disk "snapshot=$C/data-rand.raw,type=system" --output-dir "$W/o2"
+  t create-raw s3 "$KILN" create -q --name bench-create --disk snapshot=s3://bench/data-rand.raw,type=system --output-dir "$W/o1"
+  rm -rf "$W/o1"
+  t create-raw s3-j8 "$KILN" create -q -j 8 --name bench-create --disk snapshot=s3://bench/data-rand.raw,type=system --output-dir "$W/o1"
+  t create-raw local "$KILN" create -q --name bench-create --disk "snapshot=$C/data-rand.raw,type=system" --output-dir "$W/o2"
 done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
