@@ -110,8 +110,9 @@ fn wait_port(port: u16, what: &str) -> Result<(), String> {
 }
 
 fn start() -> Result<Servers, String> {
+    remove_stale();
     let dir = tempfile::Builder::new()
-        .prefix("kiln-s3-")
+        .prefix(&format!("kiln-s3-{}-", std::process::id()))
         .tempdir()
         .map_err(|e| e.to_string())?;
     let garage = start_garage(dir.path())?;
@@ -125,6 +126,24 @@ fn start() -> Result<Servers, String> {
         make_bucket(e, BUCKET);
     }
     Ok(servers)
+}
+
+/// The servers' directory lives as long as the test process, whose statics are never dropped:
+/// each run removes those left by test processes that have ended (`kiln-s3-PID-*`).
+fn remove_stale() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix("kiln-s3-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn start_s3s(root: &Path) -> Result<Endpoint, String> {
