@@ -483,7 +483,7 @@ pub struct OutputArgs {
     /// uses writeback).
     #[arg(short = 't', long = "cache", value_enum, default_value_t = CacheArg::Writeback)]
     pub(crate) cache: CacheArg,
-    /// Copy threads (default: all cores).
+    /// Copy threads (default: all cores; at least 8 when a source is s3://).
     #[arg(short = 'j', long = "threads")]
     pub(crate) threads: Option<usize>,
     /// Progress display.
@@ -655,6 +655,18 @@ fn source_format(flag: &str, value: Option<&str>) -> Result<Option<Format>> {
         .transpose()
 }
 
+/// Copy threads by default when a source is an object (`s3://`): each holds one ranged GET.
+const REMOTE_THREADS: usize = 8;
+
+/// Whether any source (a disk's snapshot, or `--snapshot`) is an object in a bucket.
+fn remote_sources(disks: &[DiskSpec], snapshot: Option<&Path>) -> bool {
+    disks
+        .iter()
+        .filter_map(|d| d.snapshot.as_deref())
+        .chain(snapshot)
+        .any(crate::remote::s3::is_remote)
+}
+
 fn threads(j: Option<usize>) -> Result<usize> {
     match j {
         Some(0) => Err(Error::new(
@@ -810,6 +822,7 @@ impl CreateArgs {
             None => Destination::Store(store::locate(store)?),
         };
         let pick = |flag: &Option<String>, file: Option<String>| flag.clone().or(file);
+        let remote = remote_sources(&disks, snapshot.as_deref());
         Ok(CreateRequest {
             name,
             family: self.family.clone().or(file.image_family),
@@ -834,7 +847,11 @@ impl CreateArgs {
             client_token: self.client_token.clone().or(file.client_token),
             dry_run: self.dry_run || file.dry_run.unwrap_or(false),
             output,
-            threads: threads(self.out.threads)?,
+            threads: match self.out.threads {
+                // Copies from objects wait on request latency: more requests in flight than cores.
+                None if remote => threads(None)?.max(REMOTE_THREADS),
+                j => threads(j)?,
+            },
             progress: self.progress_mode(),
             instance,
             allow_running: self.allow_running,
