@@ -33,6 +33,15 @@ pub struct Cli {
     /// The image store (default: $KILN_STORE, else $XDG_DATA_HOME/kiln, else ~/.local/share/kiln).
     #[arg(long, global = true, value_name = "DIR")]
     pub store: Option<PathBuf>,
+    /// Object storage (`s3://`) endpoint, e.g. http://127.0.0.1:3900 (default: $AWS_ENDPOINT_URL,
+    /// the AWS profile's endpoint_url, else AWS S3 itself).
+    #[arg(long, global = true, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+    /// `s3://` requests path-style (http://host/BUCKET/KEY) or virtual-hosted
+    /// (http://BUCKET.host/KEY); default: $KILN_S3_ADDRESSING_STYLE, else path with an endpoint
+    /// URL, virtual without.
+    #[arg(long = "s3-addressing", global = true, value_name = "STYLE")]
+    pub s3_addressing: Option<crate::remote::s3::Addressing>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -47,8 +56,13 @@ pub enum Command {
     Describe(DescribeArgs),
     /// Delete images from the store (DeleteImage).
     Delete(DeleteArgs),
-    /// Recompute every checksum of an image and compare with SHA256SUMS and the manifest.
+    /// Recompute every checksum of an image (a directory, an ImageId, or s3://BUCKET/PREFIX/,
+    /// streamed) and compare with SHA256SUMS and the manifest.
     Verify(VerifyArgs),
+    /// Upload an image to object storage: s3://BUCKET/PREFIX/ (resumes an interrupted push).
+    Push(PushArgs),
+    /// Download an image from object storage into a new directory.
+    Pull(PullArgs),
     /// Show a disk's format, sizes, backing chain, snapshots, writer and allocation map.
     Inspect(InspectArgs),
     /// Check an image's system disk (or any disk file): partition table, partitions, boot mode,
@@ -178,12 +192,77 @@ pub struct DeleteArgs {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// An ImageId in the store, or an image directory.
-    #[arg(value_name = "IMAGE_ID|DIR")]
+    /// An ImageId in the store, an image directory, or s3://BUCKET/PREFIX/.
+    #[arg(value_name = "IMAGE_ID|DIR|s3://BUCKET/PREFIX/")]
     pub(crate) target: String,
     /// No progress bar.
     #[arg(short, long)]
     pub(crate) quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// An ImageId in the store, or an image directory.
+    #[arg(value_name = "IMAGE_ID|DIR")]
+    pub(crate) image: String,
+    /// Where: s3://BUCKET/PREFIX/ (the image's files go under PREFIX).
+    #[arg(value_name = "s3://BUCKET/PREFIX/")]
+    pub(crate) destination: String,
+    #[command(flatten)]
+    pub(crate) progress: ProgressArgs,
+}
+
+impl PushArgs {
+    pub fn to_request(&self, json: bool) -> crate::commands::push::PushRequest {
+        crate::commands::push::PushRequest {
+            image: self.image.clone(),
+            destination: self.destination.clone(),
+            progress: self.progress.mode(json),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// The image: s3://BUCKET/PREFIX/.
+    #[arg(value_name = "s3://BUCKET/PREFIX/")]
+    pub(crate) source: String,
+    /// A new directory to hold it.
+    #[arg(value_name = "DIR")]
+    pub(crate) directory: PathBuf,
+    #[command(flatten)]
+    pub(crate) progress: ProgressArgs,
+}
+
+impl PullArgs {
+    pub fn to_request(&self, json: bool) -> crate::commands::push::PullRequest {
+        crate::commands::push::PullRequest {
+            source: self.source.clone(),
+            directory: self.directory.clone(),
+            progress: self.progress.mode(json),
+        }
+    }
+}
+
+/// How transfers show progress.
+#[derive(Debug, Args)]
+pub(crate) struct ProgressArgs {
+    /// No progress bar.
+    #[arg(short, long)]
+    pub(crate) quiet: bool,
+    /// Progress: bars on a terminal (auto), JSON lines on stderr (json), or none.
+    #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
+    pub(crate) progress: ProgressArg,
+}
+
+impl ProgressArgs {
+    /// With the global `--json`, `auto` shows nothing (as `verify` does).
+    fn mode(&self, json: bool) -> ProgressMode {
+        match progress_mode(self.quiet, self.progress) {
+            ProgressMode::Auto if json => ProgressMode::Off,
+            m => m,
+        }
+    }
 }
 
 impl VerifyArgs {
@@ -364,8 +443,9 @@ pub struct CreateArgs {
     /// An image of data disks only (no system disk): `--disk` entries become /dev/xvdb, ...
     #[arg(long)]
     pub(crate) data_image: bool,
-    /// Where the image goes, outside the store; must not exist or be empty.
-    #[arg(long, value_name = "DIR")]
+    /// Where the image goes, outside the store: a directory that must not exist or be empty, or
+    /// s3://BUCKET/PREFIX/ (built in $TMPDIR, then pushed).
+    #[arg(long, visible_alias = "output", value_name = "DIR|s3://BUCKET/PREFIX/")]
     pub(crate) output_dir: Option<PathBuf>,
     /// Idempotency token: the same token and request return the same image (ASCII, up to 64).
     #[arg(long)]
@@ -407,7 +487,7 @@ pub struct OutputArgs {
     /// uses writeback).
     #[arg(short = 't', long = "cache", value_enum, default_value_t = CacheArg::Writeback)]
     pub(crate) cache: CacheArg,
-    /// Copy threads (default: all cores).
+    /// Copy threads (default: all cores; at least 8 when a source is s3://).
     #[arg(short = 'j', long = "threads")]
     pub(crate) threads: Option<usize>,
     /// Progress display.
@@ -464,8 +544,9 @@ pub struct ConvertArgs {
 /// `--backing-dir`, shared by every command that opens sources.
 #[derive(Debug, Args)]
 pub(crate) struct BackingArgs {
-    /// Also follow qcow2 backing files under DIR (repeatable); by default only those inside the
-    /// named image's directory tree are followed.
+    /// Also follow backing files under DIR (repeatable), or under s3://BUCKET/PREFIX/ for
+    /// sources in a bucket; by default only those inside the named image's directory tree (or
+    /// key prefix) are followed.
     #[arg(long = "backing-dir", value_name = "DIR")]
     pub(crate) backing_dirs: Vec<PathBuf>,
 }
@@ -576,6 +657,18 @@ fn source_format(flag: &str, value: Option<&str>) -> Result<Option<Format>> {
             })
         })
         .transpose()
+}
+
+/// Copy threads by default when a source is an object (`s3://`): each holds one ranged GET.
+const REMOTE_THREADS: usize = 8;
+
+/// Whether any source (a disk's snapshot, or `--snapshot`) is an object in a bucket.
+fn remote_sources(disks: &[DiskSpec], snapshot: Option<&Path>) -> bool {
+    disks
+        .iter()
+        .filter_map(|d| d.snapshot.as_deref())
+        .chain(snapshot)
+        .any(crate::remote::s3::is_remote)
 }
 
 fn threads(j: Option<usize>) -> Result<usize> {
@@ -741,9 +834,13 @@ impl CreateArgs {
             file.encrypted.unwrap_or(false),
         )?;
         let destination = match &self.output_dir {
+            Some(d) if crate::remote::s3::is_remote(d) => {
+                Destination::Bucket(d.to_string_lossy().into_owned())
+            }
             Some(d) => Destination::Dir(d.clone()),
             None => Destination::Store(store::locate(store)?),
         };
+        let remote = remote_sources(&disks, snapshot.as_deref());
         Ok(CreateRequest {
             name,
             family: self.family.clone().or(file.image_family),
@@ -768,7 +865,11 @@ impl CreateArgs {
             client_token: self.client_token.clone().or(file.client_token),
             dry_run: self.dry_run || file.dry_run.unwrap_or(false),
             output,
-            threads: threads(self.out.threads)?,
+            threads: match self.out.threads {
+                // Copies from objects wait on request latency: more requests in flight than cores.
+                None if remote => threads(None)?.max(REMOTE_THREADS),
+                j => threads(j)?,
+            },
             progress: self.progress_mode(),
             instance,
             allow_running: self.allow_running,

@@ -74,6 +74,11 @@ pub enum Code {
     /// A `--target` destination's documented rule would be broken (too many disks, a size it
     /// cannot take, an architecture it does not import).
     TargetRule,
+    /// Object storage refused the credentials (unknown access key, wrong secret, no permission).
+    StorageAccessDenied,
+    /// Object storage did not answer (refused connections, timeouts, 5xx answers) after
+    /// bounded retries.
+    StorageUnavailable,
 }
 
 impl Code {
@@ -126,6 +131,8 @@ impl Code {
             Code::Unsupported => "OperationDenied.Unsupported",
             Code::KeyMismatch => "InvalidSnapshot.KeyMismatch",
             Code::TargetRule => "OperationDenied.TargetRule",
+            Code::StorageAccessDenied => "Forbidden.ObjectStorage",
+            Code::StorageUnavailable => "ServiceUnavailable.ObjectStorage",
         }
     }
 
@@ -139,6 +146,7 @@ impl Code {
             | Code::Internal
             | Code::ChecksumMismatch
             | Code::SourceChanged
+            | Code::StorageUnavailable
             | Code::UnsafePath => 1,
             _ => 2,
         }
@@ -209,6 +217,17 @@ impl Error {
     /// An I/O failure on `path` while doing `what` (e.g. "reading at offset 4096").
     /// ENOSPC and EDQUOT become InsufficientSpace.
     pub(crate) fn io(path: &Path, what: &str, err: io::Error) -> Self {
+        // A read from object storage that failed carries kiln's own error (its code and message
+        // name the object) through the `io::Error` that `RandomRead` returns.
+        let err = if err.get_ref().is_some_and(|e| e.is::<Error>()) {
+            match err.into_inner().map(|e| e.downcast::<Error>()) {
+                Some(Ok(e)) => return *e,
+                Some(Err(other)) => io::Error::other(other),
+                None => io::Error::other("an object storage read failed"),
+            }
+        } else {
+            err
+        };
         let code = match err.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => Code::InsufficientSpace,
             _ => Code::IoError,

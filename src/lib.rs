@@ -18,6 +18,7 @@ pub mod format;
 pub mod image;
 pub mod output;
 pub mod prepare;
+pub mod remote;
 pub mod request;
 pub mod target;
 pub mod util;

@@ -19,6 +19,10 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
     let cli = Cli::parse();
+    kiln::remote::s3::configure(kiln::remote::s3::Settings {
+        endpoint_url: cli.endpoint_url.clone(),
+        addressing: cli.s3_addressing,
+    });
     let json = cli.json;
     match run(cli) {
         Ok(code) => code,
@@ -70,6 +74,14 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             let out = commands::verify::verify(&args.to_request(json), store)?;
             emit(&output::verify::verify(&out, json));
             out.result()?;
+        }
+        Command::Push(args) => {
+            let out = commands::push::push(&args.to_request(json), store)?;
+            emit(&output::transfer::transfer(&out, "pushed", json));
+        }
+        Command::Pull(args) => {
+            let out = commands::push::pull(&args.to_request(json))?;
+            emit(&output::transfer::transfer(&out, "pulled", json));
         }
         Command::Inspect(args) => {
             let report = commands::inspect::inspect_with(&args.file, &args.options()?)?;

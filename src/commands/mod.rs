@@ -7,5 +7,6 @@ pub mod create;
 pub mod delete;
 pub mod describe;
 pub mod inspect;
+pub mod push;
 pub(crate) mod target;
 pub mod verify;

@@ -29,6 +29,10 @@ impl VerifyOutcome {
 
 /// Resolves the target and checks it. `store` is the global `--store`, used for an ImageId.
 pub fn verify(req: &VerifyRequest, store: Option<&Path>) -> Result<VerifyOutcome> {
+    if req.target.starts_with(crate::remote::s3::SCHEME) {
+        let report = crate::commands::push::verify_remote(&req.target, req.progress)?;
+        return Ok(VerifyOutcome { report });
+    }
     let dir = target::image_dir(&req.target, store)?;
     let report = verify::verify_dir(&dir, req.progress)?;
     Ok(VerifyOutcome { report })

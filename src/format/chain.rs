@@ -2,7 +2,7 @@
 //! that names a backing (parent) file opens it through [`open_backing`], so loops, depth and the
 //! backing gate are checked in one place and any format may back any other.
 
-use std::fs::File;
+use crate::format::input::Input;
 use std::path::{Path, PathBuf};
 
 use super::gate::BackingGate;
@@ -109,7 +109,7 @@ pub(crate) fn open_backing(
 /// registry.
 pub(crate) fn open_layer_as(
     format: Format,
-    file: File,
+    file: Input,
     path: &Path,
     chain: &mut Chain,
     gate: &BackingGate,

@@ -10,13 +10,15 @@
 //! Borrowed from imago's `format/gate.rs`: files named inside an image open only through a gate.
 
 use std::ffi::OsStr;
-use std::fs::File;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Code, Error, Result};
+use crate::format::Input;
+use crate::remote::s3::S3Url;
 use crate::util::safe_fs;
 
 /// Which backing files may be opened, besides those inside the named image's directory tree.
@@ -38,8 +40,11 @@ impl BackingGate {
     /// Resolves the backing file `name` stored in `overlay` and opens it read-only, or refuses it.
     /// `top` is the file the user named (the chain's first). Returns the path as named (for messages
     /// and the manifest) and the open file.
-    pub(crate) fn open(&self, top: &Path, overlay: &Path, name: &[u8]) -> Result<(PathBuf, File)> {
+    pub(crate) fn open(&self, top: &Path, overlay: &Path, name: &[u8]) -> Result<(PathBuf, Input)> {
         let shown = String::from_utf8_lossy(name).into_owned();
+        if let Some(over) = S3Url::from_path(overlay)? {
+            return self.open_remote(top, overlay, &over, &shown);
+        }
         if let Some(proto) = protocol_prefix(name) {
             return Err(denied(
                 overlay,
@@ -119,8 +124,83 @@ impl BackingGate {
                 ),
             ));
         }
-        Ok((path, file))
+        Ok((path, Arc::new(file)))
     }
+
+    /// The backing file `name` of an object `overlay` in a bucket: a relative name, resolved
+    /// against the overlay's prefix inside the same bucket, and allowed only under the prefix of
+    /// `top` (the object the user named) or an `s3://` `--backing-dir` in the same bucket.
+    fn open_remote(
+        &self,
+        top: &Path,
+        overlay: &Path,
+        over: &S3Url,
+        shown: &str,
+    ) -> Result<(PathBuf, Input)> {
+        if shown.starts_with('/') || protocol_prefix(shown.as_bytes()).is_some() {
+            return Err(denied(
+                overlay,
+                format!("its backing file '{shown}' is not a name relative to it; an object's backing files must be objects beside it in the same bucket"),
+            ));
+        }
+        let key = join_key(over.prefix(), shown).ok_or_else(|| {
+            denied(
+                overlay,
+                format!("its backing file '{shown}' climbs above the top of the bucket"),
+            )
+        })?;
+        let url = S3Url {
+            bucket: over.bucket.clone(),
+            key,
+        };
+        let top_prefix = S3Url::from_path(top)?
+            .filter(|t| t.bucket == url.bucket)
+            .map(|t| t.prefix().to_string());
+        let allowed = top_prefix.is_some_and(|p| url.key.starts_with(&p))
+            || self.dirs.iter().any(|d| {
+                d.to_str()
+                    .and_then(|d| S3Url::parse(d, true).ok().flatten())
+                    .is_some_and(|d| {
+                        d.bucket == url.bucket && url.key.starts_with(&dir_prefix(&d.key))
+                    })
+            });
+        if !allowed {
+            let dir = format!("s3://{}/{}", url.bucket, url.prefix());
+            return Err(denied(
+                overlay,
+                format!(
+                    "its backing file '{shown}' resolves to {url}, outside the prefix of the object named; allow it with `--backing-dir {dir}`"
+                ),
+            ));
+        }
+        let object = crate::remote::s3::Object::open(&url)?;
+        Ok((url.to_path(), Arc::new(object)))
+    }
+}
+
+/// A key prefix as a directory: ending in `/` (or empty, the whole bucket).
+fn dir_prefix(key: &str) -> String {
+    if key.is_empty() || key.ends_with('/') {
+        key.to_string()
+    } else {
+        format!("{key}/")
+    }
+}
+
+/// `name` (relative, `/`-separated) resolved against the key prefix `dir` (empty or ending in
+/// `/`): `.` and empty components dropped, `..` going up one; None when it climbs past the top.
+fn join_key(dir: &str, name: &str) -> Option<String> {
+    let mut parts: Vec<&str> = dir.split('/').filter(|p| !p.is_empty()).collect();
+    for c in name.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            c => parts.push(c),
+        }
+    }
+    Some(parts.join("/")).filter(|k| !k.is_empty())
 }
 
 /// The directory a file is in (`.` for a bare name).
@@ -162,6 +242,31 @@ mod tests {
         assert_eq!(protocol_prefix(b"./a:b.qcow2"), None);
         assert_eq!(protocol_prefix(b"/x/a:b"), None);
         assert_eq!(protocol_prefix(b"base.qcow2"), None);
+    }
+
+    #[test]
+    fn backing_keys_resolve_inside_the_bucket() {
+        assert_eq!(join_key("a/b/", "c.qcow2").as_deref(), Some("a/b/c.qcow2"));
+        assert_eq!(join_key("a/b/", "../c").as_deref(), Some("a/c"));
+        assert_eq!(join_key("", "./x//y").as_deref(), Some("x/y"));
+        assert_eq!(join_key("a/", "../../c"), None);
+        assert_eq!(join_key("a/", ".."), None);
+    }
+
+    #[test]
+    fn remote_backing_files_stay_under_the_named_prefix() {
+        let gate = BackingGate::default();
+        let top = Path::new("s3://bucket/img/top.qcow2");
+        for name in ["../other/base", "/etc/passwd", "http://x/y", "../../x"] {
+            let e = gate.open(top, top, name.as_bytes()).err().unwrap();
+            assert_eq!(e.code(), Code::BackingDenied, "{name}: {}", e.message());
+        }
+        let e = gate.open(top, top, b"../other/base").err().unwrap();
+        assert!(
+            e.message().contains("--backing-dir s3://bucket/other/"),
+            "{}",
+            e.message()
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub(crate) mod chain;
 pub mod gate;
+pub mod input;
 pub mod luks;
 pub mod qcow2;
 pub(crate) mod raw;
@@ -17,11 +18,11 @@ pub(crate) mod vhdx;
 pub mod vmdk;
 pub(crate) mod writer;
 
+pub(crate) use input::{Input, RandomRead};
 pub(crate) use writer::{DiskWriter, Finished};
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Code, Error, Result};
@@ -93,7 +94,7 @@ pub(crate) struct ReadDriver {
     /// Drivers are probed in table order; the last one (raw) takes anything.
     pub(crate) probe: fn(&Probe<'_>) -> bool,
     /// Opens a source (and its backing chain), at an internal snapshot when one is named.
-    pub(crate) open: fn(File, &Path, Option<&str>, &gate::BackingGate) -> Result<Opened>,
+    pub(crate) open: fn(Input, &Path, Option<&str>, &gate::BackingGate) -> Result<Opened>,
     /// Opens a file as one layer of a chain another file names as its backing file (recording it
     /// in the chain first, with [`chain::Chain::note`]).
     pub(crate) open_layer: OpenLayerFn,
@@ -101,7 +102,7 @@ pub(crate) struct ReadDriver {
 
 /// A format's chain-layer opener: (file, its path, the chain so far, the gate).
 pub(crate) type OpenLayerFn =
-    fn(File, &Path, &mut chain::Chain, &gate::BackingGate) -> Result<Box<dyn BlockSource>>;
+    fn(Input, &Path, &mut chain::Chain, &gate::BackingGate) -> Result<Box<dyn BlockSource>>;
 
 /// A format's writer constructor: (new empty file, its path, virtual size, output options).
 pub(crate) type CreateFn = fn(File, &Path, u64, &OutputSpec) -> Result<Box<dyn DiskWriter>>;
@@ -528,7 +529,7 @@ pub struct OpenOptions {
 /// file `path` itself does not exist.
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<Opened> {
     let (path, snapshot) = split_snapshot(path, opts.snapshot.clone());
-    let file = open_read_only(&path)?;
+    let file = input::open(&path)?;
     let format = match opts.format {
         Some(f) => f,
         None => detect(&file, &path)?,
@@ -539,7 +540,7 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Opened> {
 /// Opens `file` as `format` through the registry.
 pub(crate) fn open_as(
     format: Format,
-    file: File,
+    file: Input,
     path: &Path,
     snapshot: Option<&str>,
     gate: &gate::BackingGate,
@@ -650,12 +651,16 @@ pub(crate) fn open_read_only(path: &Path) -> Result<File> {
 /// What a source file looked like when it was opened, to tell afterwards whether it changed while
 /// it was copied (shrunk, grown, rewritten, replaced): the copy is then refused, not published.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Stamp {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
+pub(crate) enum Stamp {
+    Local {
+        dev: u64,
+        ino: u64,
+        size: u64,
+        mtime: (i64, i64),
+        ctime: (i64, i64),
+    },
+    /// An object in a bucket: its size and ETag.
+    Object(crate::remote::s3::ObjectStamp),
 }
 
 /// Stamps of every file of some chains, taken before a copy.
@@ -680,17 +685,35 @@ impl SourceStamps {
     /// Fails with InvalidSnapshot.Changed naming the first file that is not as it was.
     pub(crate) fn check(&self) -> Result<()> {
         for (path, before) in &self.0 {
-            let now = stamp(path).ok();
+            let now = stamp(path);
+            if let Err(e) = &now {
+                if matches!(
+                    e.code(),
+                    Code::StorageUnavailable | Code::StorageAccessDenied
+                ) {
+                    return now.map(|_| ());
+                }
+            }
+            let now = now.ok();
             if now.as_ref() == Some(before) {
                 continue;
             }
-            let how = match now {
-                None => "was removed".to_string(),
-                Some(n) if (n.dev, n.ino) != (before.dev, before.ino) => "was replaced".to_string(),
-                Some(n) if n.size != before.size => {
-                    format!("changed size from {} to {} bytes", before.size, n.size)
+            let how = match (now, before) {
+                (None, _) => "was removed".to_string(),
+                (Some(Stamp::Object(n)), Stamp::Object(b)) if n.size != b.size => {
+                    format!("changed size from {} to {} bytes", b.size, n.size)
                 }
-                Some(_) => "was written to".to_string(),
+                (Some(Stamp::Object(_)), _) => "was rewritten (its ETag changed)".to_string(),
+                (
+                    Some(Stamp::Local { dev, ino, .. }),
+                    Stamp::Local {
+                        dev: d0, ino: i0, ..
+                    },
+                ) if (dev, ino) != (*d0, *i0) => "was replaced".to_string(),
+                (Some(Stamp::Local { size, .. }), Stamp::Local { size: s0, .. }) if size != *s0 => {
+                    format!("changed size from {s0} to {size} bytes")
+                }
+                (Some(_), _) => "was written to".to_string(),
             };
             return Err(Error::new(
                 Code::SourceChanged,
@@ -706,8 +729,11 @@ impl SourceStamps {
 
 fn stamp(path: &Path) -> Result<Stamp> {
     use std::os::unix::fs::MetadataExt;
+    if let Some(url) = crate::remote::s3::S3Url::from_path(path)? {
+        return crate::remote::s3::head(&url).map(Stamp::Object);
+    }
     let m = std::fs::metadata(path).map_err(|e| Error::io(path, "reading metadata of", e))?;
-    Ok(Stamp {
+    Ok(Stamp::Local {
         dev: m.dev(),
         ino: m.ino(),
         size: m.size(),
@@ -745,11 +771,8 @@ pub(crate) mod testing {
 
 /// The first readable format in [`DRIVERS`] whose probe accepts the file: qcow2 when the file
 /// starts with the qcow2 magic, raw otherwise (what qemu-img does for these two).
-pub(crate) fn detect(file: &File, path: &Path) -> Result<Format> {
-    let size = file
-        .metadata()
-        .map_err(|e| Error::io(path, "reading metadata of", e))?
-        .len();
+pub(crate) fn detect(file: &dyn RandomRead, path: &Path) -> Result<Format> {
+    let size = file.len().map_err(|e| Error::io(path, "sizing", e))?;
     let mut head = vec![0u8; PROBE_BYTES];
     let n = read_full_at(file, &mut head, 0)
         .map_err(|e| Error::io(path, "reading the header of", e))?;
@@ -772,7 +795,11 @@ pub(crate) fn detect(file: &File, path: &Path) -> Result<Format> {
 }
 
 /// Reads until `buf` is full or end of file; returns the bytes read.
-pub(crate) fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+pub(crate) fn read_full_at(
+    file: &dyn RandomRead,
+    buf: &mut [u8],
+    offset: u64,
+) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], offset + done as u64) {

@@ -11,6 +11,7 @@ pub mod create;
 pub(crate) mod dialect;
 pub mod inspect;
 pub mod store;
+pub mod transfer;
 pub mod verify;
 
 use serde::Serialize;

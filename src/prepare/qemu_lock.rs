@@ -238,6 +238,10 @@ pub fn check_not_written<P: AsRef<Path>>(
     let mut warnings = Vec::new();
     for path in paths {
         let path = path.as_ref();
+        // An object in a bucket has no local writer to find (its ETag is checked instead).
+        if crate::remote::s3::is_remote(path) {
+            continue;
+        }
         let file = open_read_only(path)?;
         let Some(holder) = writer_holding(&file, path)? else {
             continue;
@@ -328,8 +332,13 @@ impl SourceLock {
 }
 
 /// Locks every file of a source's backing chain, as QEMU does for an image and its backing files.
+/// Objects in a bucket are not locked (no one can lock them; their ETags are checked instead).
 pub fn lock_chain(chain: &[ChainEntry]) -> Result<Vec<SourceLock>> {
-    chain.iter().map(|c| SourceLock::acquire(&c.path)).collect()
+    chain
+        .iter()
+        .filter(|c| !crate::remote::s3::is_remote(&c.path))
+        .map(|c| SourceLock::acquire(&c.path))
+        .collect()
 }
 
 #[cfg(test)]

@@ -24,6 +24,8 @@ pub(crate) enum Destination {
     Dir(PathBuf),
     /// The image store at this root.
     Store(PathBuf),
+    /// `--output-dir s3://BUCKET/PREFIX/`: built in local staging, then pushed there.
+    Bucket(String),
 }
 
 /// A `create` request; the CLI (or a request file) builds it, nothing here knows about flags.

@@ -90,6 +90,15 @@ pub(crate) fn request_digest(req: &CreateRequest, layout: &DiskLayout) -> String
 /// A source as (canonical path[@snapshot], size, mtime in ns); the path as given when it cannot
 /// be resolved.
 fn source_identity(p: &Path) -> serde_json::Value {
+    if let Ok(Some(url)) = crate::remote::s3::S3Url::from_path(p) {
+        // An object: its name and, when it can be read, its size and ETag.
+        let stamp = crate::remote::s3::head(&url).ok();
+        return serde_json::json!({
+            "Path": url.to_string(),
+            "Size": stamp.as_ref().map(|s| s.size),
+            "ETag": stamp.and_then(|s| s.etag),
+        });
+    }
     let (file, snap) = if p.exists() {
         (p.to_path_buf(), None)
     } else {

@@ -17,6 +17,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{Code, Error, Result};
 use crate::format::Format;
+use crate::request::dialect::resolve;
 use crate::request::plan::{Device, DiskSpec, DiskType};
 use crate::util::size;
 
@@ -398,15 +399,6 @@ fn field_path(p: &serde_path_to_error::Path) -> String {
         }
     }
     out
-}
-
-fn resolve(base: &Path, s: &str) -> PathBuf {
-    let p = PathBuf::from(s);
-    if p.is_absolute() {
-        p
-    } else {
-        base.join(p)
-    }
 }
 
 /// Refuses any key not in `known`, naming the nearest known one.

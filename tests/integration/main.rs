@@ -21,6 +21,7 @@ mod qcow2_writer;
 mod qemu_lock;
 mod reliability;
 mod request_file;
+mod s3;
 mod store;
 mod target;
 mod validation;

@@ -75,7 +75,47 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateR
     match &req.destination {
         Destination::Dir(dir) => to_dir(req, &layout, dir, started, warn),
         Destination::Store(root) => to_store(req, &layout, &Store::at(root), started, warn),
+        Destination::Bucket(prefix) => to_bucket(req, &layout, prefix, started, warn),
     }
+}
+
+/// `--output-dir s3://BUCKET/PREFIX/`: built as `--output-dir` builds it, in a directory under
+/// `$TMPDIR`, then pushed ([`crate::commands::push`]: disks first, the manifest and `SHA256SUMS`
+/// last) and the local copy removed.
+fn to_bucket(
+    req: &CreateRequest,
+    layout: &DiskLayout,
+    prefix: &str,
+    started: Instant,
+    warn: &mut dyn FnMut(&str),
+) -> Result<CreateResult> {
+    let url = crate::commands::push::image_prefix(prefix)?;
+    crate::commands::push::check_empty(&url)?;
+    let local = std::env::temp_dir().join(format!(
+        "kiln-upload-{}-{}",
+        std::process::id(),
+        manifest::new_image_id()
+    ));
+    let built = to_dir(req, layout, &local, started, warn);
+    let pushed = match built {
+        Ok(CreateResult::Created(mut out)) => {
+            let push = crate::commands::push::PushRequest {
+                image: local.to_string_lossy().into_owned(),
+                destination: url.to_string(),
+                progress: req.progress,
+            };
+            crate::commands::push::push(&push, None).map(|_| {
+                out.output_dir = url.to_path();
+                out.elapsed = started.elapsed();
+                CreateResult::Created(out)
+            })
+        }
+        other => other,
+    };
+    if local.exists() {
+        let _ = std::fs::remove_dir_all(&local);
+    }
+    pushed
 }
 
 /// The request's disks on devices: the system disk on /dev/xvda, or with `--data-image` data disks
@@ -246,5 +286,8 @@ fn estimate(prepared: &[disks::PreparedDisk]) -> u64 {
 
 /// The path made absolute against the current directory (without resolving symlinks).
 fn absolute(p: &Path) -> PathBuf {
+    if crate::remote::s3::is_remote(p) {
+        return p.to_path_buf();
+    }
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }

@@ -24,7 +24,7 @@ pub(crate) mod luks2;
 pub(crate) mod secret;
 pub(crate) mod writer;
 
-use std::fs::File;
+use crate::format::input::{Input, RandomRead};
 use std::path::{Path, PathBuf};
 
 pub(crate) use secret::Secret;
@@ -160,7 +160,7 @@ pub fn check_header(bytes: &[u8]) -> Result<u64> {
 
 /// A reader of `file` at `base + offset` that refuses to read past `base + area`.
 pub(crate) fn area_reader<'a>(
-    file: &'a File,
+    file: &'a dyn RandomRead,
     base: u64,
     area: u64,
     path: &'a Path,
@@ -193,7 +193,7 @@ pub(crate) fn area_reader<'a>(
 
 /// Opens a raw LUKS volume with the key the gate carries.
 pub(crate) fn open(
-    file: File,
+    file: Input,
     path: &Path,
     snapshot: Option<&str>,
     gate: &super::gate::BackingGate,
@@ -205,10 +205,7 @@ pub(crate) fn open(
         ));
     }
     let key = gate.key.as_ref().ok_or_else(|| key_needed(path))?;
-    let size = file
-        .metadata()
-        .map_err(|e| Error::io(path, "reading metadata of", e))?
-        .len();
+    let size = file.len().map_err(|e| Error::io(path, "sizing", e))?;
     let u = unlock(&area_reader(&file, 0, size, path), size, key, path)?;
     let virtual_size = (size - u.payload_offset) / SECTOR * SECTOR;
     let info = SourceInfo {
@@ -236,7 +233,7 @@ pub(crate) fn open(
 
 /// A raw LUKS volume's guest disk: its payload, decrypted.
 pub(crate) struct LuksSource {
-    file: File,
+    file: Input,
     path: PathBuf,
     payload: u64,
     virtual_size: u64,

@@ -1,8 +1,8 @@
 //! One qcow2 file of a chain: its handle, its path and size, reads at host offsets (`pread` only,
 //! so one file serves every copy thread) and the errors that name it.
 
+use crate::format::input::{Input, RandomRead};
 use std::fmt;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -30,18 +30,15 @@ impl fmt::Display for HostOffset {
 
 /// An opened image file.
 pub(super) struct ImageFile {
-    pub(crate) file: File,
+    pub(crate) file: Input,
     pub(crate) path: PathBuf,
     /// Its length when opened; every host offset is checked against it.
     pub(crate) size: u64,
 }
 
 impl ImageFile {
-    pub(crate) fn new(file: File, path: &Path) -> Result<ImageFile> {
-        let size = file
-            .metadata()
-            .map(|m| m.len())
-            .map_err(|e| Error::io(path, "reading metadata of", e))?;
+    pub(crate) fn new(file: Input, path: &Path) -> Result<ImageFile> {
+        let size = file.len().map_err(|e| Error::io(path, "sizing", e))?;
         Ok(ImageFile {
             file,
             path: path.to_path_buf(),
@@ -62,7 +59,7 @@ impl ImageFile {
 
 /// Reads exactly `len` bytes at `offset`; a short read means the file is truncated.
 pub(crate) fn read_exact(
-    file: &File,
+    file: &dyn RandomRead,
     path: &Path,
     offset: u64,
     len: usize,
@@ -73,7 +70,7 @@ pub(crate) fn read_exact(
 
 /// [`read_exact`], with `io_what` saying what failed when the read itself fails.
 pub(super) fn read_exact_io(
-    file: &File,
+    file: &dyn RandomRead,
     path: &Path,
     offset: u64,
     len: usize,

@@ -13,7 +13,7 @@
 //! validated first: the snapshot table is read only once `nb_snapshots` and `snapshots_offset` are
 //! checked, the L1 table only once its place is, the backing file only once this file is sound.
 
-use std::fs::File;
+use crate::format::input::Input;
 use std::path::Path;
 
 use super::decompress::{self, Compression};
@@ -31,7 +31,12 @@ use crate::format::{
 
 /// Opens a qcow2 source (and its backing chain) read-only; `snapshot` names an internal snapshot
 /// by name or ID.
-pub fn open(file: File, path: &Path, snapshot: Option<&str>, gate: &BackingGate) -> Result<Opened> {
+pub fn open(
+    file: Input,
+    path: &Path,
+    snapshot: Option<&str>,
+    gate: &BackingGate,
+) -> Result<Opened> {
     let mut chain = Chain::new();
     let (src, snap) = open_layer(file, path, snapshot, &mut chain, gate)?;
     let info = SourceInfo {
@@ -86,7 +91,7 @@ struct Table {
 }
 
 pub(crate) fn open_layer(
-    file: File,
+    file: Input,
     path: &Path,
     snapshot: Option<&str>,
     chain: &mut Chain,
@@ -372,7 +377,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.qcow2");
         std::fs::File::create(&p).unwrap().write_all(bytes).unwrap();
-        let f = File::open(&p).unwrap();
+        let f = std::sync::Arc::new(std::fs::File::open(&p).unwrap());
         open(f, &p, None, &BackingGate::default())
     }
 

@@ -6,7 +6,7 @@
 //! `kiln inspect` prints ([`read_snapshot_table`], on its own, so it checks count and alignment
 //! itself). They keep their own messages, which tests pin.
 
-use std::fs::File;
+use crate::format::input::RandomRead;
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -116,7 +116,7 @@ fn head_at(fixed: &[u8]) -> EntryHead {
 /// The reader's walk: `count` entries at `offset` (both checked against the file by the header
 /// validation), in a file of `fsize` bytes.
 pub(super) fn read_snapshots(
-    file: &File,
+    file: &dyn RandomRead,
     path: &Path,
     count: u32,
     offset: u64,
@@ -240,7 +240,7 @@ pub fn read_snapshot_table(path: &Path) -> Result<Vec<Snapshot>> {
 
 /// `len` bytes at `offset`, for the listing and `kiln inspect` (their I/O message names the offset).
 pub(crate) fn read_listing(
-    file: &File,
+    file: &dyn RandomRead,
     path: &Path,
     offset: u64,
     len: usize,

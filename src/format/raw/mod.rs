@@ -1,8 +1,8 @@
 //! Raw sources: the guest disk is the file. Holes come from `SEEK_DATA`/`SEEK_HOLE`, so a sparse
 //! file costs what its data costs, not its length.
 
-use std::fs::File;
-use std::io::{self, Seek, SeekFrom};
+use crate::format::input::{Input, RandomRead};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -35,7 +35,7 @@ pub(crate) const DRIVER: Driver = Driver {
 
 /// Opens a raw source; a raw file has no internal snapshots and no backing file.
 pub(crate) fn open(
-    file: File,
+    file: Input,
     path: &Path,
     snapshot: Option<&str>,
     _gate: &super::gate::BackingGate,
@@ -64,7 +64,7 @@ pub(crate) fn open(
 }
 
 pub(crate) struct RawSource {
-    file: File,
+    file: Input,
     path: PathBuf,
     size: u64,
     /// False when the filesystem does not answer `SEEK_DATA` (then everything is data).
@@ -72,17 +72,17 @@ pub(crate) struct RawSource {
 }
 
 impl RawSource {
-    pub(crate) fn new(mut file: File, path: &Path) -> Result<Self> {
-        // Seeking to the end also sizes block devices, whose metadata says 0.
-        let size = file
-            .seek(SeekFrom::End(0))
-            .map_err(|e| Error::io(path, "sizing", e))?;
-        // ENXIO at offset 0 means "no data at all": SEEK_DATA works, the file is one hole.
-        let seek_data = size == 0
-            || match lseek(&file, 0, libc::SEEK_DATA) {
-                Ok(_) => true,
-                Err(e) => e.raw_os_error() == Some(libc::ENXIO),
-            };
+    pub(crate) fn new(file: Input, path: &Path) -> Result<Self> {
+        let size = file.len().map_err(|e| Error::io(path, "sizing", e))?;
+        // ENXIO at offset 0 means "no data at all": SEEK_DATA works, the file is one hole. An
+        // object in a bucket has no holes to find: all of it is data.
+        let seek_data = file.as_file().is_some_and(|f| {
+            size == 0
+                || match lseek(f, 0, libc::SEEK_DATA) {
+                    Ok(_) => true,
+                    Err(e) => e.raw_os_error() == Some(libc::ENXIO),
+                }
+        });
         Ok(RawSource {
             file,
             path: path.to_path_buf(),
@@ -93,7 +93,7 @@ impl RawSource {
 }
 
 /// `lseek(2)` with `SEEK_DATA`/`SEEK_HOLE` (or any `whence`): the one wrapper kiln has.
-pub(crate) fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
+pub(crate) fn lseek(file: &std::fs::File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
     let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: lseek on a valid, owned file descriptor has no memory-safety requirements; the file
     // offset it moves is never used by kiln, which reads only with pread.
@@ -112,14 +112,14 @@ impl BlockSource for RawSource {
 
     fn extent(&self, offset: u64, max_len: u64) -> Result<Extent> {
         let limit = crate::format::extent_limit(&self.path, self.size, offset, max_len)?;
-        if !self.seek_data {
+        let Some(file) = self.file.as_file().filter(|_| self.seek_data) else {
             return Ok(Extent {
                 start: offset,
                 len: limit - offset,
                 kind: ExtentKind::Data,
             });
-        }
-        let data = match lseek(&self.file, offset, libc::SEEK_DATA) {
+        };
+        let data = match lseek(file, offset, libc::SEEK_DATA) {
             Ok(d) => d,
             // ENXIO: no data at or after offset: the rest is a hole.
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => self.size,
@@ -138,7 +138,7 @@ impl BlockSource for RawSource {
                 kind: ExtentKind::Unallocated,
             });
         }
-        let hole = match lseek(&self.file, offset, libc::SEEK_HOLE) {
+        let hole = match lseek(file, offset, libc::SEEK_HOLE) {
             Ok(h) => h,
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => self.size,
             Err(e) => {
@@ -182,7 +182,9 @@ impl BlockSource for RawSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
     use std::io::Write;
+    use std::io::{Seek, SeekFrom};
 
     #[test]
     fn holes_and_data_alternate() {
@@ -193,7 +195,7 @@ mod tests {
         f.seek(SeekFrom::Start(4 << 20)).unwrap();
         f.write_all(&[7u8; 1 << 20]).unwrap();
         drop(f);
-        let src = RawSource::new(File::open(&p).unwrap(), &p).unwrap();
+        let src = RawSource::new(std::sync::Arc::new(File::open(&p).unwrap()), &p).unwrap();
         assert_eq!(src.virtual_size(), 8 << 20);
         let e = src.extent(0, u64::MAX).unwrap();
         assert_eq!(e.kind, ExtentKind::Unallocated);
@@ -220,7 +222,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("empty.raw");
         File::create(&p).unwrap().set_len(1 << 30).unwrap();
-        let src = RawSource::new(File::open(&p).unwrap(), &p).unwrap();
+        let src = RawSource::new(std::sync::Arc::new(File::open(&p).unwrap()), &p).unwrap();
         let e = src.extent(0, u64::MAX).unwrap();
         assert_eq!(
             e,

@@ -22,7 +22,7 @@
 
 mod header;
 
-use std::fs::File;
+use crate::format::input::{Input, RandomRead};
 use std::path::{Path, PathBuf};
 
 use header::Header;
@@ -55,7 +55,7 @@ const MAX_BLOCKS_PER_EXTENT: u64 = 64 << 10;
 
 /// Opens a VDI read-only; VDIs have no internal snapshots kiln reads, nor backing files.
 pub(crate) fn open(
-    file: File,
+    file: Input,
     path: &Path,
     snapshot: Option<&str>,
     _gate: &BackingGate,
@@ -84,16 +84,16 @@ pub(crate) fn open(
 }
 
 /// A VDI's block size (what `qemu-img info` calls its cluster size).
-pub(crate) fn block_size(file: &File, path: &Path) -> Result<u64> {
+pub(crate) fn block_size(file: &std::fs::File, path: &Path) -> Result<u64> {
     let f = file
         .try_clone()
         .map_err(|e| Error::io(path, "opening", e))?;
-    Ok(VdiSource::new(f, path)?.block_size)
+    Ok(VdiSource::new(std::sync::Arc::new(f), path)?.block_size)
 }
 
 /// An opened VDI.
 pub(crate) struct VdiSource {
-    file: File,
+    file: Input,
     path: PathBuf,
     virtual_size: u64,
     block_size: u64,
@@ -103,11 +103,8 @@ pub(crate) struct VdiSource {
 
 impl VdiSource {
     /// Reads and checks the header and the block map.
-    pub(crate) fn new(file: File, path: &Path) -> Result<VdiSource> {
-        let size = file
-            .metadata()
-            .map_err(|e| Error::io(path, "reading metadata of", e))?
-            .len();
+    pub(crate) fn new(file: Input, path: &Path) -> Result<VdiSource> {
+        let size = file.len().map_err(|e| Error::io(path, "sizing", e))?;
         let mut hb = vec![0u8; header::HEADER_SIZE];
         let n = super::read_full_at(&file, &mut hb, 0)
             .map_err(|e| Error::io(path, "reading the header of", e))?;

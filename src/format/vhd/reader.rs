@@ -5,7 +5,7 @@
 //! file starts with `conectix`, else the last 512 bytes), the dynamic header, every BAT entry, then
 //! the parent (locators, the gate, the parent's own checks, its UUID).
 
-use std::fs::File;
+use crate::format::input::{Input, RandomRead};
 use std::path::{Path, PathBuf};
 
 use super::header::{
@@ -27,7 +27,7 @@ const MAX_BLOCKS_PER_EXTENT: u64 = 64 << 10;
 
 /// Opens a VHD (and its parent chain) read-only; VHDs have no internal snapshots.
 pub(crate) fn open(
-    file: File,
+    file: Input,
     path: &Path,
     snapshot: Option<&str>,
     gate: &BackingGate,
@@ -55,7 +55,7 @@ pub(crate) fn open(
 
 /// The footer that describes the file: the copy at offset 0 of a dynamic or differencing disk,
 /// else the last 512 bytes (a fixed disk's only footer).
-fn read_footer(file: &File, path: &Path, size: u64) -> Result<Footer> {
+fn read_footer(file: &dyn RandomRead, path: &Path, size: u64) -> Result<Footer> {
     if size < FOOTER_SIZE as u64 {
         return Err(Error::corrupt(
             path,
@@ -88,11 +88,8 @@ fn read_footer(file: &File, path: &Path, size: u64) -> Result<Footer> {
 
 /// A dynamic or differencing disk's block size (what `qemu-img info` calls its cluster size); None
 /// for a fixed disk.
-pub(crate) fn block_size(file: &File, path: &Path) -> Result<Option<u64>> {
-    let size = file
-        .metadata()
-        .map_err(|e| Error::io(path, "reading metadata of", e))?
-        .len();
+pub(crate) fn block_size(file: &dyn RandomRead, path: &Path) -> Result<Option<u64>> {
+    let size = file.len().map_err(|e| Error::io(path, "sizing", e))?;
     let footer = read_footer(file, path, size)?;
     if footer.disk_type == TYPE_FIXED {
         return Ok(None);
@@ -105,16 +102,13 @@ pub(crate) fn block_size(file: &File, path: &Path) -> Result<Option<u64>> {
 
 /// Opens one VHD of a chain; returns it and its UUID (for the child's `parent_uuid` check).
 pub(crate) fn open_layer(
-    file: File,
+    file: Input,
     path: &Path,
     chain: &mut Chain,
     gate: &BackingGate,
 ) -> Result<(VhdSource, [u8; 16])> {
     chain.note(path, Format::Vhd)?;
-    let size = file
-        .metadata()
-        .map_err(|e| Error::io(path, "reading metadata of", e))?
-        .len();
+    let size = file.len().map_err(|e| Error::io(path, "sizing", e))?;
     let footer = read_footer(&file, path, size)?;
     let virtual_size = footer.virtual_size();
     if footer.disk_type == TYPE_FIXED {
@@ -165,7 +159,7 @@ pub(crate) fn open_layer(
 }
 
 /// Reads the BAT (bounded by the header's checks) and checks that every block lies in the file.
-fn read_bat(file: &File, path: &Path, h: &DynHeader, size: u64) -> Result<Vec<u32>> {
+fn read_bat(file: &dyn RandomRead, path: &Path, h: &DynHeader, size: u64) -> Result<Vec<u32>> {
     let n = h.max_table_entries as usize;
     let raw = read_exact(file, path, h.table_offset, n * 4, "the BAT")?;
     let span = h.bitmap_size() + u64::from(h.block_size);
@@ -184,7 +178,12 @@ fn read_bat(file: &File, path: &Path, h: &DynHeader, size: u64) -> Result<Vec<u3
 /// The names a differencing disk gives its parent, best first: relative (`W2ru`), then absolute
 /// (`W2ku`) locators, UTF-16LE Windows paths. A Windows absolute path (`C:\...`) cannot be opened
 /// here; its file name is tried beside the child instead.
-fn parent_names(file: &File, path: &Path, h: &DynHeader, size: u64) -> Result<Vec<String>> {
+fn parent_names(
+    file: &dyn RandomRead,
+    path: &Path,
+    h: &DynHeader,
+    size: u64,
+) -> Result<Vec<String>> {
     let mut names = Vec::new();
     for want in [b"W2ru", b"W2ku"] {
         for (i, l) in h.locators.iter().enumerate() {
@@ -243,7 +242,7 @@ fn parent_names(file: &File, path: &Path, h: &DynHeader, size: u64) -> Result<Ve
 /// Opens a differencing disk's parent through the gate (any format kiln reads) and checks that it
 /// is the disk the child was made from.
 fn open_parent(
-    file: &File,
+    file: &dyn RandomRead,
     path: &Path,
     h: &DynHeader,
     size: u64,
@@ -322,7 +321,7 @@ enum Layout {
 }
 
 struct Dynamic {
-    file: File,
+    file: Input,
     block_size: u64,
     bitmap_size: u64,
     bat: Vec<u32>,

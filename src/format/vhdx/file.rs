@@ -1,9 +1,9 @@
 //! One VHDX file of a chain: `pread`s through the overlay of a replayed log, bounded reads of
 //! structures, and the errors that name the file.
 
+use crate::format::input::{Input, RandomRead};
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Code, Error, Result};
@@ -70,7 +70,7 @@ impl Overlay {
 
 /// An opened VHDX file.
 pub(super) struct VhdxFile {
-    pub(super) file: File,
+    pub(super) file: Input,
     pub(super) path: PathBuf,
     /// The file's length on disk.
     pub(super) disk_len: u64,
@@ -81,11 +81,8 @@ pub(super) struct VhdxFile {
 }
 
 impl VhdxFile {
-    pub(super) fn new(file: File, path: &Path) -> Result<VhdxFile> {
-        let disk_len = file
-            .metadata()
-            .map(|m| m.len())
-            .map_err(|e| Error::io(path, "reading metadata of", e))?;
+    pub(super) fn new(file: Input, path: &Path) -> Result<VhdxFile> {
+        let disk_len = file.len().map_err(|e| Error::io(path, "sizing", e))?;
         Ok(VhdxFile {
             file,
             path: path.to_path_buf(),

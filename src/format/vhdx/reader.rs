@@ -5,7 +5,7 @@
 //! [`super::metadata`]), reads and checks the BAT, then opens the parent of a differencing file
 //! through the backing gate and checks that it is the file the child was made from.
 
-use std::fs::File;
+use crate::format::input::Input;
 use std::path::Path;
 
 use super::file::VhdxFile;
@@ -24,7 +24,7 @@ const MAX_MERGED_BLOCKS: u64 = 4096;
 
 /// Opens a VHDX source (and its parents) read-only. VHDX has no internal snapshots.
 pub(crate) fn open(
-    file: File,
+    file: Input,
     path: &Path,
     snapshot: Option<&str>,
     gate: &BackingGate,
@@ -52,12 +52,12 @@ pub(crate) fn open(
 
 /// The payload block size of a VHDX file (what `kiln inspect` shows as its cluster size).
 pub(crate) fn block_size(path: &Path) -> Result<u64> {
-    let file = crate::format::open_read_only(path)?;
+    let file = crate::format::input::open(path)?;
     Ok(read_layout(file, path)?.1.block_size)
 }
 
 /// The current header, the replayed file and the metadata of one file.
-fn read_layout(file: File, path: &Path) -> Result<(VhdxFile, Metadata, Region, Guid)> {
+fn read_layout(file: Input, path: &Path) -> Result<(VhdxFile, Metadata, Region, Guid)> {
     let mut f = VhdxFile::new(file, path)?;
     check_identifier(&f)?;
     let h = pick_header(&f)?;
@@ -69,7 +69,7 @@ fn read_layout(file: File, path: &Path) -> Result<(VhdxFile, Metadata, Region, G
 }
 
 pub(crate) fn open_layer(
-    file: File,
+    file: Input,
     path: &Path,
     chain: &mut Chain,
     gate: &BackingGate,

@@ -83,7 +83,7 @@ fn probe(p: &Probe<'_>) -> bool {
 
 /// The grain size of a sparse VMDK file (None for a descriptor file), for `inspect`.
 pub(crate) fn grain_size(path: &std::path::Path) -> crate::error::Result<Option<u64>> {
-    let file = super::open_read_only(path)?;
+    let file = super::input::open(path)?;
     let mut head = [0u8; 4];
     let n = super::read_full_at(&file, &mut head, 0)
         .map_err(|e| crate::error::Error::io(path, "reading the header of", e))?;

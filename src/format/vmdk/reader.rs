@@ -4,8 +4,8 @@
 //! through the backing gate, resolved against the descriptor's directory. [`VmdkSource`] answers
 //! "what is at this guest offset" extent by extent, resolving unallocated grains through the parent.
 
+use crate::format::input::{Input, RandomRead};
 use std::collections::HashSet;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use super::descriptor::{self, Descriptor, ExtentType};
@@ -64,7 +64,12 @@ enum Origin {
 }
 
 /// Opens a VMDK source (and its extents and parents) read-only.
-pub fn open(file: File, path: &Path, snapshot: Option<&str>, gate: &BackingGate) -> Result<Opened> {
+pub fn open(
+    file: Input,
+    path: &Path,
+    snapshot: Option<&str>,
+    gate: &BackingGate,
+) -> Result<Opened> {
     if let Some(s) = snapshot {
         return Err(Error::unsupported(
             path,
@@ -89,7 +94,7 @@ pub fn open(file: File, path: &Path, snapshot: Option<&str>, gate: &BackingGate)
 /// The layers of a VMDK chain (the file named, then each parent), without extent files: what
 /// `inspect` lists as the backing chain.
 pub(crate) fn layers(path: &Path, gate: &BackingGate) -> Result<Vec<ChainEntry>> {
-    let file = format::open_read_only(path)?;
+    let file = format::input::open(path)?;
     Ok(open_layer(file, path, &mut Files::default(), gate)?.layers)
 }
 
@@ -146,7 +151,7 @@ impl Files {
 
 /// Opens one layer: the file itself, its extents, then its parent.
 pub(crate) fn open_layer(
-    file: File,
+    file: Input,
     path: &Path,
     files: &mut Files,
     gate: &BackingGate,
@@ -157,10 +162,7 @@ pub(crate) fn open_layer(
         .first()
         .map_or(path, |c| c.path.as_path())
         .to_path_buf();
-    let size = file
-        .metadata()
-        .map_err(|e| Error::io(path, "reading metadata of", e))?
-        .len();
+    let size = file.len().map_err(|e| Error::io(path, "sizing", e))?;
     let mut head = [0u8; 4];
     let n = format::read_full_at(&file, &mut head, 0)
         .map_err(|e| Error::io(path, "reading the header of", e))?;

@@ -4,8 +4,8 @@
 //! on demand into a bounded cache) and grains, stored as they are or zlib-compressed behind a
 //! grain marker.
 
+use crate::format::input::{Input, RandomRead};
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -24,7 +24,7 @@ const MAX_WALK_STEPS: usize = 1 << 16;
 const GTE_ZEROED: u32 = 1;
 
 pub(crate) struct SparseExtent {
-    file: File,
+    file: Input,
     path: PathBuf,
     file_size: u64,
     pub(crate) header: SparseHeader,
@@ -44,11 +44,8 @@ fn le32(b: &[u8], at: usize) -> u32 {
 
 impl SparseExtent {
     /// Reads and checks the header (and footer), the embedded descriptor and the grain directory.
-    pub(crate) fn open(file: File, path: &Path) -> Result<SparseExtent> {
-        let file_size = file
-            .metadata()
-            .map_err(|e| Error::io(path, "reading metadata of", e))?
-            .len();
+    pub(crate) fn open(file: Input, path: &Path) -> Result<SparseExtent> {
+        let file_size = file.len().map_err(|e| Error::io(path, "sizing", e))?;
         let head = read_sector(&file, path, 0, "the sparse extent header")?;
         let (magic, mut header) = SparseHeader::decode(&head);
         header.validate(magic, path, file_size)?;
@@ -268,7 +265,7 @@ impl SparseExtent {
 
 /// The footer of a streamOptimized file: a footer marker, a copy of the header with the real
 /// gdOffset, and the end-of-stream marker, in its last three sectors.
-fn read_footer(file: &File, path: &Path, file_size: u64) -> Result<SparseHeader> {
+fn read_footer(file: &dyn RandomRead, path: &Path, file_size: u64) -> Result<SparseHeader> {
     if file_size < 4 * SECTOR {
         return Err(Error::corrupt(
             path,
@@ -305,7 +302,7 @@ fn read_footer(file: &File, path: &Path, file_size: u64) -> Result<SparseHeader>
 
 /// Reads exactly `len` bytes at `offset`; a short read means the file is truncated.
 pub(crate) fn read_exact(
-    file: &File,
+    file: &dyn RandomRead,
     path: &Path,
     offset: u64,
     len: usize,
@@ -324,7 +321,12 @@ pub(crate) fn read_exact(
 }
 
 /// One sector (a header) at `offset`.
-fn read_sector(file: &File, path: &Path, offset: u64, what: &str) -> Result<[u8; HEADER_SIZE]> {
+fn read_sector(
+    file: &dyn RandomRead,
+    path: &Path,
+    offset: u64,
+    what: &str,
+) -> Result<[u8; HEADER_SIZE]> {
     let mut b = [0u8; HEADER_SIZE];
     let n = format::read_full_at(file, &mut b, offset)
         .map_err(|e| Error::io(path, &format!("reading {what}"), e))?;

@@ -430,8 +430,10 @@ fn data_volume(
     })
 }
 
-/// `"bucket:file"` as a path: `file` inside the directory named as the bucket, beside the request
-/// file (until kiln reads object storage). The bucket follows OBS's naming; the file stays inside.
+/// `"bucket:file"` as a source: the object `s3://bucket/file` (OBS speaks the S3 protocol; the
+/// endpoint and credentials are configured as for any `s3://` source), or, when a directory named
+/// as the bucket lies beside the request file, `file` inside it (a bucket mirrored locally). The
+/// bucket follows OBS's naming; the file stays inside.
 pub(crate) fn bucket_path(url: &str, base: &Path, at: &str) -> Result<PathBuf> {
     let (bucket, object) = url
         .split_once(':')
@@ -454,7 +456,14 @@ pub(crate) fn bucket_path(url: &str, base: &Path, at: &str) -> Result<PathBuf> {
             "{at}image_url '{url}': the file must be a name inside the bucket"
         )));
     }
-    Ok(base.join(bucket).join(p))
+    let local = base.join(bucket);
+    if local.is_dir() {
+        return Ok(local.join(p));
+    }
+    Ok(PathBuf::from(format!(
+        "{}{bucket}/{object}",
+        crate::remote::s3::SCHEME
+    )))
 }
 
 /// The external-file form: the system disk from `image_url` grown to `min_disk` GiB (40 to 1024),
@@ -694,11 +703,17 @@ mod tests {
     }
 
     #[test]
-    fn buckets_are_directories_and_files_stay_inside() {
-        let b = Path::new("/req");
+    fn buckets_are_objects_or_local_directories_and_files_stay_inside() {
+        let b = Path::new("/nonexistent-req");
         assert_eq!(
-            bucket_path("ims-image:centos70.qcow2", b, "").unwrap(),
-            Path::new("/req/ims-image/centos70.qcow2")
+            bucket_path("ims-image:os/centos70.qcow2", b, "").unwrap(),
+            Path::new("s3://ims-image/os/centos70.qcow2")
+        );
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("ims-image")).unwrap();
+        assert_eq!(
+            bucket_path("ims-image:centos70.qcow2", t.path(), "").unwrap(),
+            t.path().join("ims-image/centos70.qcow2")
         );
         for bad in [
             "nocolon",

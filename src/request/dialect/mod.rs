@@ -238,10 +238,10 @@ pub(crate) fn request_id() -> String {
     crate::copy::hash::hex(&bytes)
 }
 
-/// `text` as a path relative to `base` unless absolute.
+/// `text` as a path relative to `base` unless absolute or an object (`s3://BUCKET/KEY`).
 pub(crate) fn resolve(base: &Path, s: &str) -> PathBuf {
     let p = PathBuf::from(s);
-    if p.is_absolute() {
+    if p.is_absolute() || crate::remote::s3::is_remote(&p) {
         p
     } else {
         base.join(p)

@@ -6,6 +6,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod s3;
+
 pub const MIB: u64 = 1 << 20;
 
 pub struct Run {
@@ -204,9 +206,20 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
 /// Starts `kiln ARGS` in `dir` with `KILN_TEST_STOP_AT=point` and waits until it has stopped itself
 /// there (SIGSTOP). Panics if it exits first or takes longer than 60 s.
 pub fn kiln_stopped_at(dir: &Path, args: &[&str], point: &str) -> std::process::Child {
+    kiln_stopped_at_env(dir, &[], args, point)
+}
+
+/// [`kiln_stopped_at`] with `env` set in kiln's environment.
+pub fn kiln_stopped_at_env(
+    dir: &Path,
+    env: &[(&str, String)],
+    args: &[&str],
+    point: &str,
+) -> std::process::Child {
     use std::process::Stdio;
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .current_dir(dir)
         .env("KILN_TEST_STOP_AT", point)
         .stdout(Stdio::piped())

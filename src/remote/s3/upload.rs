@@ -1,0 +1,481 @@
+//! Uploads of local files to a bucket: parallel multipart uploads whose part size grows with the
+//! file so no upload needs more than [`MAX_PARTS`] parts, each part carrying its SHA-256
+//! (`x-amz-checksum-sha256`, or `Content-MD5` on a server that refuses SHA-256 checksums). An
+//! interrupted upload resumes: the upload still open for the key is found
+//! (ListMultipartUploads), its parts listed (ListParts), and only the parts that are missing or
+//! differ from the local bytes are sent again.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use aws_sdk_s3::error::ProvideErrorMetadata;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::Client;
+use base64::Engine as _;
+use md5::Md5;
+use sha2::{Digest, Sha256};
+
+use super::{block_on, client, error, S3Url};
+use crate::error::{Code, Error, Result};
+
+/// The smallest part (and the size below which a file goes in one PUT).
+pub(crate) const MIN_PART: u64 = 8 << 20;
+/// S3's limit on parts per upload.
+pub(crate) const MAX_PARTS: u64 = 10_000;
+/// Parts in flight at once, at most.
+const WORKERS: usize = 8;
+/// Memory the parts in flight may take together.
+const IN_FLIGHT_BYTES: u64 = 512 << 20;
+/// The code of an upload whose bucket is missing: the destination is a bad parameter.
+const DEST_MISSING: Code = Code::InvalidParameter;
+/// Metadata key recording the whole file's SHA-256 on the object (so a rerun skips it).
+pub(crate) const SHA256_META: &str = "kiln-sha256";
+
+/// The part size for a file of `len` bytes: [`MIN_PART`], grown in whole MiB until the file
+/// fits in [`MAX_PARTS`] parts.
+pub(crate) fn part_size(len: u64) -> u64 {
+    let need = len.div_ceil(MAX_PARTS).next_multiple_of(1 << 20);
+    need.max(MIN_PART)
+}
+
+/// What one file's upload did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Uploaded {
+    pub file: String,
+    pub bytes: u64,
+    pub parts: u64,
+    /// Parts found already uploaded (a resumed upload), or the whole file already there.
+    pub parts_reused: u64,
+    pub bytes_sent: u64,
+}
+
+/// How parts prove their bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Checksum {
+    Sha256,
+    Md5,
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Uploads `path` to `url`, whose content has the SHA-256 `sha256` (hex); `advance` is told of
+/// each part done (sent or reused). An object already at `url` with this SHA-256 is kept.
+pub(crate) fn upload_file(
+    url: &S3Url,
+    path: &Path,
+    sha256: &str,
+    advance: &(dyn Fn(u64) + Sync),
+) -> Result<Uploaded> {
+    let c = client()?;
+    let file = crate::util::safe_fs::open_regular(path)
+        .map_err(|e| Error::io(path, "opening to upload", e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io(path, "reading metadata of", e))?
+        .len();
+    let mut done = Uploaded {
+        file: url.key.rsplit('/').next().unwrap_or_default().to_string(),
+        bytes: len,
+        ..Uploaded::default()
+    };
+    if already_there(c, url, len, sha256)? {
+        advance(len);
+        done.parts = 1;
+        done.parts_reused = 1;
+        return Ok(done);
+    }
+    if len <= MIN_PART {
+        let mut buf = vec![0u8; len as usize];
+        read_part(&file, path, 0, &mut buf)?;
+        put_small(c, url, buf, sha256)?;
+        advance(len);
+        done.parts = 1;
+        done.bytes_sent = len;
+        return Ok(done);
+    }
+    multipart(c, url, &file, path, len, sha256, advance, done)
+}
+
+/// Whether `url` already holds this file (same size, same recorded SHA-256).
+fn already_there(c: &Client, url: &S3Url, len: u64, sha256: &str) -> Result<bool> {
+    let r = block_on(c.head_object().bucket(&url.bucket).key(&url.key).send())?;
+    match r {
+        Ok(h) => Ok(h.content_length() == Some(len as i64)
+            && h.metadata()
+                .and_then(|m| m.get(SHA256_META))
+                .is_some_and(|v| v == sha256)),
+        Err(e) => {
+            let e = error(e, "checking", url, DEST_MISSING);
+            // HEAD cannot tell a missing key from a missing bucket; the upload will.
+            if e.code() == DEST_MISSING && e.message().contains("no such object") {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+/// One PUT of a small object, with its checksum.
+pub(crate) fn put_small(c: &Client, url: &S3Url, buf: Vec<u8>, sha256: &str) -> Result<()> {
+    let sum = b64(&Sha256::digest(&buf));
+    let r = block_on(
+        c.put_object()
+            .bucket(&url.bucket)
+            .key(&url.key)
+            .checksum_sha256(sum)
+            .metadata(SHA256_META, sha256)
+            .body(ByteStream::from(buf.clone()))
+            .send(),
+    )?;
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if refuses_checksum(&e) => {
+            let md5 = b64(&Md5::digest(&buf));
+            block_on(
+                c.put_object()
+                    .bucket(&url.bucket)
+                    .key(&url.key)
+                    .content_md5(md5)
+                    .metadata(SHA256_META, sha256)
+                    .body(ByteStream::from(buf))
+                    .send(),
+            )?
+            .map(|_| ())
+            .map_err(|e| error(e, "uploading", url, DEST_MISSING))
+        }
+        Err(e) => Err(error(e, "uploading", url, DEST_MISSING)),
+    }
+}
+
+/// Whether a server refused a request for its SHA-256 checksum header (it does not know it).
+fn refuses_checksum<E: ProvideErrorMetadata>(
+    e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> bool {
+    matches!(
+        e.code(),
+        Some("NotImplemented" | "InvalidArgument" | "InvalidRequest" | "BadDigest")
+    )
+}
+
+fn read_part(file: &File, path: &Path, at: u64, buf: &mut [u8]) -> Result<()> {
+    let n = crate::format::read_full_at(file, buf, at)
+        .map_err(|e| Error::io(path, &format!("reading {} bytes at {at}", buf.len()), e))?;
+    if n < buf.len() {
+        return Err(Error::new(
+            Code::SourceChanged,
+            format!("{}: shrank while being uploaded", path.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// A part the server already holds.
+#[derive(Debug, Clone)]
+struct Held {
+    size: u64,
+    etag: String,
+    sha256: Option<String>,
+}
+
+/// The open multipart upload of `url` (the newest), if any.
+fn open_upload(c: &Client, url: &S3Url) -> Result<Option<String>> {
+    let r = block_on(
+        c.list_multipart_uploads()
+            .bucket(&url.bucket)
+            .prefix(&url.key)
+            .send(),
+    )?;
+    let out = match r {
+        Ok(o) => o,
+        // A server without ListMultipartUploads: nothing to resume.
+        Err(e) if e.code() == Some("NotImplemented") => return Ok(None),
+        Err(e) => return Err(error(e, "listing open uploads", url, DEST_MISSING)),
+    };
+    Ok(out
+        .uploads()
+        .iter()
+        .filter(|u| u.key() == Some(url.key.as_str()))
+        .max_by_key(|u| u.initiated().map(|t| (t.secs(), t.subsec_nanos())))
+        .and_then(|u| u.upload_id().map(str::to_string)))
+}
+
+/// The parts of upload `id` (at most [`MAX_PARTS`]).
+fn held_parts(c: &Client, url: &S3Url, id: &str) -> Result<BTreeMap<i32, Held>> {
+    let mut parts = BTreeMap::new();
+    let mut marker: Option<String> = None;
+    loop {
+        let out = block_on(
+            c.list_parts()
+                .bucket(&url.bucket)
+                .key(&url.key)
+                .upload_id(id)
+                .set_part_number_marker(marker.clone())
+                .send(),
+        )?
+        .map_err(|e| error(e, "listing the parts uploaded", url, DEST_MISSING))?;
+        for p in out.parts() {
+            let (Some(n), Some(etag)) = (p.part_number(), p.e_tag()) else {
+                continue;
+            };
+            parts.insert(
+                n,
+                Held {
+                    size: p.size().unwrap_or(-1).max(0) as u64,
+                    etag: etag.trim_matches('"').to_string(),
+                    sha256: p.checksum_sha256().map(str::to_string),
+                },
+            );
+        }
+        let next = out.next_part_number_marker().map(str::to_string);
+        if out.is_truncated() != Some(true) || next.is_none() || next == marker {
+            break;
+        }
+        if parts.len() as u64 > MAX_PARTS {
+            return Err(Error::new(
+                Code::IoError,
+                format!("{url}: the server lists more than {MAX_PARTS} parts"),
+            ));
+        }
+        marker = next;
+    }
+    Ok(parts)
+}
+
+/// Starts a multipart upload, with SHA-256 part checksums where the server takes them.
+fn start_upload(c: &Client, url: &S3Url, sha256: &str) -> Result<(String, Checksum)> {
+    let create = |alg: Option<ChecksumAlgorithm>| {
+        block_on(
+            c.create_multipart_upload()
+                .bucket(&url.bucket)
+                .key(&url.key)
+                .metadata(SHA256_META, sha256)
+                .set_checksum_algorithm(alg)
+                .send(),
+        )
+    };
+    let (out, mode) = match create(Some(ChecksumAlgorithm::Sha256))? {
+        Ok(o) => (o, Checksum::Sha256),
+        Err(e) if refuses_checksum(&e) => (
+            create(None)?.map_err(|e| error(e, "starting the upload", url, DEST_MISSING))?,
+            Checksum::Md5,
+        ),
+        Err(e) => return Err(error(e, "starting the upload", url, DEST_MISSING)),
+    };
+    let id = out.upload_id().map(str::to_string).ok_or_else(|| {
+        Error::new(
+            Code::IoError,
+            format!("{url}: the server gave no upload id"),
+        )
+    })?;
+    Ok((id, mode))
+}
+
+/// One part's number and SHA-256 (base64).
+struct Part {
+    number: i32,
+    sha256: String,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn multipart(
+    c: &Client,
+    url: &S3Url,
+    file: &File,
+    path: &Path,
+    len: u64,
+    sha256: &str,
+    advance: &(dyn Fn(u64) + Sync),
+    mut done: Uploaded,
+) -> Result<Uploaded> {
+    let part = part_size(len);
+    let count = len.div_ceil(part);
+    let resumed = open_upload(c, url)?;
+    let (id, held, mode) = match resumed {
+        Some(id) => {
+            let held = held_parts(c, url, &id)?;
+            let mode = if held.values().any(|h| h.sha256.is_none()) {
+                Checksum::Md5
+            } else {
+                Checksum::Sha256
+            };
+            (id, held, mode)
+        }
+        None => {
+            let (id, mode) = start_upload(c, url, sha256)?;
+            (id, BTreeMap::new(), mode)
+        }
+    };
+    let workers = (WORKERS as u64).min((IN_FLIGHT_BYTES / part).max(1)) as usize;
+    let next = AtomicUsize::new(0);
+    let sent = AtomicU64::new(0);
+    let reused = AtomicU64::new(0);
+    let results: Mutex<Vec<(i32, String, Option<String>)>> = Mutex::new(Vec::new());
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                let mut buf = Vec::new();
+                loop {
+                    if failure.lock().map(|f| f.is_some()).unwrap_or(true) {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed) as u64;
+                    if i >= count {
+                        return;
+                    }
+                    let at = i * part;
+                    let n = part.min(len - at) as usize;
+                    buf.resize(n, 0);
+                    let r = read_part(file, path, at, &mut buf).and_then(|()| {
+                        let p = Part {
+                            number: i as i32 + 1,
+                            sha256: b64(&Sha256::digest(&buf)),
+                        };
+                        match held.get(&p.number) {
+                            Some(h) if h.size == n as u64 && held_matches(h, &p, &buf) => {
+                                reused.fetch_add(1, Ordering::Relaxed);
+                                Ok((p.number, h.etag.clone(), h.sha256.clone()))
+                            }
+                            _ => {
+                                let etag = send_part(c, url, &id, &p, mode, &buf)?;
+                                sent.fetch_add(n as u64, Ordering::Relaxed);
+                                crate::util::testhook::checkpoint("part");
+                                Ok((
+                                    p.number,
+                                    etag,
+                                    (mode == Checksum::Sha256).then_some(p.sha256),
+                                ))
+                            }
+                        }
+                    });
+                    match r {
+                        Ok(done) => {
+                            advance(n as u64);
+                            if let Ok(mut v) = results.lock() {
+                                v.push(done);
+                            }
+                        }
+                        Err(e) => {
+                            if let Ok(mut f) = failure.lock() {
+                                f.get_or_insert(e);
+                            }
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    let mut parts = results.into_inner().unwrap_or_default();
+    parts.sort_by_key(|p| p.0);
+    complete(c, url, &id, parts)?;
+    done.parts = count;
+    done.parts_reused = reused.into_inner();
+    done.bytes_sent = sent.into_inner();
+    Ok(done)
+}
+
+/// Whether a held part has this part's bytes `buf` (its SHA-256, else its ETag as an MD5).
+fn held_matches(h: &Held, p: &Part, buf: &[u8]) -> bool {
+    match &h.sha256 {
+        Some(s) => *s == p.sha256,
+        None => h
+            .etag
+            .eq_ignore_ascii_case(&crate::copy::hash::hex(&Md5::digest(buf))),
+    }
+}
+
+fn send_part(
+    c: &Client,
+    url: &S3Url,
+    id: &str,
+    p: &Part,
+    mode: Checksum,
+    buf: &[u8],
+) -> Result<String> {
+    let mut req = c
+        .upload_part()
+        .bucket(&url.bucket)
+        .key(&url.key)
+        .upload_id(id)
+        .part_number(p.number)
+        .body(ByteStream::from(buf.to_vec()));
+    req = match mode {
+        Checksum::Sha256 => req.checksum_sha256(p.sha256.clone()),
+        Checksum::Md5 => req.content_md5(b64(&Md5::digest(buf))),
+    };
+    let what = format!("uploading part {}", p.number);
+    let out = block_on(req.send())?.map_err(|e| error(e, &what, url, DEST_MISSING))?;
+    out.e_tag()
+        .map(|e| e.trim_matches('"').to_string())
+        .ok_or_else(|| {
+            Error::new(
+                Code::IoError,
+                format!("{url}: {what}: no ETag in the answer"),
+            )
+        })
+}
+
+fn complete(
+    c: &Client,
+    url: &S3Url,
+    id: &str,
+    parts: Vec<(i32, String, Option<String>)>,
+) -> Result<()> {
+    let parts: Vec<CompletedPart> = parts
+        .into_iter()
+        .map(|(n, etag, sha)| {
+            CompletedPart::builder()
+                .part_number(n)
+                .e_tag(format!("\"{etag}\""))
+                .set_checksum_sha256(sha)
+                .build()
+        })
+        .collect();
+    block_on(
+        c.complete_multipart_upload()
+            .bucket(&url.bucket)
+            .key(&url.key)
+            .upload_id(id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send(),
+    )?
+    .map(|_| ())
+    .map_err(|e| error(e, "completing the upload", url, DEST_MISSING))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_grow_so_no_upload_needs_more_than_ten_thousand() {
+        assert_eq!(part_size(1), MIN_PART);
+        assert_eq!(part_size(MIN_PART * MAX_PARTS), MIN_PART);
+        for len in [
+            MIN_PART * MAX_PARTS + 1,
+            1 << 40,
+            5 << 40,
+            (5 << 40) + 12345,
+        ] {
+            let p = part_size(len);
+            assert!(len.div_ceil(p) <= MAX_PARTS, "{len}: {p}");
+            assert_eq!(p % (1 << 20), 0);
+        }
+    }
+}
