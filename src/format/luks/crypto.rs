@@ -166,6 +166,15 @@ impl Hash {
         }
     }
 
+    /// The name headers and manifests use (`sha256`).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Hash::Sha1 => "sha1",
+            Hash::Sha256 => "sha256",
+            Hash::Sha512 => "sha512",
+        }
+    }
+
     fn len(self) -> usize {
         match self {
             Hash::Sha1 => 20,
