@@ -205,6 +205,24 @@ fn encrypted_outputs_equal_their_source_under_qemu_and_cryptsetup() {
         size < 8 * MIB,
         "unallocated clusters stay unallocated: {size} bytes"
     );
+    // With -t none the clusters, encrypted in place, go out through O_DIRECT.
+    kiln_in(
+        d,
+        &[
+            "convert",
+            "-t",
+            "none",
+            "-O",
+            "qcow2",
+            "--encrypt",
+            "--key-file",
+            "k",
+            "src.raw",
+            "direct.qcow2",
+        ],
+    )
+    .ok();
+    assert_same_decrypted(d, "qcow2", "direct.qcow2", "src.raw");
     // Raw output: a LUKS1 volume qemu's luks driver opens.
     kiln_in(
         d,
