@@ -67,6 +67,24 @@ fn qemu_decrypt(dir: &Path, driver: &str, enc: &str, out: &str) {
     );
 }
 
+/// kiln's raw LUKS2 volume of `src.raw`, with the key `k`.
+fn kiln_luks2(dir: &Path, out: &str) {
+    kiln_in(
+        dir,
+        &[
+            "convert",
+            "--encrypt",
+            "--luks-version",
+            "2",
+            "--key-file",
+            "k",
+            "src.raw",
+            out,
+        ],
+    )
+    .ok();
+}
+
 fn qemu_encrypted_inputs(dir: &Path) {
     qemu_img(
         dir,
@@ -239,20 +257,7 @@ fn encrypted_outputs_equal_their_source_under_qemu_and_cryptsetup() {
     assert_same_decrypted(d, "luks", "o.luks", "src.raw");
     assert!(tool_in(d, "cryptsetup", &["isLuks", "--type", "luks1", "o.luks"]).status == 0);
     // LUKS2: cryptsetup reads its header; kiln reads it back identically.
-    kiln_in(
-        d,
-        &[
-            "convert",
-            "--encrypt",
-            "--luks-version",
-            "2",
-            "--key-file",
-            "k",
-            "src.raw",
-            "o2.luks",
-        ],
-    )
-    .ok();
+    kiln_luks2(d, "o2.luks");
     let dump = tool_in(d, "cryptsetup", &["luksDump", "o2.luks"])
         .ok()
         .stdout;
@@ -703,20 +708,7 @@ fn inspect_shows_encryption_without_the_key() {
     let d = t.path();
     source(d);
     qemu_encrypted_inputs(d);
-    kiln_in(
-        d,
-        &[
-            "convert",
-            "--encrypt",
-            "--luks-version",
-            "2",
-            "--key-file",
-            "k",
-            "src.raw",
-            "k2.luks",
-        ],
-    )
-    .ok();
+    kiln_luks2(d, "k2.luks");
     let cases = [
         ("q.qcow2", "qcow2", "luks1", "pbkdf2-sha256"),
         ("q.luks", "luks", "luks1", "pbkdf2-sha256"),
