@@ -102,8 +102,30 @@ pub struct InspectReport {
     /// A process holding the file open for writing (QEMU's write lock), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) writer: Option<Holder>,
+    /// The file's own data is encrypted (LUKS); shown without the key.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub map: Option<Vec<MapEntry>>,
+}
+
+/// How an encrypted file is encrypted, from its LUKS header: never key material.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EncryptionReport {
+    /// `luks1` (a raw volume or inside a qcow2) or `luks2`.
+    pub format: String,
+    /// `aes-xts-plain64` (the only cipher kiln reads).
+    pub cipher: String,
+    #[serde(rename = "key-bits")]
+    pub key_bits: u32,
+    /// The KDF of the key slot that holds the key: `pbkdf2-sha256`, `argon2id`, ...
+    #[serde(rename = "key-slot-kdf")]
+    pub key_slot_kdf: String,
+    /// Whether a key was given and opened it: the data could then be read. Without one, sizes and
+    /// the allocation map are still shown (they are not encrypted).
+    pub unlocked: bool,
 }
 
 /// What to inspect.
@@ -122,10 +144,17 @@ pub fn inspect(path: &Path) -> Result<InspectReport> {
     inspect_with(path, &InspectOptions::default())
 }
 
+/// Opens `path` as the options say. An encrypted file opens without a key too (its header, sizes
+/// and map are shown; its data is not read); a key given must open it.
 pub fn inspect_with(path: &Path, opts: &InspectOptions) -> Result<InspectReport> {
-    let opened = crate::prepare::open(path, opts.format, &opts.gate)?;
+    let gate = crate::format::gate::BackingGate {
+        keyless: true,
+        ..opts.gate.clone()
+    };
+    let opened = crate::prepare::open(path, opts.format, &gate)?;
     let info = &opened.info;
     let top = file_facts(&info.path, info.format)?;
+    let encryption = encryption(&info.path, info.format, gate.key.is_some())?;
     let snapshots = match info.format {
         Format::Qcow2 => read_snapshot_table(&info.path)?,
         Format::Raw | Format::Vhdx | Format::Luks | Format::Vmdk | Format::Vhd | Format::Vdi => {
@@ -165,8 +194,35 @@ pub fn inspect_with(path: &Path, opts: &InspectOptions) -> Result<InspectReport>
         backing_chain,
         snapshots,
         writer: top.writer,
+        encrypted: encryption.is_some(),
+        encryption,
         map,
     })
+}
+
+/// The encryption of the file itself (a raw LUKS volume, or a qcow2 with `crypt_method` 2), read
+/// from its headers without a key; `unlocked` when the open used a key (which then opened it).
+fn encryption(path: &Path, format: Format, unlocked: bool) -> Result<Option<EncryptionReport>> {
+    let info = match format {
+        Format::Qcow2 => qcow2::reader::encryption(path)?,
+        Format::Luks => {
+            let file = format::open_read_only(path)?;
+            let size = file
+                .metadata()
+                .map_err(|e| Error::io(path, "reading metadata of", e))?
+                .len();
+            let read = format::luks::area_reader(&file, 0, size, path);
+            Some(format::luks::describe(&read, size, path)?.0)
+        }
+        Format::Raw | Format::Vhdx | Format::Vmdk | Format::Vhd | Format::Vdi => None,
+    };
+    Ok(info.map(|v| EncryptionReport {
+        format: format!("luks{}", v.luks_version),
+        cipher: "aes-xts-plain64".into(),
+        key_bits: v.key_bits,
+        key_slot_kdf: v.kdf,
+        unlocked,
+    }))
 }
 
 struct FileFacts {

@@ -2,12 +2,13 @@
 //!
 //! Holes and zero clusters are skipped without reading; data is read, checked for zeros block by
 //! block (the writer's block size: 4 KiB for raw output, one cluster for qcow2) and only non-zero
-//! blocks go to the output's [`DiskWriter`], in its three steps: prepare (compression) in parallel,
+//! blocks go to the output's [`DiskWriter`], in its steps: prepare (compression) in parallel,
 //! allocate in guest order through a per-disk turnstile when the writer asks for it (so the same
-//! input always gives the same bytes, and the same SHA-256), and write in parallel. The engine
-//! knows no format. The worker that completes a disk's last chunk finishes its format (qcow2's
-//! tables) and hands the file to a finishing thread, which hashes and fsyncs it while the workers go
-//! on copying the next disks.
+//! input always gives the same bytes, and the same SHA-256), seal in place (qcow2 encryption,
+//! whose IV is the host sector) in parallel, and write in parallel. The engine knows no format.
+//! The worker that completes a disk's last chunk finishes its format (qcow2's tables) and hands the
+//! file to a finishing thread, which hashes and fsyncs it while the workers go on copying the next
+//! disks.
 //!
 //! The output's cache mode ([`CacheMode`], `-t`) decides the rest: `writeback` starts writeback of
 //! each range as it is written and fsyncs each finished disk; `unsafe` does neither; `none` writes
@@ -506,10 +507,11 @@ fn copy_chunk(
     Ok(())
 }
 
-/// Stores a chunk's runs of non-zero blocks through the writer's three steps: prepare each piece
-/// (this worker's share of the parallel compression), allocate (in turn when the writer wants
-/// guest order; every chunk takes its turn, even an empty one), then write under the disk's write
-/// lock and start writeback of the range written.
+/// Stores a chunk's runs of non-zero blocks through the writer's steps: prepare each piece (this
+/// worker's share of the parallel compression), allocate (in turn when the writer wants guest
+/// order; every chunk takes its turn, even an empty one), seal each piece in place (qcow2
+/// encryption, on this worker, outside every lock), then write under the disk's write lock and
+/// start writeback of the range written.
 #[allow(clippy::too_many_arguments)]
 fn store(
     sh: &Shared<'_>,
@@ -517,7 +519,7 @@ fn store(
     w: &dyn DiskWriter,
     start: u64,
     runs: &[(usize, usize)],
-    buf: &[u8],
+    buf: &mut [u8],
     seq: u64,
     pool: &mut Vec<Vec<u8>>,
 ) -> Result<()> {
@@ -539,11 +541,14 @@ fn store(
     } else {
         allocate()?;
     }
-    for (&(_, _, p), &host) in pieces.iter().zip(&hosts) {
-        if let Some(i) = p {
-            w.seal(host, &mut pool[i])?;
+    // Sealed in place where they lie: the prepared buffer, or the chunk itself.
+    for (&(o, l, p), &host) in pieces.iter().zip(&hosts) {
+        match p {
+            Some(i) => w.seal(host, &mut pool[i])?,
+            None => w.seal(host, &mut buf[o..o + l])?,
         }
     }
+    let buf = &*buf;
     let mut span: Option<(u64, u64)> = None;
     {
         let _w = lock(&disk.write_lock);

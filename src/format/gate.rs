@@ -30,11 +30,18 @@ pub struct BackingGate {
     /// LUKS encryption), when one was given. It travels with the gate because it is the other
     /// thing a source may be opened with.
     pub(crate) key: Option<crate::format::luks::secret::Secret>,
+    /// Encrypted files opened without a key are mapped but not read (`kiln inspect`): their
+    /// headers and allocation are shown, and any read of their data is refused for want of a key.
+    pub(crate) keyless: bool,
 }
 
 impl BackingGate {
     pub(crate) fn new(dirs: Vec<PathBuf>) -> BackingGate {
-        BackingGate { dirs, key: None }
+        BackingGate {
+            dirs,
+            key: None,
+            keyless: false,
+        }
     }
 
     /// Resolves the backing file `name` stored in `overlay` and opens it read-only, or refuses it.

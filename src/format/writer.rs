@@ -68,9 +68,11 @@ pub(crate) trait DiskWriter: Send + Sync {
         ))
     }
 
-    /// Finishes a prepared piece once its host offset is known, on the copying thread, outside
-    /// every lock (qcow2 encryption: qemu's LUKS IV is the host sector).
-    fn seal(&self, _host_offset: u64, _prepared: &mut [u8]) -> Result<()> {
+    /// Finishes a piece in place once its host offset is known, on the copying thread, outside
+    /// every lock: a prepared piece in its buffer, or a piece stored as it is (a run of whole
+    /// blocks placed one after another) in the engine's chunk buffer, which nothing reads again
+    /// but the write. Encryption: qemu's LUKS IV in a qcow2 is the host sector.
+    fn seal(&self, _host_offset: u64, _data: &mut [u8]) -> Result<()> {
         Ok(())
     }
 

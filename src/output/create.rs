@@ -119,6 +119,17 @@ pub(crate) fn dry_run(r: &DryRunReport, json: bool) -> Rendered {
             human(d.bytes_to_copy)
         );
     }
+    for (d, e) in r
+        .disks
+        .iter()
+        .filter_map(|d| d.encryption.as_ref().map(|e| (d, e)))
+    {
+        let _ = writeln!(
+            s,
+            "{} would be encrypted: {}, {}, {}-bit key, key slot KDF {}",
+            d.device, e.format, e.cipher, e.key_bits, e.key_slot_kdf
+        );
+    }
     if let Some(t) = &r.target_profile {
         let _ = writeln!(s, "--target {}: {}", t.name, t.output);
         for a in &t.adjustments {

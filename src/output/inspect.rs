@@ -33,6 +33,21 @@ pub fn render_text(r: &InspectReport) -> String {
     if let Some(c) = r.cluster_size {
         let _ = writeln!(s, "cluster_size: {c}");
     }
+    if let Some(e) = &r.encryption {
+        let _ = writeln!(
+            s,
+            "encrypted: yes ({}, {}, {}-bit key, key slot KDF {}; {})",
+            e.format,
+            e.cipher,
+            e.key_bits,
+            e.key_slot_kdf,
+            if e.unlocked {
+                "the key given opens it"
+            } else {
+                "no key given: sizes and map only"
+            }
+        );
+    }
     match &r.writer {
         Some(h) => {
             let _ = writeln!(s, "open for writing: yes, by {h}");

@@ -67,6 +67,24 @@ fn qemu_decrypt(dir: &Path, driver: &str, enc: &str, out: &str) {
     );
 }
 
+/// kiln's raw LUKS2 volume of `src.raw`, with the key `k`.
+fn kiln_luks2(dir: &Path, out: &str) {
+    kiln_in(
+        dir,
+        &[
+            "convert",
+            "--encrypt",
+            "--luks-version",
+            "2",
+            "--key-file",
+            "k",
+            "src.raw",
+            out,
+        ],
+    )
+    .ok();
+}
+
 fn qemu_encrypted_inputs(dir: &Path) {
     qemu_img(
         dir,
@@ -205,6 +223,24 @@ fn encrypted_outputs_equal_their_source_under_qemu_and_cryptsetup() {
         size < 8 * MIB,
         "unallocated clusters stay unallocated: {size} bytes"
     );
+    // With -t none the clusters, encrypted in place, go out through O_DIRECT.
+    kiln_in(
+        d,
+        &[
+            "convert",
+            "-t",
+            "none",
+            "-O",
+            "qcow2",
+            "--encrypt",
+            "--key-file",
+            "k",
+            "src.raw",
+            "direct.qcow2",
+        ],
+    )
+    .ok();
+    assert_same_decrypted(d, "qcow2", "direct.qcow2", "src.raw");
     // Raw output: a LUKS1 volume qemu's luks driver opens.
     kiln_in(
         d,
@@ -221,20 +257,7 @@ fn encrypted_outputs_equal_their_source_under_qemu_and_cryptsetup() {
     assert_same_decrypted(d, "luks", "o.luks", "src.raw");
     assert!(tool_in(d, "cryptsetup", &["isLuks", "--type", "luks1", "o.luks"]).status == 0);
     // LUKS2: cryptsetup reads its header; kiln reads it back identically.
-    kiln_in(
-        d,
-        &[
-            "convert",
-            "--encrypt",
-            "--luks-version",
-            "2",
-            "--key-file",
-            "k",
-            "src.raw",
-            "o2.luks",
-        ],
-    )
-    .ok();
+    kiln_luks2(d, "o2.luks");
     let dump = tool_in(d, "cryptsetup", &["luksDump", "o2.luks"])
         .ok()
         .stdout;
@@ -243,6 +266,20 @@ fn encrypted_outputs_equal_their_source_under_qemu_and_cryptsetup() {
         "{dump}"
     );
     assert!(dump.contains("aes-xts-plain64"), "{dump}");
+    // cryptsetup's own KDF and AF merge open kiln's key slots (LUKS1 and LUKS2) with the key, and
+    // not with another. (`cryptsetup open` proper needs device-mapper, which tests cannot count on.)
+    for f in ["o.luks", "o2.luks"] {
+        let test = |key: &str| {
+            tool_in(
+                d,
+                "cryptsetup",
+                &["open", "--test-passphrase", "--key-file", key, f],
+            )
+            .status
+        };
+        assert_eq!(test("k"), 0, "{f}");
+        assert_ne!(test("wrong"), 0, "{f}");
+    }
     kiln_in(d, &["convert", "--key-file", "k", "o2.luks", "back.raw"]).ok();
     assert_eq!(
         fs::read(d.join("back.raw")).unwrap(),
@@ -652,4 +689,187 @@ fn a_request_file_encrypts_and_names_key_files() {
         "MissingParameter",
         &["--encrypt needs a key"],
     );
+}
+
+/// `kiln inspect --json` in `d`: its report.
+fn inspect_json(d: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["inspect", "--json"];
+    a.extend_from_slice(args);
+    serde_json::from_str(&kiln_in(d, &a).ok().stdout).unwrap()
+}
+
+/// Without a key, `kiln inspect` shows what is not encrypted: the LUKS header's version, cipher,
+/// key size and key-slot KDF, the virtual size and (qcow2) the allocation map, as qemu-img gives
+/// them with the key. With the key, it opens the file; a wrong key is refused. Neither the key
+/// nor anything derived from it is shown.
+#[test]
+fn inspect_shows_encryption_without_the_key() {
+    let t = tmp();
+    let d = t.path();
+    source(d);
+    qemu_encrypted_inputs(d);
+    kiln_luks2(d, "k2.luks");
+    let cases = [
+        ("q.qcow2", "qcow2", "luks1", "pbkdf2-sha256"),
+        ("q.luks", "luks", "luks1", "pbkdf2-sha256"),
+        ("k2.luks", "luks", "luks2", "argon2id"),
+    ];
+    for (file, driver, luks, kdf) in cases {
+        let r = inspect_json(d, &["--map", file]);
+        assert_eq!(r["format"], driver, "{r}");
+        assert_eq!(r["encrypted"], true, "{r}");
+        let e = &r["encryption"];
+        assert_eq!(e["format"], luks, "{r}");
+        assert_eq!(e["cipher"], "aes-xts-plain64", "{r}");
+        assert_eq!(e["key-bits"], 512, "{r}");
+        assert_eq!(e["key-slot-kdf"], kdf, "{r}");
+        assert_eq!(e["unlocked"], false, "{r}");
+        assert_eq!(r["virtual-size"], 24 * MIB, "{r}");
+        if luks != "luks2" {
+            // qemu-img (which reads LUKS1 only), given the key, sizes and maps it the same.
+            let opts = image_opts(driver, file);
+            let q = tool_in(
+                d,
+                "qemu-img",
+                &[
+                    "info",
+                    "--output=json",
+                    "--object",
+                    SECRET,
+                    "--image-opts",
+                    &opts,
+                ],
+            )
+            .ok()
+            .stdout;
+            let q: serde_json::Value = serde_json::from_str(&q).unwrap();
+            assert_eq!(q["virtual-size"], r["virtual-size"], "{q}");
+            let m = qemu_img(
+                d,
+                &[
+                    "map",
+                    "--output=json",
+                    "--object",
+                    SECRET,
+                    "--image-opts",
+                    &opts,
+                ],
+            );
+            let qemu = crate::inspect::runs(&serde_json::from_str(&m).unwrap());
+            let kiln = crate::inspect::runs(&r["map"]);
+            crate::inspect::assert_same_classes(&kiln, &qemu, file);
+        }
+        // The qcow2 map keeps its holes without the key (a raw volume is data throughout).
+        let holes = r["map"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["data"] == false);
+        assert_eq!(holes, driver == "qcow2", "{r}");
+        // Text names the same facts.
+        let text = kiln_in(d, &["inspect", file]).ok().stdout;
+        assert!(
+            text.contains(&format!(
+                "encrypted: yes ({luks}, aes-xts-plain64, 512-bit key, key slot KDF {kdf}"
+            )) && text.contains("no key given"),
+            "{text}"
+        );
+        // With the key it is opened; a wrong key is refused.
+        let r = inspect_json(d, &["--key-file", "k", file]);
+        assert_eq!(r["encryption"]["unlocked"], true, "{r}");
+        refused(
+            d,
+            &["inspect", "--key-file", "wrong", file],
+            "InvalidSnapshot.KeyMismatch",
+            &["does not open"],
+        );
+    }
+    // Reading the data still needs the key: an unencrypted file shows no encryption at all.
+    refused(d, &["check", "q.qcow2"], "MissingParameter", &["key-file"]);
+    let plain = inspect_json(d, &["src.raw"]);
+    assert!(
+        plain.get("encrypted").is_none() && plain.get("encryption").is_none(),
+        "{plain}"
+    );
+}
+
+/// `create --dry-run` shows, per disk, whether it would be encrypted and how (text and JSON), and
+/// never the key.
+#[test]
+fn dry_run_shows_each_disks_encryption() {
+    let t = tmp();
+    let d = t.path();
+    source(d);
+    fs::write(d.join("k2"), b"second-key").unwrap();
+    let args = [
+        "create",
+        "--dry-run",
+        "--name",
+        "enc",
+        "--output-dir",
+        "img",
+        "--key-file",
+        "k",
+        "--disk",
+        "snapshot=src.raw,type=system",
+        "--disk",
+        "snapshot=src.raw,key-file=k2,encrypt=true",
+    ];
+    let r = kiln_in(d, &[&args[..], &["--json"]].concat());
+    assert_eq!(r.code(), "DryRunOperation", "{}{}", r.stdout, r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let disks = v["Plan"]["Disks"].as_array().unwrap();
+    assert_eq!(disks[0]["Encrypted"], false, "{v}");
+    assert!(disks[0].get("Encryption").is_none(), "{v}");
+    assert_eq!(disks[1]["Encrypted"], true, "{v}");
+    let e = &disks[1]["Encryption"];
+    assert_eq!(e["Format"], "luks1", "{v}");
+    assert_eq!(e["Cipher"], "aes-xts-plain64", "{v}");
+    assert_eq!(e["KeySlotKdf"], "pbkdf2-sha256", "{v}");
+    let text = kiln_in(d, &args);
+    assert_eq!(text.status, 0, "{}{}", text.stdout, text.stderr);
+    assert!(
+        text.stdout.contains(
+            "/dev/xvdb would be encrypted: luks1, aes-xts-plain64, 512-bit key, key slot KDF pbkdf2-sha256"
+        ) && !text.stdout.contains("/dev/xvda would be encrypted"),
+        "{}",
+        text.stdout
+    );
+    // A whole raw image with --encrypt --luks-version 2: every disk, LUKS2 with argon2id.
+    let r = kiln_in(
+        d,
+        &[
+            "create",
+            "--dry-run",
+            "--name",
+            "enc",
+            "--output-dir",
+            "img",
+            "--format",
+            "raw",
+            "--encrypt",
+            "--luks-version",
+            "2",
+            "--key-file",
+            "k",
+            "--snapshot",
+            "src.raw",
+            "--json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let e = &v["Plan"]["Disks"][0]["Encryption"];
+    assert_eq!(
+        (e["Format"].as_str(), e["KeySlotKdf"].as_str()),
+        (Some("luks2"), Some("argon2id")),
+        "{v}"
+    );
+    let needle = &KEY[..KEY.len() - 1];
+    for s in [&r.stdout, &r.stderr, &text.stdout, &text.stderr] {
+        assert!(
+            !contains(s.as_bytes(), needle) && !s.contains("second-key"),
+            "{s}"
+        );
+    }
+    assert!(!d.join("img").exists());
 }

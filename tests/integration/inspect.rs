@@ -9,7 +9,7 @@ use kiln::format::Format;
 use serde_json::Value;
 
 /// (start, length, data, zero) runs from a qemu-img-style JSON map.
-fn runs(v: &Value) -> Vec<(u64, u64, bool, bool)> {
+pub(crate) fn runs(v: &Value) -> Vec<(u64, u64, bool, bool)> {
     v.as_array()
         .expect("a JSON array")
         .iter()
@@ -61,7 +61,7 @@ fn compare_map(dir: &Path, file: &str) -> Vec<(u64, u64, bool, bool)> {
 }
 
 /// Both maps classify every byte alike: checked at every boundary either of them has.
-fn assert_same_classes(
+pub(crate) fn assert_same_classes(
     kiln: &[(u64, u64, bool, bool)],
     qemu: &[(u64, u64, bool, bool)],
     file: &str,

@@ -11,6 +11,7 @@ use super::space::{self, SpaceCheck};
 use crate::detect::{self, relocate};
 use crate::error::Result;
 use crate::format::BlockSource;
+use crate::image::manifest::EncryptionRecord;
 use crate::request::create::CreateRequest;
 use crate::request::plan::{self, DiskLayout};
 use crate::request::target::Target;
@@ -35,6 +36,12 @@ pub(crate) struct PlannedDiskReport {
     /// Allocated source data: what the copy reads (zeros among it are then not written).
     #[serde(rename = "BytesToCopy")]
     pub(crate) bytes_to_copy: u64,
+    /// Whether the disk would be written encrypted, and how (what the manifest would record):
+    /// never key material.
+    #[serde(rename = "Encrypted")]
+    pub(crate) encrypted: bool,
+    #[serde(rename = "Encryption", skip_serializing_if = "Option::is_none")]
+    pub(crate) encryption: Option<EncryptionRecord>,
 }
 
 /// What `--dry-run` found: the real run would start.
@@ -115,6 +122,11 @@ pub(super) fn dry_run(
                 format: p.format.extension().into(),
                 virtual_size: p.virtual_size,
                 bytes_to_copy: p.data_bytes,
+                encrypted: p.encryption.is_some(),
+                encryption: p
+                    .encryption
+                    .as_ref()
+                    .map(|e| e.describe(req.output.format.extension()).into()),
             })
             .collect(),
         space,

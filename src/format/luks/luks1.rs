@@ -16,7 +16,7 @@ use std::path::Path;
 use zeroize::Zeroizing;
 
 use super::crypto::{self, Hash, SectorCipher, SECTOR};
-use super::{kdf_too_costly, Unlocked, MAX_PBKDF2_ITERATIONS};
+use super::{kdf_too_costly, Unlocked, VolumeInfo, MAX_PBKDF2_ITERATIONS};
 use crate::error::{Code, Error, Result};
 
 pub(crate) const MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
@@ -147,6 +147,17 @@ pub(crate) fn parse(b: &[u8], area: u64, path: &Path) -> Result<Header> {
         digest_iterations,
         slots,
     })
+}
+
+impl Header {
+    /// What may be shown without a key: the key size and the key slots' KDF.
+    pub(crate) fn info(&self) -> VolumeInfo {
+        VolumeInfo {
+            luks_version: 1,
+            key_bits: self.key_bytes as u32 * 8,
+            kdf: format!("pbkdf2-{}", self.hash.name()),
+        }
+    }
 }
 
 fn check_slot(i: usize, s: &Slot, key_bytes: u32, payload: u32, path: &Path) -> Result<()> {

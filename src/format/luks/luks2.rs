@@ -21,7 +21,7 @@ use zeroize::Zeroizing;
 
 use super::crypto::{self, Hash, SectorCipher, SECTOR};
 use super::luks1::STRIPES;
-use super::{kdf_too_costly, Unlocked, MAX_PBKDF2_ITERATIONS};
+use super::{kdf_too_costly, Unlocked, VolumeInfo, MAX_PBKDF2_ITERATIONS};
 use crate::error::{Error, Result};
 
 /// The primary header's magic (the secondary's is `SKUL\xba\xbe`).
@@ -126,6 +126,32 @@ pub(crate) struct Parsed {
     payload_offset: u64,
     digest: Digest2,
     slots: Vec<Slot>,
+}
+
+impl Parsed {
+    /// Where the payload starts (bytes from the header).
+    pub(crate) fn payload_offset(&self) -> u64 {
+        self.payload_offset
+    }
+
+    /// What may be shown without a key: the key size and the KDF of the first key slot the
+    /// master-key digest names.
+    pub(crate) fn info(&self) -> VolumeInfo {
+        let slot = self
+            .slots
+            .iter()
+            .find(|s| self.digest.slots.contains(&s.name));
+        VolumeInfo {
+            luks_version: 2,
+            key_bits: slot.map_or(0, |s| s.key_size as u32 * 8),
+            kdf: match slot.map(|s| &s.kdf) {
+                Some(Kdf::Pbkdf2 { hash, .. }) => format!("pbkdf2-{}", hash.name()),
+                Some(Kdf::Argon2 { id: true, .. }) => "argon2id".into(),
+                Some(Kdf::Argon2 { id: false, .. }) => "argon2i".into(),
+                None => "none".into(),
+            },
+        }
+    }
 }
 
 /// Reads and checks a LUKS2 header (binary header, checksum, JSON, segment, digest, key slots,

@@ -108,6 +108,21 @@ pub(crate) fn key_needed(path: &Path) -> Error {
     )
 }
 
+/// The LUKS version of the header that starts with `head`, checked to be one kiln reads.
+fn version(head: &[u8], path: &Path) -> Result<u16> {
+    if !head.starts_with(luks1::MAGIC) && !head.starts_with(luks2::MAGIC2) {
+        return Err(Error::corrupt(path, "the LUKS header has no LUKS magic"));
+    }
+    match head.get(6..8).map(|v| u16::from_be_bytes([v[0], v[1]])) {
+        Some(v @ (1 | 2)) => Ok(v),
+        Some(v) => Err(Error::unsupported(
+            path,
+            format!("LUKS version {v} is not supported (kiln reads 1 and 2)"),
+        )),
+        None => Err(Error::corrupt(path, "the LUKS header is cut short")),
+    }
+}
+
 /// Opens the LUKS header at the start of an area of `area` bytes, read through `read(offset, len)`
 /// (offsets inside the area), with `key`.
 pub(crate) fn unlock(
@@ -117,20 +132,28 @@ pub(crate) fn unlock(
     path: &Path,
 ) -> Result<Unlocked> {
     let head = read(0, HEAD_BYTES.min(area as usize))?;
-    if !head.starts_with(luks1::MAGIC) && !head.starts_with(luks2::MAGIC2) {
-        return Err(Error::corrupt(path, "the LUKS header has no LUKS magic"));
+    if version(&head, path)? == 1 {
+        let h = luks1::parse(&head, area, path)?;
+        luks1::unlock(&h, key.bytes(), read, path)
+    } else {
+        luks2::unlock(read, area, key.bytes(), path)
     }
-    match head.get(6..8).map(|v| u16::from_be_bytes([v[0], v[1]])) {
-        Some(1) => {
-            let h = luks1::parse(&head, area, path)?;
-            luks1::unlock(&h, key.bytes(), read, path)
-        }
-        Some(2) => luks2::unlock(read, area, key.bytes(), path),
-        Some(v) => Err(Error::unsupported(
-            path,
-            format!("LUKS version {v} is not supported (kiln reads 1 and 2)"),
-        )),
-        None => Err(Error::corrupt(path, "the LUKS header is cut short")),
+}
+
+/// What the LUKS header at the start of an area says without a key (version, key size, key-slot
+/// KDF), every field checked as for an unlock, and where its payload starts. Derives no key.
+pub(crate) fn describe(
+    read: &dyn Fn(u64, usize) -> Result<Vec<u8>>,
+    area: u64,
+    path: &Path,
+) -> Result<(VolumeInfo, u64)> {
+    let head = read(0, HEAD_BYTES.min(area as usize))?;
+    if version(&head, path)? == 1 {
+        let h = luks1::parse(&head, area, path)?;
+        Ok((h.info(), h.payload_offset))
+    } else {
+        let p = luks2::parse(read, area, path)?;
+        Ok((p.info(), p.payload_offset()))
     }
 }
 
@@ -191,7 +214,7 @@ pub(crate) fn area_reader<'a>(
     }
 }
 
-/// Opens a raw LUKS volume with the key the gate carries.
+/// Opens a raw LUKS volume with the key the gate carries (a keyless gate: for its map only).
 pub(crate) fn open(
     file: Input,
     path: &Path,
@@ -204,10 +227,18 @@ pub(crate) fn open(
             format!("a LUKS volume has no internal snapshot '{s}'; only qcow2 files do"),
         ));
     }
-    let key = gate.key.as_ref().ok_or_else(|| key_needed(path))?;
     let size = file.len().map_err(|e| Error::io(path, "sizing", e))?;
-    let u = unlock(&area_reader(&file, 0, size, path), size, key, path)?;
-    let virtual_size = (size - u.payload_offset) / SECTOR * SECTOR;
+    let read = area_reader(&file, 0, size, path);
+    let (payload, cipher) = match &gate.key {
+        Some(key) => {
+            let u = unlock(&read, size, key, path)?;
+            (u.payload_offset, Some(u.cipher))
+        }
+        None if gate.keyless => (describe(&read, size, path)?.1, None),
+        None => return Err(key_needed(path)),
+    };
+    drop(read);
+    let virtual_size = (size - payload) / SECTOR * SECTOR;
     let info = SourceInfo {
         path: path.to_path_buf(),
         format: Format::Luks,
@@ -221,9 +252,9 @@ pub(crate) fn open(
     let src = LuksSource {
         file,
         path: path.to_path_buf(),
-        payload: u.payload_offset,
+        payload,
         virtual_size,
-        cipher: u.cipher,
+        cipher,
     };
     Ok(Opened {
         source: Box::new(src),
@@ -237,7 +268,8 @@ pub(crate) struct LuksSource {
     path: PathBuf,
     payload: u64,
     virtual_size: u64,
-    cipher: SectorCipher,
+    /// None when opened without a key (inspect): the payload is mapped, never read.
+    cipher: Option<SectorCipher>,
 }
 
 impl BlockSource for LuksSource {
@@ -256,8 +288,9 @@ impl BlockSource for LuksSource {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let end = super::read_end(&self.path, offset, buf.len(), self.virtual_size)?;
+        let cipher = self.cipher.as_ref().ok_or_else(|| key_needed(&self.path))?;
         read_decrypted(
-            &self.cipher,
+            cipher,
             (offset, end),
             buf,
             |at| at / SECTOR,

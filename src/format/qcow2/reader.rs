@@ -52,6 +52,18 @@ pub fn open(
     })
 }
 
+/// How a qcow2 file's own data is encrypted, from its header and LUKS header alone (no key): None
+/// when it is not. Every field is checked as for an open.
+pub(crate) fn encryption(path: &Path) -> Result<Option<luks::VolumeInfo>> {
+    let file = ImageFile::new(crate::format::input::open(path)?, path)?;
+    let h = parse_header(&read_header_cluster(&file)?, file.size, path)?;
+    let Some((offset, len)) = h.crypto else {
+        return Ok(None);
+    };
+    let read = luks::area_reader(&file.file, offset, len, path);
+    Ok(Some(luks::describe(&read, len, path)?.0))
+}
+
 /// The header cluster (at most 2 MiB): the first 512 bytes, then, when they name a larger valid
 /// cluster size, the whole first cluster; cut at the end of the file. The look at the magic and
 /// `cluster_bits` here only sizes the read: the header checks then run on what was read, and a
@@ -133,13 +145,17 @@ pub(crate) fn open_layer(
             gate,
         )?),
     };
-    let crypt = match h.crypto {
-        None => None,
-        Some((offset, len)) => {
-            let key = gate.key.as_ref().ok_or_else(|| luks::key_needed(path))?;
+    let crypt = match (h.crypto, &gate.key) {
+        (None, _) => Crypt::None,
+        (Some((offset, len)), Some(key)) => {
             let read = luks::area_reader(&file.file, offset, len, path);
-            Some(luks::unlock(&read, len, key, path)?.cipher)
+            Crypt::Key(luks::unlock(&read, len, key, path)?.cipher)
         }
+        (Some((offset, len)), None) if gate.keyless => {
+            luks::describe(&luks::area_reader(&file.file, offset, len, path), len, path)?;
+            Crypt::Locked
+        }
+        (Some(_), None) => return Err(luks::key_needed(path)),
     };
     let src = Qcow2Source {
         file,
@@ -215,12 +231,22 @@ fn snapshot_not_found(path: &Path, want: &str, snaps: &[Snapshot]) -> Error {
     )
 }
 
+/// Whether a layer's data clusters are encrypted, and how they are read.
+enum Crypt {
+    None,
+    /// LUKS, unlocked with the key given.
+    Key(SectorCipher),
+    /// LUKS, opened without a key (`kiln inspect`): its header checked, its clusters mapped, and
+    /// every read of their data refused for want of the key.
+    Locked,
+}
+
 /// An opened qcow2 file (one layer of a chain; its backing file below it).
 pub(crate) struct Qcow2Source {
     file: ImageFile,
     map: Mapping,
     /// LUKS (`crypt_method` 2): data clusters are encrypted, the IV being the host sector.
-    crypt: Option<SectorCipher>,
+    crypt: Crypt,
     compression: Compression,
     virtual_size: u64,
     backing: Option<Box<dyn BlockSource>>,
@@ -292,9 +318,10 @@ impl BlockSource for Qcow2Source {
             let out = &mut buf[(pos - offset) as usize..(seg_end - offset) as usize];
             match seg {
                 Seg::Host(h) => match &self.crypt {
-                    None => self.read_host(h, out, GuestOffset(pos))?,
+                    Crypt::None => self.read_host(h, out, GuestOffset(pos))?,
+                    Crypt::Locked => return Err(luks::key_needed(&self.file.path)),
                     // qemu's LUKS IV in a qcow2 is the host sector (crypt_physical_offset).
-                    Some(c) => luks::read_decrypted(
+                    Crypt::Key(c) => luks::read_decrypted(
                         c,
                         (pos, seg_end),
                         out,
@@ -302,7 +329,7 @@ impl BlockSource for Qcow2Source {
                         |at, o| self.read_host(HostOffset(h.0 - (pos - at)), o, GuestOffset(at)),
                     )?,
                 },
-                Seg::Compressed(_) if self.crypt.is_some() => {
+                Seg::Compressed(_) if !matches!(self.crypt, Crypt::None) => {
                     return Err(self.file.corrupt_at(
                         GuestOffset(pos),
                         "a compressed cluster in an encrypted image (qemu writes none)",

@@ -598,29 +598,18 @@ impl DiskWriter for Qcow2Writer {
     }
 
     fn prepare_unit(&self) -> Option<u64> {
-        (self.compression.is_some() || self.crypt.is_some()).then(|| self.cluster_size())
+        self.compression.is_some().then(|| self.cluster_size())
     }
 
     fn prepare(&self, data: &[u8], out: &mut Vec<u8>) -> Result<bool> {
         self.compress_cluster(data, out)
     }
 
-    /// Encrypted: each cluster is copied here and encrypted in [`DiskWriter::seal`].
-    fn prepare_at(&self, _guest_offset: u64, data: &[u8], out: &mut Vec<u8>) -> Result<bool> {
-        match &self.crypt {
-            Some(_) => {
-                out.clear();
-                out.extend_from_slice(data);
-                Ok(true)
-            }
-            None => self.compress_cluster(data, out),
-        }
-    }
-
-    /// Encrypts a cluster in parallel once placed: qemu's LUKS IV in a qcow2 is the host sector.
-    fn seal(&self, host_offset: u64, prepared: &mut [u8]) -> Result<()> {
+    /// Encrypts a run of clusters in place once placed, in parallel on the copy threads: qemu's
+    /// LUKS IV in a qcow2 is the host sector, and a run's clusters are placed one after another.
+    fn seal(&self, host_offset: u64, data: &mut [u8]) -> Result<()> {
         if let Some((c, _, _)) = &self.crypt {
-            c.encrypt(prepared, host_offset / SECTOR);
+            c.encrypt(data, host_offset / SECTOR);
         }
         Ok(())
     }
@@ -634,10 +623,7 @@ impl DiskWriter for Qcow2Writer {
     }
 
     fn allocate_prepared(&self, guest_offset: u64, stored_len: usize) -> Result<u64> {
-        match self.crypt {
-            Some(_) => Qcow2Writer::allocate(self, guest_offset, stored_len as u64),
-            None => self.allocate_compressed(guest_offset, stored_len),
-        }
+        self.allocate_compressed(guest_offset, stored_len)
     }
 
     fn write_at(&self, host_offset: u64, data: &[u8]) -> Result<()> {
