@@ -7,10 +7,6 @@
 //! vSphere's OVA is written by [`crate::archive::ova`] (from `commands::create::ova`), which also
 //! checks the OVA's own constraints (no encryption, no `-t none`, arm64 boots UEFI).
 
-pub(crate) mod archive;
-pub(crate) mod pgzip;
-pub(crate) mod sparse_tar;
-
 use crate::error::{Code, Error, Result};
 use crate::format::OutputFormat;
 use crate::image::attributes::{Architecture, BootMode};

@@ -73,7 +73,7 @@ pub(super) fn copy(
         if archives {
             detection = detect_before_archive(req, &mut jobs)?;
             let flush = req.output.cache.flushes();
-            crate::target::archive::write_all(jobs, req.threads, flush, progress)
+            crate::archive::gcp::write_all(jobs, req.threads, flush, progress)
         } else {
             engine::copy_disks(jobs, &req.output, req.threads, progress)
         }
