@@ -514,6 +514,53 @@ pub struct Opened {
     pub info: SourceInfo,
 }
 
+impl Opened {
+    /// `source`, read from `path` without an internal snapshot; `chain` is every file read, this
+    /// one first.
+    pub(crate) fn whole(
+        source: Box<dyn BlockSource>,
+        path: &Path,
+        format: Format,
+        virtual_size: u64,
+        chain: Vec<ChainEntry>,
+    ) -> Opened {
+        let info = SourceInfo {
+            path: path.to_path_buf(),
+            format,
+            snapshot: None,
+            virtual_size,
+            chain,
+        };
+        Opened { source, info }
+    }
+
+    /// [`Opened::whole`] of a format with no backing file: the chain is the file itself.
+    pub(crate) fn single(
+        source: Box<dyn BlockSource>,
+        path: &Path,
+        format: Format,
+        virtual_size: u64,
+    ) -> Opened {
+        let chain = vec![ChainEntry {
+            path: path.to_path_buf(),
+            format,
+        }];
+        Opened::whole(source, path, format, virtual_size, chain)
+    }
+}
+
+/// Refuses an internal snapshot name for a format that has none; `what` names the file
+/// ("a VHD", "a raw file").
+pub(crate) fn no_snapshot(path: &Path, snapshot: Option<&str>, what: &str) -> Result<()> {
+    match snapshot {
+        Some(s) => Err(Error::unsupported(
+            path,
+            format!("{what} has no internal snapshot '{s}'; only qcow2 files do"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// How to open a source.
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {

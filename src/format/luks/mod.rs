@@ -29,8 +29,8 @@ use std::path::{Path, PathBuf};
 
 pub(crate) use secret::Secret;
 
-use super::{read_full_at, SourceInfo};
-use super::{BlockSource, ChainEntry, Driver, Extent, ExtentKind, Format, Opened, ReadDriver};
+use super::read_full_at;
+use super::{BlockSource, Driver, Extent, ExtentKind, Format, Opened, ReadDriver};
 use crate::error::{Code, Error, Result};
 use crypto::{SectorCipher, SECTOR};
 
@@ -221,12 +221,7 @@ pub(crate) fn open(
     snapshot: Option<&str>,
     gate: &super::gate::BackingGate,
 ) -> Result<Opened> {
-    if let Some(s) = snapshot {
-        return Err(Error::unsupported(
-            path,
-            format!("a LUKS volume has no internal snapshot '{s}'; only qcow2 files do"),
-        ));
-    }
+    super::no_snapshot(path, snapshot, "a LUKS volume")?;
     let size = file.len().map_err(|e| Error::io(path, "sizing", e))?;
     let read = area_reader(&file, 0, size, path);
     let (payload, cipher) = match &gate.key {
@@ -239,16 +234,6 @@ pub(crate) fn open(
     };
     drop(read);
     let virtual_size = (size - payload) / SECTOR * SECTOR;
-    let info = SourceInfo {
-        path: path.to_path_buf(),
-        format: Format::Luks,
-        snapshot: None,
-        virtual_size,
-        chain: vec![ChainEntry {
-            path: path.to_path_buf(),
-            format: Format::Luks,
-        }],
-    };
     let src = LuksSource {
         file,
         path: path.to_path_buf(),
@@ -256,10 +241,12 @@ pub(crate) fn open(
         virtual_size,
         cipher,
     };
-    Ok(Opened {
-        source: Box::new(src),
-        info,
-    })
+    Ok(Opened::single(
+        Box::new(src),
+        path,
+        Format::Luks,
+        virtual_size,
+    ))
 }
 
 /// A raw LUKS volume's guest disk: its payload, decrypted.

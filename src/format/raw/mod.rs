@@ -6,8 +6,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use super::{BlockSource, ChainEntry, Driver, Extent, ExtentKind, Format, Opened, ReadDriver};
-use super::{SourceInfo, WriteDriver};
+use super::WriteDriver;
+use super::{BlockSource, Driver, Extent, ExtentKind, Format, Opened, ReadDriver};
 use crate::error::{Code, Error, Result};
 
 pub(crate) mod writer;
@@ -40,27 +40,10 @@ pub(crate) fn open(
     snapshot: Option<&str>,
     _gate: &super::gate::BackingGate,
 ) -> Result<Opened> {
-    if let Some(s) = snapshot {
-        return Err(Error::unsupported(
-            path,
-            format!("a raw file has no internal snapshot '{s}'; only qcow2 files do"),
-        ));
-    }
+    super::no_snapshot(path, snapshot, "a raw file")?;
     let src = RawSource::new(file, path)?;
-    let info = SourceInfo {
-        path: path.to_path_buf(),
-        format: Format::Raw,
-        snapshot: None,
-        virtual_size: src.virtual_size(),
-        chain: vec![ChainEntry {
-            path: path.to_path_buf(),
-            format: Format::Raw,
-        }],
-    };
-    Ok(Opened {
-        source: Box::new(src),
-        info,
-    })
+    let size = src.virtual_size();
+    Ok(Opened::single(Box::new(src), path, Format::Raw, size))
 }
 
 pub(crate) struct RawSource {

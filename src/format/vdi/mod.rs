@@ -27,8 +27,8 @@ use std::path::{Path, PathBuf};
 
 use header::Header;
 
-use super::{gate::BackingGate, SourceInfo};
-use super::{BlockSource, ChainEntry, Driver, Extent, ExtentKind, Format, Opened, ReadDriver};
+use super::gate::BackingGate;
+use super::{BlockSource, Driver, Extent, ExtentKind, Format, Opened, ReadDriver};
 use crate::error::{Code, Error, Result};
 use crate::format::qcow2::file::read_exact;
 
@@ -67,20 +67,8 @@ pub(crate) fn open(
         ));
     }
     let src = VdiSource::new(file, path)?;
-    let info = SourceInfo {
-        path: path.to_path_buf(),
-        format: Format::Vdi,
-        snapshot: None,
-        virtual_size: src.virtual_size,
-        chain: vec![ChainEntry {
-            path: path.to_path_buf(),
-            format: Format::Vdi,
-        }],
-    };
-    Ok(Opened {
-        source: Box::new(src),
-        info,
-    })
+    let size = src.virtual_size;
+    Ok(Opened::single(Box::new(src), path, Format::Vdi, size))
 }
 
 /// A VDI's block size (what `qemu-img info` calls its cluster size).

@@ -17,7 +17,7 @@ use crate::format::chain::{self, Chain};
 use crate::format::qcow2::file::read_exact;
 use crate::format::{
     self, gate::BackingGate, raw::RawSource, BlockSource, Extent, ExtentKind, Format, Opened,
-    SourceInfo, MAX_CHAIN_DEPTH,
+    MAX_CHAIN_DEPTH,
 };
 
 /// Longest parent locator kiln reads: 64 KiB, a Windows path of 32 Ki UTF-16 units.
@@ -32,25 +32,12 @@ pub(crate) fn open(
     snapshot: Option<&str>,
     gate: &BackingGate,
 ) -> Result<Opened> {
-    if let Some(s) = snapshot {
-        return Err(Error::unsupported(
-            path,
-            format!("a VHD has no internal snapshot '{s}'; only qcow2 files do"),
-        ));
-    }
+    crate::format::no_snapshot(path, snapshot, "a VHD")?;
     let mut chain = Chain::new();
     let (src, _) = open_layer(file, path, &mut chain, gate)?;
-    let info = SourceInfo {
-        path: path.to_path_buf(),
-        format: Format::Vhd,
-        snapshot: None,
-        virtual_size: src.virtual_size,
-        chain: chain.into_files(),
-    };
-    Ok(Opened {
-        source: Box::new(src),
-        info,
-    })
+    let size = src.virtual_size;
+    let chain = chain.into_files();
+    Ok(Opened::whole(Box::new(src), path, Format::Vhd, size, chain))
 }
 
 /// The footer that describes the file: the copy at offset 0 of a dynamic or differencing disk,

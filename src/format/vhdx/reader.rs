@@ -17,7 +17,7 @@ use super::{PAYLOAD_PARTIALLY_PRESENT, PAYLOAD_UNDEFINED, PAYLOAD_UNMAPPED, PAYL
 use crate::error::{Code, Error, Result};
 use crate::format::chain::Chain;
 use crate::format::gate::BackingGate;
-use crate::format::{BlockSource, Extent, ExtentKind, Format, Opened, SourceInfo};
+use crate::format::{BlockSource, Extent, ExtentKind, Format, Opened};
 
 /// Most blocks one extent merges before it returns (a bound on the work of one call).
 const MAX_MERGED_BLOCKS: u64 = 4096;
@@ -29,25 +29,18 @@ pub(crate) fn open(
     snapshot: Option<&str>,
     gate: &BackingGate,
 ) -> Result<Opened> {
-    if let Some(s) = snapshot {
-        return Err(Error::unsupported(
-            path,
-            format!("a VHDX file has no internal snapshot '{s}'; only qcow2 files do"),
-        ));
-    }
+    crate::format::no_snapshot(path, snapshot, "a VHDX file")?;
     let mut chain = Chain::new();
     let src = open_layer(file, path, &mut chain, gate)?;
-    let info = SourceInfo {
-        path: path.to_path_buf(),
-        format: Format::Vhdx,
-        snapshot: None,
-        virtual_size: src.virtual_size,
-        chain: chain.into_files(),
-    };
-    Ok(Opened {
-        source: Box::new(src),
-        info,
-    })
+    let size = src.virtual_size;
+    let chain = chain.into_files();
+    Ok(Opened::whole(
+        Box::new(src),
+        path,
+        Format::Vhdx,
+        size,
+        chain,
+    ))
 }
 
 /// The payload block size of a VHDX file (what `kiln inspect` shows as its cluster size).

@@ -14,7 +14,7 @@ use super::sparse::{read_exact, SparseExtent};
 use crate::error::{Code, Error, Result};
 use crate::format::{
     self, gate::BackingGate, raw::RawSource, BlockSource, ChainEntry, Extent, ExtentKind, Format,
-    Opened, SourceInfo, MAX_CHAIN_DEPTH,
+    Opened, MAX_CHAIN_DEPTH,
 };
 
 /// The create types kiln reads.
@@ -70,25 +70,17 @@ pub fn open(
     snapshot: Option<&str>,
     gate: &BackingGate,
 ) -> Result<Opened> {
-    if let Some(s) = snapshot {
-        return Err(Error::unsupported(
-            path,
-            format!("a VMDK file has no internal snapshot '{s}'; only qcow2 files do"),
-        ));
-    }
+    crate::format::no_snapshot(path, snapshot, "a VMDK file")?;
     let mut files = Files::default();
     let src = open_layer(file, path, &mut files, gate)?;
-    let info = SourceInfo {
-        path: path.to_path_buf(),
-        format: Format::Vmdk,
-        snapshot: None,
-        virtual_size: src.size,
-        chain: files.chain,
-    };
-    Ok(Opened {
-        source: Box::new(src),
-        info,
-    })
+    let size = src.size;
+    Ok(Opened::whole(
+        Box::new(src),
+        path,
+        Format::Vmdk,
+        size,
+        files.chain,
+    ))
 }
 
 /// The layers of a VMDK chain (the file named, then each parent), without extent files: what
