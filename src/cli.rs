@@ -208,6 +208,9 @@ pub struct PushArgs {
     /// Where: s3://BUCKET/PREFIX/ (the image's files go under PREFIX).
     #[arg(value_name = "s3://BUCKET/PREFIX/")]
     pub(crate) destination: String,
+    /// Parts uploaded at once (default 8).
+    #[arg(short = 'j', long = "threads", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub(crate) threads: Option<u16>,
     #[command(flatten)]
     pub(crate) progress: ProgressArgs,
 }
@@ -218,6 +221,7 @@ impl PushArgs {
             image: self.image.clone(),
             destination: self.destination.clone(),
             progress: self.progress.mode(json),
+            threads: self.threads.map(usize::from),
         }
     }
 }

@@ -39,6 +39,8 @@ pub struct PushRequest {
     /// `s3://BUCKET/PREFIX/`.
     pub(crate) destination: String,
     pub(crate) progress: ProgressMode,
+    /// Parts in flight at once (default [`upload::WORKERS`]).
+    pub(crate) threads: Option<usize>,
 }
 
 /// What a push or pull moved, and how fast.
@@ -180,9 +182,13 @@ pub fn push(req: &PushRequest, store: Option<&Path>) -> Result<TransferOutcome> 
             .get(name.as_str())
             .cloned()
             .unwrap_or_default();
-        let up = upload::upload_file(&at(&prefix, name), &dir.join(name), &sha, &|n| {
-            reporter.advance(i, n)
-        })?;
+        let up = upload::upload_file(
+            &at(&prefix, name),
+            &dir.join(name),
+            &sha,
+            req.threads.unwrap_or(upload::WORKERS),
+            &|n| reporter.advance(i, n),
+        )?;
         reporter.disk_done(i, &crate::copy::stats::CopyStats::default());
         files.push(up);
     }

@@ -414,7 +414,11 @@ fn a_push_killed_mid_upload_resumes_and_sends_fewer_bytes() {
     for (writer, reader) in pairs() {
         let dest = url(&format!("resume/{}/", writer.name));
         let args = ["--json", "push", "big", &dest];
-        let mut child = kiln_stopped_at_env(d, &writer.env(), &args, "part#3");
+        // One part at a time, so none is in flight when it is killed after its third. (With parts
+        // in flight, Garage 2.5.0 can list one as uploaded whose data it then drops; kiln then
+        // sends the reused parts again, which this test would count as a failure to resume.)
+        let one = ["--json", "push", "-j", "1", "big", &dest];
+        let mut child = kiln_stopped_at_env(d, &writer.env(), &one, "part#3");
         child.kill().unwrap();
         child.wait().unwrap();
         // Not an image yet: no checksum list.
@@ -428,15 +432,21 @@ fn a_push_killed_mid_upload_resumes_and_sends_fewer_bytes() {
         );
         // s3s-fs 0.14.1 has no ListMultipartUploads: there the push starts the file over.
         if writer.name == "garage" {
-            assert!(
-                sent + (16 << 20) <= all,
-                "resumed push sent {sent} of {all}: {out}"
-            );
-            assert!(
-                out["Files"][0]["PartsReused"].as_u64().unwrap() >= 2,
-                "{out}"
-            );
+            assert_eq!(sent + (24 << 20), all, "{out}");
+            assert_eq!(out["Files"][0]["PartsReused"], 3, "{out}");
         }
+        let v = writer.kiln(d, &["--json", "verify", &dest]);
+        assert_eq!(v.status, 0, "{}{}", v.stdout, v.stderr);
+
+        // Killed with eight parts in flight: whatever the server kept of them, the resumed push
+        // completes (on Garage, sometimes only by sending every part again) and verifies.
+        let dest = url(&format!("resume-wide/{}/", writer.name));
+        let args = ["--json", "push", "big", &dest];
+        let mut child = kiln_stopped_at_env(d, &writer.env(), &args, "part#3");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let out = transfer_json(&reader.kiln(d, &args));
+        assert_eq!(out["Files"][0]["Parts"], 7, "{out}");
         let v = writer.kiln(d, &["--json", "verify", &dest]);
         assert_eq!(v.status, 0, "{}{}", v.stdout, v.stderr);
     }

@@ -103,6 +103,7 @@ fn to_bucket(
                 image: local.to_string_lossy().into_owned(),
                 destination: url.to_string(),
                 progress: req.progress,
+                threads: None,
             };
             crate::commands::push::push(&push, None).map(|_| {
                 out.output_dir = url.to_path();

@@ -26,8 +26,11 @@ use crate::error::{Code, Error, Result};
 pub(crate) const MIN_PART: u64 = 8 << 20;
 /// S3's limit on parts per upload.
 pub(crate) const MAX_PARTS: u64 = 10_000;
-/// Parts in flight at once, at most.
-const WORKERS: usize = 8;
+/// Parts in flight at once unless told (`-j`); the AWS CLI's default `max_concurrent_requests`
+/// is 10.
+pub(crate) const WORKERS: usize = 8;
+/// Parts in flight at once, at most, whatever `-j` says.
+const MAX_WORKERS: usize = 64;
 /// Memory the parts in flight may take together.
 const IN_FLIGHT_BYTES: u64 = 512 << 20;
 /// The code of an upload whose bucket is missing: the destination is a bad parameter.
@@ -65,12 +68,13 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-/// Uploads `path` to `url`, whose content has the SHA-256 `sha256` (hex); `advance` is told of
-/// each part done (sent or reused). An object already at `url` with this SHA-256 is kept.
+/// Uploads `path` to `url`, whose content has the SHA-256 `sha256` (hex), `workers` parts at a
+/// time; `advance` is told of each part done (sent or reused). An object already at `url` with this SHA-256 is kept.
 pub(crate) fn upload_file(
     url: &S3Url,
     path: &Path,
     sha256: &str,
+    workers: usize,
     advance: &(dyn Fn(u64) + Sync),
 ) -> Result<Uploaded> {
     let c = client()?;
@@ -100,7 +104,7 @@ pub(crate) fn upload_file(
         done.bytes_sent = len;
         return Ok(done);
     }
-    multipart(c, url, &file, path, len, sha256, advance, done)
+    multipart(c, url, &file, path, len, sha256, workers, advance, done)
 }
 
 /// Whether `url` already holds this file (same size, same recorded SHA-256).
@@ -284,6 +288,108 @@ struct Part {
     sha256: String,
 }
 
+/// A part as it goes into CompleteMultipartUpload: number, ETag, SHA-256 (base64) where the
+/// upload carries them, and whether it was reused from the server's listing rather than sent.
+struct Done {
+    number: i32,
+    etag: String,
+    sha256: Option<String>,
+    reused: bool,
+}
+
+/// One file's multipart upload in progress.
+struct Upload<'a> {
+    c: &'a Client,
+    url: &'a S3Url,
+    id: String,
+    mode: Checksum,
+    file: &'a File,
+    path: &'a Path,
+    len: u64,
+    part: u64,
+    workers: usize,
+}
+
+impl Upload<'_> {
+    /// Sends the parts numbered (from 0) in `which`, `workers` at a time, reusing those in `held`
+    /// whose size and checksum match the local bytes. Returns the parts done and the bytes sent.
+    fn send(
+        &self,
+        which: &[u64],
+        held: &BTreeMap<i32, Held>,
+        advance: &(dyn Fn(u64) + Sync),
+    ) -> Result<(Vec<Done>, u64)> {
+        let next = AtomicUsize::new(0);
+        let sent = AtomicU64::new(0);
+        let results: Mutex<Vec<Done>> = Mutex::new(Vec::new());
+        let failure: Mutex<Option<Error>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..self.workers.min(which.len()).max(1) {
+                s.spawn(|| {
+                    let mut buf = Vec::new();
+                    loop {
+                        if failure.lock().map(|f| f.is_some()).unwrap_or(true) {
+                            return;
+                        }
+                        let Some(&i) = which.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                            return;
+                        };
+                        let at = i * self.part;
+                        let n = self.part.min(self.len - at) as usize;
+                        buf.resize(n, 0);
+                        let r = read_part(self.file, self.path, at, &mut buf).and_then(|()| {
+                            let p = Part {
+                                number: i as i32 + 1,
+                                sha256: b64(&Sha256::digest(&buf)),
+                            };
+                            match held.get(&p.number) {
+                                Some(h) if h.size == n as u64 && held_matches(h, &p, &buf) => {
+                                    Ok(Done {
+                                        number: p.number,
+                                        etag: h.etag.clone(),
+                                        sha256: h.sha256.clone(),
+                                        reused: true,
+                                    })
+                                }
+                                _ => {
+                                    let etag =
+                                        send_part(self.c, self.url, &self.id, &p, self.mode, &buf)?;
+                                    sent.fetch_add(n as u64, Ordering::Relaxed);
+                                    crate::util::testhook::checkpoint("part");
+                                    Ok(Done {
+                                        number: p.number,
+                                        etag,
+                                        sha256: (self.mode == Checksum::Sha256).then_some(p.sha256),
+                                        reused: false,
+                                    })
+                                }
+                            }
+                        });
+                        match r {
+                            Ok(done) => {
+                                advance(n as u64);
+                                if let Ok(mut v) = results.lock() {
+                                    v.push(done);
+                                }
+                            }
+                            Err(e) => {
+                                if let Ok(mut f) = failure.lock() {
+                                    f.get_or_insert(e);
+                                }
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = failure.into_inner().ok().flatten() {
+            return Err(e);
+        }
+        Ok((results.into_inner().unwrap_or_default(), sent.into_inner()))
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn multipart(
     c: &Client,
@@ -292,6 +398,7 @@ fn multipart(
     path: &Path,
     len: u64,
     sha256: &str,
+    workers: usize,
     advance: &(dyn Fn(u64) + Sync),
     mut done: Uploaded,
 ) -> Result<Uploaded> {
@@ -313,76 +420,46 @@ fn multipart(
             (id, BTreeMap::new(), mode)
         }
     };
-    let workers = (WORKERS as u64).min((IN_FLIGHT_BYTES / part).max(1)) as usize;
-    let next = AtomicUsize::new(0);
-    let sent = AtomicU64::new(0);
-    let reused = AtomicU64::new(0);
-    let results: Mutex<Vec<(i32, String, Option<String>)>> = Mutex::new(Vec::new());
-    let failure: Mutex<Option<Error>> = Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| {
-                let mut buf = Vec::new();
-                loop {
-                    if failure.lock().map(|f| f.is_some()).unwrap_or(true) {
-                        return;
-                    }
-                    let i = next.fetch_add(1, Ordering::Relaxed) as u64;
-                    if i >= count {
-                        return;
-                    }
-                    let at = i * part;
-                    let n = part.min(len - at) as usize;
-                    buf.resize(n, 0);
-                    let r = read_part(file, path, at, &mut buf).and_then(|()| {
-                        let p = Part {
-                            number: i as i32 + 1,
-                            sha256: b64(&Sha256::digest(&buf)),
-                        };
-                        match held.get(&p.number) {
-                            Some(h) if h.size == n as u64 && held_matches(h, &p, &buf) => {
-                                reused.fetch_add(1, Ordering::Relaxed);
-                                Ok((p.number, h.etag.clone(), h.sha256.clone()))
-                            }
-                            _ => {
-                                let etag = send_part(c, url, &id, &p, mode, &buf)?;
-                                sent.fetch_add(n as u64, Ordering::Relaxed);
-                                crate::util::testhook::checkpoint("part");
-                                Ok((
-                                    p.number,
-                                    etag,
-                                    (mode == Checksum::Sha256).then_some(p.sha256),
-                                ))
-                            }
-                        }
-                    });
-                    match r {
-                        Ok(done) => {
-                            advance(n as u64);
-                            if let Ok(mut v) = results.lock() {
-                                v.push(done);
-                            }
-                        }
-                        Err(e) => {
-                            if let Ok(mut f) = failure.lock() {
-                                f.get_or_insert(e);
-                            }
-                            return;
-                        }
-                    }
-                }
-            });
+    let up = Upload {
+        c,
+        url,
+        id,
+        mode,
+        file,
+        path,
+        len,
+        part,
+        workers: workers
+            .clamp(1, MAX_WORKERS)
+            .min((IN_FLIGHT_BYTES / part).max(1) as usize),
+    };
+    let all: Vec<u64> = (0..count).collect();
+    let (mut parts, mut sent) = up.send(&all, &held, advance)?;
+    parts.sort_by_key(|p| p.number);
+    match complete(c, url, &up.id, &parts)? {
+        Ok(()) => {}
+        // Garage 2.5.0 lists a part as uploaded whose data it dropped when the client that sent
+        // it was killed as the part finished; completing then fails with InvalidPart. The
+        // listing cannot say which part, so every reused part is sent again.
+        Err(e) if e.code() == Some("InvalidPart") && parts.iter().any(|p| p.reused) => {
+            let again: Vec<u64> = parts
+                .iter()
+                .filter(|p| p.reused)
+                .map(|p| p.number as u64 - 1)
+                .collect();
+            let (fresh, more) = up.send(&again, &BTreeMap::new(), &|_| {})?;
+            sent += more;
+            parts.retain(|p| !p.reused);
+            parts.extend(fresh);
+            parts.sort_by_key(|p| p.number);
+            complete(c, url, &up.id, &parts)?
+                .map_err(|e| error(e, "completing the upload", url, DEST_MISSING))?;
         }
-    });
-    if let Some(e) = failure.into_inner().ok().flatten() {
-        return Err(e);
+        Err(e) => return Err(error(e, "completing the upload", url, DEST_MISSING)),
     }
-    let mut parts = results.into_inner().unwrap_or_default();
-    parts.sort_by_key(|p| p.0);
-    complete(c, url, &id, parts)?;
     done.parts = count;
-    done.parts_reused = reused.into_inner();
-    done.bytes_sent = sent.into_inner();
+    done.parts_reused = parts.iter().filter(|p| p.reused).count() as u64;
+    done.bytes_sent = sent;
     Ok(done)
 }
 
@@ -427,23 +504,32 @@ fn send_part(
         })
 }
 
+/// Completes upload `id` from `parts` (sorted by number); the server's refusal is returned as is.
 fn complete(
     c: &Client,
     url: &S3Url,
     id: &str,
-    parts: Vec<(i32, String, Option<String>)>,
-) -> Result<()> {
+    parts: &[Done],
+) -> Result<
+    std::result::Result<
+        (),
+        aws_sdk_s3::error::SdkError<
+            aws_sdk_s3::operation::complete_multipart_upload::CompleteMultipartUploadError,
+            aws_sdk_s3::config::http::HttpResponse,
+        >,
+    >,
+> {
     let parts: Vec<CompletedPart> = parts
-        .into_iter()
-        .map(|(n, etag, sha)| {
+        .iter()
+        .map(|p| {
             CompletedPart::builder()
-                .part_number(n)
-                .e_tag(format!("\"{etag}\""))
-                .set_checksum_sha256(sha)
+                .part_number(p.number)
+                .e_tag(format!("\"{}\"", p.etag))
+                .set_checksum_sha256(p.sha256.clone())
                 .build()
         })
         .collect();
-    block_on(
+    Ok(block_on(
         c.complete_multipart_upload()
             .bucket(&url.bucket)
             .key(&url.key)
@@ -455,8 +541,7 @@ fn complete(
             )
             .send(),
     )?
-    .map(|_| ())
-    .map_err(|e| error(e, "completing the upload", url, DEST_MISSING))
+    .map(|_| ()))
 }
 
 #[cfg(test)]
