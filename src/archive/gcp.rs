@@ -343,6 +343,7 @@ mod tests {
             hash: true,
             encryption: None,
             format: None,
+            sealed: None,
         };
         let r = write_all(vec![job], threads, false, &NoProgress)
             .unwrap()
@@ -399,6 +400,7 @@ mod tests {
             hash: true,
             encryption: None,
             format: None,
+            sealed: None,
         };
         let r = write_all(vec![job], 2, false, &NoProgress).unwrap();
         assert_eq!(r[0].stats.copied, 0);

@@ -91,6 +91,7 @@ pub fn convert(req: &ConvertRequest, warn: &mut dyn FnMut(&str)) -> Result<Conve
         hash: req.sha256,
         encryption: None,
         format: None,
+        sealed: None,
     };
     let reporter = progress::reporter(req.progress, &[(job.name.clone(), virtual_size)]);
     let results = engine::copy_disks(vec![job], &req.output, req.threads, reporter.as_ref());

@@ -49,7 +49,13 @@ pub(crate) struct DiskJob {
     pub(crate) encryption: Option<crate::format::Encryption>,
     /// This disk's output format, over the spec's (`output-format=` on one `--disk`).
     pub(crate) format: Option<crate::format::OutputFormat>,
+    /// Told once the output is final (hashed, flushed): `create --output-dir s3://` starts its
+    /// upload there while the other disks still copy.
+    pub(crate) sealed: Option<Sealed>,
 }
+
+/// Receives a finished output: its path, the open file, and its SHA-256 (hex) when hashed.
+pub(crate) type Sealed = Arc<dyn Fn(&Path, &File, Option<&str>) + Send + Sync>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct DiskResult {
@@ -79,6 +85,7 @@ struct DiskState {
     name: String,
     path: PathBuf,
     hash: bool,
+    sealed: Option<Sealed>,
     source: Option<Box<dyn BlockSource>>,
     source_size: u64,
     virtual_size: u64,
@@ -87,6 +94,9 @@ struct DiskState {
     sink: Mutex<Option<Sink>>,
     /// The output opened again with `O_DIRECT` (`-t none`), for aligned pieces.
     direct: Option<File>,
+    /// The output's descriptor for the writeback thread (`-t writeback`, where the writer takes
+    /// hints).
+    writeback_file: Option<Arc<File>>,
     cursor: Mutex<Cursor>,
     /// Chunks in flight plus one for the dispatcher; whoever brings it to zero finishes the disk.
     outstanding: AtomicU64,
@@ -117,6 +127,9 @@ struct Shared<'a> {
     /// Disks whose format is finished, for the finishing threads to hash and fsync; closed (None)
     /// once every worker is done.
     finished: FinishedTx,
+    /// Ranges just written, for the writeback thread to start writing back; closed (None) once
+    /// every worker is done.
+    writeback: WritebackTx,
 }
 
 /// Copies every job on `threads` workers. Output files are created here; on error they are left
@@ -169,16 +182,22 @@ fn run(
     let mut disks = Vec::with_capacity(made.len());
     for (job, sink, direct) in made {
         let source_size = job.source.as_ref().map_or(0, |s| s.virtual_size());
+        // A hint only: without a second descriptor the worker starts writeback itself.
+        let writeback_file = (cache == CacheMode::Writeback && sink.writeback_hints())
+            .then(|| sink.file().try_clone().ok().map(Arc::new))
+            .flatten();
         disks.push(DiskState {
             name: job.name,
             path: job.out_path,
             hash: job.hash,
+            sealed: job.sealed,
             source_size: source_size.min(job.virtual_size),
             source: job.source,
             virtual_size: job.virtual_size,
             block: sink.block_size(),
             sink: Mutex::new(Some(Arc::new(sink))),
             direct,
+            writeback_file,
             cursor: Mutex::new(Cursor::default()),
             outstanding: AtomicU64::new(1),
             write_lock: Mutex::new(()),
@@ -194,6 +213,7 @@ fn run(
     }
     let (tx, rx) = mpsc::channel();
     let rx = Mutex::new(rx);
+    let (wtx, wrx) = mpsc::channel::<(Arc<File>, u64, u64)>();
     let shared = Shared {
         disks,
         abort: AtomicBool::new(false),
@@ -201,6 +221,7 @@ fn run(
         progress,
         cache,
         finished: Mutex::new(Some(tx)),
+        writeback: Mutex::new(Some(wtx)),
     };
     let threads = threads.max(1);
     let pool = rayon::ThreadPoolBuilder::new()
@@ -217,6 +238,25 @@ fn run(
     std::thread::scope(|ts| {
         // Closes the channel when the workers are done, or unwind, so the finishing threads stop.
         let _close = CloseOnDrop(&shared.finished);
+        let _close_writeback = CloseOnDrop(&shared.writeback);
+        // sync_file_range can block while the device queue is full: a thread of its own waits
+        // there, not the workers.
+        let spawned = std::thread::Builder::new()
+            .name("kiln-writeback".into())
+            .spawn_scoped(ts, move || {
+                while let Ok((file, lo, len)) = wrx.recv() {
+                    start_writeback(&file, lo, len);
+                }
+            });
+        if let Err(e) = spawned {
+            fail(
+                &shared,
+                Error::new(
+                    Code::Internal,
+                    format!("cannot start the writeback thread: {e}"),
+                ),
+            );
+        }
         for i in 0..threads {
             let (shared, rx) = (&shared, &rx);
             let spawned = std::thread::Builder::new()
@@ -563,7 +603,14 @@ fn store(
         }
     }
     if let (Some((lo, hi)), CacheMode::Writeback, true) = (span, sh.cache, w.writeback_hints()) {
-        start_writeback(w.file(), lo, hi - lo);
+        let queued = disk.writeback_file.as_ref().is_some_and(|f| {
+            lock(&sh.writeback)
+                .as_ref()
+                .is_some_and(|tx| tx.send((Arc::clone(f), lo, hi - lo)).is_ok())
+        });
+        if !queued {
+            start_writeback(w.file(), lo, hi - lo);
+        }
     }
     Ok(())
 }
@@ -683,11 +730,12 @@ fn finish_disk(sh: &Shared<'_>, d: usize) -> Result<()> {
 }
 
 type FinishedTx = Mutex<Option<Sender<(usize, crate::format::Finished)>>>;
+type WritebackTx = Mutex<Option<Sender<(Arc<File>, u64, u64)>>>;
 
 /// Drops the sender it guards: once every worker is done (or one panicked), nothing more comes.
-struct CloseOnDrop<'a>(&'a FinishedTx);
+struct CloseOnDrop<'a, T>(&'a Mutex<Option<T>>);
 
-impl Drop for CloseOnDrop<'_> {
+impl<T> Drop for CloseOnDrop<'_, T> {
     fn drop(&mut self) {
         lock(self.0).take();
     }
@@ -714,16 +762,28 @@ fn finisher(sh: &Shared<'_>, rx: &Mutex<Receiver<(usize, crate::format::Finished
 fn seal_disk(sh: &Shared<'_>, d: usize, finished: crate::format::Finished) -> Result<()> {
     let disk = &sh.disks[d];
     let crate::format::Finished { file, sparse } = finished;
-    let sha256 = if disk.hash {
-        Some(hash_file(&file, &disk.path, sparse)?)
-    } else {
-        None
-    };
-    if sh.cache.flushes() {
-        file.sync_all()
-            .map_err(|e| Error::io(&disk.path, "flushing (fsync)", e))?;
-    }
+    // The fsync waits for the disk while the hash keeps a core busy: the two overlap, the flush
+    // on its own thread. (The file's bytes are final: nothing writes it any more.)
+    let (sha256, flushed) = std::thread::scope(|s| {
+        let flush = sh.cache.flushes().then(|| s.spawn(|| file.sync_all()));
+        let sha256 = if disk.hash {
+            hash_file(&file, &disk.path, sparse).map(Some)
+        } else {
+            Ok(None)
+        };
+        let flushed = match flush.map(|h| h.join()) {
+            None => Ok(()),
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(std::io::Error::other("the flushing thread panicked")),
+        };
+        (sha256, flushed)
+    });
+    flushed.map_err(|e| Error::io(&disk.path, "flushing (fsync)", e))?;
+    let sha256 = sha256?;
     crate::util::testhook::checkpoint("disk-done");
+    if let Some(f) = &disk.sealed {
+        f(&disk.path, &file, sha256.as_deref());
+    }
     let meta = file
         .metadata()
         .map_err(|e| Error::io(&disk.path, "reading metadata of", e))?;
@@ -838,6 +898,7 @@ mod tests {
                 hash: true,
                 encryption: None,
                 format: None,
+                sealed: None,
             });
         }
         let spec = OutputSpec {

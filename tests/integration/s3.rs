@@ -532,3 +532,122 @@ fn a_server_that_goes_away_mid_push_fails_it_in_bounded_time_and_the_push_comple
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+/// Every file named `name` under `dir`, at any depth.
+fn find_named(dir: &Path, name: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            found.extend(find_named(&p, name));
+        } else if p.file_name().is_some_and(|n| n == name) {
+            found.push(p);
+        }
+    }
+    found
+}
+
+#[test]
+fn create_to_a_bucket_uploads_each_disk_while_the_build_goes_on() {
+    let t = tmp();
+    let d = t.path();
+    std::fs::write(d.join("sys.raw"), noise(21, 12 << 20)).unwrap();
+    std::fs::write(d.join("data.raw"), noise(22, 12 << 20)).unwrap();
+    for (writer, reader) in pairs() {
+        let staging = d.join(format!("tmp-{}", writer.name));
+        std::fs::create_dir_all(&staging).unwrap();
+        let mut env = writer.env();
+        env.push(("TMPDIR", staging.to_string_lossy().into_owned()));
+        let create = |dest: &str| {
+            vec![
+                "--json".to_string(),
+                "create".into(),
+                "--name".into(),
+                "early".into(),
+                "--disk".into(),
+                "snapshot=sys.raw,type=system".into(),
+                "--disk".into(),
+                "snapshot=data.raw".into(),
+                "--output".into(),
+                dest.to_string(),
+            ]
+        };
+
+        let c = reader.client();
+        let list = |prefix: &str| -> Vec<String> {
+            let listed = crate::common::s3::rt()
+                .block_on(c.list_objects_v2().bucket(BUCKET).prefix(prefix).send())
+                .unwrap();
+            listed
+                .contents()
+                .iter()
+                .filter_map(|o| o.key().map(str::to_string))
+                .collect()
+        };
+        // Starts the create into `prefix`, its build held once its second disk is hashed and
+        // flushed, and waits until the first disk is in the bucket: it went up while nothing that
+        // marks the image complete was built (no manifest anywhere).
+        let held = |prefix: &str, go: &Path| {
+            let args = create(&url(prefix));
+            let mut held = env.clone();
+            held.push(("KILN_TEST_WAIT_AT", "disk-done#2".into()));
+            held.push(("KILN_TEST_GO", go.to_string_lossy().into_owned()));
+            let child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args(&args)
+                .envs(held.iter().map(|(k, v)| (k, v)))
+                .current_dir(d)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let started = std::time::Instant::now();
+            let keys = loop {
+                let keys = list(prefix);
+                if !keys.is_empty() || started.elapsed() > std::time::Duration::from_secs(60) {
+                    break keys;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            };
+            assert_eq!(keys.len(), 1, "{keys:?}");
+            assert!(keys[0].ends_with(".qcow2"), "{keys:?}");
+            assert!(find_named(&staging, "manifest.json").is_empty());
+            child
+        };
+
+        let prefix = format!("early/{}/", writer.name);
+        let go = d.join(format!("go-{}", writer.name));
+        let child = held(&prefix, &go);
+        std::fs::write(&go, b"").unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+        let pulled = d.join(format!("early-{}", writer.name));
+        reader
+            .kiln(d, &["pull", &url(&prefix), pulled.to_str().unwrap()])
+            .ok();
+        assert_sums(&pulled);
+        assert_same(d, "data.raw", &format!("early-{}/xvdb.qcow2", writer.name));
+
+        // A build that fails after a disk went up takes it back: the prefix is empty again, and
+        // the same create there then succeeds.
+        let prefix = format!("early-failed/{}/", writer.name);
+        let go = d.join(format!("go-failed-{}", writer.name));
+        let child = held(&prefix, &go);
+        let data = std::fs::read(d.join("data.raw")).unwrap();
+        std::fs::write(d.join("data.raw"), noise(23, 12 << 20)).unwrap();
+        std::fs::write(&go, b"").unwrap();
+        let o = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(stdout.contains("InvalidSnapshot.Changed"), "{stdout}");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(list(&prefix), Vec::<String>::new(), "{stdout}{stderr}");
+        std::fs::write(d.join("data.raw"), data).unwrap();
+        let args = create(&url(&prefix));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = writer.kiln(d, &args);
+        assert_eq!(r.status, 0, "{}{}", r.stdout, r.stderr);
+        assert!(
+            find_named(&staging, "manifest.json").is_empty(),
+            "staging left behind"
+        );
+    }
+}

@@ -32,13 +32,15 @@ pub(super) struct Copied {
     pub(crate) detection: Option<crate::detect::Report>,
 }
 
-/// Copies every disk into `dir`; a store create's record follows the progress. The sources stay
-/// locked until the copy is done, and a source that changed meanwhile fails the create.
+/// Copies every disk into `dir`; a store create's record follows the progress, and `sealed` (if
+/// any) is handed each disk file once it is final. The sources stay locked until the copy is done,
+/// and a source that changed meanwhile fails the create.
 pub(super) fn copy(
     req: &CreateRequest,
     prepared: Vec<PreparedDisk>,
     dir: &Path,
     creating: Option<&Creating>,
+    sealed: Option<engine::Sealed>,
 ) -> Result<Copied> {
     let disk_names = disk_names(&prepared);
     let mut records = Vec::with_capacity(prepared.len());
@@ -57,6 +59,7 @@ pub(super) fn copy(
             hash: true,
             encryption: p.encryption.clone(),
             format: Some(p.format),
+            sealed: sealed.clone(),
         });
         let format = p.format.extension();
         let enc = p.encryption.map(|e| e.describe(format));

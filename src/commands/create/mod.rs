@@ -81,7 +81,9 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateR
 
 /// `--output-dir s3://BUCKET/PREFIX/`: built as `--output-dir` builds it, in a directory under
 /// `$TMPDIR`, then pushed ([`crate::commands::push`]: disks first, the manifest and `SHA256SUMS`
-/// last) and the local copy removed.
+/// last) and the local copy removed. Each disk file starts uploading as soon as it is final, while
+/// the later disks still copy; the push then finds it there and sends only what is missing. (An
+/// archive, OVA or GCP, is one file made at the end: it uploads after the build.)
 fn to_bucket(
     req: &CreateRequest,
     layout: &DiskLayout,
@@ -96,7 +98,17 @@ fn to_bucket(
         std::process::id(),
         manifest::new_image_id()
     ));
-    let built = to_dir(req, layout, &local, started, warn);
+    let early = crate::remote::s3::upload::Early::start(url.clone());
+    let built = to_dir_sealing(req, layout, &local, started, warn, Some(early.hook()));
+    let built = match built {
+        Ok(b) => early.finish().map(|_| b),
+        Err(e) => {
+            for left in early.abandon() {
+                warn(&format!("an uploaded disk could not be removed: {left}"));
+            }
+            Err(e)
+        }
+    };
     let pushed = match built {
         Ok(CreateResult::Created(mut out)) => {
             let push = crate::commands::push::PushRequest {
@@ -187,6 +199,18 @@ fn to_dir(
     started: Instant,
     warn: &mut dyn FnMut(&str),
 ) -> Result<CreateResult> {
+    to_dir_sealing(req, layout, dir, started, warn, None)
+}
+
+/// [`to_dir`], handing each disk file to `sealed` once it is final.
+fn to_dir_sealing(
+    req: &CreateRequest,
+    layout: &DiskLayout,
+    dir: &Path,
+    started: Instant,
+    warn: &mut dyn FnMut(&str),
+    sealed: Option<crate::copy::engine::Sealed>,
+) -> Result<CreateResult> {
     staging::check_target(dir)?;
     if req.dry_run {
         let report = dry_run::dry_run(req, layout, dir, None, warn)?;
@@ -208,6 +232,7 @@ fn to_dir(
         &manifest::new_image_id(),
         None,
         started,
+        sealed,
     )?;
     Ok(CreateResult::Created(Box::new(out)))
 }
@@ -248,8 +273,17 @@ fn to_store(
     let image_id = manifest::new_image_id();
     let creating = store.begin(publish::new_record(req, &image_id, &digest))?;
     drop(guard);
-    let built = Staging::new(&store.image_dir(&image_id))
-        .and_then(|staging| build(req, prepared, staging, &image_id, Some(&creating), started));
+    let built = Staging::new(&store.image_dir(&image_id)).and_then(|staging| {
+        build(
+            req,
+            prepared,
+            staging,
+            &image_id,
+            Some(&creating),
+            started,
+            None,
+        )
+    });
     match built {
         Ok(mut out) => {
             out.record = Some(publish::finish_record(creating, &out)?);
@@ -271,11 +305,12 @@ fn build(
     image_id: &str,
     creating: Option<&Creating>,
     started: Instant,
+    sealed: Option<crate::copy::engine::Sealed>,
 ) -> Result<CreateOutcome> {
     testhook::checkpoint("staging");
     let copied = match req.target {
         Some(Target::Vsphere) => ova::copy(req, prepared, staging.dir(), creating)?,
-        _ => copy::copy(req, prepared, staging.dir(), creating)?,
+        _ => copy::copy(req, prepared, staging.dir(), creating, sealed)?,
     };
     publish::publish(req, copied, staging, image_id, started)
 }

@@ -147,6 +147,7 @@ fn copy_disks(
             hash: false,
             encryption: None,
             format: None,
+            sealed: None,
         };
         let shifted = Shifted {
             inner: progress,

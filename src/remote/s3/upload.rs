@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -77,9 +77,21 @@ pub(crate) fn upload_file(
     workers: usize,
     advance: &(dyn Fn(u64) + Sync),
 ) -> Result<Uploaded> {
-    let c = client()?;
     let file = crate::util::safe_fs::open_regular(path)
         .map_err(|e| Error::io(path, "opening to upload", e))?;
+    upload_open(url, &file, path, sha256, workers, advance)
+}
+
+/// [`upload_file`] of a file already open (`path` names it in messages).
+fn upload_open(
+    url: &S3Url,
+    file: &File,
+    path: &Path,
+    sha256: &str,
+    workers: usize,
+    advance: &(dyn Fn(u64) + Sync),
+) -> Result<Uploaded> {
+    let c = client()?;
     let len = file
         .metadata()
         .map_err(|e| Error::io(path, "reading metadata of", e))?
@@ -97,14 +109,116 @@ pub(crate) fn upload_file(
     }
     if len <= MIN_PART {
         let mut buf = vec![0u8; len as usize];
-        read_part(&file, path, 0, &mut buf)?;
+        read_part(file, path, 0, &mut buf)?;
         put_small(c, url, buf, sha256)?;
         advance(len);
         done.parts = 1;
         done.bytes_sent = len;
         return Ok(done);
     }
-    multipart(c, url, &file, path, len, sha256, workers, advance, done)
+    multipart(c, url, file, path, len, sha256, workers, advance, done)
+}
+
+/// Uploads of disk files as they become final, one file at a time (each in parallel parts) on a
+/// thread of its own, into `prefix`: `create --output-dir s3://` sends each disk while the later
+/// ones still copy. The first failure stops it; [`Early::finish`] returns it.
+pub(crate) struct Early {
+    prefix: S3Url,
+    tx: Option<std::sync::mpsc::Sender<(String, File, PathBuf, String)>>,
+    cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(Vec<Uploaded>, Option<Error>)>,
+}
+
+impl Early {
+    pub(crate) fn start(prefix: S3Url) -> Early {
+        let (tx, rx) = std::sync::mpsc::channel::<(String, File, PathBuf, String)>();
+        let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stop, into) = (cancel.clone(), prefix.clone());
+        let thread = std::thread::spawn(move || {
+            let mut done = Vec::new();
+            let mut failed = None;
+            // Drains the channel even after a failure, so no sender ever waits.
+            for (name, file, path, sha) in rx {
+                if failed.is_some() || stop.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let url = S3Url {
+                    key: format!("{}{name}", into.key),
+                    ..into.clone()
+                };
+                match upload_open(&url, &file, &path, &sha, WORKERS, &|_| {}) {
+                    Ok(u) => {
+                        done.push(u);
+                        crate::util::testhook::checkpoint("uploaded");
+                    }
+                    Err(e) => failed = Some(e),
+                }
+            }
+            (done, failed)
+        });
+        Early {
+            prefix,
+            tx: Some(tx),
+            cancel,
+            thread,
+        }
+    }
+
+    /// The engine's hook: queues each hashed disk file (a second descriptor of it).
+    pub(crate) fn hook(&self) -> crate::copy::engine::Sealed {
+        let tx = self.tx.clone();
+        std::sync::Arc::new(move |path: &Path, file: &File, sha: Option<&str>| {
+            let (Some(tx), Some(name), Some(sha)) = (&tx, path.file_name(), sha) else {
+                return;
+            };
+            // Not sent here, sent by the push after the build: nothing is lost.
+            if let Ok(f) = file.try_clone() {
+                let name = name.to_string_lossy().into_owned();
+                let _ = tx.send((name, f, path.to_path_buf(), sha.to_string()));
+            }
+        })
+    }
+
+    /// Waits for every queued upload; the files sent, or the first error.
+    pub(crate) fn finish(self) -> Result<Vec<Uploaded>> {
+        match self.join() {
+            (done, None) => Ok(done),
+            (_, Some(e)) => Err(e),
+        }
+    }
+
+    /// The build failed: sends nothing more, waits for the file on its way, and removes what was
+    /// sent, so the prefix is empty again for the next try. Returns what could not be removed
+    /// (left as a prefix without `SHA256SUMS`: an incomplete image), with the reason.
+    pub(crate) fn abandon(self) -> Vec<String> {
+        self.cancel.store(true, Ordering::Relaxed);
+        let prefix = self.prefix.clone();
+        let (done, _) = self.join();
+        let mut left = Vec::new();
+        for u in done {
+            let url = S3Url {
+                key: format!("{}{}", prefix.key, u.file),
+                ..prefix.clone()
+            };
+            let removed = client().and_then(|c| {
+                block_on(c.delete_object().bucket(&url.bucket).key(&url.key).send())?
+                    .map(|_| ())
+                    .map_err(|e| error(e, "removing", &url, DEST_MISSING))
+            });
+            if let Err(e) = removed {
+                left.push(format!("{url}: {}", e.full_message()));
+            }
+        }
+        left
+    }
+
+    fn join(mut self) -> (Vec<Uploaded>, Option<Error>) {
+        self.tx.take();
+        self.thread.join().unwrap_or_else(|_| {
+            let e = Error::new(Code::Internal, "the upload thread panicked");
+            (Vec::new(), Some(e))
+        })
+    }
 }
 
 /// Whether `url` already holds this file (same size, same recorded SHA-256).

@@ -436,7 +436,7 @@ fn make_bucket(e: &Endpoint, bucket: &str) {
 }
 
 /// The tests' own runtime for their puts.
-fn rt() -> &'static tokio::runtime::Runtime {
+pub fn rt() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
