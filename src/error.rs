@@ -79,6 +79,9 @@ pub enum Code {
     /// Object storage did not answer (refused connections, timeouts, 5xx answers) after
     /// bounded retries.
     StorageUnavailable,
+    /// `--store s3://`: the server accepted a second `If-None-Match: *` put of one object (the
+    /// probe), so two hosts could both claim one image name.
+    ConditionalWriteUnsupported,
 }
 
 impl Code {
@@ -133,6 +136,7 @@ impl Code {
             Code::TargetRule => "OperationDenied.TargetRule",
             Code::StorageAccessDenied => "Forbidden.ObjectStorage",
             Code::StorageUnavailable => "ServiceUnavailable.ObjectStorage",
+            Code::ConditionalWriteUnsupported => "OperationDenied.ConditionalWriteUnsupported",
         }
     }
 

@@ -74,6 +74,11 @@ pub struct Record {
     pub(crate) error_code: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) error_message: Option<String>,
+    /// A Creating record in a bucket store ([`crate::remote::s3::store`]): when the creator's
+    /// lease ends unless it renews it (RFC 3339). Local records have none (their creator holds a
+    /// lock instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) lease_expires: Option<String>,
 }
 
 /// The shared attributes read as the record's own fields (`record.image_name`), as they are in its
@@ -92,9 +97,29 @@ impl std::ops::DerefMut for Record {
 }
 
 /// The store directory: `flag`, else `$KILN_STORE`, else `$XDG_DATA_HOME/kiln`, else
-/// `~/.local/share/kiln`.
+/// `~/.local/share/kiln`. An `s3://BUCKET/PREFIX` store is returned as given (see [`open`]).
 pub(crate) fn locate(flag: Option<&Path>) -> Result<PathBuf> {
-    locate_relative(flag).map(|p| std::path::absolute(&p).unwrap_or(p))
+    locate_relative(flag).map(|p| {
+        if crate::remote::s3::is_remote(&p) {
+            return p;
+        }
+        std::path::absolute(&p).unwrap_or(p)
+    })
+}
+
+/// A located store: a directory, or a prefix in a bucket shared by many hosts.
+pub(crate) enum Located {
+    Local(Store),
+    Bucket(crate::remote::s3::store::BucketStore),
+}
+
+/// The store `flag` (or the environment) names, opened for reading: nothing is written.
+pub(crate) fn open(flag: Option<&Path>) -> Result<Located> {
+    let root = locate(flag)?;
+    match crate::remote::s3::store::BucketStore::from_path(&root)? {
+        Some(b) => Ok(Located::Bucket(b)),
+        None => Ok(Located::Local(Store::at(root))),
+    }
 }
 
 fn locate_relative(flag: Option<&Path>) -> Result<PathBuf> {
@@ -368,9 +393,11 @@ impl Store {
             )
         })?;
         let c = Creating {
-            store: self.clone(),
-            record: Mutex::new(record),
-            _lock: lock,
+            record: std::sync::Arc::new(Mutex::new(record)),
+            backend: Backend::Local {
+                store: self.clone(),
+                _lock: lock,
+            },
         };
         c.write(true)?;
         Ok(c)
@@ -470,21 +497,57 @@ pub(crate) fn not_found(id: &str) -> Error {
     )
 }
 
-/// A create in progress: holds the image's lock, owns its record.
+/// A create in progress: owns its record, and holds the image's lock (a local store) or its lease
+/// (a bucket store, renewed by a thread of its own).
 pub(crate) struct Creating {
-    store: Store,
-    record: Mutex<Record>,
-    _lock: Flock<File>,
+    record: std::sync::Arc<Mutex<Record>>,
+    backend: Backend,
+}
+
+enum Backend {
+    Local { store: Store, _lock: Flock<File> },
+    Bucket(crate::remote::s3::store::Lease),
 }
 
 impl Creating {
+    /// A create in a bucket store, its record shared with the lease that renews it.
+    pub(crate) fn in_bucket(
+        record: std::sync::Arc<Mutex<Record>>,
+        lease: crate::remote::s3::store::Lease,
+    ) -> Creating {
+        Creating {
+            record,
+            backend: Backend::Bucket(lease),
+        }
+    }
+
     fn lock_record(&self) -> std::sync::MutexGuard<'_, Record> {
-        self.record.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.record)
     }
 
     fn write(&self, durable: bool) -> Result<()> {
         let r = self.lock_record().clone();
-        self.store.write_record(&r, durable)
+        match &self.backend {
+            Backend::Local { store, .. } => store.write_record(&r, durable),
+            Backend::Bucket(lease) => lease.write_final(&r),
+        }
+    }
+
+    /// The bucket store's checks before an image is uploaded and made Available: the lease is
+    /// still held and the claims are still this image's. Nothing to check in a local store.
+    pub(crate) fn confirm(&self) -> Result<()> {
+        match &self.backend {
+            Backend::Local { .. } => Ok(()),
+            Backend::Bucket(lease) => lease.confirm(),
+        }
+    }
+
+    /// Where the image goes: the bucket store's prefix for it (None for a local store).
+    pub(crate) fn bucket_prefix(&self) -> Option<crate::remote::s3::S3Url> {
+        match &self.backend {
+            Backend::Local { .. } => None,
+            Backend::Bucket(lease) => Some(lease.image_prefix()),
+        }
     }
 
     /// Records progress (0 to 99: 100% is for Available). Best effort: an error is ignored, the
@@ -498,31 +561,55 @@ impl Creating {
             }
             r.progress = p;
         }
-        let _ = self.write(false);
+        match &self.backend {
+            Backend::Local { .. } => {
+                let _ = self.write(false);
+            }
+            // The lease's thread writes it (with the lease renewed): a copy thread never waits
+            // on the network for a progress number.
+            Backend::Bucket(lease) => lease.poke(),
+        }
     }
 
     /// The image is published: Available, 100%.
     pub(crate) fn finish(self, update: impl FnOnce(&mut Record)) -> Result<Record> {
+        if let Backend::Bucket(lease) = &self.backend {
+            lease.stop();
+            lease.confirm()?;
+        }
         {
             let mut r = self.lock_record();
             update(&mut r);
             r.status = Status::Available;
             r.progress = "100%".into();
+            r.lease_expires = None;
         }
         self.write(true)?;
         Ok(self.lock_record().clone())
     }
 
-    /// The create failed: CreateFailed, with the error.
+    /// The create failed: CreateFailed, with the error (a bucket store's create that lost its
+    /// claim leaves no record, as a refused create leaves none).
     pub(crate) fn fail(self, err: &Error) {
         {
             let mut r = self.lock_record();
             r.status = Status::CreateFailed;
             r.error_code = Some(err.code().as_str().into());
             r.error_message = Some(err.full_message());
+            r.lease_expires = None;
         }
-        let _ = self.write(true);
+        match &self.backend {
+            Backend::Local { .. } => {
+                let _ = self.write(true);
+            }
+            Backend::Bucket(lease) => lease.fail(&self.lock_record().clone()),
+        }
     }
+}
+
+/// The record behind a mutex, even one a panicking thread left poisoned.
+pub(crate) fn lock(m: &Mutex<Record>) -> std::sync::MutexGuard<'_, Record> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A Progress that forwards to `inner` and keeps the record's Progress up to date, at most twice a
@@ -610,6 +697,7 @@ mod tests {
             detection: None,
             error_code: None,
             error_message: None,
+            lease_expires: None,
         }
     }
 

@@ -119,6 +119,7 @@ pub(super) fn new_record(req: &CreateRequest, image_id: &str, digest: &str) -> R
         detection: None,
         error_code: None,
         error_message: None,
+        lease_expires: None,
     }
 }
 

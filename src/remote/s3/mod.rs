@@ -16,6 +16,7 @@
 //! issues its own ranged GETs.
 
 pub(crate) mod download;
+pub(crate) mod store;
 mod object;
 pub(crate) mod upload;
 
