@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use crate::error::Result;
-use crate::image::store::{self, Record, Store};
+use crate::image::store::{self, Record};
 
 /// The images deleted, in the order named.
 #[derive(Debug, Clone)]
@@ -13,10 +13,10 @@ pub struct DeleteOutcome {
 
 /// Deletes images by ID; a malformed ID is reported as not found before anything is deleted.
 pub fn delete(ids: &[String], store: Option<&Path>) -> Result<DeleteOutcome> {
-    let store = Store::at(store::locate(store)?);
     if let Some(bad) = ids.iter().find(|id| !store::is_image_id(id)) {
         return Err(store::not_found(bad));
     }
+    let store = store::open(store)?;
     Ok(DeleteOutcome {
         deleted: store.delete(ids)?,
     })

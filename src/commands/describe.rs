@@ -4,7 +4,7 @@ use std::path::Path;
 
 use crate::error::{Code, Error, Result};
 use crate::image::attributes::Status;
-use crate::image::store::{self, Record, Store};
+use crate::image::store::{self, Record};
 
 /// Which images to list; every filter given must match.
 #[derive(Debug, Clone, Default)]
@@ -32,7 +32,7 @@ pub struct DescribeOutcome {
 
 /// Lists the store's images that match `req`. `store` is the global `--store`.
 pub fn describe(req: &DescribeRequest, store: Option<&Path>) -> Result<DescribeOutcome> {
-    let store = Store::at(store::locate(store)?);
+    let store = store::open(store)?;
     let status = match &req.status {
         None => None,
         Some(s) => Some(Status::parse(s).ok_or_else(|| {

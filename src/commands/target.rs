@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Code, Error, Result};
 use crate::image::attributes::Status;
-use crate::image::store::{self, Store};
+use crate::image::store;
 
 /// Which command resolves the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +65,18 @@ pub(crate) fn image_dir(target: &str, store: Option<&Path>) -> Result<PathBuf> {
 
 /// The directory of the Available image `id` in the store.
 fn store_image(id: &str, store: Option<&Path>, use_: TargetUse) -> Result<PathBuf> {
-    let store = Store::at(store::locate(store)?);
+    let store = match store::open(store)? {
+        store::Located::Local(s) => s,
+        store::Located::Bucket(b) => {
+            return Err(Error::new(
+                Code::InvalidParameter,
+                format!(
+                    "{id} is in a bucket store: this command takes a local image; `kiln pull {} DIR` first",
+                    b.image_prefix(id)
+                ),
+            ))
+        }
+    };
     let r = store.get(id)?.ok_or_else(|| store::not_found(id))?;
     if r.status != Status::Available {
         return Err(Error::new(

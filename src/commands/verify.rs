@@ -4,7 +4,10 @@ use std::path::Path;
 
 use crate::commands::target;
 use crate::copy::progress::ProgressMode;
-use crate::error::Result;
+use crate::error::{Code, Error, Result};
+use crate::image::attributes::Status;
+use crate::image::store;
+use crate::remote::s3::store::BucketStore;
 use crate::image::verify::{self, VerifyReport};
 
 #[derive(Debug, Clone)]
@@ -33,7 +36,26 @@ pub fn verify(req: &VerifyRequest, store: Option<&Path>) -> Result<VerifyOutcome
         let report = crate::commands::push::verify_remote(&req.target, req.progress)?;
         return Ok(VerifyOutcome { report });
     }
+    if store::is_image_id(&req.target) && !Path::new(&req.target).is_dir() {
+        if let store::Located::Bucket(b) = store::open(store)? {
+            let report = verify_in_bucket(&b, &req.target, req.progress)?;
+            return Ok(VerifyOutcome { report });
+        }
+    }
     let dir = target::image_dir(&req.target, store)?;
     let report = verify::verify_dir(&dir, req.progress)?;
     Ok(VerifyOutcome { report })
+}
+
+/// `verify IMAGE_ID` in a bucket store: the Available image streamed from the bucket and hashed
+/// (as `verify s3://...`).
+fn verify_in_bucket(b: &BucketStore, id: &str, mode: ProgressMode) -> Result<VerifyReport> {
+    let r = b.get(id)?.ok_or_else(|| store::not_found(id))?;
+    if r.status != Status::Available {
+        return Err(Error::new(
+            Code::IncorrectImageStatus,
+            format!("{id} is {}; only Available images can be verified", r.status),
+        ));
+    }
+    crate::commands::push::verify_remote(&b.image_prefix(id).to_string(), mode)
 }

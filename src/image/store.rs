@@ -122,6 +122,24 @@ pub(crate) fn open(flag: Option<&Path>) -> Result<Located> {
     }
 }
 
+impl Located {
+    /// Every record with its real status, oldest first.
+    pub(crate) fn list(&self) -> Result<Vec<Record>> {
+        match self {
+            Located::Local(s) => s.list(),
+            Located::Bucket(b) => b.list(),
+        }
+    }
+
+    /// Removes images (see [`Store::delete`]).
+    pub(crate) fn delete(&self, ids: &[String]) -> Result<Vec<Record>> {
+        match self {
+            Located::Local(s) => s.delete(ids),
+            Located::Bucket(b) => b.delete(ids),
+        }
+    }
+}
+
 fn locate_relative(flag: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = flag {
         return Ok(p.to_path_buf());

@@ -27,6 +27,7 @@ use crate::format::CacheMode;
 use crate::image::manifest::{self, Manifest};
 use crate::image::publish::{self as staging, Staging};
 use crate::image::store::{Admission, Creating, Record, Store};
+use crate::remote::s3::store::{Begun, BucketStore};
 use crate::request::digest::request_digest;
 use crate::request::plan::{self, DiskLayout};
 use crate::request::target::Target;
@@ -74,7 +75,10 @@ pub fn create(req: &CreateRequest, warn: &mut dyn FnMut(&str)) -> Result<CreateR
     }
     match &req.destination {
         Destination::Dir(dir) => to_dir(req, &layout, dir, started, warn),
-        Destination::Store(root) => to_store(req, &layout, &Store::at(root), started, warn),
+        Destination::Store(root) => match BucketStore::from_path(root)? {
+            Some(bucket) => to_bucket_store(req, &layout, &bucket, started, warn),
+            None => to_store(req, &layout, &Store::at(root), started, warn),
+        },
         Destination::Bucket(prefix) => to_bucket(req, &layout, prefix, started, warn),
     }
 }
@@ -295,6 +299,91 @@ fn to_store(
             Err(e)
         }
     }
+}
+
+/// Into a bucket store ([`crate::remote::s3::store`]): the early read-only answer on the token and
+/// name, the sources opened, then the claims (conditional writes) and the Creating record; built
+/// in local staging under `$TMPDIR` as `--output-dir s3://` builds it, pushed to
+/// `images/<ImageId>/`, and the record made Available.
+fn to_bucket_store(
+    req: &CreateRequest,
+    layout: &DiskLayout,
+    store: &BucketStore,
+    started: Instant,
+    warn: &mut dyn FnMut(&str),
+) -> Result<CreateResult> {
+    if req.output.cache != CacheMode::Writeback {
+        return Err(Error::new(
+            Code::InvalidParameter,
+            "-t applies to --output-dir only: an image in the store is always written back and fsynced before it is Available; drop -t or give --output-dir",
+        ));
+    }
+    let digest = request_digest(req, layout);
+    let token = req.client_token.as_deref();
+    let local_root = std::env::temp_dir();
+    // Read-only: the real answer comes from the claims below.
+    let existing = match store.admit(&req.name, token, &digest)? {
+        Admission::Existing(r) if !req.dry_run => return Ok(CreateResult::Existing(r)),
+        Admission::Existing(r) => Some(r.image_id.clone()),
+        Admission::New => None,
+    };
+    if req.dry_run {
+        // The space checked is the local staging's; the image would go to the bucket.
+        let mut report = dry_run::dry_run(req, layout, &local_root, existing, warn)?;
+        report.target = store.images_url().to_path();
+        return Ok(CreateResult::DryRun(Box::new(report)));
+    }
+    let prepared = disks::prepare(req, layout, warn)?;
+    testhook::checkpoint("prepared");
+    space::check(&local_root, estimate(&prepared))?;
+    let image_id = manifest::new_image_id();
+    let creating = match store.begin(publish::new_record(req, &image_id, &digest))? {
+        Begun::Existing(r) => return Ok(CreateResult::Existing(r)),
+        Begun::Creating(c) => c,
+    };
+    let local = local_root.join(format!("kiln-store-{image_id}-{}", std::process::id()));
+    let built = Staging::new(&local)
+        .and_then(|staging| build(req, prepared, staging, &image_id, Some(&creating), started))
+        .and_then(|out| push_to_store(req, &creating, out, started));
+    if local.exists() {
+        let _ = std::fs::remove_dir_all(&local);
+    }
+    match built {
+        Ok(mut out) => {
+            out.record = Some(publish::finish_record(creating, &out)?);
+            testhook::checkpoint("available");
+            Ok(CreateResult::Created(Box::new(out)))
+        }
+        Err(e) => {
+            creating.fail(&e);
+            Err(e)
+        }
+    }
+}
+
+/// Uploads the image built locally at `out.output_dir` to the bucket store's prefix for it, once
+/// the create's claims and lease are confirmed.
+fn push_to_store(
+    req: &CreateRequest,
+    creating: &Creating,
+    mut out: CreateOutcome,
+    started: Instant,
+) -> Result<CreateOutcome> {
+    creating.confirm()?;
+    let prefix = creating
+        .bucket_prefix()
+        .ok_or_else(|| Error::new(Code::Internal, "a bucket store's create without its prefix"))?;
+    testhook::checkpoint("uploading");
+    let push = crate::commands::push::PushRequest {
+        image: out.output_dir.to_string_lossy().into_owned(),
+        destination: prefix.to_string(),
+        progress: req.progress,
+        threads: None,
+    };
+    crate::commands::push::push(&push, None)?;
+    out.output_dir = prefix.to_path();
+    out.elapsed = started.elapsed();
+    Ok(out)
 }
 
 /// Copies into `staging`, then publishes.

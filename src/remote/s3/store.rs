@@ -257,6 +257,11 @@ impl BucketStore {
         self.url(&format!("records/{id}.json"))
     }
 
+    /// Where the images are: `s3://BUCKET/PREFIX/images/`.
+    pub(crate) fn images_url(&self) -> S3Url {
+        self.url("images/")
+    }
+
     /// Where image `id`'s objects are: `s3://BUCKET/PREFIX/images/<id>/`.
     pub(crate) fn image_prefix(&self, id: &str) -> S3Url {
         self.url(&format!("images/{id}/"))
