@@ -22,6 +22,7 @@ mod qemu_lock;
 mod reliability;
 mod request_file;
 mod s3;
+mod s3store;
 mod store;
 mod target;
 mod validation;

@@ -392,6 +392,30 @@ impl Endpoint {
         .unwrap_or_else(|e| panic!("put {key} on {}: {e:?}", self.name));
     }
 
+    /// Every key in `bucket`, sorted.
+    pub fn keys(&self, bucket: &str) -> Vec<String> {
+        let c = self.client();
+        let mut keys = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let out = rt()
+                .block_on(
+                    c.list_objects_v2()
+                        .bucket(bucket)
+                        .set_continuation_token(next.take())
+                        .send(),
+                )
+                .unwrap_or_else(|e| panic!("list {bucket} on {}: {e:?}", self.name));
+            keys.extend(out.contents().iter().filter_map(|o| o.key()).map(String::from));
+            match out.next_continuation_token() {
+                Some(t) if out.is_truncated() == Some(true) => next = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        keys.sort();
+        keys
+    }
+
     /// Puts a local file at `key`.
     pub fn put_file(&self, key: &str, path: &Path) {
         self.put(key, std::fs::read(path).expect("read file to put"));
