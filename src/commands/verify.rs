@@ -7,8 +7,8 @@ use crate::copy::progress::ProgressMode;
 use crate::error::{Code, Error, Result};
 use crate::image::attributes::Status;
 use crate::image::store;
-use crate::remote::s3::store::BucketStore;
 use crate::image::verify::{self, VerifyReport};
+use crate::remote::s3::store::BucketStore;
 
 #[derive(Debug, Clone)]
 pub struct VerifyRequest {
@@ -54,7 +54,10 @@ fn verify_in_bucket(b: &BucketStore, id: &str, mode: ProgressMode) -> Result<Ver
     if r.status != Status::Available {
         return Err(Error::new(
             Code::IncorrectImageStatus,
-            format!("{id} is {}; only Available images can be verified", r.status),
+            format!(
+                "{id} is {}; only Available images can be verified",
+                r.status
+            ),
         ));
     }
     crate::commands::push::verify_remote(&b.image_prefix(id).to_string(), mode)

@@ -683,11 +683,12 @@ impl crate::copy::progress::Progress for RecordProgress<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::image::attributes::{Architecture, BootMode, ImageType, Platform};
 
-    fn record(id: &str, name: &str, token: Option<&str>) -> Record {
+    /// A Creating record (also for the bucket store's tests).
+    pub(crate) fn record(id: &str, name: &str, token: Option<&str>) -> Record {
         Record {
             attributes: ImageAttributes {
                 image_id: id.into(),

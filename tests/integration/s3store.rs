@@ -70,7 +70,13 @@ fn create_describe_verify_delete_round_trip_through_a_bucket_store() {
     let e = &servers().s3s;
     let bucket = "store-round-trip";
     let store = store_in(e, bucket);
-    let r = kiln_store(e, d, &store, &[], &create_args("web", &["--client-token", "tok-1"]));
+    let r = kiln_store(
+        e,
+        d,
+        &store,
+        &[],
+        &create_args("web", &["--client-token", "tok-1"]),
+    );
     assert_eq!(r.status, 0, "{}{}", r.stdout, r.stderr);
     let id = json(&r)["ImageId"].as_str().unwrap().to_string();
     let images = describe(e, d, &store);
@@ -90,13 +96,25 @@ fn create_describe_verify_delete_round_trip_through_a_bucket_store() {
 
     // The same request with the same token: that image, and nothing written.
     let before = e.keys(bucket);
-    let again = kiln_store(e, d, &store, &[], &create_args("web", &["--client-token", "tok-1"]));
+    let again = kiln_store(
+        e,
+        d,
+        &store,
+        &[],
+        &create_args("web", &["--client-token", "tok-1"]),
+    );
     assert_eq!(again.status, 0, "{}", again.stderr);
     assert_eq!(json(&again)["ImageId"].as_str(), Some(id.as_str()));
     assert!(again.stderr.contains("nothing copied"), "{}", again.stderr);
     assert_eq!(e.keys(bucket), before);
     // The token with other parameters; the name again without a token.
-    let other = kiln_store(e, d, &store, &[], &create_args("web2", &["--client-token", "tok-1"]));
+    let other = kiln_store(
+        e,
+        d,
+        &store,
+        &[],
+        &create_args("web2", &["--client-token", "tok-1"]),
+    );
     assert_eq!(code(&other), "IdempotenceParamNotMatch");
     let dup = kiln_store(e, d, &store, &[], &create_args("web", &[]));
     assert_eq!(code(&dup), "InvalidImageName.Duplicated");
@@ -119,7 +137,13 @@ fn create_describe_verify_delete_round_trip_through_a_bucket_store() {
     let gone = kiln_store(e, d, &store, &[], &["verify", &id]);
     assert_eq!(code(&gone), "InvalidImageId.NotFound");
     // The name and the token are free again (their next generation).
-    let r = kiln_store(e, d, &store, &[], &create_args("web", &["--client-token", "tok-1"]));
+    let r = kiln_store(
+        e,
+        d,
+        &store,
+        &[],
+        &create_args("web", &["--client-token", "tok-1"]),
+    );
     assert_eq!(r.status, 0, "{}{}", r.stdout, r.stderr);
     assert_ne!(json(&r)["ImageId"].as_str(), Some(id.as_str()));
 }
@@ -156,7 +180,10 @@ fn two_hosts_creating_one_name_at_once_exactly_one_wins_every_time() {
         assert_eq!(won.len(), 1, "round {round}: {runs:?}");
         let lost = runs.iter().find(|o| !o.status.success()).unwrap();
         let err: serde_json::Value = serde_json::from_slice(&lost.stdout).unwrap();
-        assert_eq!(err["Code"], "InvalidImageName.Duplicated", "round {round}: {err}");
+        assert_eq!(
+            err["Code"], "InvalidImageName.Duplicated",
+            "round {round}: {err}"
+        );
         let winner: serde_json::Value = serde_json::from_slice(&won[0].stdout).unwrap();
         let r = kiln_store(e, &hosts[0], &store, &[], &["describe", "--name", &name]);
         let images = json(&r);
@@ -201,7 +228,11 @@ fn a_killed_creator_shows_create_failed_once_its_lease_ends_and_frees_the_name()
             break;
         }
         assert_eq!(images[0]["Status"], "Creating", "{}", images[0]);
-        assert!(Instant::now() < deadline, "never CreateFailed: {}", images[0]);
+        assert!(
+            Instant::now() < deadline,
+            "never CreateFailed: {}",
+            images[0]
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     // The name is free again; the failed image can be deleted.
@@ -214,7 +245,10 @@ fn a_killed_creator_shows_create_failed_once_its_lease_ends_and_frees_the_name()
     assert_eq!(statuses, ["Available", "CreateFailed"]);
     let del = kiln_store(e, d, &store, &[], &["delete", &id]);
     assert_eq!(del.status, 0, "{}{}", del.stdout, del.stderr);
-    assert!(e.keys(bucket).iter().all(|k| !k.contains(&id) || k.contains("claims/")));
+    assert!(e
+        .keys(bucket)
+        .iter()
+        .all(|k| !k.contains(&id) || k.contains("claims/")));
 }
 
 #[test]

@@ -16,8 +16,8 @@
 //! issues its own ranged GETs.
 
 pub(crate) mod download;
-pub(crate) mod store;
 mod object;
+pub(crate) mod store;
 pub(crate) mod upload;
 
 pub(crate) use object::{head, Object, ObjectStamp};

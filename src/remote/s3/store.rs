@@ -73,10 +73,13 @@ const DEFAULT_LEASE_SECS: u64 = 60;
 
 /// The lease length: `KILN_S3_LEASE_SECS` (1 to 86400), else 60 s.
 pub(crate) fn lease_secs() -> Result<u64> {
-    match std::env::var("KILN_S3_LEASE_SECS") {
-        Err(_) => Ok(DEFAULT_LEASE_SECS),
-        Ok(v) if v.is_empty() => Ok(DEFAULT_LEASE_SECS),
-        Ok(v) => v
+    parse_lease(std::env::var("KILN_S3_LEASE_SECS").ok().as_deref())
+}
+
+fn parse_lease(v: Option<&str>) -> Result<u64> {
+    match v {
+        None | Some("") => Ok(DEFAULT_LEASE_SECS),
+        Some(v) => v
             .parse::<u64>()
             .ok()
             .filter(|s| (1..=86_400).contains(s))
@@ -177,7 +180,10 @@ fn judge(top: Option<u64>, held: Option<Record>) -> Result<Holder> {
     match held {
         Some(r) if r.status != Status::CreateFailed => Ok(Holder::Held(Box::new(r))),
         _ => top.checked_add(1).map(Holder::Free).ok_or_else(|| {
-            Error::new(Code::Internal, "a claim's generation number is at its limit")
+            Error::new(
+                Code::Internal,
+                "a claim's generation number is at its limit",
+            )
         }),
     }
 }
@@ -284,7 +290,12 @@ impl BucketStore {
             )?
             .map_err(|e| error(e, "listing the store", &url, Code::InvalidParameter))?;
             let before = keys.len();
-            keys.extend(out.contents().iter().filter_map(|o| o.key()).map(String::from));
+            keys.extend(
+                out.contents()
+                    .iter()
+                    .filter_map(|o| o.key())
+                    .map(String::from),
+            );
             if keys.len() > limit {
                 return Err(Error::new(
                     Code::IoError,
@@ -335,7 +346,9 @@ impl BucketStore {
         let mut r: Record = serde_json::from_slice(&bytes).map_err(|e| {
             Error::new(
                 Code::IoError,
-                format!("{url}: not a kiln image record ({e}); delete the object to drop the image"),
+                format!(
+                    "{url}: not a kiln image record ({e}); delete the object to drop the image"
+                ),
             )
         })?;
         if r.image_id != id {
@@ -375,7 +388,12 @@ impl BucketStore {
         )?;
         match r {
             Ok(_) => Ok(true),
-            Err(e) if matches!(e.raw_response().map(|r| r.status().as_u16()), Some(409 | 412)) => {
+            Err(e)
+                if matches!(
+                    e.raw_response().map(|r| r.status().as_u16()),
+                    Some(409 | 412)
+                ) =>
+            {
                 Ok(false)
             }
             Err(e) => Err(error(e, "writing a claim", url, Code::InvalidParameter)),
@@ -390,7 +408,8 @@ impl BucketStore {
             Ok(_) => Ok(()),
             Err(e) => {
                 let e = error(e, "deleting", url, Code::InvalidImageIdNotFound);
-                if e.code() == Code::InvalidImageIdNotFound && e.message().contains("no such object")
+                if e.code() == Code::InvalidImageIdNotFound
+                    && e.message().contains("no such object")
                 {
                     return Ok(());
                 }
@@ -428,7 +447,10 @@ impl BucketStore {
         let (first, second) = (first?, second?);
         let left = match removed {
             Ok(()) => "the probe object was removed".to_string(),
-            Err(e) => format!("the probe object {url} could not be removed ({})", e.message()),
+            Err(e) => format!(
+                "the probe object {url} could not be removed ({})",
+                e.message()
+            ),
         };
         if !first {
             return Err(Error::new(
@@ -460,12 +482,9 @@ impl BucketStore {
         let Some(bytes) = download::get_small(&url, MAX_RECORD_BYTES)? else {
             return Ok(None);
         };
-        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            Error::new(
-                Code::IoError,
-                format!("{url}: not a kiln claim ({e})"),
-            )
-        })
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::new(Code::IoError, format!("{url}: not a kiln claim ({e})")))
     }
 
     /// Who holds the name or token of claim directory `dir`.
@@ -572,7 +591,10 @@ impl BucketStore {
             }
         }
         *shared.claims.lock().unwrap_or_else(|p| p.into_inner()) = claims;
-        Ok(Begun::Creating(Creating::in_bucket(record, Lease::start(shared))))
+        Ok(Begun::Creating(Creating::in_bucket(
+            record,
+            Lease::start(shared),
+        )))
     }
 
     /// Removes images: refuses an unknown id and one whose create holds a live lease. Every id is
@@ -816,5 +838,126 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(status: Status, lease: Option<&str>) -> Record {
+        let mut r = crate::image::store::tests::record("m-aaaaaaaaaaaaaaaaaaaa", "web", Some("t"));
+        r.status = status;
+        r.lease_expires = lease.map(String::from);
+        r
+    }
+
+    #[test]
+    fn a_creating_record_is_live_only_while_its_lease_runs() {
+        let until = 1_800_000_000;
+        let lease = manifest::rfc3339(until);
+        assert_eq!(parse_time(&lease), Some(until));
+        let status = |r: Record, now| {
+            let mut r = r;
+            derive_status(&mut r, now);
+            r.status
+        };
+        let live = record(Status::Creating, Some(&lease));
+        assert_eq!(status(live.clone(), until - 1), Status::Creating);
+        assert_eq!(status(live.clone(), until), Status::CreateFailed);
+        // No lease, or one nobody can read: its creator cannot be shown alive.
+        assert_eq!(
+            status(record(Status::Creating, None), 0),
+            Status::CreateFailed
+        );
+        let garbled = record(Status::Creating, Some("tomorrow"));
+        assert_eq!(status(garbled, 0), Status::CreateFailed);
+        // Only Creating is derived.
+        let done = record(Status::Available, Some(&lease));
+        assert_eq!(status(done, until + 1), Status::Available);
+    }
+
+    #[test]
+    fn the_current_claim_is_the_highest_generation_and_junk_is_ignored() {
+        let dir = Kind::Name.dir("web");
+        assert!(dir.starts_with("claims/name/") && dir.ends_with('/'));
+        assert_eq!(dir.len(), "claims/name/".len() + 64 + 1);
+        assert_ne!(dir, Kind::Token.dir("web"));
+        let root = format!("p/{dir}");
+        let keys = [
+            format!("p/{}", generation_key(&dir, 0)),
+            format!("p/{}", generation_key(&dir, 10)),
+            format!("p/{}", generation_key(&dir, 9)),
+            format!("{root}99999999999999999999999"),
+            format!("{root}0000000000000000000x"),
+            format!("{root}sub/00000000000000000042"),
+            format!("p/other/{}", generation_key(&dir, 77)),
+        ];
+        assert_eq!(
+            top_generation(keys.iter().map(String::as_str), &root),
+            Some(10)
+        );
+        assert_eq!(top_generation([].into_iter(), &root), None);
+        // Generation keys sort as their numbers do.
+        assert!(generation_key(&dir, 9) < generation_key(&dir, 10));
+    }
+
+    #[test]
+    fn a_name_is_held_by_its_current_image_unless_that_failed_or_went() {
+        assert!(matches!(judge(None, None).unwrap(), Holder::Free(0)));
+        // The claimed image was deleted (no record), or failed: the next generation is free.
+        assert!(matches!(judge(Some(4), None).unwrap(), Holder::Free(5)));
+        let failed = record(Status::CreateFailed, None);
+        assert!(matches!(
+            judge(Some(4), Some(failed)).unwrap(),
+            Holder::Free(5)
+        ));
+        for s in [Status::Creating, Status::Available] {
+            let held = judge(Some(4), Some(record(s, None))).unwrap();
+            assert!(matches!(held, Holder::Held(r) if r.status == s));
+        }
+        assert!(judge(Some(u64::MAX), None).is_err());
+    }
+
+    #[test]
+    fn a_token_gives_its_image_back_only_for_the_same_request() {
+        let r = Box::new(record(Status::Available, None));
+        assert_eq!(
+            judge_token("t", "d1", r.clone()).unwrap().image_id,
+            r.image_id
+        );
+        let e = judge_token("t", "d2", r).unwrap_err();
+        assert_eq!(e.code(), Code::IdempotenceParamNotMatch);
+    }
+
+    #[test]
+    fn the_lease_length_is_bounded() {
+        assert_eq!(parse_lease(None).unwrap(), DEFAULT_LEASE_SECS);
+        assert_eq!(parse_lease(Some("")).unwrap(), DEFAULT_LEASE_SECS);
+        assert_eq!(parse_lease(Some("5")).unwrap(), 5);
+        for bad in ["0", "86401", "-1", "1.5", "soon"] {
+            assert_eq!(
+                parse_lease(Some(bad)).unwrap_err().code(),
+                Code::InvalidParameter,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn store_urls_name_a_prefix() {
+        let p = |s: &str| BucketStore::from_path(std::path::Path::new(s)).unwrap();
+        assert!(p("/var/lib/kiln").is_none());
+        let b = p("s3://bucket/team/store").unwrap();
+        assert_eq!(
+            b.image_prefix("m-aaaaaaaaaaaaaaaaaaaa").to_string(),
+            "s3://bucket/team/store/images/m-aaaaaaaaaaaaaaaaaaaa/"
+        );
+        assert_eq!(p("s3://bucket").unwrap().url(MARKER).key, MARKER);
+        assert_eq!(
+            p("s3://bucket/x/").unwrap().url(MARKER).key,
+            "x/kiln-store.json"
+        );
+        assert!(BucketStore::from_path(std::path::Path::new("s3://Bad_Bucket/x")).is_err());
     }
 }

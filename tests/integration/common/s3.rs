@@ -406,7 +406,12 @@ impl Endpoint {
                         .send(),
                 )
                 .unwrap_or_else(|e| panic!("list {bucket} on {}: {e:?}", self.name));
-            keys.extend(out.contents().iter().filter_map(|o| o.key()).map(String::from));
+            keys.extend(
+                out.contents()
+                    .iter()
+                    .filter_map(|o| o.key())
+                    .map(String::from),
+            );
             match out.next_continuation_token() {
                 Some(t) if out.is_truncated() == Some(true) => next = Some(t.to_string()),
                 _ => break,
