@@ -30,8 +30,9 @@ pub struct Cli {
     /// Print results, and errors as {"Code","Message"}, as JSON on stdout.
     #[arg(long, global = true)]
     pub json: bool,
-    /// The image store (default: $KILN_STORE, else $XDG_DATA_HOME/kiln, else ~/.local/share/kiln).
-    #[arg(long, global = true, value_name = "DIR")]
+    /// The image store: a directory, or s3://BUCKET/PREFIX shared by many hosts (default:
+    /// $KILN_STORE, else $XDG_DATA_HOME/kiln, else ~/.local/share/kiln).
+    #[arg(long, global = true, value_name = "DIR|s3://BUCKET/PREFIX")]
     pub store: Option<PathBuf>,
     /// Object storage (`s3://`) endpoint, e.g. http://127.0.0.1:3900 (default: $AWS_ENDPOINT_URL,
     /// the AWS profile's endpoint_url, else AWS S3 itself).

@@ -593,7 +593,10 @@ impl Creating {
     pub(crate) fn finish(self, update: impl FnOnce(&mut Record)) -> Result<Record> {
         if let Backend::Bucket(lease) = &self.backend {
             lease.stop();
-            lease.confirm()?;
+            if let Err(e) = lease.confirm() {
+                self.fail(&e);
+                return Err(e);
+            }
         }
         {
             let mut r = self.lock_record();

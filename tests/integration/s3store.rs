@@ -82,6 +82,9 @@ fn create_describe_verify_delete_round_trip_through_a_bucket_store() {
     let images = describe(e, d, &store);
     assert_eq!(images.len(), 1, "{images:?}");
     assert_eq!(images[0]["Status"], "Available");
+    // KILN_STORE names the same store.
+    let by_env = e.kiln_with(d, &[("KILN_STORE", store.clone())], &["--json", "describe"]);
+    assert_eq!(json(&by_env), serde_json::Value::Array(images.clone()));
     let prefix = format!("s3://{bucket}/store/images/{id}/");
     assert_eq!(images[0]["Directory"].as_str(), Some(prefix.as_str()));
     assert!(images[0].get("LeaseExpires").is_none(), "{}", images[0]);
