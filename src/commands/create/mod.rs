@@ -250,12 +250,7 @@ fn to_store(
     started: Instant,
     warn: &mut dyn FnMut(&str),
 ) -> Result<CreateResult> {
-    if req.output.cache != CacheMode::Writeback {
-        return Err(Error::new(
-            Code::InvalidParameter,
-            "-t applies to --output-dir only: an image in the store is always written back and fsynced before it is Available; drop -t or give --output-dir",
-        ));
-    }
+    check_store_cache(req)?;
     let digest = request_digest(req, layout);
     let token = req.client_token.as_deref();
     if req.dry_run {
@@ -288,6 +283,22 @@ fn to_store(
             None,
         )
     });
+    conclude(creating, built)
+}
+
+/// A store's image is always written back: `-t` is for `--output-dir`.
+fn check_store_cache(req: &CreateRequest) -> Result<()> {
+    if req.output.cache != CacheMode::Writeback {
+        return Err(Error::new(
+            Code::InvalidParameter,
+            "-t applies to --output-dir only: an image in the store is always written back and fsynced before it is Available; drop -t or give --output-dir",
+        ));
+    }
+    Ok(())
+}
+
+/// The end of a store's create: the record Available with what was built, or CreateFailed.
+fn conclude(creating: Creating, built: Result<CreateOutcome>) -> Result<CreateResult> {
     match built {
         Ok(mut out) => {
             out.record = Some(publish::finish_record(creating, &out)?);
@@ -312,12 +323,7 @@ fn to_bucket_store(
     started: Instant,
     warn: &mut dyn FnMut(&str),
 ) -> Result<CreateResult> {
-    if req.output.cache != CacheMode::Writeback {
-        return Err(Error::new(
-            Code::InvalidParameter,
-            "-t applies to --output-dir only: an image in the store is always written back and fsynced before it is Available; drop -t or give --output-dir",
-        ));
-    }
+    check_store_cache(req)?;
     let digest = request_digest(req, layout);
     let token = req.client_token.as_deref();
     let local_root = std::env::temp_dir();
@@ -343,22 +349,24 @@ fn to_bucket_store(
     };
     let local = local_root.join(format!("kiln-store-{image_id}-{}", std::process::id()));
     let built = Staging::new(&local)
-        .and_then(|staging| build(req, prepared, staging, &image_id, Some(&creating), started))
+        // Uploaded after the build (no early upload as --output-dir s3:// does): the claims
+        // are confirmed first.
+        .and_then(|staging| {
+            build(
+                req,
+                prepared,
+                staging,
+                &image_id,
+                Some(&creating),
+                started,
+                None,
+            )
+        })
         .and_then(|out| push_to_store(req, &creating, out, started));
     if local.exists() {
         let _ = std::fs::remove_dir_all(&local);
     }
-    match built {
-        Ok(mut out) => {
-            out.record = Some(publish::finish_record(creating, &out)?);
-            testhook::checkpoint("available");
-            Ok(CreateResult::Created(Box::new(out)))
-        }
-        Err(e) => {
-            creating.fail(&e);
-            Err(e)
-        }
-    }
+    conclude(creating, built)
 }
 
 /// Uploads the image built locally at `out.output_dir` to the bucket store's prefix for it, once
