@@ -16,6 +16,11 @@
 //!                                place from a hidden STORE/images/.kiln-<ImageId>-*.tmp staging dir
 //! ```
 //!
+//! A store may also be a prefix in a bucket shared by many hosts (`--store s3://BUCKET/PREFIX`):
+//! [`open`] tells the two apart, and [`crate::remote::s3::store`] keeps that one, with the same
+//! [`Record`]s, conditional-write claims in place of the locks and a lease in place of the
+//! creator's lock; a create in either holds a [`Creating`].
+//!
 //! Status is derived, not trusted: a record saying `Creating` whose lock file can be locked belongs
 //! to a creator that died (error, crash, kill -9, power loss), so it reads as `CreateFailed`. An
 //! image is `Available` only once its directory was renamed into place and its record rewritten.
