@@ -283,3 +283,70 @@ fn garage_ignores_conditional_writes_so_the_probe_refuses_the_store() {
     assert_eq!(code(&again), "OperationDenied.ConditionalWriteUnsupported");
     assert_eq!(left(), Vec::<String>::new());
 }
+
+#[test]
+fn a_create_whose_claim_was_taken_behind_its_back_fails_and_leaves_nothing() {
+    // A server whose conditional put is a check-then-write (s3s-fs 0.14.1's is) can let two puts
+    // of one claim both succeed, the later one replacing the earlier. Here the test plays the
+    // later one: it replaces the claim while the create copies.
+    let t = tmp();
+    let d = t.path();
+    make_disk(d);
+    let e = &servers().s3s;
+    let bucket = "store-stolen";
+    let store = store_in(e, bucket);
+    let mut args = vec!["--json", "--store", &store];
+    args.extend(create_args("taken", &[]));
+    let child = kiln_stopped_at_env(d, &e.env(), &args, "staging");
+    let claim = e
+        .keys(bucket)
+        .into_iter()
+        .find(|k| k.starts_with("store/claims/name/"))
+        .expect("the name's claim");
+    let other = r#"{"ImageId":"m-zzzzzzzzzzzzzzzzzzzz"}"#;
+    e.put_in(bucket, &claim, other.as_bytes().to_vec());
+    signal(&child, Signal::SIGCONT);
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(err["Code"], "InvalidImageName.Duplicated", "{err}");
+    // No record, no image objects: only the marker and the claim.
+    assert_eq!(e.keys(bucket), [claim, "store/kiln-store.json".to_string()]);
+}
+
+#[test]
+fn a_create_stopped_past_its_lease_is_not_made_available() {
+    let t = tmp();
+    let d = t.path();
+    make_disk(d);
+    let e = &servers().s3s;
+    let bucket = "store-late";
+    let store = store_in(e, bucket);
+    let mut env = e.env();
+    env.push(("KILN_S3_LEASE_SECS", "2".to_string()));
+    let mut args = vec!["--json", "--store", &store];
+    args.extend(create_args("late", &[]));
+    let child = kiln_stopped_at_env(d, &env, &args, "staging");
+    // Wait (bounded) until other hosts see it CreateFailed, then let it go on.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while describe(e, d, &store)[0]["Status"] != "CreateFailed" {
+        assert!(Instant::now() < deadline, "the lease never ended");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    signal(&child, Signal::SIGCONT);
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(err["Code"], "IncorrectImageStatus", "{err}");
+    assert!(err["Message"].as_str().unwrap().contains("lease"), "{err}");
+    // Its record says why, and no image was uploaded.
+    let images = describe(e, d, &store);
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0]["Status"], "CreateFailed");
+    assert_eq!(images[0]["ErrorCode"], "IncorrectImageStatus");
+    let id = images[0]["ImageId"].as_str().unwrap();
+    assert!(
+        e.keys(bucket).iter().all(|k| !k.contains("images/")),
+        "{id}"
+    );
+}

@@ -703,11 +703,20 @@ struct LeaseShared {
 }
 
 impl LeaseShared {
-    /// Writes the record with the lease renewed.
+    /// Writes the record with the lease renewed; never once the lease has ended (other hosts may
+    /// have seen CreateFailed, reclaimed the name or deleted the record: a lease is not revived).
     fn renew(&self) -> Result<()> {
+        let now = now_secs();
+        let held = self.held_until.load(Ordering::SeqCst);
+        if held != 0 && now >= held {
+            return Err(Error::new(
+                Code::IncorrectImageStatus,
+                "the create's lease has ended; it is not renewed",
+            ));
+        }
         // Counted from before the write: the lease this host believes in never outlasts the
         // one other hosts read.
-        let until = now_secs() + self.secs;
+        let until = now + self.secs;
         let mut r = lock(&self.record).clone();
         r.lease_expires = Some(manifest::rfc3339(until));
         self.store.put_record(&r)?;

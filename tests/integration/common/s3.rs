@@ -381,10 +381,15 @@ impl Endpoint {
 
     /// Puts `bytes` at `key` in [`BUCKET`].
     pub fn put(&self, key: &str, bytes: Vec<u8>) {
+        self.put_in(BUCKET, key, bytes);
+    }
+
+    /// Puts `bytes` at `key` in `bucket` (unconditionally).
+    pub fn put_in(&self, bucket: &str, key: &str, bytes: Vec<u8>) {
         let c = self.client();
         rt().block_on(
             c.put_object()
-                .bucket(BUCKET)
+                .bucket(bucket)
                 .key(key)
                 .body(ByteStream::from(bytes))
                 .send(),
