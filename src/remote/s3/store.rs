@@ -539,16 +539,19 @@ impl BucketStore {
                     generation: n,
                 }));
             }
-            // Another create took generation n first: it holds the name; a token is judged
-            // again against the winner's request.
-            if kind == Kind::Name {
-                return Err(lost_name(value));
-            }
+            // Refused: another create took generation n (412), or is taking it (AWS's 409
+            // ConditionalRequestConflict, which may leave neither put done). Judge again: the
+            // winner's record exists before its claim, so a name is then Held, and a token is
+            // judged against the winner's request; a generation still free is tried again.
+            std::thread::sleep(Duration::from_millis(100));
         }
-        Err(Error::new(
-            Code::IncorrectImageStatus,
-            format!("client token '{value}': other creates keep claiming it at the same moment; try again"),
-        ))
+        Err(match kind {
+            Kind::Name => lost_name(value),
+            Kind::Token => Error::new(
+                Code::IncorrectImageStatus,
+                format!("client token '{value}': other creates keep claiming it at the same moment; try again"),
+            ),
+        })
     }
 
     /// Starts a create: writes `record` (Creating, leased), claims its token and name, and starts
