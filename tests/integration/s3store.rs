@@ -268,20 +268,30 @@ fn garage_ignores_conditional_writes_so_the_probe_refuses_the_store() {
             .filter(|k| k.starts_with("s3store-garage"))
             .collect()
     };
+    // The listing, given a bounded moment to become empty.
+    let left_after_a_moment = || -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !left().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        left()
+    };
     let r = kiln_store(e, d, &store, &[], &create_args("web", &[]));
     assert_eq!(code(&r), "OperationDenied.ConditionalWriteUnsupported");
     let msg = json(&r)["Message"].as_str().unwrap().to_string();
     assert!(msg.contains("accepted a second put"), "{msg}");
     assert!(msg.contains("If-None-Match: *"), "{msg}");
     assert!(msg.contains("could both claim one image name"), "{msg}");
-    // Nothing is left: the probe object is removed, no record, no claim, no marker.
-    assert_eq!(left(), Vec::<String>::new());
+    // Nothing is left: the probe object is removed, no record, no claim, no marker. (Once, under
+    // the full suite's load, Garage listed the probe after its delete: kiln now deletes until a
+    // HEAD misses it, and the listing gets a bounded moment to agree.)
+    assert_eq!(left_after_a_moment(), Vec::<String>::new(), "{msg}");
     // Reading the store needs no probe: it is empty.
     assert!(describe(e, d, &store).is_empty());
     // Every attempt probes again (no marker was written) and is refused again.
     let again = kiln_store(e, d, &store, &[], &create_args("web", &[]));
     assert_eq!(code(&again), "OperationDenied.ConditionalWriteUnsupported");
-    assert_eq!(left(), Vec::<String>::new());
+    assert_eq!(left_after_a_moment(), Vec::<String>::new());
 }
 
 #[test]

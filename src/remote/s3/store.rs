@@ -443,7 +443,7 @@ impl BucketStore {
             Ok(true) => self.put_if_absent(&url, b"kiln conditional-write probe 2\n".to_vec()),
             _ => Ok(false),
         };
-        let removed = self.delete_object(&url);
+        let removed = self.remove_probe(&url);
         let (first, second) = (first?, second?);
         let left = match removed {
             Ok(()) => "the probe object was removed".to_string(),
@@ -468,6 +468,28 @@ impl BucketStore {
             ));
         }
         Ok(())
+    }
+
+    /// Deletes the probe object and checks that it is gone: Garage 2.5.0 was seen (under load)
+    /// to list the object after a DELETE that succeeded, so the delete is repeated (bounded)
+    /// until a HEAD no longer finds it.
+    fn remove_probe(&self, url: &S3Url) -> Result<()> {
+        let c = client()?;
+        for attempt in 1..=5u64 {
+            self.delete_object(url)?;
+            let r = block_on(c.head_object().bucket(&url.bucket).key(&url.key).send())?;
+            match r {
+                Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(404) => {
+                    return Ok(())
+                }
+                Err(e) => return Err(error(e, "checking", url, Code::InvalidParameter)),
+                Ok(_) => std::thread::sleep(Duration::from_millis(200 * attempt)),
+            }
+        }
+        Err(Error::new(
+            Code::IoError,
+            format!("{url} is still there after 5 deletes"),
+        ))
     }
 
     /// The current generation under a claim directory.
