@@ -348,39 +348,50 @@ fn to_bucket_store(
         Begun::Creating(c) => c,
     };
     let local = local_root.join(format!("kiln-store-{image_id}-{}", std::process::id()));
-    let built = Staging::new(&local)
-        // Uploaded after the build (no early upload as --output-dir s3:// does): the claims
-        // are confirmed first.
-        .and_then(|staging| {
-            build(
-                req,
-                prepared,
-                staging,
-                &image_id,
-                Some(&creating),
-                started,
-                None,
-            )
-        })
-        .and_then(|out| push_to_store(req, &creating, out, started));
+    // As with --output-dir s3://, each disk starts uploading once it is final, while later ones
+    // still copy (the claims are already this create's; one that loses them removes what went
+    // up, in Creating::fail).
+    let prefix = creating
+        .bucket_prefix()
+        .ok_or_else(|| Error::new(Code::Internal, "a bucket store's create without its prefix"))?;
+    let early = crate::remote::s3::upload::Early::start(prefix.clone());
+    let hook = Some(early.hook());
+    let built = Staging::new(&local).and_then(|staging| {
+        build(
+            req,
+            prepared,
+            staging,
+            &image_id,
+            Some(&creating),
+            started,
+            hook,
+        )
+    });
+    let built = match built {
+        Ok(out) => early.finish().map(|_| out),
+        Err(e) => {
+            let _ = early.abandon();
+            Err(e)
+        }
+    }
+    .and_then(|out| push_to_store(req, &creating, &prefix, out, started));
     if local.exists() {
         let _ = std::fs::remove_dir_all(&local);
     }
     conclude(creating, built)
 }
 
-/// Uploads the image built locally at `out.output_dir` to the bucket store's prefix for it, once
-/// the create's claims and lease are confirmed.
+/// Uploads the image built locally at `out.output_dir` to `prefix`, the bucket store's prefix for
+/// it (what the early uploads sent is found there), once the create's claims and lease are
+/// confirmed.
 fn push_to_store(
     req: &CreateRequest,
     creating: &Creating,
+    prefix: &crate::remote::s3::S3Url,
     mut out: CreateOutcome,
     started: Instant,
 ) -> Result<CreateOutcome> {
     creating.confirm()?;
-    let prefix = creating
-        .bucket_prefix()
-        .ok_or_else(|| Error::new(Code::Internal, "a bucket store's create without its prefix"))?;
     testhook::checkpoint("uploading");
     let push = crate::commands::push::PushRequest {
         image: out.output_dir.to_string_lossy().into_owned(),
