@@ -64,6 +64,8 @@ const MAX_GENERATIONS: usize = 10_000;
 const MAX_RECORDS: usize = 100_000;
 /// Objects of one image, at most (its disks, manifest and SHA256SUMS: far fewer).
 const MAX_IMAGE_OBJECTS: usize = 1_000;
+/// Records read at once by `describe`.
+const READERS: usize = 8;
 /// The largest record or claim read.
 const MAX_RECORD_BYTES: u64 = 4 << 20;
 /// Tries at a token claim whose generation another create took at the same moment.
@@ -317,19 +319,35 @@ impl BucketStore {
     }
 
     /// Every record with its real status (a Creating record whose lease ended reads
-    /// CreateFailed), oldest first. A store that was never written is empty.
+    /// CreateFailed), oldest first. A store that was never written is empty. The records are
+    /// read [`READERS`] at a time: each is a round trip.
     pub(crate) fn list(&self) -> Result<Vec<Record>> {
         let dir = self.url("records/").key;
-        let mut out = Vec::new();
-        for k in self.list_keys("records/", MAX_RECORDS)? {
-            let id = k
-                .strip_prefix(&dir)
-                .and_then(|n| n.strip_suffix(".json"))
-                .filter(|id| is_image_id(id));
-            if let Some(r) = id.map(|id| self.get(id)).transpose()?.flatten() {
-                out.push(r);
+        let keys = self.list_keys("records/", MAX_RECORDS)?;
+        let ids: Vec<&str> = keys
+            .iter()
+            .filter_map(|k| k.strip_prefix(&dir)?.strip_suffix(".json"))
+            .filter(|id| is_image_id(id))
+            .collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let found: Mutex<Vec<Result<Option<Record>>>> = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..READERS.min(ids.len()) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(id) = ids.get(i) else {
+                        return;
+                    };
+                    let r = self.get(id);
+                    found.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+                });
             }
-        }
+        });
+        let found = found.into_inner().unwrap_or_else(|p| p.into_inner());
+        let mut out = found
+            .into_iter()
+            .filter_map(Result::transpose)
+            .collect::<Result<Vec<_>>>()?;
         out.sort_by(|a, b| (a.creation_nanos, &a.image_id).cmp(&(b.creation_nanos, &b.image_id)));
         Ok(out)
     }
