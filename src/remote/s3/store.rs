@@ -73,7 +73,8 @@ const CLAIM_TRIES: usize = 3;
 /// `KILN_S3_LEASE_SECS` unless set.
 const DEFAULT_LEASE_SECS: u64 = 60;
 
-/// The lease length: `KILN_S3_LEASE_SECS` (1 to 86400), else 60 s.
+/// The lease length: `KILN_S3_LEASE_SECS` (2 to 86400), else 60 s. Leases are written in whole
+/// seconds, so one of N seconds holds for N-1 to N: at least 2.
 pub(crate) fn lease_secs() -> Result<u64> {
     parse_lease(std::env::var("KILN_S3_LEASE_SECS").ok().as_deref())
 }
@@ -84,11 +85,11 @@ fn parse_lease(v: Option<&str>) -> Result<u64> {
         Some(v) => v
             .parse::<u64>()
             .ok()
-            .filter(|s| (1..=86_400).contains(s))
+            .filter(|s| (2..=86_400).contains(s))
             .ok_or_else(|| {
                 Error::new(
                     Code::InvalidParameter,
-                    format!("KILN_S3_LEASE_SECS={v}: give whole seconds, 1 to 86400"),
+                    format!("KILN_S3_LEASE_SECS={v}: give whole seconds, 2 to 86400"),
                 )
             }),
     }
@@ -987,7 +988,7 @@ mod tests {
         assert_eq!(parse_lease(None).unwrap(), DEFAULT_LEASE_SECS);
         assert_eq!(parse_lease(Some("")).unwrap(), DEFAULT_LEASE_SECS);
         assert_eq!(parse_lease(Some("5")).unwrap(), 5);
-        for bad in ["0", "86401", "-1", "1.5", "soon"] {
+        for bad in ["0", "1", "86401", "-1", "1.5", "soon"] {
             assert_eq!(
                 parse_lease(Some(bad)).unwrap_err().code(),
                 Code::InvalidParameter,
