@@ -628,7 +628,11 @@ impl Creating {
             Backend::Local { .. } => {
                 let _ = self.write(true);
             }
-            Backend::Bucket(lease) => lease.fail(&self.lock_record().clone()),
+            Backend::Bucket(lease) => {
+                // A copy, the lock released: the lease's thread, joined in fail(), takes it.
+                let r = self.lock_record().clone();
+                lease.fail(&r);
+            }
         }
     }
 }
