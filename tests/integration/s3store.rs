@@ -38,6 +38,27 @@ fn create_args<'a>(name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     v
 }
 
+/// `kiln --json --store STORE create --name NAME ...` in `dir` with `env`, stopped at `point`.
+fn stopped_create(
+    dir: &Path,
+    env: &[(&str, String)],
+    store: &str,
+    name: &str,
+    point: &str,
+) -> std::process::Child {
+    let mut args = vec!["--json", "--store", store];
+    args.extend(create_args(name, &[]));
+    kiln_stopped_at_env(dir, env, &args, point)
+}
+
+/// Lets a stopped create go on and returns its `--json` error (it must fail).
+fn failed_after_cont(child: std::process::Child) -> serde_json::Value {
+    signal(&child, Signal::SIGCONT);
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn json(r: &Run) -> serde_json::Value {
     serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}{}", r.stdout, r.stderr))
 }
@@ -165,12 +186,10 @@ fn two_hosts_creating_one_name_at_once_exactly_one_wins_every_time() {
     let env = e.env();
     for round in 0..20 {
         let name = format!("race-{round}");
-        let mut args = vec!["--json", "--store", &store];
-        args.extend(create_args(&name, &[]));
         // Both stopped with their sources open, just before they claim; then let go together.
         let children: Vec<_> = hosts
             .iter()
-            .map(|h| kiln_stopped_at_env(h, &env, &args, "prepared"))
+            .map(|h| stopped_create(h, &env, &store, &name, "prepared"))
             .collect();
         for c in &children {
             signal(c, Signal::SIGCONT);
@@ -208,9 +227,7 @@ fn a_killed_creator_shows_create_failed_once_its_lease_ends_and_frees_the_name()
     let lease = [("KILN_S3_LEASE_SECS", "4".to_string())];
     let mut env = e.env();
     env.extend(lease.iter().cloned());
-    let mut args = vec!["--json", "--store", &store];
-    args.extend(create_args("dies", &[]));
-    let child = kiln_stopped_at_env(d, &env, &args, "staging");
+    let child = stopped_create(d, &env, &store, "dies", "staging");
     let images = describe(e, d, &store);
     assert_eq!(images.len(), 1, "{images:?}");
     let id = images[0]["ImageId"].as_str().unwrap().to_string();
@@ -305,9 +322,7 @@ fn a_create_whose_claim_was_taken_behind_its_back_fails_and_leaves_nothing() {
     let e = &servers().s3s;
     let bucket = "store-stolen";
     let store = store_in(e, bucket);
-    let mut args = vec!["--json", "--store", &store];
-    args.extend(create_args("taken", &[]));
-    let child = kiln_stopped_at_env(d, &e.env(), &args, "staging");
+    let child = stopped_create(d, &e.env(), &store, "taken", "staging");
     let claim = e
         .keys(bucket)
         .into_iter()
@@ -315,10 +330,7 @@ fn a_create_whose_claim_was_taken_behind_its_back_fails_and_leaves_nothing() {
         .expect("the name's claim");
     let other = r#"{"ImageId":"m-zzzzzzzzzzzzzzzzzzzz"}"#;
     e.put_in(bucket, &claim, other.as_bytes().to_vec());
-    signal(&child, Signal::SIGCONT);
-    let out = child.wait_with_output().unwrap();
-    assert!(!out.status.success());
-    let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let err = failed_after_cont(child);
     assert_eq!(err["Code"], "InvalidImageName.Duplicated", "{err}");
     // No record, no image objects: only the marker and the claim.
     assert_eq!(e.keys(bucket), [claim, "store/kiln-store.json".to_string()]);
@@ -334,19 +346,14 @@ fn a_create_stopped_past_its_lease_is_not_made_available() {
     let store = store_in(e, bucket);
     let mut env = e.env();
     env.push(("KILN_S3_LEASE_SECS", "2".to_string()));
-    let mut args = vec!["--json", "--store", &store];
-    args.extend(create_args("late", &[]));
-    let child = kiln_stopped_at_env(d, &env, &args, "staging");
+    let child = stopped_create(d, &env, &store, "late", "staging");
     // Wait (bounded) until other hosts see it CreateFailed, then let it go on.
     let deadline = Instant::now() + Duration::from_secs(30);
     while describe(e, d, &store)[0]["Status"] != "CreateFailed" {
         assert!(Instant::now() < deadline, "the lease never ended");
         std::thread::sleep(Duration::from_millis(300));
     }
-    signal(&child, Signal::SIGCONT);
-    let out = child.wait_with_output().unwrap();
-    assert!(!out.status.success());
-    let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let err = failed_after_cont(child);
     assert_eq!(err["Code"], "IncorrectImageStatus", "{err}");
     assert!(err["Message"].as_str().unwrap().contains("lease"), "{err}");
     // Its record says why, and no image was uploaded.
