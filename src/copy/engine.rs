@@ -11,7 +11,8 @@
 //! disks.
 //!
 //! The output's cache mode ([`CacheMode`], `-t`) decides the rest: `writeback` starts writeback of
-//! each range as it is written and fsyncs each finished disk; `unsafe` does neither; `none` writes
+//! each range as it is written (on a thread of its own: `sync_file_range` waits whenever the
+//! device's queue is full, and the workers should not) and fsyncs each finished disk; `unsafe` does neither; `none` writes
 //! every 4 KiB-aligned piece through a second, `O_DIRECT` descriptor of the output (chunk buffers
 //! are 4 KiB-aligned for it), the rest through the writer, and fsyncs each finished disk.
 
@@ -762,24 +763,15 @@ fn finisher(sh: &Shared<'_>, rx: &Mutex<Receiver<(usize, crate::format::Finished
 fn seal_disk(sh: &Shared<'_>, d: usize, finished: crate::format::Finished) -> Result<()> {
     let disk = &sh.disks[d];
     let crate::format::Finished { file, sparse } = finished;
-    // The fsync waits for the disk while the hash keeps a core busy: the two overlap, the flush
-    // on its own thread. (The file's bytes are final: nothing writes it any more.)
-    let (sha256, flushed) = std::thread::scope(|s| {
-        let flush = sh.cache.flushes().then(|| s.spawn(|| file.sync_all()));
-        let sha256 = if disk.hash {
-            hash_file(&file, &disk.path, sparse).map(Some)
-        } else {
-            Ok(None)
-        };
-        let flushed = match flush.map(|h| h.join()) {
-            None => Ok(()),
-            Some(Ok(r)) => r,
-            Some(Err(_)) => Err(std::io::Error::other("the flushing thread panicked")),
-        };
-        (sha256, flushed)
-    });
-    flushed.map_err(|e| Error::io(&disk.path, "flushing (fsync)", e))?;
-    let sha256 = sha256?;
+    let sha256 = if disk.hash {
+        Some(hash_file(&file, &disk.path, sparse)?)
+    } else {
+        None
+    };
+    if sh.cache.flushes() {
+        file.sync_all()
+            .map_err(|e| Error::io(&disk.path, "flushing (fsync)", e))?;
+    }
     crate::util::testhook::checkpoint("disk-done");
     if let Some(f) = &disk.sealed {
         f(&disk.path, &file, sha256.as_deref());
