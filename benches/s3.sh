@@ -45,6 +45,9 @@ for r in $(seq "$RUNS"); do
   rm -rf "$W/pulled" "$W/a.qcow2"
   t pull kiln "$KILN" pull -q s3://bench/p/ "$W/pulled"
   t pull aws aws --endpoint-url "$AWS_ENDPOINT_URL" s3 cp --quiet s3://bench/a/xvda.qcow2 "$W/a.qcow2"
+  # Like for like: kiln's pull fsyncs what it wrote; the AWS CLI does not.
+  rm -f "$W/a.qcow2"
+  t pull aws+sync bash -c "aws --endpoint-url '$AWS_ENDPOINT_URL' s3 cp --quiet s3://bench/a/xvda.qcow2 '$W/a.qcow2' && sync"
   rm -rf "$W/o1" "$W/o2"
   t create-raw s3 "$KILN" create -q --name bench-create --disk snapshot=s3://bench/data-rand.raw,type=system --output-dir "$W/o1"
   rm -rf "$W/o1"
