@@ -74,13 +74,6 @@ pub(crate) fn image_prefix(s: &str) -> Result<S3Url> {
     Ok(u)
 }
 
-fn at(prefix: &S3Url, name: &str) -> S3Url {
-    S3Url {
-        bucket: prefix.bucket.clone(),
-        key: format!("{}{name}", prefix.key),
-    }
-}
-
 /// The image's listing at `prefix`: an error when it has no `SHA256SUMS` (never pushed, or
 /// a push that did not finish) or no manifest.
 fn remote_listing(prefix: &S3Url) -> Result<(Listing, Vec<u8>, Vec<u8>)> {
@@ -90,15 +83,15 @@ fn remote_listing(prefix: &S3Url) -> Result<(Listing, Vec<u8>, Vec<u8>)> {
             format!("{prefix}: no {what}: not an image, or one whose push did not finish (run the push again)"),
         )
     };
-    let sums = download::get_small(&at(prefix, "SHA256SUMS"), MAX_LIST_BYTES)?
+    let sums = download::get_small(&prefix.child("SHA256SUMS"), MAX_LIST_BYTES)?
         .ok_or_else(|| incomplete("SHA256SUMS"))?;
-    let manifest = download::get_small(&at(prefix, "manifest.json"), MAX_LIST_BYTES)?
+    let manifest = download::get_small(&prefix.child("manifest.json"), MAX_LIST_BYTES)?
         .ok_or_else(|| incomplete("manifest.json"))?;
     let l = Listing::parse(
         &sums,
-        &at(prefix, "SHA256SUMS").to_string(),
+        &prefix.child("SHA256SUMS").to_string(),
         &manifest,
-        &at(prefix, "manifest.json").to_string(),
+        &prefix.child("manifest.json").to_string(),
     )?;
     if let Some(bad) = l.order.iter().find(|n| !Listing::name_ok(n)) {
         return Err(Error::new(
@@ -111,7 +104,7 @@ fn remote_listing(prefix: &S3Url) -> Result<(Listing, Vec<u8>, Vec<u8>)> {
 
 /// Refuses a prefix that holds an image (a manifest), unless it is image `id`'s.
 fn check_empty_or(prefix: &S3Url, id: Option<&str>) -> Result<()> {
-    if let Some(theirs) = download::get_small(&at(prefix, "manifest.json"), MAX_LIST_BYTES)? {
+    if let Some(theirs) = download::get_small(&prefix.child("manifest.json"), MAX_LIST_BYTES)? {
         let same = crate::image::manifest::Manifest::from_json(&theirs)
             .is_ok_and(|m| Some(m.attributes.image_id.as_str()) == id);
         if !same {
@@ -183,7 +176,7 @@ pub fn push(req: &PushRequest, store: Option<&Path>) -> Result<TransferOutcome> 
             .cloned()
             .unwrap_or_default();
         let up = upload::upload_file(
-            &at(&prefix, name),
+            &prefix.child(name),
             &dir.join(name),
             &sha,
             req.threads.unwrap_or(upload::WORKERS),
@@ -198,7 +191,7 @@ pub fn push(req: &PushRequest, store: Option<&Path>) -> Result<TransferOutcome> 
     for (name, bytes) in LAST.into_iter().zip([manifest, sums]) {
         let sha = crate::copy::hash::hex(&crate::request::digest::sha256_of(&bytes));
         let len = bytes.len() as u64;
-        upload::put_small(c, &at(&prefix, name), bytes, &sha)?;
+        upload::put_small(c, &prefix.child(name), bytes, &sha)?;
         files.push(upload::Uploaded {
             file: name.to_string(),
             bytes: len,
@@ -296,7 +289,7 @@ fn write_list(
             Code::ChecksumMismatch,
             format!(
                 "{}: its SHA-256 {sha} is not the one SHA256SUMS lists; nothing was kept",
-                at(prefix, name)
+                prefix.child(name)
             ),
         ));
     }
@@ -321,14 +314,14 @@ fn pull_into(
     let disks = disk_files(listing);
     let mut sizes = Vec::new();
     for name in &disks {
-        let size = crate::remote::s3::head(&at(prefix, name))?.size;
+        let size = crate::remote::s3::head(&prefix.child(name))?.size;
         sizes.push(((*name).clone(), size));
     }
     let reporter = progress::reporter(mode, &sizes);
     let mut files = Vec::new();
     for (i, name) in disks.iter().enumerate() {
         let path = dir.join(name);
-        let len = download::download_file(&at(prefix, name), &path, &|n| reporter.advance(i, n))?;
+        let len = download::download_file(&prefix.child(name), &path, &|n| reporter.advance(i, n))?;
         let f = crate::util::safe_fs::open_regular(&path)
             .map_err(|e| Error::io(&path, "opening", e))?;
         let got = crate::copy::hash::hash_file(&f, &path, true)?;
@@ -337,7 +330,7 @@ fn pull_into(
                 Code::ChecksumMismatch,
                 format!(
                     "{}: its SHA-256 {got} is not the one SHA256SUMS lists; nothing was kept",
-                    at(prefix, name)
+                    prefix.child(name)
                 ),
             ));
         }
@@ -359,12 +352,12 @@ pub(crate) fn verify_remote(source: &str, mode: ProgressMode) -> Result<VerifyRe
     let (listing, _, _) = remote_listing(&prefix)?;
     let mut sizes = Vec::new();
     for name in &listing.order {
-        let size = crate::remote::s3::head(&at(&prefix, name)).map_or(0, |s| s.size);
+        let size = crate::remote::s3::head(&prefix.child(name)).map_or(0, |s| s.size);
         sizes.push((name.clone(), size));
     }
     Ok(
         listing.check(prefix.to_path(), &sizes, mode, &|i, name, reporter| {
-            download::hash_object(&at(&prefix, name), &|n| reporter.advance(i, n))
+            download::hash_object(&prefix.child(name), &|n| reporter.advance(i, n))
                 .map_err(|e| e.message().to_string())
         }),
     )

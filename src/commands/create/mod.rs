@@ -102,17 +102,9 @@ fn to_bucket(
         std::process::id(),
         manifest::new_image_id()
     ));
-    let early = crate::remote::s3::upload::Early::start(url.clone());
-    let built = to_dir_sealing(req, layout, &local, started, warn, Some(early.hook()));
-    let built = match built {
-        Ok(b) => early.finish().map(|_| b),
-        Err(e) => {
-            for left in early.abandon() {
-                warn(&format!("an uploaded disk could not be removed: {left}"));
-            }
-            Err(e)
-        }
-    };
+    let built = crate::remote::s3::upload::uploading_while(url.clone(), warn, |hook, warn| {
+        to_dir_sealing(req, layout, &local, started, warn, Some(hook))
+    });
     let pushed = match built {
         Ok(CreateResult::Created(mut out)) => {
             let push = crate::commands::push::PushRequest {
@@ -354,9 +346,8 @@ fn to_bucket_store(
     let prefix = creating
         .bucket_prefix()
         .ok_or_else(|| Error::new(Code::Internal, "a bucket store's create without its prefix"))?;
-    let early = crate::remote::s3::upload::Early::start(prefix.clone());
-    let hook = Some(early.hook());
-    let built = Staging::new(&local).and_then(|staging| {
+    let built = crate::remote::s3::upload::uploading_while(prefix.clone(), warn, |hook, _| {
+        let staging = Staging::new(&local)?;
         build(
             req,
             prepared,
@@ -364,16 +355,9 @@ fn to_bucket_store(
             &image_id,
             Some(&creating),
             started,
-            hook,
+            Some(hook),
         )
-    });
-    let built = match built {
-        Ok(out) => early.finish().map(|_| out),
-        Err(e) => {
-            let _ = early.abandon();
-            Err(e)
-        }
-    }
+    })
     .and_then(|out| push_to_store(req, &creating, &prefix, out, started));
     if local.exists() {
         let _ = std::fs::remove_dir_all(&local);

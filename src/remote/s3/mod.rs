@@ -20,7 +20,7 @@ mod object;
 pub(crate) mod store;
 pub(crate) mod upload;
 
-pub(crate) use object::{head, Object, ObjectStamp};
+pub(crate) use object::{delete, head, Object, ObjectStamp};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -87,6 +87,14 @@ impl S3Url {
     /// Its name as a path (`s3://BUCKET/KEY`), the way sources are named in plans and manifests.
     pub(crate) fn to_path(&self) -> PathBuf {
         PathBuf::from(self.to_string())
+    }
+
+    /// The object `name` under this prefix (the key followed by `name`, in the same bucket).
+    pub(crate) fn child(&self, name: &str) -> S3Url {
+        S3Url {
+            bucket: self.bucket.clone(),
+            key: format!("{}{name}", self.key),
+        }
     }
 
     /// The key's "directory": everything up to and including its last `/` (empty at the top).

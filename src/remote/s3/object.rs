@@ -185,6 +185,22 @@ impl RandomRead for Object {
     }
 }
 
+/// Removes `url`; a missing object is fine.
+pub(crate) fn delete(url: &S3Url) -> Result<()> {
+    let c = client()?;
+    let r = block_on(c.delete_object().bucket(&url.bucket).key(&url.key).send())?;
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let e = error(e, "deleting", url, Code::InvalidImageIdNotFound);
+            if e.code() == Code::InvalidImageIdNotFound && e.message().contains("no such object") {
+                return Ok(());
+            }
+            Err(e)
+        }
+    }
+}
+
 /// An object's size and ETag (one HEAD); a 404 says whether the bucket or the key is missing.
 pub(crate) fn head(url: &S3Url) -> Result<ObjectStamp> {
     let c = client()?;

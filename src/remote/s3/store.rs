@@ -256,10 +256,7 @@ impl BucketStore {
     }
 
     fn url(&self, rel: &str) -> S3Url {
-        S3Url {
-            bucket: self.root.bucket.clone(),
-            key: format!("{}{rel}", self.root.key),
-        }
+        self.root.child(rel)
     }
 
     fn record_url(&self, id: &str) -> S3Url {
@@ -419,24 +416,6 @@ impl BucketStore {
         }
     }
 
-    /// Removes `url`; a missing object is fine.
-    fn delete_object(&self, url: &S3Url) -> Result<()> {
-        let c = client()?;
-        let r = block_on(c.delete_object().bucket(&url.bucket).key(&url.key).send())?;
-        match r {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let e = error(e, "deleting", url, Code::InvalidImageIdNotFound);
-                if e.code() == Code::InvalidImageIdNotFound
-                    && e.message().contains("no such object")
-                {
-                    return Ok(());
-                }
-                Err(e)
-            }
-        }
-    }
-
     /// Checks, once per store, that the server refuses to overwrite an object put with
     /// `If-None-Match: *` ([the module doc](self)); writers call this first.
     pub(crate) fn ensure_ready(&self) -> Result<()> {
@@ -495,7 +474,7 @@ impl BucketStore {
     fn remove_probe(&self, url: &S3Url) -> Result<()> {
         let c = client()?;
         for attempt in 1..=5u64 {
-            self.delete_object(url)?;
+            crate::remote::s3::delete(url)?;
             let r = block_on(c.head_object().bucket(&url.bucket).key(&url.key).send())?;
             match r {
                 Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(404) => {
@@ -623,13 +602,13 @@ impl BucketStore {
             match self.claim_one(&snapshot, kind, &value) {
                 Ok(Took::Claim(c)) => claims.push(c),
                 Ok(Took::Existing(r)) => {
-                    let _ = self.delete_object(&self.record_url(&id));
+                    let _ = crate::remote::s3::delete(&self.record_url(&id));
                     return Ok(Begun::Existing(r));
                 }
                 Err(e) => {
                     // Refused: no record stays behind, as in a local store. A token claim
                     // already made points at the missing record, which frees it.
-                    let _ = self.delete_object(&self.record_url(&id));
+                    let _ = crate::remote::s3::delete(&self.record_url(&id));
                     return Err(e);
                 }
             }
@@ -668,12 +647,8 @@ impl BucketStore {
     /// its record, then its other objects and any upload a dead create left open.
     fn remove(&self, id: &str) -> Result<()> {
         let prefix = self.image_prefix(id);
-        let at = |name: &str| S3Url {
-            bucket: prefix.bucket.clone(),
-            key: format!("{}{name}", prefix.key),
-        };
-        self.delete_object(&at("SHA256SUMS"))?;
-        self.delete_object(&self.record_url(id))?;
+        crate::remote::s3::delete(&prefix.child("SHA256SUMS"))?;
+        crate::remote::s3::delete(&self.record_url(id))?;
         self.remove_objects(id)
     }
 
@@ -681,7 +656,7 @@ impl BucketStore {
     fn remove_objects(&self, id: &str) -> Result<()> {
         let rel = format!("images/{id}/");
         for k in self.list_keys(&rel, MAX_IMAGE_OBJECTS)? {
-            self.delete_object(&S3Url {
+            crate::remote::s3::delete(&S3Url {
                 bucket: self.root.bucket.clone(),
                 key: k,
             })?;
@@ -877,7 +852,7 @@ impl Lease {
         let _ = s.store.remove_objects(&r.image_id);
         let url = s.store.record_url(&r.image_id);
         if s.lost.load(Ordering::SeqCst) {
-            let _ = s.store.delete_object(&url);
+            let _ = crate::remote::s3::delete(&url);
             return;
         }
         let expired = now_secs() >= s.held_until.load(Ordering::SeqCst);

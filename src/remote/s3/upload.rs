@@ -119,10 +119,30 @@ fn upload_open(
     multipart(c, url, file, path, len, sha256, workers, advance, done)
 }
 
+/// Runs `build` with a hook ([`crate::copy::engine::Sealed`]) that uploads each disk file into
+/// `prefix` as soon as it is final, while the later ones still copy. When the build succeeds, waits
+/// for those uploads (the first failure is the result); when it fails, removes what went up and
+/// tells `warn` of anything it could not remove.
+pub(crate) fn uploading_while<T>(
+    prefix: S3Url,
+    warn: &mut dyn FnMut(&str),
+    build: impl FnOnce(crate::copy::engine::Sealed, &mut dyn FnMut(&str)) -> Result<T>,
+) -> Result<T> {
+    let early = Early::start(prefix);
+    match build(early.hook(), &mut *warn) {
+        Ok(built) => early.finish().map(|_| built),
+        Err(e) => {
+            for left in early.abandon() {
+                warn(&format!("an uploaded disk could not be removed: {left}"));
+            }
+            Err(e)
+        }
+    }
+}
+
 /// Uploads of disk files as they become final, one file at a time (each in parallel parts) on a
-/// thread of its own, into `prefix`: `create --output-dir s3://` sends each disk while the later
-/// ones still copy. The first failure stops it; [`Early::finish`] returns it.
-pub(crate) struct Early {
+/// thread of its own, into `prefix`. The first failure stops it; [`Early::finish`] returns it.
+struct Early {
     prefix: S3Url,
     tx: Option<std::sync::mpsc::Sender<(String, File, PathBuf, String)>>,
     cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -130,7 +150,7 @@ pub(crate) struct Early {
 }
 
 impl Early {
-    pub(crate) fn start(prefix: S3Url) -> Early {
+    fn start(prefix: S3Url) -> Early {
         let (tx, rx) = std::sync::mpsc::channel::<(String, File, PathBuf, String)>();
         let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (stop, into) = (cancel.clone(), prefix.clone());
@@ -142,10 +162,7 @@ impl Early {
                 if failed.is_some() || stop.load(Ordering::Relaxed) {
                     continue;
                 }
-                let url = S3Url {
-                    key: format!("{}{name}", into.key),
-                    ..into.clone()
-                };
+                let url = into.child(&name);
                 match upload_open(&url, &file, &path, &sha, WORKERS, &|_| {}) {
                     Ok(u) => {
                         done.push(u);
@@ -165,7 +182,7 @@ impl Early {
     }
 
     /// The engine's hook: queues each hashed disk file (a second descriptor of it).
-    pub(crate) fn hook(&self) -> crate::copy::engine::Sealed {
+    fn hook(&self) -> crate::copy::engine::Sealed {
         let tx = self.tx.clone();
         std::sync::Arc::new(move |path: &Path, file: &File, sha: Option<&str>| {
             let (Some(tx), Some(name), Some(sha)) = (&tx, path.file_name(), sha) else {
@@ -180,7 +197,7 @@ impl Early {
     }
 
     /// Waits for every queued upload; the files sent, or the first error.
-    pub(crate) fn finish(self) -> Result<Vec<Uploaded>> {
+    fn finish(self) -> Result<Vec<Uploaded>> {
         match self.join() {
             (done, None) => Ok(done),
             (_, Some(e)) => Err(e),
@@ -190,22 +207,14 @@ impl Early {
     /// The build failed: sends nothing more, waits for the file on its way, and removes what was
     /// sent, so the prefix is empty again for the next try. Returns what could not be removed
     /// (left as a prefix without `SHA256SUMS`: an incomplete image), with the reason.
-    pub(crate) fn abandon(self) -> Vec<String> {
+    fn abandon(self) -> Vec<String> {
         self.cancel.store(true, Ordering::Relaxed);
         let prefix = self.prefix.clone();
         let (done, _) = self.join();
         let mut left = Vec::new();
         for u in done {
-            let url = S3Url {
-                key: format!("{}{}", prefix.key, u.file),
-                ..prefix.clone()
-            };
-            let removed = client().and_then(|c| {
-                block_on(c.delete_object().bucket(&url.bucket).key(&url.key).send())?
-                    .map(|_| ())
-                    .map_err(|e| error(e, "removing", &url, DEST_MISSING))
-            });
-            if let Err(e) = removed {
+            let url = prefix.child(&u.file);
+            if let Err(e) = super::delete(&url) {
                 left.push(format!("{url}: {}", e.full_message()));
             }
         }
