@@ -361,20 +361,7 @@ fn sources_are_never_changed() {
     let t = tmp();
     let d = t.path();
     make_base(d, "base.qcow2");
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    qcow2_overlay(d, "base.qcow2", "top.qcow2");
     qemu_io(d, "top.qcow2", &["write -P 0x77 2M 1M"]);
     qemu_img(d, &["snapshot", "-c", "s1", "base.qcow2"]);
     make_raw(d, "data.raw");

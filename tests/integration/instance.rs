@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::{self, qemu_img, tmp};
+use crate::common::{self, qcow2_overlay, qemu_img, tmp};
 use kiln::error::Code;
 use kiln::format::{self, Format, OpenOptions};
 use kiln::request::instance::{self, Adjustment, Adjustments};
@@ -68,20 +68,7 @@ fn lab() -> Lab {
     let t = tmp();
     let dir = t.path().to_path_buf();
     qemu_img(&dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"]);
-    qemu_img(
-        &dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "root.qcow2",
-        ],
-    );
+    qcow2_overlay(&dir, "base.qcow2", "root.qcow2");
     qemu_img(&dir, &["create", "-q", "-f", "raw", "data.raw", "32M"]);
     fs::write(dir.join("install.iso"), b"iso").unwrap();
     Lab { _tmp: t, dir }
@@ -374,20 +361,7 @@ fn create_from_an_instance_with_exclude_grow_and_add() {
     let d = t.path();
     common::qemu_img(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "32M"]);
     common::qemu_io(d, "base.qcow2", &["write -P 0x21 0 4M"]);
-    common::qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "root.qcow2",
-        ],
-    );
+    common::qcow2_overlay(d, "base.qcow2", "root.qcow2");
     common::qemu_io(d, "root.qcow2", &["write -P 0x22 1M 1M"]);
     common::sparse_raw(&d.join("data.raw"), 8 << 20);
     common::write_at(&d.join("data.raw"), 4096, b"data disk");

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{self, qemu_img, qemu_io};
+use crate::common::{self, qcow2_overlay, qemu_img, qemu_io};
 
 /// Wall-clock limit per run of kiln.
 const TIME_LIMIT: Duration = Duration::from_secs(20);
@@ -874,20 +874,7 @@ fn make_bases(dir: &Path) {
     qemu_io(dir, "snap.qcow2", &["write -P 2 64k 64k"]);
     qemu_img(dir, &["snapshot", "-c", "s2", "snap.qcow2"]);
     qemu_img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "overlay.qcow2",
-        ],
-    );
+    qcow2_overlay(dir, "base.qcow2", "overlay.qcow2");
     // Backing loops, one name away: selfloop-src -> zzzzzzzz.qcow2 (to become itself), and
     // loop2-src -> loopC (to become loopB, whose backing file is loop2).
     qemu_img(

@@ -21,20 +21,7 @@ fn sources(d: &Path) {
     write_at(&data, 3 << 20, &noise(12, 5 << 20));
     write_at(&data, (48 << 20) - 4096, &[0x5au8; 4096]);
     qemu_img(d, &["convert", "-O", "qcow2", "data.raw", "base.qcow2"]);
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "data.qcow2",
-        ],
-    );
+    qcow2_overlay(d, "base.qcow2", "data.qcow2");
     qemu_io(
         d,
         "data.qcow2",

@@ -6,7 +6,7 @@ use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::common::{qemu_img, qemu_io_f, MIB};
+use crate::common::{qcow2_overlay, qemu_img, qemu_io_f, MIB};
 use kiln::error::Code;
 use kiln::format::{self, ExtentKind, Format, OpenOptions, Opened};
 
@@ -345,20 +345,7 @@ fn zero_clusters_over_backing() {
     let p = d.path();
     img(p, &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
     io(p, "base.qcow2", &["write -P 0x33 0 4m"]);
-    img(
-        p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    qcow2_overlay(p, "base.qcow2", "top.qcow2");
     io(
         p,
         "top.qcow2",
@@ -431,39 +418,13 @@ fn chain_of_three_with_relative_names() {
     fs::create_dir(p.join("m")).unwrap();
     img(p, &["create", "-q", "-f", "qcow2", "b/base.qcow2", "4M"]);
     io(p, "b/base.qcow2", &["write -P 0x11 0 4m"]);
-    img(
-        &p.join("m"),
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "../b/base.qcow2",
-            "-F",
-            "qcow2",
-            "mid.qcow2",
-        ],
-    );
+    qcow2_overlay(&p.join("m"), "../b/base.qcow2", "mid.qcow2");
     io(
         p,
         "m/mid.qcow2",
         &["write -P 0x22 1m 1m", "write -z 3m 64k"],
     );
-    img(
-        p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "m/mid.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    qcow2_overlay(p, "m/mid.qcow2", "top.qcow2");
     io(
         p,
         "top.qcow2",
@@ -594,20 +555,7 @@ fn snapshot_of_an_overlay_reads_through_backing() {
     let p = d.path();
     img(p, &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
     io(p, "base.qcow2", &["write -P 0x11 0 4m"]);
-    img(
-        p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    qcow2_overlay(p, "base.qcow2", "top.qcow2");
     io(p, "top.qcow2", &["write -P 0x22 1m 64k"]);
     img(p, &["snapshot", "-c", "s", "top.qcow2"]);
     io(p, "top.qcow2", &["write -P 0x33 2m 64k"]);
@@ -709,20 +657,7 @@ fn missing_backing_file() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
     img(p, &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
-    img(
-        p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    qcow2_overlay(p, "base.qcow2", "top.qcow2");
     fs::remove_file(p.join("base.qcow2")).unwrap();
     let e = open(p, "top.qcow2", None).err().unwrap();
     assert_eq!(e.code(), Code::SnapshotNotFound);
@@ -757,12 +692,7 @@ fn backing_loops_are_refused() {
     assert!(e.message().contains("self.qcow2"), "{e}");
 
     img(p, &["create", "-q", "-f", "qcow2", "a.qcow2", "4M"]);
-    img(
-        p,
-        &[
-            "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2",
-        ],
-    );
+    qcow2_overlay(p, "a.qcow2", "b.qcow2");
     img(
         p,
         &["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2"],
@@ -782,10 +712,7 @@ fn chains_deeper_than_16_are_unsupported() {
     img(p, &["create", "-q", "-f", "qcow2", "l0.qcow2", "1M"]);
     for i in 1..=16 {
         let (b, t) = (format!("l{}.qcow2", i - 1), format!("l{i}.qcow2"));
-        img(
-            p,
-            &["create", "-q", "-f", "qcow2", "-b", &b, "-F", "qcow2", &t],
-        );
+        qcow2_overlay(p, &b, &t);
     }
     // 16 files: fine.
     let o = open(p, "l15.qcow2", None).unwrap();
@@ -878,20 +805,7 @@ fn large_sparse_disk_has_few_extents() {
             "write -P 3 1048575m 1m",
         ],
     );
-    img(
-        p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "big.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    qcow2_overlay(p, "big.qcow2", "top.qcow2");
     io(p, "top.qcow2", &["write -P 4 64k 64k", "write -z 200g 1m"]);
     let o = open(p, "top.qcow2", None).unwrap();
     let t = std::time::Instant::now();

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{self, qemu_img, tmp};
+use crate::common::{self, qcow2_overlay, qemu_img, tmp};
 use kiln::error::Code;
 use kiln::prepare::qemu_lock::{self, SourceLock};
 
@@ -138,20 +138,7 @@ fn source_lock_on_a_chain_covers_the_backing_file() {
     let t = tmp();
     let dir = t.path();
     qemu_img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    qcow2_overlay(dir, "base.qcow2", "top.qcow2");
     let o = kiln::format::open(&dir.join("top.qcow2"), &Default::default()).unwrap();
     let locks = qemu_lock::lock_chain(&o.info.chain).unwrap();
     assert_eq!(locks.len(), 2);
@@ -274,20 +261,7 @@ fn convert_holds_the_source_locked_while_copying() {
     let d = t.path();
     common::qemu_img(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "8M"]);
     common::qemu_io(d, "base.qcow2", &["write -P 0x5 0 1M"]);
-    common::qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    common::qcow2_overlay(d, "base.qcow2", "top.qcow2");
     let child = common::kiln_stopped_at(d, &["convert", "top.qcow2", "out.raw"], "chunk");
     for file in ["top.qcow2", "base.qcow2"] {
         let (ok, text) = qemu_io_write(d, file);

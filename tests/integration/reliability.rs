@@ -645,20 +645,7 @@ fn no_create_path_changes_a_source() {
     sparse_raw(&raw, 24 << 20);
     write_at(&raw, 1 << 20, &noise(7, 3 << 20));
     qemu_img(&src, &["convert", "-O", "qcow2", "disk.raw", "disk.qcow2"]);
-    qemu_img(
-        &src,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "disk.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    qcow2_overlay(&src, "disk.qcow2", "top.qcow2");
     qemu_io(&src, "top.qcow2", &["write -P 0x33 8m 1m"]);
     qemu_img(&src, &["snapshot", "-c", "before", "top.qcow2"]);
     qemu_io(&src, "top.qcow2", &["write -P 0x44 9m 1m"]);

@@ -106,20 +106,7 @@ fn a_backing_chain_resolves_inside_the_bucket_through_the_gate() {
     let d = t.path();
     std::fs::create_dir_all(d.join("chain")).unwrap();
     make_qcow2(d, "chain/base.qcow2");
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "chain/top.qcow2",
-        ],
-    );
+    qcow2_overlay(d, "base.qcow2", "chain/top.qcow2");
     qemu_io(
         d,
         "chain/top.qcow2",
@@ -128,20 +115,7 @@ fn a_backing_chain_resolves_inside_the_bucket_through_the_gate() {
     // The same overlay, its backing file one prefix up (outside the overlay's own prefix).
     std::fs::create_dir_all(d.join("far/img")).unwrap();
     std::fs::copy(d.join("chain/base.qcow2"), d.join("far/base.qcow2")).unwrap();
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "../base.qcow2",
-            "-F",
-            "qcow2",
-            "far/img/top.qcow2",
-        ],
-    );
+    qcow2_overlay(d, "../base.qcow2", "far/img/top.qcow2");
     for (writer, reader) in pairs() {
         let p = format!("chain-{}", writer.name);
         for f in [

@@ -6,7 +6,7 @@ use std::fs;
 use std::io::Read;
 use std::path::Path;
 
-use crate::common::{self, kiln_in, qemu_img, qemu_io, tool_in, MIB};
+use crate::common::{self, kiln_in, qcow2_overlay, qemu_img, qemu_io, tool_in, MIB};
 
 const GIB: u64 = 1 << 30;
 
@@ -25,20 +25,7 @@ fn qcow2_chain(d: &Path) {
         "base.qcow2",
         &["write -P 0x11 0 3M", "write -P 0x12 20M 1M"],
     );
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    qcow2_overlay(d, "base.qcow2", "top.qcow2");
     qemu_io(d, "top.qcow2", &["write -P 0x21 1M 1M"]);
 }
 

@@ -201,39 +201,13 @@ fn a_chain_of_three_with_relative_names() {
         &["create", "-q", "-f", "qcow2", "layers/base.qcow2", "16M"],
     );
     qemu_io(d, "layers/base.qcow2", &["write -P 0x01 0 8M"]);
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "layers/mid.qcow2",
-        ],
-    );
+    qcow2_overlay(d, "base.qcow2", "layers/mid.qcow2");
     qemu_io(
         d,
         "layers/mid.qcow2",
         &["write -P 0x02 2M 2M", "write -z 6M 1M"],
     );
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            "layers/top.qcow2",
-        ],
-    );
+    qcow2_overlay(d, "mid.qcow2", "layers/top.qcow2");
     qemu_io(
         d,
         "layers/top.qcow2",

@@ -8,7 +8,7 @@
 use std::fs;
 use std::path::Path;
 
-use crate::common::{self, kiln_in, qemu_img, qemu_io, qemu_io_f, MIB};
+use crate::common::{self, kiln_in, qcow2_overlay, qemu_img, qemu_io, qemu_io_f, MIB};
 use crate::malformed::{assert_refused, get32 as be32, get64 as be64, put32, put64, FieldCase};
 
 const FOOTER: usize = 512;
@@ -118,20 +118,7 @@ fn output_from_every_kind_of_source_matches_qemu() {
         "base.qcow2",
         &["write -P 0x11 0 8M", "write -P 0x12 30M 1M"],
     );
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    qcow2_overlay(d, "base.qcow2", "top.qcow2");
     qemu_io(d, "top.qcow2", &["write -P 0x21 1M 2M", "write -z 4M 1M"]);
     // sparse: 1 GiB with 2 small pieces.
     common::sparse_raw(&d.join("s.raw"), 1 << 30);

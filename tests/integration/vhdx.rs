@@ -136,20 +136,7 @@ fn output_from_raw_qcow2_chain_and_sparse_sources() {
         "base.qcow2",
         &["write -P 0x11 0 4M", "write -P 0x22 20M 2M"],
     );
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    qcow2_overlay(d, "base.qcow2", "top.qcow2");
     qemu_io(d, "top.qcow2", &["write -P 0x33 1M 1M", "write -z 20M 1M"]);
     kiln_in(d, &["convert", "-O", "vhdx", "top.qcow2", "chain.vhdx"]).ok();
     assert_good_output(d, "top.qcow2", "chain.vhdx", 32 << 20);

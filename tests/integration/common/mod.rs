@@ -68,6 +68,17 @@ pub fn qemu_img(dir: &Path, args: &[&str]) -> String {
     tool_in(dir, "qemu-img", args).ok().stdout
 }
 
+/// `qemu-img create -f qcow2 -b BASE -F qcow2 TOP` in `dir`: a qcow2 overlay `top` over the
+/// qcow2 `base` (named relative to `top`, as qemu-img takes it), which must succeed.
+pub fn qcow2_overlay(dir: &Path, base: &str, top: &str) {
+    qemu_img(
+        dir,
+        &[
+            "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top,
+        ],
+    );
+}
+
 /// `qemu-io -c CMD...` on `file` (qcow2 or raw, probed), which must succeed.
 pub fn qemu_io(dir: &Path, file: &str, cmds: &[&str]) {
     run_qemu_io(dir, &[], file, cmds);
