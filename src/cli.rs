@@ -492,7 +492,7 @@ pub struct OutputArgs {
     /// uses writeback).
     #[arg(short = 't', long = "cache", value_enum, default_value_t = CacheArg::Writeback)]
     pub(crate) cache: CacheArg,
-    /// Copy threads (default: all cores; at least 8 when a source is s3://).
+    /// Copy threads (default: all cores; at least 16 when a source is s3://).
     #[arg(short = 'j', long = "threads")]
     pub(crate) threads: Option<usize>,
     /// Progress display.
@@ -665,7 +665,7 @@ fn source_format(flag: &str, value: Option<&str>) -> Result<Option<Format>> {
 }
 
 /// Copy threads by default when a source is an object (`s3://`): each holds one ranged GET.
-const REMOTE_THREADS: usize = 8;
+const REMOTE_THREADS: usize = 16;
 
 /// Whether any source (a disk's snapshot, or `--snapshot`) is an object in a bucket.
 fn remote_sources(disks: &[DiskSpec], snapshot: Option<&Path>) -> bool {

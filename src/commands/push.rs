@@ -321,10 +321,8 @@ fn pull_into(
     let mut files = Vec::new();
     for (i, name) in disks.iter().enumerate() {
         let path = dir.join(name);
-        let len = download::download_file(&prefix.child(name), &path, &|n| reporter.advance(i, n))?;
-        let f = crate::util::safe_fs::open_regular(&path)
-            .map_err(|e| Error::io(&path, "opening", e))?;
-        let got = crate::copy::hash::hash_file(&f, &path, true)?;
+        let (len, got) =
+            download::download_file(&prefix.child(name), &path, &|n| reporter.advance(i, n))?;
         if listing.expected.get(name.as_str()) != Some(&got) {
             return Err(Error::new(
                 Code::ChecksumMismatch,
@@ -338,7 +336,7 @@ fn pull_into(
         files.push(upload::Uploaded {
             file: name.to_string(),
             bytes: len,
-            parts: len.div_ceil(16 << 20),
+            parts: len.div_ceil(download::CHUNK),
             parts_reused: 0,
             bytes_sent: len,
         });

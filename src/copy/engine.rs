@@ -801,7 +801,7 @@ fn seal_disk(sh: &Shared<'_>, d: usize, finished: crate::format::Finished) -> Re
 /// instead of leaving the whole output dirty in the page cache for one long fsync at the end (which
 /// is where a copy of several GiB used to wait). A hint only: errors are ignored here and the
 /// final fsync reports any.
-fn start_writeback(file: &File, offset: u64, len: u64) {
+pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd;
     let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
         return;

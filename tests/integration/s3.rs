@@ -356,6 +356,59 @@ fn push_then_pull_round_trips_and_verify_streams_the_bucket() {
     }
 }
 
+/// A pull writes whole chunks with O_DIRECT and the last, shorter one through the page cache,
+/// and leaves a hole for a chunk of zeros: an Azure (fixed VHD) disk of 24 MiB of data, zeros and
+/// data, plus its 512-byte footer, comes back equal, with the zeros unallocated.
+#[test]
+fn a_pull_keeps_holes_and_an_unaligned_tail() {
+    let t = tmp();
+    let d = t.path();
+    let raw = d.join("disk.raw");
+    sparse_raw(&raw, 24 << 20);
+    write_at(&raw, 0, &noise(3, 8 << 20));
+    write_at(&raw, 16 << 20, &noise(4, 8 << 20));
+    kiln_in(
+        d,
+        &[
+            "create",
+            "--name",
+            "vhd",
+            "--target",
+            "azure",
+            "--disk",
+            "snapshot=disk.raw,type=system",
+            "--output-dir",
+            "vhd",
+        ],
+    )
+    .ok();
+    let disk: Vec<_> = std::fs::read_dir(d.join("vhd"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "vhd"))
+        .collect();
+    assert_eq!(disk.len(), 1, "{disk:?}");
+    let name = disk[0].file_name().unwrap().to_str().unwrap().to_string();
+    let size = std::fs::metadata(&disk[0]).unwrap().len();
+    assert_eq!(size, (24 << 20) + 512);
+    for (writer, reader) in pairs() {
+        let dest = url(&format!("tail/{}/", writer.name));
+        transfer_json(&writer.kiln(d, &["--json", "push", "vhd", &dest]));
+        let pulled = format!("pulled-{}", writer.name);
+        transfer_json(&reader.kiln(d, &["--json", "pull", &dest, &pulled]));
+        assert_sums(&d.join(&pulled));
+        let got = d.join(&pulled).join(&name);
+        assert_eq!(std::fs::metadata(&got).unwrap().len(), size);
+        assert!(std::fs::read(&got).unwrap() == std::fs::read(&disk[0]).unwrap());
+        use std::os::unix::fs::MetadataExt;
+        let allocated = std::fs::metadata(&got).unwrap().blocks() * 512;
+        assert!(
+            allocated <= (16 << 20) + (1 << 20),
+            "{allocated} bytes allocated: the 8 MiB of zeros were written"
+        );
+    }
+}
+
 #[test]
 fn a_prefix_without_its_checksum_list_is_not_an_image() {
     let t = tmp();

@@ -3,22 +3,27 @@
 //! SHA-256 without a local copy. Every ranged read is `If-Match` the ETag seen first
 //! ([`Object`]), so an object replaced half-way fails instead of mixing two versions.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 
 use sha2::{Digest, Sha256};
 
 use super::{block_on, client, error, Object, S3Url};
+use crate::copy::aligned::{AlignedBuf, ALIGN};
 use crate::error::{Code, Error, Result};
 use crate::format::input::RandomRead;
 
 /// Bytes per ranged GET.
-const CHUNK: u64 = 16 << 20;
-/// GETs in flight at once.
-const WORKERS: u64 = 8;
+pub(crate) const CHUNK: u64 = 8 << 20;
+/// GETs in flight at once: a loopback server answers each in tens of milliseconds, so more
+/// requests than cores keep both sides busy (measured in BENCHMARKS.md, "Pull").
+const WORKERS: u64 = 16;
+/// Chunks fetched but not yet hashed, at most (with [`CHUNK`], 192 MiB of buffers).
+const AHEAD: u64 = 24;
 
 /// The whole object `url` if it exists and is at most `limit` bytes; None when it does not exist.
 pub(crate) fn get_small(url: &S3Url, limit: u64) -> Result<Option<Vec<u8>>> {
@@ -49,58 +54,153 @@ pub(crate) fn get_small(url: &S3Url, limit: u64) -> Result<Option<Vec<u8>>> {
     Ok(Some(bytes.to_vec()))
 }
 
-/// Runs `each(chunk index, bytes)` over every [`CHUNK`] of `obj` on [`WORKERS`] threads;
-/// `failed` is set as soon as one fails (the others stop taking chunks).
-fn chunks(
+/// The chunks fetched and not yet hashed, and the hash's progress: what the fetching threads and
+/// the hashing thread share.
+struct Pipeline {
+    /// The next chunk to hash.
+    hashed: u64,
+    /// Chunks fetched out of order (buffer, length), waiting for their turn.
+    ready: BTreeMap<u64, (AlignedBuf, usize)>,
+    /// Buffers the hash is done with, for the next fetches.
+    free: Vec<AlignedBuf>,
+    /// The first failure; every thread stops taking chunks once it is set.
+    failure: Option<Error>,
+}
+
+/// Fetches every [`CHUNK`] of `obj` with [`WORKERS`] ranged GETs in flight and hashes the object
+/// (SHA-256, hex) in order on the calling thread as the chunks arrive. `each(index, bytes)` runs
+/// on the fetching thread before the chunk is queued for the hash (the download writes it there;
+/// `bytes` starts on an [`ALIGN`](crate::copy::aligned::ALIGN) boundary, for `O_DIRECT`);
+/// `hashed(index, len)` runs on the hashing thread after the chunk is hashed. At most [`AHEAD`]
+/// chunks are held, so a slow hash slows the fetches instead of filling memory.
+fn fetch_hashed(
     obj: &Object,
-    failed: &AtomicBool,
     each: &(dyn Fn(u64, &[u8]) -> Result<()> + Sync),
-) -> Result<()> {
+    hashed: &mut dyn FnMut(u64, u64),
+) -> Result<String> {
     let len = obj
         .len()
         .map_err(|e| Error::new(Code::IoError, e.to_string()))?;
     let count = len.div_ceil(CHUNK);
     let next = AtomicU64::new(0);
-    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    let state = Mutex::new(Pipeline {
+        hashed: 0,
+        ready: BTreeMap::new(),
+        free: Vec::new(),
+        failure: None,
+    });
+    let turn = Condvar::new();
+    let lock = || {
+        state
+            .lock()
+            .map_err(|_| Error::new(Code::Internal, "download lock poisoned"))
+    };
+    let fail = |e: Error| {
+        if let Ok(mut g) = state.lock() {
+            g.failure.get_or_insert(e);
+        }
+        turn.notify_all();
+    };
+    let fetch = || -> Result<()> {
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= count {
+                return Ok(());
+            }
+            let mut buf = {
+                let mut g = lock()?;
+                while i >= g.hashed + AHEAD && g.failure.is_none() {
+                    g = turn
+                        .wait(g)
+                        .map_err(|_| Error::new(Code::Internal, "download lock poisoned"))?;
+                }
+                if g.failure.is_some() {
+                    return Ok(());
+                }
+                g.free.pop()
+            }
+            .unwrap_or_else(|| AlignedBuf::zeroed(CHUNK as usize));
+            let at = i * CHUNK;
+            let n = CHUNK.min(len - at) as usize;
+            obj.read_at(&mut buf[..n], at)
+                .map_err(|e| Error::io(Path::new(&obj.name()), "reading", e))?;
+            each(i, &buf[..n])?;
+            lock()?.ready.insert(i, (buf, n));
+            turn.notify_all();
+        }
+    };
+    let mut sha = Sha256::new();
+    let mut hash = || -> Result<()> {
+        for i in 0..count {
+            let (buf, n) = {
+                let mut g = lock()?;
+                loop {
+                    if g.failure.is_some() {
+                        return Ok(());
+                    }
+                    if let Some(b) = g.ready.remove(&i) {
+                        break b;
+                    }
+                    g = turn
+                        .wait(g)
+                        .map_err(|_| Error::new(Code::Internal, "download lock poisoned"))?;
+                }
+            };
+            sha.update(&buf[..n]);
+            hashed(i, n as u64);
+            let mut g = lock()?;
+            g.free.push(buf);
+            g.hashed = i + 1;
+            drop(g);
+            turn.notify_all();
+        }
+        Ok(())
+    };
     std::thread::scope(|s| {
         for _ in 0..WORKERS.min(count.max(1)) {
             s.spawn(|| {
-                let mut buf = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= count || failure.lock().map(|f| f.is_some()).unwrap_or(true) {
-                        return;
-                    }
-                    let at = i * CHUNK;
-                    buf.resize(CHUNK.min(len - at) as usize, 0);
-                    let r = obj
-                        .read_at(&mut buf, at)
-                        .map_err(|e| Error::io(Path::new(&obj.name()), "reading", e))
-                        .and_then(|_| each(i, &buf));
-                    if let Err(e) = r {
-                        failed.store(true, Ordering::Relaxed);
-                        if let Ok(mut f) = failure.lock() {
-                            f.get_or_insert(e);
-                        }
-                        return;
-                    }
+                // A fetching thread that panicked would leave the hash waiting for its chunk.
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(fetch)) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => fail(e),
+                    Err(_) => fail(Error::new(Code::Internal, "a download thread panicked")),
                 }
             });
         }
+        if let Err(e) = hash() {
+            fail(e);
+        }
     });
-    match failure.into_inner().ok().flatten() {
-        Some(e) => Err(e),
-        None => Ok(()),
+    let g = state
+        .into_inner()
+        .map_err(|_| Error::new(Code::Internal, "download lock poisoned"))?;
+    if let Some(e) = g.failure {
+        return Err(e);
     }
+    if g.hashed != count {
+        return Err(Error::new(
+            Code::Internal,
+            format!("{}: chunks left unhashed", obj.name()),
+        ));
+    }
+    Ok(crate::copy::hash::hex(&sha.finalize()))
 }
 
-/// Downloads `url` into the new file `dest` (holes where the object holds zeros); `advance` is
-/// told of each chunk. Returns the length.
+/// Downloads `url` into the new file `dest` (holes where the object holds zeros), hashing it on
+/// the way; `advance` is told of each chunk. Returns the length and the SHA-256 (hex) of what was
+/// written.
+///
+/// Whole chunks are written with `O_DIRECT` where the filesystem allows it (the last, shorter one
+/// through the page cache), as `qemu-img convert -t none` does: a buffered write costs far more
+/// CPU than the copy itself on a host whose page cache is full (it must reclaim a page for every
+/// page written; BENCHMARKS.md, "Pull"), and the closing fsync then has only the tail and the
+/// metadata to wait for. Without `O_DIRECT`, writeback of each chunk starts once it is hashed.
 pub(crate) fn download_file(
     url: &S3Url,
     dest: &Path,
     advance: &(dyn Fn(u64) + Sync),
-) -> Result<u64> {
+) -> Result<(u64, String)> {
+    use std::os::unix::fs::OpenOptionsExt;
     let obj = Object::open(url)?;
     let len = obj
         .len()
@@ -112,61 +212,50 @@ pub(crate) fn download_file(
         .map_err(|e| Error::io(dest, "creating", e))?;
     file.set_len(len)
         .map_err(|e| Error::io(dest, "sizing", e))?;
-    chunks(&obj, &AtomicBool::new(false), &|i, buf| {
-        if buf.iter().any(|&b| b != 0) {
-            file.write_all_at(buf, i * CHUNK)
+    // A second descriptor on the same file; None where the filesystem refuses O_DIRECT.
+    let direct = File::options()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dest)
+        .ok();
+    let sha = fetch_hashed(
+        &obj,
+        &|i, buf| {
+            if !crate::copy::engine::is_zero(buf) {
+                let aligned = buf.len().is_multiple_of(ALIGN)
+                    && (buf.as_ptr() as usize).is_multiple_of(ALIGN);
+                let r = match &direct {
+                    Some(d) if aligned => d.write_all_at(buf, i * CHUNK),
+                    _ => file.write_all_at(buf, i * CHUNK),
+                };
+                // A filesystem may take O_DIRECT at open and refuse the write (EINVAL): write
+                // through the page cache then.
+                match r {
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) && direct.is_some() => {
+                        file.write_all_at(buf, i * CHUNK)
+                    }
+                    r => r,
+                }
                 .map_err(|e| Error::io(dest, "writing", e))?;
-        }
-        advance(buf.len() as u64);
-        Ok(())
-    })?;
+            }
+            advance(buf.len() as u64);
+            Ok(())
+        },
+        // On the hashing thread, so that a full device queue stalls the hash, not the GETs.
+        &mut |i, n| {
+            if direct.is_none() {
+                crate::copy::engine::start_writeback(&file, i * CHUNK, n);
+            }
+        },
+    )?;
     file.sync_all()
         .map_err(|e| Error::io(dest, "flushing", e))?;
-    Ok(len)
+    Ok((len, sha))
 }
 
 /// The SHA-256 (hex) of object `url`, streamed: chunks are fetched in parallel and hashed in
 /// order, never written anywhere.
 pub(crate) fn hash_object(url: &S3Url, advance: &(dyn Fn(u64) + Sync)) -> Result<String> {
     let obj = Object::open(url)?;
-    let state = Mutex::new((Sha256::new(), 0u64, std::collections::BTreeMap::new()));
-    let ready = std::sync::Condvar::new();
-    let failed = AtomicBool::new(false);
-    chunks(&obj, &failed, &|i, buf| {
-        let mut g = state
-            .lock()
-            .map_err(|_| Error::new(Code::Internal, "hash lock poisoned"))?;
-        // Hold at most WORKERS chunks out of order: wait for this one's turn otherwise.
-        while i >= g.1 + WORKERS {
-            if failed.load(Ordering::Relaxed) {
-                return Err(Error::new(Code::IoError, "another read failed"));
-            }
-            g = ready
-                .wait_timeout(g, std::time::Duration::from_millis(100))
-                .map_err(|_| Error::new(Code::Internal, "hash lock poisoned"))?
-                .0;
-        }
-        g.2.insert(i, buf.to_vec());
-        loop {
-            let turn = g.1;
-            let Some(b) = g.2.remove(&turn) else {
-                break;
-            };
-            g.0.update(&b);
-            g.1 += 1;
-        }
-        ready.notify_all();
-        advance(buf.len() as u64);
-        Ok(())
-    })?;
-    let (h, _, rest) = state
-        .into_inner()
-        .map_err(|_| Error::new(Code::Internal, "hash lock poisoned"))?;
-    if !rest.is_empty() {
-        return Err(Error::new(
-            Code::Internal,
-            format!("{url}: chunks left unhashed"),
-        ));
-    }
-    Ok(crate::copy::hash::hex(&h.finalize()))
+    fetch_hashed(&obj, &|_, _| Ok(()), &mut |_, n| advance(n))
 }
