@@ -542,7 +542,7 @@ pub struct ConvertArgs {
     #[command(flatten)]
     pub(crate) encrypt: EncryptArgs,
     /// [zlib|zstd] SRC[@SNAP] DST
-    #[arg(num_args = 2..=3, value_name = "ARGS", required = true)]
+    #[arg(num_args = 1.., action = clap::ArgAction::Append, value_name = "ARGS", required = true)]
     pub(crate) args: Vec<String>,
 }
 

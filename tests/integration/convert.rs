@@ -56,8 +56,13 @@ fn compressed_output_zlib_and_zstd() {
     let t = tmp();
     let d = t.path();
     source(d);
-    for (args, ct) in [(vec!["-c"], "zlib"), (vec!["-c", "zstd"], "zstd")] {
-        let out = format!("{ct}.qcow2");
+    // Options may come between `-c zstd` and the files, as with any other option.
+    for (args, ct) in [
+        (vec!["-c"], "zlib"),
+        (vec!["-c", "zstd"], "zstd"),
+        (vec!["-c", "zstd", "-j", "3"], "zstd"),
+    ] {
+        let out = format!("{ct}-{}.qcow2", args.len());
         let mut a = vec!["convert", "-O", "qcow2"];
         a.extend(args);
         a.extend(["src.raw", out.as_str()]);
