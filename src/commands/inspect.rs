@@ -7,7 +7,7 @@
 //! publish (the cluster size) is read here; the snapshot table comes from the qcow2 format's snapshot
 //! module.
 
-use std::fs::File;
+use crate::format::input::RandomRead;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -206,12 +206,9 @@ fn encryption(path: &Path, format: Format, unlocked: bool) -> Result<Option<Encr
     let info = match format {
         Format::Qcow2 => qcow2::reader::encryption(path)?,
         Format::Luks => {
-            let file = format::open_read_only(path)?;
-            let size = file
-                .metadata()
-                .map_err(|e| Error::io(path, "reading metadata of", e))?
-                .len();
-            let read = format::luks::area_reader(&file, 0, size, path);
+            let file = format::input::open(path)?;
+            let size = file.len().map_err(|e| Error::io(path, "sizing", e))?;
+            let read = format::luks::area_reader(&*file, 0, size, path);
             Some(format::luks::describe(&read, size, path)?.0)
         }
         Format::Raw | Format::Vhdx | Format::Vmdk | Format::Vhd | Format::Vdi => None,
@@ -231,14 +228,13 @@ struct FileFacts {
     writer: Option<Holder>,
 }
 
+/// What `qemu-img info` says of one file of the chain. An object in a bucket (`s3://`) takes no
+/// lock and has no holes: its actual size is its length, and no writer is named.
 fn file_facts(path: &Path, format: Format) -> Result<FileFacts> {
-    let file = format::open_read_only(path)?;
-    let meta = file
-        .metadata()
-        .map_err(|e| Error::io(path, "reading metadata of", e))?;
+    let file = format::input::open(path)?;
     let cluster_size = match format {
         Format::Qcow2 => {
-            let h = read_exact(&file, path, 20, 4, "the qcow2 header")?;
+            let h = read_exact(&*file, path, 20, 4, "the qcow2 header")?;
             let bits = be32(&h);
             if !(9..=21).contains(&bits) {
                 return Err(Error::corrupt(
@@ -248,20 +244,38 @@ fn file_facts(path: &Path, format: Format) -> Result<FileFacts> {
             }
             Some(1u64 << bits)
         }
-        Format::Vhd => format::vhd::reader::block_size(&file, path)?,
-        Format::Vdi => Some(format::vdi::block_size(&file, path)?),
+        Format::Vhd => format::vhd::reader::block_size(&*file, path)?,
+        Format::Vdi => Some(format::vdi::block_size(file.clone(), path)?),
         Format::Vhdx => Some(format::vhdx::reader::block_size(path)?),
         Format::Vmdk => format::vmdk::grain_size(path)?,
         Format::Raw | Format::Luks => None,
     };
+    let (actual_size, writer) = match file.as_file() {
+        Some(f) => {
+            let meta = f
+                .metadata()
+                .map_err(|e| Error::io(path, "reading metadata of", e))?;
+            (
+                meta.blocks().saturating_mul(512),
+                qemu_lock::writer_holding(f, path)?,
+            )
+        }
+        None => (file.len().map_err(|e| Error::io(path, "sizing", e))?, None),
+    };
     Ok(FileFacts {
-        actual_size: meta.blocks().saturating_mul(512),
+        actual_size,
         cluster_size,
-        writer: qemu_lock::writer_holding(&file, path)?,
+        writer,
     })
 }
 
-fn read_exact(file: &File, path: &Path, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
+fn read_exact(
+    file: &dyn RandomRead,
+    path: &Path,
+    offset: u64,
+    len: usize,
+    what: &str,
+) -> Result<Vec<u8>> {
     qcow2::snapshot::read_listing(file, path, offset, len, what)
 }
 
@@ -293,9 +307,8 @@ pub(crate) fn map_opened(opened: &Opened) -> Result<Vec<MapEntry>> {
     // QEMU counts every byte of a raw file as present: that of the bottom of the chain, up to its size.
     let present_below = match info.chain.last() {
         Some(c) if c.format == Format::Raw && info.chain.len() == 1 => info.virtual_size,
-        Some(c) if c.format == Format::Raw => {
-            std::fs::metadata(&c.path).map(|m| m.len()).unwrap_or(0)
-        }
+        Some(c) if c.format == Format::Raw => format::input::open(&c.path)
+            .and_then(|f| f.len().map_err(|e| Error::io(&c.path, "sizing", e)))?,
         _ => 0,
     };
     map_inner(opened.source.as_ref(), depth, present_below)
@@ -502,7 +515,7 @@ mod tests {
     fn a_sparse_raw_file_inspects() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d.raw");
-        let f = File::create(&p).unwrap();
+        let f = std::fs::File::create(&p).unwrap();
         f.set_len(1 << 20).unwrap();
         std::os::unix::fs::FileExt::write_all_at(&f, &[1u8; 4096], 65536).unwrap();
         let r = inspect_with(

@@ -683,3 +683,99 @@ fn create_to_a_bucket_uploads_each_disk_while_the_build_goes_on() {
         );
     }
 }
+
+/// `kiln inspect` of an object says what it says of the same file on disk: format, sizes, cluster
+/// size, backing chain (resolved in the bucket), internal snapshots, encryption and map. Only the
+/// names differ, and the actual size, which for an object is its length.
+#[test]
+fn inspect_reads_objects_like_files() {
+    let t = tmp();
+    let d = t.path();
+    make_qcow2(d, "base.qcow2");
+    qemu_img(d, &["snapshot", "-c", "first", "base.qcow2"]);
+    qcow2_overlay(d, "base.qcow2", "top.qcow2");
+    qemu_io(d, "top.qcow2", &["write -P 0x22 2M 1M"]);
+    qemu_img(d, &["convert", "-O", "vmdk", "base.qcow2", "disk.vmdk"]);
+    qemu_img(d, &["convert", "-O", "vpc", "base.qcow2", "disk.vhd"]);
+    qemu_img(d, &["convert", "-O", "vdi", "base.qcow2", "disk.vdi"]);
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "--object",
+            "secret,id=s0,data=inspect-pass",
+            "-f",
+            "luks",
+            "-o",
+            "key-secret=s0,iter-time=10",
+            "disk.luks",
+            "8M",
+        ],
+    );
+    let files = [
+        "top.qcow2",
+        "base.qcow2",
+        "disk.vmdk",
+        "disk.vhd",
+        "disk.vdi",
+        "disk.luks",
+    ];
+    let inspect = |r: Run| -> serde_json::Value {
+        assert_eq!(r.status, 0, "{}{}", r.stdout, r.stderr);
+        let mut v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        // What differs between a file and an object: names and allocated bytes.
+        fn strip(v: &mut serde_json::Value) {
+            if let Some(o) = v.as_object_mut() {
+                for k in [
+                    "filename",
+                    "full-backing-filename",
+                    "backing-filename",
+                    "actual-size",
+                ] {
+                    o.remove(k);
+                }
+                for (_, x) in o.iter_mut() {
+                    strip(x);
+                }
+            } else if let Some(a) = v.as_array_mut() {
+                a.iter_mut().for_each(strip);
+            }
+        }
+        strip(&mut v);
+        v
+    };
+    for (writer, reader) in pairs() {
+        for f in files {
+            writer.put_file(&format!("inspect/{}/{f}", writer.name), &d.join(f));
+        }
+        for f in files {
+            let local = inspect(kiln_in(d, &["--json", "inspect", "--map", f]));
+            let object = url(&format!("inspect/{}/{f}", writer.name));
+            let r = reader.kiln(d, &["--json", "inspect", "--map", &object]);
+            assert_eq!(inspect(r), local, "{f} on {}", writer.name);
+        }
+        // The names and the sizes an object has.
+        let top = url(&format!("inspect/{}/top.qcow2", writer.name));
+        let r = reader.kiln(d, &["--json", "inspect", &top]);
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        assert_eq!(v["filename"], top.as_str(), "{v}");
+        let base = url(&format!("inspect/{}/base.qcow2", writer.name));
+        assert_eq!(v["full-backing-filename"], base.as_str(), "{v}");
+        let len = std::fs::metadata(d.join("top.qcow2")).unwrap().len();
+        assert_eq!(v["actual-size"], len, "{v}");
+        assert_eq!(v["snapshots"], serde_json::Value::Null, "{v}");
+        let v = inspect(reader.kiln(d, &["--json", "inspect", &base]));
+        assert_eq!(v["snapshots"][0]["name"], "first", "{v}");
+        let v = inspect(reader.kiln(
+            d,
+            &[
+                "--json",
+                "inspect",
+                &url(&format!("inspect/{}/disk.luks", writer.name)),
+            ],
+        ));
+        assert_eq!(v["format"], "luks", "{v}");
+        assert!(v["encrypted"].as_bool().unwrap(), "{v}");
+    }
+}

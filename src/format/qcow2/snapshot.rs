@@ -173,10 +173,11 @@ pub(super) fn read_snapshots(
     Ok(out)
 }
 
-/// The listing `kiln inspect` prints: the whole table of the qcow2 file at `path`.
+/// The listing `kiln inspect` prints: the whole table of the qcow2 file (or object) at `path`.
 pub fn read_snapshot_table(path: &Path) -> Result<Vec<Snapshot>> {
-    let file = format::open_read_only(path)?;
-    let h = read_listing(&file, path, 0, 72, "the qcow2 header")?;
+    let input = format::input::open(path)?;
+    let file = &*input;
+    let h = read_listing(file, path, 0, 72, "the qcow2 header")?;
     let count = u32::from_be_bytes([h[60], h[61], h[62], h[63]]);
     let mut offset = u64::from_be_bytes([h[64], h[65], h[66], h[67], h[68], h[69], h[70], h[71]]);
     if count == 0 {
@@ -197,13 +198,7 @@ pub fn read_snapshot_table(path: &Path) -> Result<Vec<Snapshot>> {
     let start = offset;
     let mut out = Vec::with_capacity(count as usize);
     for i in 0..count {
-        let fixed = read_listing(
-            &file,
-            path,
-            offset,
-            SNAPSHOT_FIXED,
-            "a snapshot table entry",
-        )?;
+        let fixed = read_listing(file, path, offset, SNAPSHOT_FIXED, "a snapshot table entry")?;
         let head = head_at(&fixed);
         let extra_len = head.extra_size;
         if extra_len > MAX_SNAPSHOT_EXTRA {
@@ -226,7 +221,7 @@ pub fn read_snapshot_table(path: &Path) -> Result<Vec<Snapshot>> {
             })?;
         // var_len is at most 1024 + 2 * 65535, so the cast is exact.
         let var = read_listing(
-            &file,
+            file,
             path,
             offset + SNAPSHOT_FIXED as u64,
             head.var_len() as usize,

@@ -72,11 +72,8 @@ pub(crate) fn open(
 }
 
 /// A VDI's block size (what `qemu-img info` calls its cluster size).
-pub(crate) fn block_size(file: &std::fs::File, path: &Path) -> Result<u64> {
-    let f = file
-        .try_clone()
-        .map_err(|e| Error::io(path, "opening", e))?;
-    Ok(VdiSource::new(std::sync::Arc::new(f), path)?.block_size)
+pub(crate) fn block_size(file: Input, path: &Path) -> Result<u64> {
+    Ok(VdiSource::new(file, path)?.block_size)
 }
 
 /// An opened VDI.
