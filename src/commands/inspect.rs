@@ -7,7 +7,6 @@
 //! publish (the cluster size) is read here; the snapshot table comes from the qcow2 format's snapshot
 //! module.
 
-use crate::format::input::RandomRead;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -234,7 +233,7 @@ fn file_facts(path: &Path, format: Format) -> Result<FileFacts> {
     let file = format::input::open(path)?;
     let cluster_size = match format {
         Format::Qcow2 => {
-            let h = read_exact(&*file, path, 20, 4, "the qcow2 header")?;
+            let h = qcow2::snapshot::read_listing(&*file, path, 20, 4, "the qcow2 header")?;
             let bits = be32(&h);
             if !(9..=21).contains(&bits) {
                 return Err(Error::corrupt(
@@ -267,16 +266,6 @@ fn file_facts(path: &Path, format: Format) -> Result<FileFacts> {
         cluster_size,
         writer,
     })
-}
-
-fn read_exact(
-    file: &dyn RandomRead,
-    path: &Path,
-    offset: u64,
-    len: usize,
-    what: &str,
-) -> Result<Vec<u8>> {
-    qcow2::snapshot::read_listing(file, path, offset, len, what)
 }
 
 fn be32(b: &[u8]) -> u32 {
