@@ -212,9 +212,7 @@ fn to_dir_sealing(
         let report = dry_run::dry_run(req, layout, dir, None, warn)?;
         return Ok(CreateResult::DryRun(Box::new(report)));
     }
-    let prepared = disks::prepare(req, layout, warn)?;
-    testhook::checkpoint("prepared");
-    space::check(&space::existing_ancestor(dir), estimate(&prepared))?;
+    let prepared = prepare_with_room(req, layout, warn, &space::existing_ancestor(dir))?;
     let staging = Staging::new(dir)?;
     let staging = if req.output.cache.flushes() {
         staging
@@ -258,9 +256,7 @@ fn to_store(
     if let Admission::Existing(r) = store.admit(&req.name, token, &digest)? {
         return Ok(CreateResult::Existing(r));
     }
-    let prepared = disks::prepare(req, layout, warn)?;
-    testhook::checkpoint("prepared");
-    space::check(&store.images_dir(), estimate(&prepared))?;
+    let prepared = prepare_with_room(req, layout, warn, &store.images_dir())?;
     let image_id = manifest::new_image_id();
     let creating = store.begin(publish::new_record(req, &image_id, &digest))?;
     drop(guard);
@@ -331,9 +327,7 @@ fn to_bucket_store(
         report.target = store.images_url().to_path();
         return Ok(CreateResult::DryRun(Box::new(report)));
     }
-    let prepared = disks::prepare(req, layout, warn)?;
-    testhook::checkpoint("prepared");
-    space::check(&local_root, estimate(&prepared))?;
+    let prepared = prepare_with_room(req, layout, warn, &local_root)?;
     let image_id = manifest::new_image_id();
     let creating = match store.begin(publish::new_record(req, &image_id, &digest))? {
         Begun::Existing(r) => return Ok(CreateResult::Existing(r)),
@@ -408,6 +402,20 @@ fn build(
 }
 
 /// What the prepared disks need on disk.
+/// The disks prepared (sources opened and checked), then room for their outputs checked on the
+/// filesystem of `root`: the start of every create that builds.
+fn prepare_with_room(
+    req: &CreateRequest,
+    layout: &DiskLayout,
+    warn: &mut dyn FnMut(&str),
+    root: &Path,
+) -> Result<Vec<disks::PreparedDisk>> {
+    let prepared = disks::prepare(req, layout, warn)?;
+    testhook::checkpoint("prepared");
+    space::check(root, estimate(&prepared))?;
+    Ok(prepared)
+}
+
 fn estimate(prepared: &[disks::PreparedDisk]) -> u64 {
     space::estimate(prepared.iter().map(|p| p.data_bytes).sum(), prepared.len())
 }
