@@ -20,7 +20,8 @@ use crate::format::input::RandomRead;
 /// Bytes per ranged GET.
 pub(crate) const CHUNK: u64 = 8 << 20;
 /// GETs in flight at once: a loopback server answers each in tens of milliseconds, so more
-/// requests than cores keep both sides busy (measured in BENCHMARKS.md, "Pull").
+/// requests than cores keep both sides busy (measured in BENCHMARKS.md, "Session 6: the pull
+/// rewritten").
 const WORKERS: u64 = 16;
 /// Chunks fetched but not yet hashed, at most (with [`CHUNK`], 192 MiB of buffers).
 const AHEAD: u64 = 24;
@@ -67,6 +68,11 @@ struct Pipeline {
     failure: Option<Error>,
 }
 
+/// The error of a download whose shared state a panicking thread left behind.
+fn poisoned<T>(_: T) -> Error {
+    Error::new(Code::Internal, "download lock poisoned")
+}
+
 /// Fetches every [`CHUNK`] of `obj` with [`WORKERS`] ranged GETs in flight and hashes the object
 /// (SHA-256, hex) in order on the calling thread as the chunks arrive. `each(index, bytes)` runs
 /// on the fetching thread before the chunk is queued for the hash (the download writes it there;
@@ -90,11 +96,7 @@ fn fetch_hashed(
         failure: None,
     });
     let turn = Condvar::new();
-    let lock = || {
-        state
-            .lock()
-            .map_err(|_| Error::new(Code::Internal, "download lock poisoned"))
-    };
+    let lock = || state.lock().map_err(poisoned);
     let fail = |e: Error| {
         if let Ok(mut g) = state.lock() {
             g.failure.get_or_insert(e);
@@ -110,9 +112,7 @@ fn fetch_hashed(
             let mut buf = {
                 let mut g = lock()?;
                 while i >= g.hashed + AHEAD && g.failure.is_none() {
-                    g = turn
-                        .wait(g)
-                        .map_err(|_| Error::new(Code::Internal, "download lock poisoned"))?;
+                    g = turn.wait(g).map_err(poisoned)?;
                 }
                 if g.failure.is_some() {
                     return Ok(());
@@ -141,9 +141,7 @@ fn fetch_hashed(
                     if let Some(b) = g.ready.remove(&i) {
                         break b;
                     }
-                    g = turn
-                        .wait(g)
-                        .map_err(|_| Error::new(Code::Internal, "download lock poisoned"))?;
+                    g = turn.wait(g).map_err(poisoned)?;
                 }
             };
             sha.update(&buf[..n]);
@@ -171,9 +169,7 @@ fn fetch_hashed(
             fail(e);
         }
     });
-    let g = state
-        .into_inner()
-        .map_err(|_| Error::new(Code::Internal, "download lock poisoned"))?;
+    let g = state.into_inner().map_err(poisoned)?;
     if let Some(e) = g.failure {
         return Err(e);
     }
@@ -193,8 +189,9 @@ fn fetch_hashed(
 /// Whole chunks are written with `O_DIRECT` where the filesystem allows it (the last, shorter one
 /// through the page cache), as `qemu-img convert -t none` does: a buffered write costs far more
 /// CPU than the copy itself on a host whose page cache is full (it must reclaim a page for every
-/// page written; BENCHMARKS.md, "Pull"), and the closing fsync then has only the tail and the
-/// metadata to wait for. Without `O_DIRECT`, writeback of each chunk starts once it is hashed.
+/// page written; BENCHMARKS.md, "Session 6: the pull rewritten"), and the closing fsync then has
+/// only the tail and the metadata to wait for. Without `O_DIRECT`, writeback of each chunk starts
+/// once it is hashed.
 pub(crate) fn download_file(
     url: &S3Url,
     dest: &Path,
