@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::format::input::{Input, RandomRead};
 use crate::format::{self, qcow2, BlockSource, ExtentKind, Format, Opened};
 use crate::prepare::qemu_lock::{self, Holder};
 
@@ -152,10 +153,12 @@ pub fn inspect_with(path: &Path, opts: &InspectOptions) -> Result<InspectReport>
     };
     let opened = crate::prepare::open(path, opts.format, &gate)?;
     let info = &opened.info;
-    let top = file_facts(&info.path, info.format)?;
-    let encryption = encryption(&info.path, info.format, gate.key.is_some())?;
+    // Opened once for what the reader does not publish (one HEAD for an object).
+    let input = format::input::open(&info.path)?;
+    let top = file_facts(&input, &info.path, info.format)?;
+    let encryption = encryption(&input, &info.path, info.format, gate.key.is_some())?;
     let snapshots = match info.format {
-        Format::Qcow2 => read_snapshot_table(&info.path)?,
+        Format::Qcow2 => read_snapshot_table(&*input, &info.path)?,
         Format::Raw | Format::Vhdx | Format::Luks | Format::Vmdk | Format::Vhd | Format::Vdi => {
             Vec::new()
         }
@@ -167,7 +170,7 @@ pub fn inspect_with(path: &Path, opts: &InspectOptions) -> Result<InspectReport>
     };
     let mut backing_chain = Vec::new();
     for c in layers.iter().skip(1) {
-        let f = file_facts(&c.path, c.format)?;
+        let f = file_facts(&format::input::open(&c.path)?, &c.path, c.format)?;
         backing_chain.push(ChainFile {
             filename: c.path.clone(),
             format: c.format,
@@ -201,13 +204,17 @@ pub fn inspect_with(path: &Path, opts: &InspectOptions) -> Result<InspectReport>
 
 /// The encryption of the file itself (a raw LUKS volume, or a qcow2 with `crypt_method` 2), read
 /// from its headers without a key; `unlocked` when the open used a key (which then opened it).
-fn encryption(path: &Path, format: Format, unlocked: bool) -> Result<Option<EncryptionReport>> {
+fn encryption(
+    file: &Input,
+    path: &Path,
+    format: Format,
+    unlocked: bool,
+) -> Result<Option<EncryptionReport>> {
     let info = match format {
-        Format::Qcow2 => qcow2::reader::encryption(path)?,
+        Format::Qcow2 => qcow2::reader::encryption(file.clone(), path)?,
         Format::Luks => {
-            let file = format::input::open(path)?;
             let size = file.len().map_err(|e| Error::io(path, "sizing", e))?;
-            let read = format::luks::area_reader(&*file, 0, size, path);
+            let read = format::luks::area_reader(&**file, 0, size, path);
             Some(format::luks::describe(&read, size, path)?.0)
         }
         Format::Raw | Format::Vhdx | Format::Vmdk | Format::Vhd | Format::Vdi => None,
@@ -229,11 +236,10 @@ struct FileFacts {
 
 /// What `qemu-img info` says of one file of the chain. An object in a bucket (`s3://`) takes no
 /// lock and has no holes: its actual size is its length, and no writer is named.
-fn file_facts(path: &Path, format: Format) -> Result<FileFacts> {
-    let file = format::input::open(path)?;
+fn file_facts(file: &Input, path: &Path, format: Format) -> Result<FileFacts> {
     let cluster_size = match format {
         Format::Qcow2 => {
-            let h = qcow2::snapshot::read_listing(&*file, path, 20, 4, "the qcow2 header")?;
+            let h = qcow2::snapshot::read_listing(&**file, path, 20, 4, "the qcow2 header")?;
             let bits = be32(&h);
             if !(9..=21).contains(&bits) {
                 return Err(Error::corrupt(
@@ -243,7 +249,7 @@ fn file_facts(path: &Path, format: Format) -> Result<FileFacts> {
             }
             Some(1u64 << bits)
         }
-        Format::Vhd => format::vhd::reader::block_size(&*file, path)?,
+        Format::Vhd => format::vhd::reader::block_size(&**file, path)?,
         Format::Vdi => Some(format::vdi::block_size(file.clone(), path)?),
         Format::Vhdx => Some(format::vhdx::reader::block_size(path)?),
         Format::Vmdk => format::vmdk::grain_size(path)?,
@@ -271,10 +277,10 @@ fn file_facts(path: &Path, format: Format) -> Result<FileFacts> {
 fn be32(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
-/// The qcow2 snapshot table as `qemu-img info` lists it, read by the qcow2 format's snapshot
-/// module.
-pub(crate) fn read_snapshot_table(path: &Path) -> Result<Vec<SnapshotInfo>> {
-    Ok(qcow2::snapshot::read_snapshot_table(path)?
+/// The qcow2 snapshot table of `file` (read from `path`) as `qemu-img info` lists it, read by the
+/// qcow2 format's snapshot module.
+pub(crate) fn read_snapshot_table(file: &dyn RandomRead, path: &Path) -> Result<Vec<SnapshotInfo>> {
+    Ok(qcow2::snapshot::read_snapshot_table(file, path)?
         .into_iter()
         .map(|s| SnapshotInfo {
             id: s.id,
@@ -366,6 +372,11 @@ mod tests {
     use super::*;
     use crate::format::Extent;
     use std::fs;
+
+    /// The snapshot table of the file at `p`.
+    fn table(p: &Path) -> Result<Vec<SnapshotInfo>> {
+        read_snapshot_table(&*format::input::open(p)?, p)
+    }
 
     struct Fake(Vec<(u64, ExtentKind)>, u64);
 
@@ -464,7 +475,7 @@ mod tests {
         let end = entry(next, "2", "with-ram", &extra, 1_700_000_100);
         img.truncate(end);
         fs::write(&p, &img).unwrap();
-        let s = read_snapshot_table(&p).unwrap();
+        let s = table(&p).unwrap();
         assert_eq!(s.len(), 2);
         assert_eq!(
             (s[0].id.as_str(), s[0].name.as_str(), s[0].vm_state_size),
@@ -481,21 +492,21 @@ mod tests {
         bad[60..64].copy_from_slice(&(qcow2::snapshot::MAX_SNAPSHOTS + 1).to_be_bytes());
         fs::write(&p, &bad).unwrap();
         assert_eq!(
-            read_snapshot_table(&p).unwrap_err().code(),
+            table(&p).unwrap_err().code(),
             crate::error::Code::SnapshotCorrupt
         );
         let mut bad = img.clone();
         bad[60..64].copy_from_slice(&3u32.to_be_bytes());
         fs::write(&p, &bad).unwrap();
         assert_eq!(
-            read_snapshot_table(&p).unwrap_err().code(),
+            table(&p).unwrap_err().code(),
             crate::error::Code::SnapshotCorrupt
         );
         let mut bad = img.clone();
         bad[512 + 36..512 + 40].copy_from_slice(&u32::MAX.to_be_bytes());
         fs::write(&p, &bad).unwrap();
         assert_eq!(
-            read_snapshot_table(&p).unwrap_err().code(),
+            table(&p).unwrap_err().code(),
             crate::error::Code::SnapshotCorrupt
         );
     }

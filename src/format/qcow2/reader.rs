@@ -52,10 +52,10 @@ pub fn open(
     })
 }
 
-/// How a qcow2 file's own data is encrypted, from its header and LUKS header alone (no key): None
-/// when it is not. Every field is checked as for an open.
-pub(crate) fn encryption(path: &Path) -> Result<Option<luks::VolumeInfo>> {
-    let file = ImageFile::new(crate::format::input::open(path)?, path)?;
+/// How the qcow2 file `input` (read from `path`) encrypts its own data, from its header and LUKS
+/// header alone (no key): None when it does not. Every field is checked as for an open.
+pub(crate) fn encryption(input: Input, path: &Path) -> Result<Option<luks::VolumeInfo>> {
+    let file = ImageFile::new(input, path)?;
     let h = parse_header(&read_header_cluster(&file)?, file.size, path)?;
     let Some((offset, len)) = h.crypto else {
         return Ok(None);

@@ -10,7 +10,6 @@ use crate::format::input::RandomRead;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::format;
 
 /// QEMU's limits on the snapshot table (`QCOW_MAX_SNAPSHOTS`, `QCOW_MAX_SNAPSHOT_EXTRA_DATA`,
 /// `QCOW_MAX_SNAPSHOTS_SIZE`).
@@ -173,10 +172,9 @@ pub(super) fn read_snapshots(
     Ok(out)
 }
 
-/// The listing `kiln inspect` prints: the whole table of the qcow2 file (or object) at `path`.
-pub fn read_snapshot_table(path: &Path) -> Result<Vec<Snapshot>> {
-    let input = format::input::open(path)?;
-    let file = &*input;
+/// The listing `kiln inspect` prints: the whole table of the qcow2 file (or object) `file`, read
+/// from `path`.
+pub fn read_snapshot_table(file: &dyn RandomRead, path: &Path) -> Result<Vec<Snapshot>> {
     let h = read_listing(file, path, 0, 72, "the qcow2 header")?;
     let count = u32::from_be_bytes([h[60], h[61], h[62], h[63]]);
     let mut offset = u64::from_be_bytes([h[64], h[65], h[66], h[67], h[68], h[69], h[70], h[71]]);
