@@ -42,7 +42,7 @@ fn hashing(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(data.len() as u64));
     g.sample_size(10);
     g.bench_function("hash_file_64MiB_cached", |b| {
-        b.iter(|| kiln::copy::hash::hash_file(&f, &p, false).unwrap())
+        b.iter(|| kiln::copy::hash::hash_file(&f, &p).unwrap())
     });
     g.finish();
 }

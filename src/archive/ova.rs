@@ -294,7 +294,7 @@ impl OvaWriter {
                 .sync_all()
                 .map_err(|e| Error::io(&self.path, "flushing (fsync)", e))?;
         }
-        hash::hash_file(&self.file, &self.path, false)
+        hash::hash_file(&self.file, &self.path)
     }
 }
 

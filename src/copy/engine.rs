@@ -762,9 +762,9 @@ fn finisher(sh: &Shared<'_>, rx: &Mutex<Receiver<(usize, crate::format::Finished
 /// Hashes (when asked) and fsyncs (unless `-t unsafe`) a finished disk and records its result.
 fn seal_disk(sh: &Shared<'_>, d: usize, finished: crate::format::Finished) -> Result<()> {
     let disk = &sh.disks[d];
-    let crate::format::Finished { file, sparse } = finished;
+    let crate::format::Finished { file } = finished;
     let sha256 = if disk.hash {
-        Some(hash_file(&file, &disk.path, sparse)?)
+        Some(hash_file(&file, &disk.path)?)
     } else {
         None
     };

@@ -103,7 +103,4 @@ pub(crate) trait DiskWriter: Send + Sync {
 /// A finished output file.
 pub(crate) struct Finished {
     pub(crate) file: File,
-    /// Whether hashing should skip the file's holes with `SEEK_DATA` (raw: the disk's holes are
-    /// the file's); false when the file is dense and is read whole (qcow2 packs its clusters).
-    pub(crate) sparse: bool,
 }

@@ -277,9 +277,7 @@ pub(crate) fn verify_dir(dir: &Path, mode: ProgressMode) -> Result<VerifyReport>
         let path = dir.join(name);
         let h = crate::util::safe_fs::open_regular(&path)
             .map_err(|e| e.to_string())
-            .and_then(|f| {
-                crate::copy::hash::hash_file(&f, &path, true).map_err(|e| e.full_message())
-            });
+            .and_then(|f| crate::copy::hash::hash_file(&f, &path).map_err(|e| e.full_message()));
         reporter.advance(i, sizes[i].1);
         h
     });

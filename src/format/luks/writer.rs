@@ -176,9 +176,6 @@ impl DiskWriter for LuksWriter {
                 self.write(self.payload + s, b)
             },
         )?;
-        Ok(Finished {
-            file: self.file,
-            sparse: false,
-        })
+        Ok(Finished { file: self.file })
     }
 }

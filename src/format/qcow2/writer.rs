@@ -648,7 +648,6 @@ impl DiskWriter for Qcow2Writer {
     fn finish(self: Box<Self>) -> Result<Finished> {
         Ok(Finished {
             file: Qcow2Writer::finish(*self)?,
-            sparse: false,
         })
     }
 }

@@ -86,9 +86,6 @@ impl DiskWriter for RawWriter {
     }
 
     fn finish(self: Box<Self>) -> Result<Finished> {
-        Ok(Finished {
-            file: self.file,
-            sparse: true,
-        })
+        Ok(Finished { file: self.file })
     }
 }

@@ -181,10 +181,7 @@ impl DiskWriter for FixedWriter {
     fn finish(self: Box<Self>) -> Result<Finished> {
         let at = self.footer.current_size;
         write_all(&self.file, &self.path, &self.footer.encode(), at)?;
-        Ok(Finished {
-            file: self.file,
-            sparse: true,
-        })
+        Ok(Finished { file: self.file })
     }
 }
 
@@ -333,10 +330,7 @@ impl DiskWriter for DynamicWriter {
         self.file
             .set_len(s.next + FOOTER_SIZE as u64)
             .map_err(|e| Error::io(&self.path, "setting the length of", e))?;
-        Ok(Finished {
-            file: self.file,
-            sparse: true,
-        })
+        Ok(Finished { file: self.file })
     }
 }
 

@@ -369,10 +369,7 @@ impl DiskWriter for VhdxWriter {
         }
         self.write(METADATA_OFFSET, &self.metadata())?;
         self.write_bat(&blocks)?;
-        Ok(Finished {
-            file: self.file,
-            sparse: true,
-        })
+        Ok(Finished { file: self.file })
     }
 }
 

@@ -545,10 +545,7 @@ impl DiskWriter for VmdkWriter {
         self.file
             .set_len(self.base + end)
             .map_err(|e| Error::io(&self.path, "setting the final length", e))?;
-        Ok(Finished {
-            file: self.file,
-            sparse: self.sub == Subformat::MonolithicSparse,
-        })
+        Ok(Finished { file: self.file })
     }
 }
 
