@@ -1,20 +1,19 @@
-//! Real S3 servers for the object-storage tests, started once per test process on loopback:
-//! a three-node Garage cluster (from `garage`) and s3s-fs (from `s3s-fs`), both on PATH or in
-//! ~/.cargo/bin, where `.ci/test` installs them. A missing binary fails the test (never skips).
-//!
-//! The servers are children of one thread that lives as long as the test process, and get
-//! SIGKILL when it ends (`PR_SET_PDEATHSIG`), so nothing outlives the tests.
+//! Real S3 servers for the object-storage tests, on loopback: a three-node Garage cluster and
+//! s3s-fs ([`support`]). `.ci/run` starts them once for the whole run and names them in the
+//! environment; a test process that finds none there (a plain `cargo test`) starts its own, once,
+//! as children of a thread that lives as long as the process, so they get SIGKILL when it ends
+//! (`PR_SET_PDEATHSIG`) and nothing outlives the tests.
 
-use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command};
 use std::sync::{mpsc, OnceLock};
-use std::time::{Duration, Instant};
 
 use aws_sdk_s3::primitives::ByteStream;
 
 use super::Run;
+
+#[path = "../../support/s3_servers.rs"]
+mod support;
 
 /// One S3 server (or one node of a cluster) as a client sees it.
 #[derive(Debug, Clone)]
@@ -31,16 +30,21 @@ pub struct Servers {
     /// Garage's three nodes (one cluster: what is written through one is read through another).
     pub garage: Vec<Endpoint>,
     pub s3s: Endpoint,
-    _dir: tempfile::TempDir,
+    /// The servers' data, when this process started them.
+    _dir: Option<tempfile::TempDir>,
 }
 
 /// The bucket every test works in (tests use distinct key prefixes).
-pub const BUCKET: &str = "kiln-test";
+pub const BUCKET: &str = support::BUCKET;
 
-/// The servers, started on first use.
+/// The servers `.ci/run` started (named in the environment), else this process's own, started on
+/// first use.
 pub fn servers() -> &'static Servers {
     static S: OnceLock<Servers> = OnceLock::new();
     S.get_or_init(|| {
+        if let Some(started) = support::from_env().unwrap_or_else(|e| panic!("{e}")) {
+            return ready(started, None);
+        }
         let (tx, rx) = mpsc::channel();
         // The servers' parent thread: it never ends, so PDEATHSIG fires only when the process does.
         std::thread::spawn(move || {
@@ -60,76 +64,36 @@ pub fn servers() -> &'static Servers {
     })
 }
 
-fn binary(name: &str) -> Result<PathBuf, String> {
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    let paths = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&paths)
-        .chain([home.join(".cargo/bin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            format!("{name} is not installed: run .ci/test, which installs it (cargo install)")
-        })
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-fn spawn(cmd: &mut Command, log: &Path) -> Result<Child, String> {
-    let log = std::fs::File::create(log).map_err(|e| e.to_string())?;
-    let err = log.try_clone().map_err(|e| e.to_string())?;
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(log)
-        .stderr(err)
-        .spawn()
-        .map_err(|e| format!("starting {cmd:?}: {e}"))
-}
-
-fn wait_port(port: u16, what: &str) -> Result<(), String> {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(30) {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Err(format!("{what} did not listen on port {port} within 30 s"))
-}
-
+/// The servers' data under a directory that lives as long as the test process (statics are never
+/// dropped; [`remove_stale`] removes those of ended processes), each with its bucket.
 fn start() -> Result<Servers, String> {
     remove_stale();
     let dir = tempfile::Builder::new()
         .prefix(&format!("kiln-s3-{}-", std::process::id()))
         .tempdir()
         .map_err(|e| e.to_string())?;
-    let garage = start_garage(dir.path())?;
-    let s3s = start_s3s(dir.path())?;
+    let started = support::start(dir.path())?;
+    Ok(ready(started, Some(dir)))
+}
+
+/// The endpoints of `started`, with [`BUCKET`] made on each.
+fn ready(started: support::Started, dir: Option<tempfile::TempDir>) -> Servers {
     let servers = Servers {
-        garage,
-        s3s,
+        garage: started
+            .garage
+            .into_iter()
+            .map(|g| Endpoint::of(g, "garage", "garage"))
+            .collect(),
+        s3s: Endpoint::of(started.s3s, "s3s-fs", "us-east-1"),
         _dir: dir,
     };
     for e in [&servers.garage[0], &servers.s3s] {
         make_bucket(e, BUCKET);
     }
-    Ok(servers)
+    servers
 }
 
-/// The servers' directory lives as long as the test process, whose statics are never dropped:
-/// each run removes those left by test processes that have ended (`kiln-s3-PID-*`).
+/// Removes the server directories of test processes that have ended (`kiln-s3-PID-*`).
 fn remove_stale() {
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
@@ -146,39 +110,16 @@ fn remove_stale() {
     }
 }
 
-fn start_s3s(root: &Path) -> Result<Endpoint, String> {
-    let (e, _child) = own_s3s(root, free_port())?;
-    Ok(e)
-}
-
 /// An s3s-fs of the caller's own over the directory `root` (made if missing) on `port`, for a
 /// test that stops and restarts its server; the child is the caller's to kill.
 pub fn own_s3s(root: &Path, port: u16) -> Result<(Endpoint, Child), String> {
-    let bin = binary("s3s-fs")?;
-    let data = root.join("s3s");
-    std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
-    let (ak, sk) = ("kilntestaccess", "kilntestsecretkey0123456789");
-    let child = spawn(
-        Command::new(bin)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", ak, "--secret-key", sk])
-            .arg(&data),
-        &root.join(format!("s3s-{port}.log")),
-    )?;
-    wait_port(port, "s3s-fs")?;
-    let e = Endpoint {
-        name: "s3s-fs",
-        url: format!("http://127.0.0.1:{port}"),
-        region: "us-east-1",
-        access_key: ak.into(),
-        secret_key: sk.into(),
-    };
-    Ok((e, child))
+    let (server, child) = support::s3s(root, port)?;
+    Ok((Endpoint::of(server, "s3s-fs", "us-east-1"), child))
 }
 
 /// A free loopback port.
 pub fn port() -> u16 {
-    free_port()
+    support::free_port()
 }
 
 /// Creates `bucket` on `e` (or finds it there).
@@ -186,154 +127,17 @@ pub fn bucket(e: &Endpoint, bucket: &str) {
     make_bucket(e, bucket);
 }
 
-/// Waits until the node of `conf` has layout 1 as its only live version and sees all three nodes
-/// up. Before that, a quorum read through one node need not meet a quorum write through another:
-/// under load, a CompleteMultipartUpload through node B missed parts written through node A.
-fn settled(conf: &Path) -> Result<(), String> {
-    let t = Instant::now();
-    loop {
-        let history = garage(conf, &["layout", "history"])?;
-        let status = garage(conf, &["status"])?;
-        let up = status.lines().filter(|l| l.contains("127.0.0.1:")).count();
-        if history.contains("stable state") && up == 3 && !status.contains("FAILED") {
-            return Ok(());
-        }
-        if t.elapsed() > Duration::from_secs(60) {
-            return Err(format!(
-                "garage never settled on layout 1:\n{history}\n{status}"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// `garage -c CONF ARGS`, which must succeed; its stdout.
-fn garage(conf: &Path, args: &[&str]) -> Result<String, String> {
-    let bin = binary("garage")?;
-    let t = Instant::now();
-    loop {
-        let o = Command::new(&bin)
-            .arg("-c")
-            .arg(conf)
-            .args(args)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if o.status.success() {
-            return Ok(String::from_utf8_lossy(&o.stdout).into_owned());
-        }
-        // Nodes answer RPCs a moment after they listen.
-        if t.elapsed() > Duration::from_secs(30) {
-            return Err(format!(
-                "garage {args:?} failed: {}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn start_garage(root: &Path) -> Result<Vec<Endpoint>, String> {
-    let bin = binary("garage")?;
-    let secret: String = super::noise(7, 32)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let mut confs = Vec::new();
-    let mut s3_ports = Vec::new();
-    for n in 0..3 {
-        let node = root.join(format!("garage{n}"));
-        std::fs::create_dir_all(&node).map_err(|e| e.to_string())?;
-        let (rpc, s3, admin) = (free_port(), free_port(), free_port());
-        let conf = node.join("garage.toml");
-        std::fs::write(
-            &conf,
-            format!(
-                r#"metadata_dir = "{meta}"
-data_dir = "{data}"
-db_engine = "lmdb"
-replication_factor = 3
-rpc_bind_addr = "127.0.0.1:{rpc}"
-rpc_public_addr = "127.0.0.1:{rpc}"
-rpc_secret = "{secret}"
-
-[s3_api]
-s3_region = "garage"
-api_bind_addr = "127.0.0.1:{s3}"
-root_domain = ".s3.garage.localhost"
-
-[admin]
-api_bind_addr = "127.0.0.1:{admin}"
-"#,
-                meta = node.join("meta").display(),
-                data = node.join("data").display(),
-            ),
-        )
-        .map_err(|e| e.to_string())?;
-        spawn(
-            Command::new(&bin).arg("-c").arg(&conf).arg("server"),
-            &node.join("garage.log"),
-        )?;
-        wait_port(rpc, "garage")?;
-        confs.push(conf);
-        s3_ports.push(s3);
-    }
-    let mut ids = Vec::new();
-    for c in &confs {
-        let id = garage(c, &["node", "id", "-q"])?;
-        ids.push(id.trim().to_string());
-    }
-    for id in &ids[1..] {
-        garage(&confs[0], &["node", "connect", id])?;
-    }
-    for id in &ids {
-        let short = id.split('@').next().unwrap_or(id);
-        garage(
-            &confs[0],
-            &["layout", "assign", "-z", "dc1", "-c", "1G", short],
-        )?;
-    }
-    garage(&confs[0], &["layout", "apply", "--version", "1"])?;
-    for c in &confs {
-        settled(c)?;
-    }
-    let key = garage(&confs[0], &["key", "create", "kiln-test"])?;
-    let field = |name: &str| {
-        key.lines()
-            .find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_string()))
-            .ok_or_else(|| format!("no '{name}' in garage key create's output: {key}"))
-    };
-    let (ak, sk) = (field("Key ID:")?, field("Secret key:")?);
-    garage(&confs[0], &["bucket", "create", BUCKET])?;
-    garage(
-        &confs[0],
-        &[
-            "bucket",
-            "allow",
-            "--read",
-            "--write",
-            "--owner",
-            BUCKET,
-            "--key",
-            "kiln-test",
-        ],
-    )?;
-    for p in &s3_ports {
-        wait_port(*p, "garage's S3 API")?;
-    }
-    Ok(s3_ports
-        .iter()
-        .map(|p| Endpoint {
-            name: "garage",
-            url: format!("http://127.0.0.1:{p}"),
-            region: "garage",
-            access_key: ak.clone(),
-            secret_key: sk.clone(),
-        })
-        .collect())
-}
-
 impl Endpoint {
+    fn of(s: support::Server, name: &'static str, region: &'static str) -> Endpoint {
+        Endpoint {
+            name,
+            url: s.url,
+            region,
+            access_key: s.access_key,
+            secret_key: s.secret_key,
+        }
+    }
+
     /// The environment a client of this server gets (and nothing from ~/.aws).
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![
